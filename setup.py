@@ -1,0 +1,37 @@
+# Packaging for pipeloom: the top-level folders install as subpackages of the one package `pipeloom`.
+from setuptools import setup
+
+# Each top-level folder becomes pipeloom.<folder>; nothing else lands in site-packages.
+SUBPACKAGES = ["schedules", "parallel", "models", "kernels", "launch", "configs", "serve"]
+
+setup(
+    name="pipeloom",
+    version="0.1.0",
+    description="Pipeline-parallel training and inference of transformers, with schedules as data.",
+    python_requires=">=3.10",
+    packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES],
+    package_dir={"pipeloom": "."},
+    package_data={"pipeloom.configs": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",  # the Makefile pins the CPU wheel (torch==2.13.0) before installing us
+        "einops>=0.7",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff", "transformers", "safetensors", "tokenizers"],
+        "wandb": ["wandb"],
+        "deepspeed": ["deepspeed"],
+        "triton": ["triton"],
+        "serve": ["fastapi", "uvicorn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "pipeloom-bubbles=pipeloom.launch.bubbles:main",
+            "pipeloom-train=pipeloom.launch.train:main",
+        ]
+    },
+)
