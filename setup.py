@@ -2,7 +2,7 @@
 from setuptools import setup
 
 # Each top-level folder becomes pipeloom.<folder>; nothing else lands in site-packages.
-SUBPACKAGES = ["schedules", "parallel", "models", "kernels", "launch", "configs", "serve"]
+SUBPACKAGES = ["schedules", "parallel", "models", "kernels", "launch", "configs"]
 
 setup(
     name="pipeloom",

@@ -1,0 +1,185 @@
+# The one way pipeloom starts several ranks in one machine: tests, benchmarks and examples use it.
+"""Start ``world_size`` CPU processes joined in a gloo process group and run functions on all of them.
+
+Two entry points:
+
+* :func:`run_ranks` - start fresh processes, run one function on every rank, return each rank's result.
+* :class:`RankPool` - keep the processes (and their process group) alive and run many functions on
+  them; spawning costs seconds, so test suites share one pool per world size.
+
+Functions are sent by *file path and qualified name*, not by pickled module name, so a function defined
+in a test file (imported by pytest under any module name) or in a script runs unchanged on the ranks.
+Arguments and results must be picklable. A rank that raises makes the call raise with that rank's
+traceback; a call that outlives ``timeout`` kills the pool and raises :class:`RankTimeout` naming the
+ranks that did not answer, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import multiprocessing as mp
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+
+class RankTimeout(TimeoutError):
+    """A multi-rank call did not finish in time; names the ranks that were still running."""
+
+
+class RankError(RuntimeError):
+    """A rank raised; carries the rank's formatted traceback."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _resolve(path: str, qualname: str) -> Callable:
+    """Import the file at ``path`` (once per process) and return the object named ``qualname``."""
+    name = "_pipeloom_remote_" + str(abs(hash(path)))
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _address(fn: Callable) -> tuple[str, str]:
+    if "<locals>" in fn.__qualname__:
+        raise ValueError(f"{fn.__qualname__} is a local function; ranks can only run module-level functions")
+    return os.path.abspath(inspect.getfile(fn)), fn.__qualname__
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, inbox, outbox, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=120))
+    while True:
+        job = inbox.get()
+        if job is None:
+            break
+        call_id, path, qualname, args, kwargs = job
+        try:
+            result = _resolve(path, qualname)(*args, **kwargs)
+            outbox.put((call_id, rank, True, result))
+        except BaseException:  # noqa: BLE001 - every failure is reported to the parent, never swallowed
+            outbox.put((call_id, rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` long-lived processes in one gloo group; ``pool.run(fn, *args)`` runs ``fn`` on all.
+
+    ``fn`` must be a module-level function. Each rank calls ``fn(*args, **kwargs)`` with the default
+    process group initialised (``RANK``/``WORLD_SIZE`` set); the result is the list of return values by
+    rank. After any failure or timeout the processes are killed and the next ``run`` starts new ones.
+    """
+
+    def __init__(self, world_size: int, backend: str = "gloo", env: dict | None = None):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.backend = backend
+        self.env = dict(env or {})
+        self._procs: list = []
+        self._calls = 0
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(self.world_size)]
+        self._procs = [
+            ctx.Process(target=_worker, daemon=True,
+                        args=(r, self.world_size, port, self.backend, self._inboxes[r], self._outbox, self.env))
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
+        if not self._procs:
+            self._start()
+        path, qualname = _address(fn)
+        self._calls += 1
+        call_id = self._calls
+        for inbox in self._inboxes:
+            inbox.put((call_id, path, qualname, args, kwargs))
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) + len(errors) < self.world_size:
+            if errors:
+                # The other ranks may wait forever on the failed one: give them a moment, then kill.
+                deadline = min(deadline, time.monotonic() + 5.0)
+            silent = sorted(set(range(self.world_size)) - set(results) - set(errors))
+            dead = [r for r in silent if not self._procs[r].is_alive()]
+            if dead or time.monotonic() > deadline:
+                self.close(kill=True)
+                if errors:
+                    break
+                if dead:
+                    raise RankError(f"{fn.__qualname__}: rank(s) {dead} died without reporting")
+                raise RankTimeout(f"{fn.__qualname__}: rank(s) {silent} still running after {timeout:.0f}s")
+            try:
+                cid, rank, ok, value = self._outbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if cid == call_id:
+                (results if ok else errors)[rank] = value
+        if errors:
+            self.close(kill=True)
+            first = min(errors)
+            raise RankError(f"{fn.__qualname__} failed on rank(s) {sorted(errors)}; rank {first}:\n{errors[first]}")
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        if not self._procs:
+            return
+        if not kill:
+            for inbox in self._inboxes:
+                inbox.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self._procs = []
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo",
+              **kwargs: Any) -> list[Any]:
+    """Start ``world_size`` fresh processes, run ``fn(*args, **kwargs)`` on each, return results by rank."""
+    pool = RankPool(world_size, backend=backend)
+    try:
+        return pool.run(fn, *args, timeout=timeout, **kwargs)
+    finally:
+        pool.close()

@@ -1,0 +1,50 @@
+# The spawn helper: results by rank, errors carry the rank's traceback, timeouts name the stuck ranks.
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pipeloom.parallel.spawn import RankError, RankPool, RankTimeout
+
+
+def _allreduce_rank(scale):
+    t = torch.tensor([float(dist.get_rank() + 1)]) * scale
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+def _fail_on_one():
+    if dist.get_rank() == 1:
+        raise ValueError("planted failure")
+    return dist.get_rank()
+
+
+def _sleep_on_zero():
+    if dist.get_rank() == 0:
+        time.sleep(30)
+    return dist.get_rank()
+
+
+def test_pool_runs_collectives_and_returns_by_rank(pool2):
+    assert pool2.run(_allreduce_rank, 2.0) == [(0, 6.0), (1, 6.0)]
+    assert pool2.run(_allreduce_rank, 1.0) == [(0, 3.0), (1, 3.0)]  # the same processes, reused
+
+
+def test_rank_error_names_rank_and_pool_recovers():
+    pool = RankPool(2)
+    try:
+        with pytest.raises(RankError, match=r"(?s)rank\(s\) \[1\].*planted failure"):
+            pool.run(_fail_on_one, timeout=60)
+        assert pool.run(_allreduce_rank, 1.0) == [(0, 3.0), (1, 3.0)]
+    finally:
+        pool.close(kill=True)
+
+
+def test_timeout_names_stuck_rank():
+    pool = RankPool(2)
+    try:
+        with pytest.raises(RankTimeout, match=r"rank\(s\) \[0\]"):
+            pool.run(_sleep_on_zero, timeout=3)
+    finally:
+        pool.close(kill=True)
