@@ -1,0 +1,173 @@
+# The decoder-only Transformer (GPT-2 or Llama style) as embed -> blocks -> head, splittable into stages.
+"""A plain ``nn.Module`` in the nanoGPT / gpt-fast style.
+
+Structure contract (``pipeloom.parallel`` relies on it):
+
+* ``model.embed``: token ids (B, T) long -> hidden (B, T, D); GPT adds learned positions here.
+* ``model.blocks``: ``nn.ModuleList`` of :class:`~pipeloom.models.layers.Block`, each (B, T, D) -> (B, T, D).
+* ``model.head``: hidden (B, T, D) -> logits (B, T, V), as ``head.norm`` then ``head.out``.
+* ``model.pipeline_layers()`` = ``[embed, *blocks, head]``; ``nn.Sequential`` of them equals ``model``.
+
+With ``tie_embeddings``, ``head.out.weight`` is the very Parameter ``embed.tok.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, get_model_config
+from .layers import INIT_STD, Block, make_norm
+
+IGNORE_INDEX = -100  # targets with this value do not count in the loss
+
+
+class Embedding(nn.Module):
+    """Token embedding (+ learned positions for GPT) and dropout: (B, T) long -> (B, T, D)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.max_seq_len = config.max_seq_len
+        self.tok = nn.Embedding(config.vocab_size, config.dim)
+        self.pos = nn.Embedding(config.max_seq_len, config.dim) if config.family == "gpt" else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.size(-1)  # tokens (B, T)
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}; "
+                             "shorten the input or build the model with a larger max_seq_len")
+        x = self.tok(tokens)  # (B, T, D)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(T, device=tokens.device))  # (T, D) broadcast over B
+        return self.dropout(x)
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.normal_(self.tok.weight, mean=0.0, std=init_std)
+        if self.pos is not None:
+            nn.init.normal_(self.pos.weight, mean=0.0, std=init_std)
+
+
+class Head(nn.Module):
+    """Final norm and output projection: (B, T, D) -> logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(config)
+        self.out = nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(x))  # (B, T, D) -> (B, T, V)
+
+    def init_weights(self, init_std: float, init_out: bool = True) -> None:
+        self.norm.reset_parameters()
+        if init_out:
+            nn.init.normal_(self.out.weight, mean=0.0, std=init_std)
+
+
+class Transformer(nn.Module):
+    """GPT-2 (LayerNorm, learned positions, GELU, tied head) or Llama (RMSNorm, RoPE, SwiGLU, GQA) model.
+
+    Weights are initialised as GPT-2 (Normal(0, 0.02); residual projections ``wo`` and ``proj``/``w2``
+    scaled by 1/sqrt(2 L)), deterministic given ``torch.manual_seed``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = Embedding(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.head = Head(config)
+        self.tie_weights()
+        if not _on_meta(self):
+            self.init_weights()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> Transformer:
+        """Build the registered size ``name`` (see ``get_model_config``), with field overrides."""
+        return cls(get_model_config(name, **overrides))
+
+    def tie_weights(self) -> None:
+        """Make ``head.out.weight`` the same Parameter as ``embed.tok.weight`` when the config ties them.
+
+        Call again after anything that re-creates parameters (e.g. ``to_empty`` from the meta device).
+        """
+        if self.config.tie_embeddings:
+            self.head.out.weight = self.embed.tok.weight
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the rotary buffers, GPT-2 style (arXiv 2005.14165 / nanoGPT).
+
+        Works after ``model.to_empty(device=...)`` on a model built under ``torch.device("meta")``.
+        """
+        self.tie_weights()
+        residual_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        self.embed.init_weights(INIT_STD)
+        for block in self.blocks:
+            block.init_weights(INIT_STD, residual_std)
+        self.head.init_weights(INIT_STD, init_out=not self.config.tie_embeddings)
+
+    def init_buffers(self) -> None:
+        """Recompute non-persistent buffers (rotary tables) only, e.g. after loading weights onto meta."""
+        for block in self.blocks:
+            block.attn.init_buffers()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) long -> logits (B, T, V)."""
+        x = self.embed(tokens)  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)  # (B, T, D)
+        return self.head(x)  # (B, T, V)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """``[embed, *blocks, head]``: each takes one tensor and returns one, in order, for splitting into stages."""
+        return [self.embed, *self.blocks, self.head]
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy; see :func:`cross_entropy_loss`."""
+        return cross_entropy_loss(logits, targets)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied weight counts once).
+
+        ``exclude_embeddings=True`` drops the lookup tables that do no matmul: the position table, and the
+        token table when it is untied (a tied token table is also the output projection and stays), as
+        nanoGPT does for its MFU estimate.
+        """
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            if self.embed.pos is not None:
+                params.pop(id(self.embed.pos.weight), None)
+            if self.head.out.weight is not self.embed.tok.weight:
+                params.pop(id(self.embed.tok.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): ``6 N + 12 L D T``.
+
+        ``N`` = ``num_params(exclude_embeddings=True)``: each matmul weight costs 2 FLOPs per token forward
+        and 4 backward. ``12 L D T`` is the attention score and value matmuls (QK^T and AV, 2 * 2 * D * T
+        per layer forward, times 3 for forward + backward), counted over the full T x T square as in the
+        PaLM paper (arXiv 2204.02311 App. B) and nanoGPT's ``estimate_mfu``. MFU = tokens/s * this / peak.
+        """
+        c = self.config
+        T = c.max_seq_len if seq_len is None else seq_len
+        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * c.n_layers * c.dim * T
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of logits (B, T, V) against targets (B, T) long, skipping ``IGNORE_INDEX`` (-100).
+
+    Computed in float32 (or wider) whatever the logits dtype.
+    """
+    logits = logits.reshape(-1, logits.size(-1))  # (B*T, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
