@@ -1,1 +1,77 @@
-# pipeloom.kernels
+# pipeloom.kernels: fused Triton kernels with torch fallbacks; `use_triton` is the one place a path is chosen.
+"""Fused kernels, one file per operation (cross_entropy, linear_cross_entropy, rmsnorm, layernorm, rotary,
+swiglu). Each file holds a torch reference, the Triton kernel(s), a launcher and an ``autograd.Function``;
+its public function (``rmsnorm(x, w)``, ...) asks :func:`use_triton` which path to run.
+
+The Triton path runs when triton is importable and either the tensor is on a CUDA device or the Triton
+interpreter is on (``TRITON_INTERPRET=1``, CPU tensors, slow and exact). Triton 3.x decides interpreter
+versus compiler when a kernel is *defined* (``@triton.jit`` at module import), so set ``TRITON_INTERPRET``
+before importing a kernel module. Force the torch path with ``PIPELOOM_KERNELS=torch`` in the environment
+or ``with torch_path(): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from pipeloom import features
+
+_forced_torch = False
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the fused Triton kernel should run on ``x``; False selects the torch path."""
+    if _forced_torch or os.environ.get("PIPELOOM_KERNELS", "auto") == "torch":
+        return False
+    if not features.triton_usable():
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@contextlib.contextmanager
+def torch_path(enabled: bool = True) -> Iterator[None]:
+    """Within this block every kernel takes its torch path (``enabled=False``: leave the choice as it is)."""
+    global _forced_torch
+    previous, _forced_torch = _forced_torch, _forced_torch or enabled
+    try:
+        yield
+    finally:
+        _forced_torch = previous
+
+
+class _MissingTriton:
+    """Stands in for ``triton`` and ``triton.language`` when triton is absent, so kernel files still import.
+
+    ``@triton.jit`` returns a kernel that raises, on launch, an error saying what to install; the torch paths
+    never launch one because :func:`use_triton` is False without triton.
+    """
+
+    constexpr = "constexpr"  # kernel signatures annotate with tl.constexpr
+
+    def jit(self, fn=None, **kwargs):
+        if fn is None:
+            return self.jit
+        return _UnavailableKernel(fn.__name__)
+
+    def __getattr__(self, name: str):
+        features.require("triton", f"triton.{name}")
+
+
+class _UnavailableKernel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, grid):
+        features.require("triton", f"the fused kernel {self.name}")
+
+
+if features.has("triton"):
+    import triton
+    import triton.language as tl
+else:
+    triton = tl = _MissingTriton()
+
+__all__ = ["tl", "torch_path", "triton", "use_triton"]
