@@ -1,11 +1,11 @@
-# Fused cross-entropy that never holds float32 logits: per-row softmax statistics over a vocabulary slice, and the gradient.
+# Fused cross-entropy without float32 logits: per-row softmax statistics of a vocab slice, and the gradient.
 """Cross-entropy over (N, V) logits in any float dtype, computed from per-row statistics.
 
 One pass over a row (online softmax, Milakov & Gimelshein arXiv 1805.02867) gives, for the vocabulary
-columns ``[v_start, v_end)`` that a logits tensor holds, the row max, ``sum exp(z - max)``, the target's logit
-(0 when the target is not in the slice) and the sum of logits (label smoothing). Ranks of a vocabulary-parallel
-head combine these (``parallel/cross_entropy.py``: max all-reduce, then rescaled sums); one rank alone gives
-``lse = max + log(sumexp)`` and
+columns ``[v_start, v_end)`` that a logits tensor holds, the row max, ``sum exp(z - max)``, the target's
+logit (0 when the target is not in the slice) and the sum of logits (label smoothing). Ranks of a
+vocabulary-parallel head combine these (``parallel/cross_entropy.py``: max all-reduce, then rescaled sums);
+one rank alone gives ``lse = max + log(sumexp)`` and
 
     loss = (1 - eps) (lse - z_target) + eps (lse - sum_j z_j / V)        (F.cross_entropy's label smoothing)
 
@@ -35,18 +35,38 @@ class CEStats(NamedTuple):
     sum_logits: torch.Tensor  # sum_j z_j (for label smoothing)
 
 
-def cross_entropy_torch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                        label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy_torch(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """The reference: ``F.cross_entropy`` on float32 logits (float64 stays float64), in ``logits.dtype``."""
     z = logits if logits.dtype == torch.float64 else logits.float()
-    loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, reduction=reduction)
+    loss = F.cross_entropy(
+        z.reshape(-1, z.shape[-1]),
+        target.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
     return loss.to(logits.dtype)
 
 
 @triton.jit
-def _ce_stats_kernel(LOGITS, TARGET, ROW_MAX, SUM_EXP, TARGET_LOGIT, SUM_LOGITS, stride_row, v_start, n_valid,
-                     BLOCK_V: tl.constexpr):
+def _ce_stats_kernel(
+    LOGITS,
+    TARGET,
+    ROW_MAX,
+    SUM_EXP,
+    TARGET_LOGIT,
+    SUM_LOGITS,
+    stride_row,
+    v_start,
+    n_valid,
+    BLOCK_V: tl.constexpr,
+):
     # One program per row of LOGITS (N, Vs): four float32 outputs (N,); columns >= n_valid are padding.
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
@@ -71,8 +91,21 @@ def _ce_stats_kernel(LOGITS, TARGET, ROW_MAX, SUM_EXP, TARGET_LOGIT, SUM_LOGITS,
 
 
 @triton.jit
-def _ce_grad_kernel(LOGITS, GRAD, TARGET, LSE, ROW_GRAD, stride_row, stride_grad, v_start, n_valid, n_cols,
-                    on_target, on_every, BLOCK_V: tl.constexpr):
+def _ce_grad_kernel(
+    LOGITS,
+    GRAD,
+    TARGET,
+    LSE,
+    ROW_GRAD,
+    stride_row,
+    stride_grad,
+    v_start,
+    n_valid,
+    n_cols,
+    on_target,
+    on_every,
+    BLOCK_V: tl.constexpr,
+):
     # One program per row: GRAD (N, Vs) = row_grad * (exp(z - lse) - on_every - on_target [col == target]),
     # 0 in padding columns. GRAD may be LOGITS itself (each element is read before it is written).
     row = tl.program_id(0).to(tl.int64)
@@ -100,8 +133,9 @@ def _chunk_rows(n_cols: int) -> int:
     return max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
 
 
-def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, v_start: int = 0,
-                        v_end: int | None = None) -> CEStats:
+def cross_entropy_stats(
+    logits: torch.Tensor, target: torch.Tensor, v_start: int = 0, v_end: int | None = None
+) -> CEStats:
     """Per-row softmax statistics of a vocabulary slice.
 
     logits: (N, Vs), columns ``[v_start, v_start + Vs)`` of the vocabulary; target: (N,) vocabulary ids
@@ -114,8 +148,19 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, v_start: int
     target = target.reshape(-1)
     if _triton_ok(logits) and n_valid > 0:
         out = torch.empty((4, N), dtype=torch.float32, device=logits.device)
-        _ce_stats_kernel[(N,)](logits, target, out[0], out[1], out[2], out[3], logits.stride(0), v_start, n_valid,
-                               BLOCK_V=min(BLOCK_V, triton.next_power_of_2(n_valid)), num_warps=8)
+        _ce_stats_kernel[(N,)](
+            logits,
+            target,
+            out[0],
+            out[1],
+            out[2],
+            out[3],
+            logits.stride(0),
+            v_start,
+            n_valid,
+            BLOCK_V=min(BLOCK_V, triton.next_power_of_2(n_valid)),
+            num_warps=8,
+        )
         return CEStats(*out.unbind(0))
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = torch.empty((4, N), dtype=compute, device=logits.device)
@@ -127,19 +172,29 @@ def cross_entropy_stats(logits: torch.Tensor, target: torch.Tensor, v_start: int
     here = (local >= 0) & (local < n_valid)
     step = _chunk_rows(n_valid)
     for r in range(0, N, step):
-        z = logits[r:r + step, :n_valid].to(compute)  # (C, n_valid): one chunk upcast at a time
+        z = logits[r : r + step, :n_valid].to(compute)  # (C, n_valid): one chunk upcast at a time
         row_max = z.max(dim=-1).values
-        out[0, r:r + step] = row_max
-        out[1, r:r + step] = torch.exp(z - row_max.unsqueeze(-1)).sum(-1)
-        picked = z.gather(-1, torch.where(here[r:r + step], local[r:r + step], 0).unsqueeze(-1)).squeeze(-1)
-        out[2, r:r + step] = torch.where(here[r:r + step], picked, 0.0)
-        out[3, r:r + step] = z.sum(-1)
+        out[0, r : r + step] = row_max
+        out[1, r : r + step] = torch.exp(z - row_max.unsqueeze(-1)).sum(-1)
+        picked = z.gather(-1, torch.where(here[r : r + step], local[r : r + step], 0).unsqueeze(-1)).squeeze(
+            -1
+        )
+        out[2, r : r + step] = torch.where(here[r : r + step], picked, 0.0)
+        out[3, r : r + step] = z.sum(-1)
     return CEStats(*out.unbind(0))
 
 
-def cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, row_grad: torch.Tensor,
-                       v_start: int = 0, v_end: int | None = None, label_smoothing: float = 0.0,
-                       vocab_size: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def cross_entropy_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    row_grad: torch.Tensor,
+    v_start: int = 0,
+    v_end: int | None = None,
+    label_smoothing: float = 0.0,
+    vocab_size: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """d loss / d logits for a vocabulary slice, in ``logits.dtype``, chunk by chunk.
 
     logits: (N, Vs) as in :func:`cross_entropy_stats`; lse: (N,) the log-sum-exp over the FULL vocabulary;
@@ -157,27 +212,45 @@ def cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Te
     grad = torch.empty_like(logits) if out is None else out
     if _triton_ok(logits):
         lse32, g32 = lse.float().contiguous(), row_grad.float().contiguous()
-        _ce_grad_kernel[(N,)](logits, grad, target, lse32, g32, logits.stride(0), grad.stride(0), v_start, n_valid,
-                              Vs, on_target, on_every, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(Vs)),
-                              num_warps=8)
+        _ce_grad_kernel[(N,)](
+            logits,
+            grad,
+            target,
+            lse32,
+            g32,
+            logits.stride(0),
+            grad.stride(0),
+            v_start,
+            n_valid,
+            Vs,
+            on_target,
+            on_every,
+            BLOCK_V=min(BLOCK_V, triton.next_power_of_2(Vs)),
+            num_warps=8,
+        )
         return grad
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     local = target - v_start
     here = (local >= 0) & (local < n_valid)
     step = _chunk_rows(Vs)
     for r in range(0, N, step):
-        z = logits[r:r + step].to(compute)  # (C, Vs)
-        d = torch.exp(z - lse[r:r + step, None].to(compute))
+        z = logits[r : r + step].to(compute)  # (C, Vs)
+        d = torch.exp(z - lse[r : r + step, None].to(compute))
         d[:, n_valid:] = 0.0
         d[:, :n_valid] -= on_every
-        rows = torch.nonzero(here[r:r + step]).squeeze(-1)
-        d[rows, local[r:r + step][rows]] -= on_target
-        grad[r:r + step] = d * row_grad[r:r + step, None].to(compute)
+        rows = torch.nonzero(here[r : r + step]).squeeze(-1)
+        d[rows, local[r : r + step][rows]] -= on_target
+        grad[r : r + step] = d * row_grad[r : r + step, None].to(compute)
     return grad
 
 
-def loss_from_stats(stats: CEStats, target: torch.Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
-                    vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_from_stats(
+    stats: CEStats,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse, loss) per row, each (N,), from statistics over the FULL vocabulary; ignored rows' loss is 0."""
     lse = stats.row_max + torch.log(stats.sum_exp)
     loss = (1.0 - label_smoothing) * (lse - stats.target_logit)
@@ -193,7 +266,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index: int, label_smoothing: float, reduction: str):
         logits, target = _rows(logits), target.reshape(-1)
         V = logits.shape[-1]
-        lse, loss = loss_from_stats(cross_entropy_stats(logits, target), target, ignore_index, label_smoothing, V)
+        lse, loss = loss_from_stats(
+            cross_entropy_stats(logits, target), target, ignore_index, label_smoothing, V
+        )
         keep = target != ignore_index
         ctx.save_for_backward(logits, target, lse, keep)
         ctx.label_smoothing, ctx.reduction = label_smoothing, reduction
@@ -213,8 +288,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                  label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """``F.cross_entropy(logits, target)`` for logits (..., V) and target (...), without float32 logits.
 
     reduction: "mean" over non-ignored rows (NaN when all rows are ignored, as torch), "sum", or "none"

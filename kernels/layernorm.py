@@ -1,4 +1,4 @@
-# Fused LayerNorm with weight and bias over the last dimension: torch reference, Triton kernels, autograd wrapper.
+# Fused LayerNorm (weight and bias) over the last dimension: torch reference, Triton kernels, autograd.
 """LayerNorm, arXiv 1607.06450: ``y = (x - mean(x)) * rsqrt(var(x) + eps) * w + b`` (biased variance),
 as ``torch.nn.functional.layer_norm``; computed in float32 and cast back to ``x.dtype``.
 """
@@ -11,8 +11,10 @@ from pipeloom.kernels import tl, triton, use_triton
 MAX_FUSED_DIM = 65536  # one row must fit one program's block
 
 
-def layernorm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """The reference: LayerNorm of ``x`` (..., D) with ``weight``, ``bias`` (D,), in float32, in ``x.dtype``."""
+def layernorm_torch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """The reference: LayerNorm of ``x`` (..., D), ``weight``, ``bias`` (D,) in float32, in ``x.dtype``."""
     y = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
     return y.to(x.dtype)
 
@@ -35,8 +37,23 @@ def _layernorm_fwd_kernel(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, D, eps, BL
 
 
 @triton.jit
-def _layernorm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x, stride_dy, stride_dx, M, D,
-                          rows_per_program, BLOCK_D: tl.constexpr):
+def _layernorm_bwd_kernel(
+    X,
+    W,
+    DY,
+    DX,
+    MEAN,
+    RSTD,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    stride_x,
+    stride_dy,
+    stride_dx,
+    M,
+    D,
+    rows_per_program,
+    BLOCK_D: tl.constexpr,
+):
     # Each program walks `rows_per_program` rows: DX (M, D), and partial DW, DB rows [pid] (D,) in float32.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -80,24 +97,39 @@ def _backward_programs(x: torch.Tensor, rows: int) -> int:
 
 
 def layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """Launch the forward kernel: ``x`` (..., D) -> (y (..., D), mean (M,), rstd (M,)), statistics in float32."""
+    """Launch the forward kernel: ``x`` (..., D) -> (y (..., D), mean (M,), rstd (M,) float32)."""
     D = x.shape[-1]
     if D > MAX_FUSED_DIM:
-        raise ValueError(f"fused LayerNorm handles rows up to {MAX_FUSED_DIM} wide, got {D}; "
-                         "use pipeloom.kernels.torch_path() for wider rows")
+        raise ValueError(
+            f"fused LayerNorm handles rows up to {MAX_FUSED_DIM} wide, got {D}; "
+            "use pipeloom.kernels.torch_path() for wider rows"
+        )
     x2 = _rows(x)
     M = x2.shape[0]
     y = torch.empty((M, D), dtype=x.dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(D)
-    _layernorm_fwd_kernel[(M,)](x2, weight, bias, y, mean, rstd, x2.stride(0), y.stride(0), D, eps,
-                                BLOCK_D=block, num_warps=_num_warps(block))
+    _layernorm_fwd_kernel[(M,)](
+        x2,
+        weight,
+        bias,
+        y,
+        mean,
+        rstd,
+        x2.stride(0),
+        y.stride(0),
+        D,
+        eps,
+        BLOCK_D=block,
+        num_warps=_num_warps(block),
+    )
     return y.view(x.shape), mean, rstd
 
 
-def layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                  rstd: torch.Tensor):
+def layernorm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+):
     """Launch the backward kernel: returns (dx like ``x``, dweight, dbias like ``weight``)."""
     D = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
@@ -109,9 +141,24 @@ def layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean:
     dw_partial = torch.empty((programs, D), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, D), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(D)
-    _layernorm_bwd_kernel[(programs,)](x2, weight, dy2, dx, mean, rstd, dw_partial, db_partial, x2.stride(0),
-                                       dy2.stride(0), dx.stride(0), M, D, rows_per_program, BLOCK_D=block,
-                                       num_warps=_num_warps(block))
+    _layernorm_bwd_kernel[(programs,)](
+        x2,
+        weight,
+        dy2,
+        dx,
+        mean,
+        rstd,
+        dw_partial,
+        db_partial,
+        x2.stride(0),
+        dy2.stride(0),
+        dx.stride(0),
+        M,
+        D,
+        rows_per_program,
+        BLOCK_D=block,
+        num_warps=_num_warps(block),
+    )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
 
 

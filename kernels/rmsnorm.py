@@ -34,9 +34,22 @@ def _rmsnorm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, D, eps, BLOCK_D: tl.c
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(X, W, DY, DX, RSTD, DW_PARTIAL, stride_x, stride_dy, stride_dx, M, D, rows_per_program,
-                        BLOCK_D: tl.constexpr):
-    # Each program walks `rows_per_program` rows: DX (M, D), and its partial weight gradient DW_PARTIAL[pid] (D,).
+def _rmsnorm_bwd_kernel(
+    X,
+    W,
+    DY,
+    DX,
+    RSTD,
+    DW_PARTIAL,
+    stride_x,
+    stride_dy,
+    stride_dx,
+    M,
+    D,
+    rows_per_program,
+    BLOCK_D: tl.constexpr,
+):
+    # Each program walks `rows_per_program` rows: DX (M, D), and its partial weight gradient DW_PARTIAL[pid].
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -77,15 +90,18 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
     """Launch the forward kernel: ``x`` (..., D) -> (y (..., D), rstd (M,) float32)."""
     D = x.shape[-1]
     if D > MAX_FUSED_DIM:
-        raise ValueError(f"fused RMSNorm handles rows up to {MAX_FUSED_DIM} wide, got {D}; "
-                         "use pipeloom.kernels.torch_path() for wider rows")
+        raise ValueError(
+            f"fused RMSNorm handles rows up to {MAX_FUSED_DIM} wide, got {D}; "
+            "use pipeloom.kernels.torch_path() for wider rows"
+        )
     x2 = _rows(x)
     M = x2.shape[0]
     y = torch.empty((M, D), dtype=x.dtype, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(D)
-    _rmsnorm_fwd_kernel[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
-                              BLOCK_D=block, num_warps=_num_warps(block))
+    _rmsnorm_fwd_kernel[(M,)](
+        x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps, BLOCK_D=block, num_warps=_num_warps(block)
+    )
     return y.view(x.shape), rstd
 
 
@@ -100,9 +116,22 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
     programs = triton.cdiv(M, rows_per_program)
     dw_partial = torch.empty((programs, D), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(D)
-    _rmsnorm_bwd_kernel[(programs,)](x2, weight, dy2, dx, rstd, dw_partial, x2.stride(0), dy2.stride(0),
-                                     dx.stride(0), M, D, rows_per_program, BLOCK_D=block,
-                                     num_warps=_num_warps(block))
+    _rmsnorm_bwd_kernel[(programs,)](
+        x2,
+        weight,
+        dy2,
+        dx,
+        rstd,
+        dw_partial,
+        x2.stride(0),
+        dy2.stride(0),
+        dx.stride(0),
+        M,
+        D,
+        rows_per_program,
+        BLOCK_D=block,
+        num_warps=_num_warps(block),
+    )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 

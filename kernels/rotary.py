@@ -1,12 +1,12 @@
-# Fused rotary position embedding (Hugging Face rotate_half convention): torch reference, Triton kernel, autograd.
+# Fused rotary position embedding (HF rotate_half convention): torch reference, Triton kernel, autograd.
 """Rotary embedding, RoFormer arXiv 2104.09864, in the Hugging Face "rotate_half" layout:
 
     y = x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
 
-on ``x`` of shape (B, T, H, D). ``cos`` and ``sin`` have the FULL head dimension D, as Hugging Face builds them
-(``emb = cat(freqs, freqs)``): shape (T, D), shared by the batch, or (B, T, D), one row per sequence position
-(continuous batching with per-sequence offsets). Computed in float32, returned in ``x.dtype``. ``cos`` and
-``sin`` are treated as constants: they receive no gradient.
+on ``x`` of shape (B, T, H, D). ``cos`` and ``sin`` have the FULL head dimension D, as Hugging Face
+builds them (``emb = cat(freqs, freqs)``): shape (T, D), shared by the batch, or (B, T, D), one row per
+sequence position (continuous batching with per-sequence offsets). Computed in float32, returned in
+``x.dtype``. ``cos`` and ``sin`` are treated as constants: they receive no gradient.
 """
 
 from __future__ import annotations
@@ -33,8 +33,26 @@ def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 @triton.jit
-def _rotary_kernel(X, COS, SIN, Y, T, H, HALF, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
-                   stride_cb, stride_ct, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(
+    X,
+    COS,
+    SIN,
+    Y,
+    T,
+    H,
+    HALF,
+    stride_xb,
+    stride_xt,
+    stride_xh,
+    stride_yb,
+    stride_yt,
+    stride_yh,
+    stride_cb,
+    stride_ct,
+    BACKWARD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     # One program per (b, t): all H heads of X[b, t] (H, D) -> Y[b, t] (H, D). BACKWARD applies the transpose.
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
@@ -62,24 +80,45 @@ def _rotary_kernel(X, COS, SIN, Y, T, H, HALF, stride_xb, stride_xt, stride_xh, 
     tl.store(y_ptr + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
 
-def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
-    """Launch the kernel on ``x`` (B, T, H, D) (any strides but unit stride along D); returns a new (B, T, H, D)."""
+def rotary_launch(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False
+) -> torch.Tensor:
+    """Launch the kernel on ``x`` (B, T, H, D), unit stride along D; returns a new (B, T, H, D)."""
     B, T, H, D = x.shape
     if D % 2:
         raise ValueError(f"rotary embedding needs an even head dimension, got {D}")
     if cos.shape != sin.shape or cos.shape[-2:] != (T, D) or cos.dim() not in (2, 3):
-        raise ValueError(f"cos and sin must both be (T, D) = ({T}, {D}) or (B, T, D), got {tuple(cos.shape)} "
-                         f"and {tuple(sin.shape)}")
+        raise ValueError(
+            f"cos and sin must both be (T, D) = ({T}, {D}) or (B, T, D), got {tuple(cos.shape)} "
+            f"and {tuple(sin.shape)}"
+        )
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     stride_cb = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
     y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
     block_h, block_half = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
-    _rotary_kernel[(B * T,)](x, cos, sin, y, T, H, D // 2, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                             y.stride(1), y.stride(2), stride_cb, cos.stride(-2), BACKWARD=backward,
-                             BLOCK_H=block_h, BLOCK_HALF=block_half,
-                             num_warps=min(max(block_h * block_half // 256, 1), 8))
+    _rotary_kernel[(B * T,)](
+        x,
+        cos,
+        sin,
+        y,
+        T,
+        H,
+        D // 2,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        stride_cb,
+        cos.stride(-2),
+        BACKWARD=backward,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        num_warps=min(max(block_h * block_half // 256, 1), 8),
+    )
     return y
 
 
@@ -98,7 +137,7 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` (B, T, H, D) with ``cos``, ``sin`` (T, D) or (B, T, D), HF rotate_half layout."""
+    """Rotary embedding of ``x`` (B, T, H, D) with ``cos``, ``sin`` (T, D) or (B, T, D), HF rotate_half."""
     if use_triton(x):
         return RotaryFunction.apply(x, cos, sin)
     return rotary_torch(x, cos, sin)
