@@ -78,9 +78,12 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = Embedding(config)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.head = Head(config)
+        # Module constructors draw their own default init; fork the CPU RNG so that only init_weights
+        # consumes the caller's stream: an eager build equals a meta build + to_empty + init_weights.
+        with torch.random.fork_rng(devices=[]):
+            self.embed = Embedding(config)
+            self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+            self.head = Head(config)
         self.tie_weights()
         if not _on_meta(self):
             self.init_weights()
