@@ -64,13 +64,19 @@ def local_logit_grad(logits: torch.Tensor, lse: torch.Tensor, target_local: torc
     return (grad * row_grad.unsqueeze(-1)).to(logits.dtype)
 
 
+def _rank_and_size(group) -> tuple[int, int]:
+    """(rank, size) in ``group``; None is the default group, or a single rank without torch.distributed."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """Per-row loss (N,) from sharded logits (N, Vp); ignored rows give 0."""
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing):
-        rank = dist.get_rank(group) if group is not None else 0
-        tp = dist.get_world_size(group) if group is not None else 1
+        rank, tp = _rank_and_size(group)
         vp = logits.shape[-1]
         if vp * tp < vocab_size:
             raise ValueError(f"logits shard width {vp} x tp={tp} < vocab_size={vocab_size}; "
@@ -117,8 +123,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
 
     logits: (..., Vp) this rank's columns ``[rank*Vp, (rank+1)*Vp)`` of the (zero-)padded vocabulary, the
     output of a ``pad_to_tp`` :class:`~pipeloom.parallel.tensor_parallel.ColumnParallelLinear` head;
-    target: (...) global ids in ``[0, vocab_size)`` or ``ignore_index``; group: the tp group (``None``: a
-    single rank); vocab_size: the real vocabulary (default ``Vp * tp``: no padding).
+    target: (...) global ids in ``[0, vocab_size)`` or ``ignore_index``; group: the tp group (``None``: the
+    default group, or a single rank when torch.distributed is not initialised); vocab_size: the real vocabulary (default ``Vp * tp``: no padding).
     reduction: "mean" (over non-ignored targets, as torch), "sum" or "none" (shape of ``target``).
     Every rank of the group returns the same loss. The gradient needs no communication.
     """
@@ -126,7 +132,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
         raise ValueError(f"reduction={reduction!r} must be 'mean', 'sum' or 'none'")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1]")
-    tp = dist.get_world_size(group) if group is not None else 1
+    tp = _rank_and_size(group)[1]
     vocab_size = logits.shape[-1] * tp if vocab_size is None else vocab_size
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target shape {tuple(target.shape)} must be logits shape {tuple(logits.shape)} "

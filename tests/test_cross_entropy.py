@@ -1,0 +1,122 @@
+# Vocab-parallel cross-entropy equals F.cross_entropy (loss and gradient) on tp=1, 2 and 4 gloo ranks.
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeloom.parallel.cross_entropy import local_logit_stats, vocab_parallel_cross_entropy
+
+# (vocab_size, ignore_fraction, label_smoothing, reduction, dtype, scale, shift)
+CASES = [
+    (37, 0.0, 0.0, "mean", torch.float64, 3.0, 0.0),  # 37 = prime: padded for tp=2 and tp=4
+    (37, 0.3, 0.0, "mean", torch.float64, 3.0, 0.0),  # ignore_index
+    (37, 0.3, 0.1, "mean", torch.float64, 3.0, 0.0),  # label smoothing with ignore_index
+    (40, 0.2, 0.2, "sum", torch.float64, 3.0, 0.0),  # divisible
+    (5, 0.2, 0.1, "none", torch.float64, 3.0, 0.0),  # tp=4: the last shard is all padding
+    (37, 0.1, 0.1, "mean", torch.float32, 30.0, 1000.0),  # large logits: exp(1000) overflows without max-subtraction
+]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def _data(case, seed=0):
+    vocab, ignore, _, _, dtype, scale, shift = case
+    g = torch.Generator().manual_seed(seed + vocab)
+    logits = (torch.randn(6, 5, vocab, generator=g, dtype=torch.float64) * scale + shift).to(dtype)  # (B, T, V)
+    target = torch.randint(0, vocab, (6, 5), generator=g)  # (B, T)
+    target[torch.rand(6, 5, generator=g) < ignore] = -100
+    return logits, target
+
+
+def _shard(logits, tp, rank):
+    vp = math.ceil(logits.shape[-1] / tp)
+    padded = F.pad(logits, (0, vp * tp - logits.shape[-1]), value=-7.0)  # pad value must not matter
+    return padded[..., rank * vp:(rank + 1) * vp]
+
+
+def _dense(case):
+    logits, target = _data(case)
+    logits.requires_grad_(True)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, label_smoothing=case[2],
+                           reduction=case[3])
+    loss = loss.view(target.shape) if case[3] == "none" else loss
+    loss.backward(torch.ones_like(loss))
+    return loss.detach(), logits.grad
+
+
+def _ce_worker(cases, tp):
+    """Each rank: its shard of the logits -> loss and the gradient of its shard (group = the first tp ranks)."""
+    group = dist.new_group(list(range(tp))) if tp != dist.get_world_size() else None
+    rank = dist.get_rank()
+    if rank >= tp:
+        return None
+    out = []
+    for case in cases:
+        logits, target = _data(case)
+        shard = _shard(logits, tp, rank).detach().requires_grad_(True)
+        loss = vocab_parallel_cross_entropy(shard, target, group, vocab_size=case[0], label_smoothing=case[2],
+                                            reduction=case[3])
+        loss.backward(torch.ones_like(loss))
+        out.append((loss.detach(), shard.grad))
+    return out
+
+
+def _check(results, tp):
+    for i, case in enumerate(CASES):
+        want_loss, want_grad = _dense(case)
+        vp = math.ceil(case[0] / tp)
+        grads = [results[r][i][1] for r in range(tp)]
+        for r in range(tp):
+            assert torch.allclose(results[r][i][0], want_loss, rtol=0, atol=TOL[case[4]] * max(1, want_loss.abs().max())), \
+                (case, r, results[r][i][0], want_loss)
+        full = torch.cat(grads, dim=-1)  # (B, T, vp*tp)
+        assert full.shape[-1] == vp * tp
+        assert torch.equal(full[..., case[0]:], torch.zeros_like(full[..., case[0]:])), "padding columns get grad 0"
+        diff = (full[..., :case[0]] - want_grad).abs().max().item()
+        assert diff <= TOL[case[4]], (case, diff)
+
+
+def test_single_rank_matches_torch():
+    out = []
+    for case in CASES:
+        logits, target = _data(case)
+        logits = logits.detach().requires_grad_(True)
+        loss = vocab_parallel_cross_entropy(logits, target, None, label_smoothing=case[2], reduction=case[3])
+        loss.backward(torch.ones_like(loss))
+        out.append((loss.detach(), logits.grad))
+    _check([out], 1)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocab_parallel_matches_torch(pool2, pool4, tp):
+    pool = pool2 if tp == 2 else pool4
+    _check(pool.run(_ce_worker, CASES, tp), tp)
+
+
+def test_tp2_subgroup_of_four_ranks(pool4):
+    """The tp group may be a subgroup: ranks 0-1 of a 4-rank world."""
+    _check(pool4.run(_ce_worker, CASES, 2), 2)
+
+
+def test_local_stats_is_the_separable_piece():
+    """local_logit_stats is pure (no communication): per-row max, sum-exp, target logit, logit sum."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 9, generator=g, dtype=torch.float64)  # (N, Vp)
+    target_local = torch.tensor([2, -1, 6, 0])
+    row_max, sum_exp, t, s = local_logit_stats(z, target_local, n_valid=7)
+    zv = z[:, :7]
+    assert torch.equal(row_max, zv.max(-1).values)
+    assert torch.allclose(row_max + sum_exp.log(), zv.logsumexp(-1), atol=1e-14)
+    assert t.tolist() == [z[0, 2].item(), 0.0, z[2, 6].item(), z[3, 0].item()]
+    assert torch.allclose(s, zv.sum(-1), atol=1e-14)
+
+
+def test_refuses_bad_arguments():
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        vocab_parallel_cross_entropy(z, torch.zeros(3, dtype=torch.long), reduction="avg")
+    with pytest.raises(ValueError, match=r"target shape \(4,\) must be logits shape \(3, 4\)"):
+        vocab_parallel_cross_entropy(z, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab_size=9"):
+        vocab_parallel_cross_entropy(z, torch.zeros(3, dtype=torch.long), vocab_size=9)
