@@ -5,31 +5,33 @@
 >>> model = Transformer(get_model_config("llama-tiny"))
 >>> stages = model.pipeline_layers()  # [embed, *blocks, head]
 
-Hugging Face checkpoints: :func:`load_hf_checkpoint` / :func:`save_hf_checkpoint` (in ``models.hf``;
+Hugging Face checkpoints: :func:`load_hf_checkpoint` / :func:`save_hf_checkpoint` (from ``models.hf``;
 they need ``safetensors``, imported when called).
 """
 
 from .config import MODEL_CONFIGS, ModelConfig, get_model_config, llama_ffn_hidden, model_config_names
+from .hf import load_hf_checkpoint, save_hf_checkpoint
 from .layers import MLP, Attention, Block, RMSNorm, SwiGLU, apply_rotary, rope_cache
 from .transformer import IGNORE_INDEX, Embedding, Head, Transformer, cross_entropy_loss
 
-
-def load_hf_checkpoint(*args, **kwargs):
-    """See :func:`pipeloom.models.hf.load_hf_checkpoint` (imported lazily: needs safetensors)."""
-    from .hf import load_hf_checkpoint as load
-
-    return load(*args, **kwargs)
-
-
-def save_hf_checkpoint(*args, **kwargs):
-    """See :func:`pipeloom.models.hf.save_hf_checkpoint` (imported lazily: needs safetensors)."""
-    from .hf import save_hf_checkpoint as save
-
-    return save(*args, **kwargs)
-
-
 __all__ = [
-    "IGNORE_INDEX", "MLP", "MODEL_CONFIGS", "Attention", "Block", "Embedding", "Head", "ModelConfig", "RMSNorm",
-    "SwiGLU", "Transformer", "apply_rotary", "cross_entropy_loss", "get_model_config", "llama_ffn_hidden",
-    "load_hf_checkpoint", "model_config_names", "rope_cache", "save_hf_checkpoint",
+    "IGNORE_INDEX",
+    "MLP",
+    "MODEL_CONFIGS",
+    "Attention",
+    "Block",
+    "Embedding",
+    "Head",
+    "ModelConfig",
+    "RMSNorm",
+    "SwiGLU",
+    "Transformer",
+    "apply_rotary",
+    "cross_entropy_loss",
+    "get_model_config",
+    "llama_ffn_hidden",
+    "load_hf_checkpoint",
+    "model_config_names",
+    "rope_cache",
+    "save_hf_checkpoint",
 ]

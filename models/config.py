@@ -43,8 +43,12 @@ class ModelConfig:
     max_seq_len: int = 1024  # longest sequence: size of the position table / rotary cache
     norm_eps: float | None = None  # epsilon of LayerNorm/RMSNorm; None: 1e-5 (gpt) or 1e-6 (llama)
     rope_theta: float = 10000.0  # rotary base (llama only)
-    rope_scaling: dict[str, Any] | None = None  # None, or Llama-3 frequency scaling {"rope_type": "llama3", ...}
-    tie_embeddings: bool | None = None  # output head shares the token embedding; None: True (gpt), False (llama)
+    rope_scaling: dict[str, Any] | None = (
+        None  # None, or Llama-3 frequency scaling {"rope_type": "llama3", ...}
+    )
+    tie_embeddings: bool | None = (
+        None  # output head shares the token embedding; None: True (gpt), False (llama)
+    )
     dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     bias: bool | None = None  # biases in linears and LayerNorm; None: True (gpt), False (llama)
     activation: str | None = None  # MLP nonlinearity; None: "gelu_tanh" (gpt, as GPT-2) or "silu" (llama)
@@ -119,33 +123,94 @@ class ModelConfig:
 # follow overrides: get_model_config("gpt-small", dim=512) gets ffn_hidden 2048, not 3072.
 # Tiny ones are for CPU tests (byte-level vocab of 256); the rest follow published models.
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt-tiny": dict(family="gpt", vocab_size=256, dim=64, n_layers=4, n_heads=4, max_seq_len=256),
-    "llama-tiny": dict(
-        family="llama", vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=192,
-        max_seq_len=256,
-    ),
+    "gpt-tiny": {
+        "family": "gpt",
+        "vocab_size": 256,
+        "dim": 64,
+        "n_layers": 4,
+        "n_heads": 4,
+        "max_seq_len": 256,
+    },
+    "llama-tiny": {
+        "family": "llama",
+        "vocab_size": 256,
+        "dim": 64,
+        "n_layers": 4,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_hidden": 192,
+        "max_seq_len": 256,
+    },
     # GPT-2 124M with the vocabulary padded from 50257 to 50304 (a multiple of 64), as in nanoGPT.
-    "gpt-small": dict(family="gpt", vocab_size=50304, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
-    "gpt-medium": dict(family="gpt", vocab_size=50304, dim=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    "gpt-small": {
+        "family": "gpt",
+        "vocab_size": 50304,
+        "dim": 768,
+        "n_layers": 12,
+        "n_heads": 12,
+        "max_seq_len": 1024,
+    },
+    "gpt-medium": {
+        "family": "gpt",
+        "vocab_size": 50304,
+        "dim": 1024,
+        "n_layers": 24,
+        "n_heads": 16,
+        "max_seq_len": 1024,
+    },
     # GPT-3 XL shape (arXiv 2005.14165 Table 2.1): 24 layers, d=2048, 16 heads of 128.
-    "gpt-1.3b": dict(family="gpt", vocab_size=50304, dim=2048, n_layers=24, n_heads=16, max_seq_len=2048),
+    "gpt-1.3b": {
+        "family": "gpt",
+        "vocab_size": 50304,
+        "dim": 2048,
+        "n_layers": 24,
+        "n_heads": 16,
+        "max_seq_len": 2048,
+    },
     # TinyLlama 1.1B shape: 22 layers, d=2048, 32 heads, 4 kv heads, SwiGLU 5632, vocab 32000.
-    "llama-1b": dict(
-        family="llama", vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632,
-        max_seq_len=2048, norm_eps=1e-5,
-    ),
+    "llama-1b": {
+        "family": "llama",
+        "vocab_size": 32000,
+        "dim": 2048,
+        "n_layers": 22,
+        "n_heads": 32,
+        "n_kv_heads": 4,
+        "ffn_hidden": 5632,
+        "max_seq_len": 2048,
+        "norm_eps": 1e-5,
+    },
     # Llama 3.2 1B shape (context cut to 8192 to keep the rotary cache small).
-    "llama3.2-1b": dict(
-        family="llama", vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
-        max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-    ),
+    "llama3.2-1b": {
+        "family": "llama",
+        "vocab_size": 128256,
+        "dim": 2048,
+        "n_layers": 16,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "ffn_hidden": 8192,
+        "max_seq_len": 8192,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_embeddings": True,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
     # Llama 2 7B shape.
-    "llama-7b": dict(
-        family="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_hidden=11008, max_seq_len=4096,
-        norm_eps=1e-5,
-    ),
+    "llama-7b": {
+        "family": "llama",
+        "vocab_size": 32000,
+        "dim": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "ffn_hidden": 11008,
+        "max_seq_len": 4096,
+        "norm_eps": 1e-5,
+    },
 }
 MODEL_CONFIGS["gpt2-124m"] = MODEL_CONFIGS["gpt-small"]
 
@@ -156,7 +221,9 @@ def model_config_names() -> list[str]:
 
 
 def get_model_config(name: str, **overrides: Any) -> ModelConfig:
-    """The registered config ``name`` with ``overrides`` applied, e.g. ``get_model_config("gpt-tiny", n_layers=2)``.
+    """The registered config ``name`` with ``overrides`` applied.
+
+    Example: ``get_model_config("gpt-tiny", n_layers=2)``.
 
     Raises ``KeyError`` listing the valid names, and ``TypeError`` naming an unknown field.
     """

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,10 @@ def architecture_of(hf_config: dict[str, Any]) -> str:
     for name in names:
         if name in SUPPORTED_ARCHITECTURES:
             return name
-    raise ValueError(f"unsupported architectures={names!r} (model_type={hf_config.get('model_type')!r}); "
-                     f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    raise ValueError(
+        f"unsupported architectures={names!r} (model_type={hf_config.get('model_type')!r}); "
+        f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+    )
 
 
 def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -48,45 +49,75 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
     c = hf_config
     if arch == "GPT2LMHeadModel":
         act = c.get("activation_function", "gelu_new")
-        acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+        acts = {
+            "gelu_new": "gelu_tanh",
+            "gelu_pytorch_tanh": "gelu_tanh",
+            "gelu_fast": "gelu_tanh",
+            "gelu": "gelu",
+        }
         if act not in acts:
             raise ValueError(f"GPT-2 activation_function={act!r} is not supported; supported: {sorted(acts)}")
-        for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
-                        ("add_cross_attention", False)):
+        for key, ok in (
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("scale_attn_weights", True),
+            ("add_cross_attention", False),
+        ):
             if c.get(key, ok) != ok:
                 raise ValueError(f"GPT-2 option {key}={c[key]!r} is not supported (need {ok})")
-        fields = dict(
-            family="gpt", vocab_size=c["vocab_size"], dim=c["n_embd"], n_layers=c["n_layer"], n_heads=c["n_head"],
-            ffn_hidden=c.get("n_inner") or 4 * c["n_embd"], max_seq_len=c["n_positions"],
-            norm_eps=c.get("layer_norm_epsilon", 1e-5), tie_embeddings=c.get("tie_word_embeddings", True),
-            bias=True, activation=acts[act],
-        )
+        fields = {
+            "family": "gpt",
+            "vocab_size": c["vocab_size"],
+            "dim": c["n_embd"],
+            "n_layers": c["n_layer"],
+            "n_heads": c["n_head"],
+            "ffn_hidden": c.get("n_inner") or 4 * c["n_embd"],
+            "max_seq_len": c["n_positions"],
+            "norm_eps": c.get("layer_norm_epsilon", 1e-5),
+            "tie_embeddings": c.get("tie_word_embeddings", True),
+            "bias": True,
+            "activation": acts[act],
+        }
     else:
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"Llama hidden_act={c['hidden_act']!r} is not supported (need 'silu')")
         attn_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
         if attn_bias != mlp_bias:
-            raise ValueError(f"Llama attention_bias={attn_bias} and mlp_bias={mlp_bias} differ; pipeloom has one "
-                             "`bias` switch for both")
+            raise ValueError(
+                f"Llama attention_bias={attn_bias} and mlp_bias={mlp_bias} differ; pipeloom has one "
+                "`bias` switch for both"
+            )
         head_dim = c.get("head_dim")
         if head_dim is not None and head_dim != c["hidden_size"] // c["num_attention_heads"]:
-            raise ValueError(f"Llama head_dim={head_dim} differs from hidden_size/num_attention_heads="
-                             f"{c['hidden_size'] // c['num_attention_heads']}; not supported")
+            raise ValueError(
+                f"Llama head_dim={head_dim} differs from hidden_size/num_attention_heads="
+                f"{c['hidden_size'] // c['num_attention_heads']}; not supported"
+            )
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"Llama rope_type={rope_type!r} is not supported; supported: ['default', 'llama3']")
+            raise ValueError(
+                f"Llama rope_type={rope_type!r} is not supported; supported: ['default', 'llama3']"
+            )
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported (need 1.0)")
-        fields = dict(
-            family="llama", vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            ffn_hidden=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
-            tie_embeddings=c.get("tie_word_embeddings", False), bias=attn_bias,
-        )
+            raise ValueError(
+                f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported (need 1.0)"
+            )
+        fields = {
+            "family": "llama",
+            "vocab_size": c["vocab_size"],
+            "dim": c["hidden_size"],
+            "n_layers": c["num_hidden_layers"],
+            "n_heads": c["num_attention_heads"],
+            "n_kv_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
+            "ffn_hidden": c["intermediate_size"],
+            "max_seq_len": c.get("max_position_embeddings", 2048),
+            "norm_eps": c.get("rms_norm_eps", 1e-6),
+            "rope_theta": float(rope_theta),
+            "rope_scaling": rope if rope_type == "llama3" else None,
+            "tie_embeddings": c.get("tie_word_embeddings", False),
+            "bias": attn_bias,
+        }
     return ModelConfig(**{"dropout": 0.0, **fields, **overrides})
 
 
@@ -95,28 +126,55 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     dtype_name = str(dtype).removeprefix("torch.")
     if config.family == "gpt":
         if config.n_kv_heads != config.n_heads:
-            raise ValueError(f"GPT-2 has no grouped-query attention: n_kv_heads={config.n_kv_heads} != "
-                             f"n_heads={config.n_heads}; export as family 'llama' instead")
+            raise ValueError(
+                f"GPT-2 has no grouped-query attention: n_kv_heads={config.n_kv_heads} != "
+                f"n_heads={config.n_heads}; export as family 'llama' instead"
+            )
         eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when the vocab has it
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
-            "n_embd": config.dim, "n_layer": config.n_layers, "n_head": config.n_heads,
-            "n_inner": config.ffn_hidden, "n_positions": config.max_seq_len, "n_ctx": config.max_seq_len,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_embd": config.dim,
+            "n_layer": config.n_layers,
+            "n_head": config.n_heads,
+            "n_inner": config.ffn_hidden,
+            "n_positions": config.max_seq_len,
+            "n_ctx": config.max_seq_len,
             "layer_norm_epsilon": config.norm_eps,
             "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu",
-            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-            "scale_attn_weights": True, "tie_word_embeddings": config.tie_embeddings,
-            "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": dtype_name, "dtype": dtype_name,
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "scale_attn_weights": True,
+            "tie_word_embeddings": config.tie_embeddings,
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "torch_dtype": dtype_name,
+            "dtype": dtype_name,
         }
     out = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
-        "hidden_size": config.dim, "intermediate_size": config.ffn_hidden, "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim, "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "hidden_act": "silu",
-        "attention_bias": config.bias, "mlp_bias": config.bias, "attention_dropout": config.dropout,
-        "tie_word_embeddings": config.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
-        "torch_dtype": dtype_name, "dtype": dtype_name,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "hidden_act": "silu",
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "attention_dropout": config.dropout,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
     }
     if config.rope_scaling is not None:
         out["rope_scaling"] = dict(config.rope_scaling)  # the pre-v5 key; transformers v5 still reads it
@@ -126,24 +184,35 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
 # ----------------------------------------------------------------------------- weight names and layouts
 
 
-def _gpt2_rules(config: ModelConfig) -> list[tuple[str, str, Callable, Callable]]:
-    """(our name, HF name, HF tensor -> ours, ours -> HF) for every GPT-2 weight except c_attn."""
-    t = lambda w: w.t().contiguous()  # noqa: E731 - Conv1D (in, out) <-> Linear (out, in)
-    same = lambda w: w  # noqa: E731
-    rules = [("embed.tok.weight", "wte.weight", same, same), ("embed.pos.weight", "wpe.weight", same, same),
-             ("head.norm.weight", "ln_f.weight", same, same), ("head.norm.bias", "ln_f.bias", same, same)]
+def _gpt2_names(config: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(our name, HF name, transposed) for every GPT-2 weight except the fused c_attn.
+
+    ``transposed``: HF stores it as a Conv1D weight (in, out), the transpose of our nn.Linear (out, in).
+    """
+    names = [
+        ("embed.tok.weight", "wte.weight", False),
+        ("embed.pos.weight", "wpe.weight", False),
+        ("head.norm.weight", "ln_f.weight", False),
+        ("head.norm.bias", "ln_f.bias", False),
+    ]
+    pairs = [
+        ("attn_norm", "ln_1", False),
+        ("attn.wo", "attn.c_proj", True),
+        ("mlp_norm", "ln_2", False),
+        ("mlp.fc", "mlp.c_fc", True),
+        ("mlp.proj", "mlp.c_proj", True),
+    ]
     for i in range(config.n_layers):
-        b, h = f"blocks.{i}.", f"h.{i}."
-        rules += [
-            (b + "attn_norm.weight", h + "ln_1.weight", same, same), (b + "attn_norm.bias", h + "ln_1.bias", same, same),
-            (b + "attn.wo.weight", h + "attn.c_proj.weight", t, t), (b + "attn.wo.bias", h + "attn.c_proj.bias", same, same),
-            (b + "mlp_norm.weight", h + "ln_2.weight", same, same), (b + "mlp_norm.bias", h + "ln_2.bias", same, same),
-            (b + "mlp.fc.weight", h + "mlp.c_fc.weight", t, t), (b + "mlp.fc.bias", h + "mlp.c_fc.bias", same, same),
-            (b + "mlp.proj.weight", h + "mlp.c_proj.weight", t, t), (b + "mlp.proj.bias", h + "mlp.c_proj.bias", same, same),
-        ]
+        for ours, theirs, transposed in pairs:
+            names.append((f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", transposed))
+            names.append((f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False))
     if not config.tie_embeddings:
-        rules.append(("head.out.weight", "lm_head.weight", same, same))
-    return rules
+        names.append(("head.out.weight", "lm_head.weight", False))
+    return names
+
+
+def _maybe_t(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return tensor.t().contiguous() if transposed else tensor
 
 
 def _llama_names(config: ModelConfig) -> list[tuple[str, str]]:
@@ -154,17 +223,28 @@ def _llama_names(config: ModelConfig) -> list[tuple[str, str]]:
     suffixes = ["weight", "bias"] if config.bias else ["weight"]
     for i in range(config.n_layers):
         b, h = f"blocks.{i}.", f"model.layers.{i}."
-        names += [(b + "attn_norm.weight", h + "input_layernorm.weight"),
-                  (b + "mlp_norm.weight", h + "post_attention_layernorm.weight")]
-        pairs = [("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"), ("attn.wv", "self_attn.v_proj"),
-                 ("attn.wo", "self_attn.o_proj"), ("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"),
-                 ("mlp.w2", "mlp.down_proj")]
+        names += [
+            (b + "attn_norm.weight", h + "input_layernorm.weight"),
+            (b + "mlp_norm.weight", h + "post_attention_layernorm.weight"),
+        ]
+        pairs = [
+            ("attn.wq", "self_attn.q_proj"),
+            ("attn.wk", "self_attn.k_proj"),
+            ("attn.wv", "self_attn.v_proj"),
+            ("attn.wo", "self_attn.o_proj"),
+            ("mlp.w1", "mlp.gate_proj"),
+            ("mlp.w3", "mlp.up_proj"),
+            ("mlp.w2", "mlp.down_proj"),
+        ]
         names += [(f"{b}{ours}.{s}", f"{h}{theirs}.{s}") for ours, theirs in pairs for s in suffixes]
     return names
 
 
 def hf_to_state_dict(hf: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
-    """Our state dict from Hugging Face tensors, checking every shape against ``model`` (errors name tensors)."""
+    """Our state dict from Hugging Face tensors, checking every shape against ``model``.
+
+    Errors name the checkpoint tensor that is missing, extra, or of the wrong shape.
+    """
     config, expected = model.config, model.state_dict()
     hf = dict(hf)
     out: dict[str, torch.Tensor] = {}
@@ -176,25 +256,32 @@ def hf_to_state_dict(hf: dict[str, torch.Tensor], model: Transformer) -> dict[st
 
     def put(ours: str, tensor: torch.Tensor, hf_name: str) -> None:
         if tensor.shape != expected[ours].shape:
-            raise ValueError(f"shape mismatch for checkpoint tensor {hf_name!r} (-> {ours!r}): got "
-                             f"{tuple(tensor.shape)} after conversion, the config needs {tuple(expected[ours].shape)}")
+            raise ValueError(
+                f"shape mismatch for checkpoint tensor {hf_name!r} (-> {ours!r}): got "
+                f"{tuple(tensor.shape)} after conversion, the config needs {tuple(expected[ours].shape)}"
+            )
         out[ours] = tensor
 
     if config.family == "gpt":
         hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
-        for ours, theirs, to_ours, _ in _gpt2_rules(config):
-            put(ours, to_ours(take(theirs)), theirs)
+        for ours, theirs, transposed in _gpt2_names(config):
+            put(ours, _maybe_t(take(theirs), transposed), theirs)
         D = config.dim
         for i in range(config.n_layers):
             for suffix in ("weight", "bias"):
                 name = f"h.{i}.attn.c_attn.{suffix}"
                 qkv = take(name)  # weight (D, 3D) as Conv1D, bias (3D,)
                 if qkv.shape[-1] != 3 * D:
-                    raise ValueError(f"shape mismatch for checkpoint tensor {name!r}: got {tuple(qkv.shape)}, "
-                                     f"last dimension should be 3*dim={3 * D}")
+                    raise ValueError(
+                        f"shape mismatch for checkpoint tensor {name!r}: got {tuple(qkv.shape)}, "
+                        f"last dimension should be 3*dim={3 * D}"
+                    )
                 for part, proj in zip(qkv.split(D, dim=-1), ("wq", "wk", "wv")):
-                    put(f"blocks.{i}.attn.{proj}.{suffix}", part.t().contiguous() if suffix == "weight" else part,
-                        name)
+                    put(
+                        f"blocks.{i}.attn.{proj}.{suffix}",
+                        part.t().contiguous() if suffix == "weight" else part,
+                        name,
+                    )
         if config.tie_embeddings:
             hf.pop("lm_head.weight", None)  # some checkpoints store the tied copy
             out["head.out.weight"] = out["embed.tok.weight"]
@@ -206,8 +293,10 @@ def hf_to_state_dict(hf: dict[str, torch.Tensor], model: Transformer) -> dict[st
             out["head.out.weight"] = out["embed.tok.weight"]
     unexpected = sorted(k for k in hf if not _IGNORED.search(k))
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} tensor(s) this {config.family} config does not use: "
-                         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint has {len(unexpected)} tensor(s) this {config.family} config does not use: "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
     return out
 
 
@@ -215,20 +304,24 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
     """Hugging Face tensors (names and layouts) for a whole, unsharded model."""
     config = model.config
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    ours = {k: v for k, v in sd.items()}
+    ours = dict(sd)
     out: dict[str, torch.Tensor] = {}
     if config.family == "gpt":
         if not config.bias:  # HF GPT-2 always has biases: zero ones are the same function
             for name, w in list(sd.items()):
                 if name.endswith("norm.weight") or re.search(r"\.(w[qkvo]|fc|proj)\.weight$", name):
                     ours.setdefault(name[: -len("weight")] + "bias", torch.zeros(w.shape[0], dtype=w.dtype))
-        for mine, theirs, _, to_hf in _gpt2_rules(config):
-            out["transformer." + theirs if not theirs.startswith("lm_head") else theirs] = to_hf(ours[mine])
+        for mine, theirs, transposed in _gpt2_names(config):
+            prefix = "" if theirs.startswith("lm_head") else "transformer."
+            out[prefix + theirs] = _maybe_t(ours[mine], transposed)
         for i in range(config.n_layers):
             b = f"blocks.{i}.attn."
             out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(
-                [ours[b + p + ".weight"].t() for p in ("wq", "wk", "wv")], dim=1).contiguous()  # (D, 3D)
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([ours[b + p + ".bias"] for p in ("wq", "wk", "wv")])
+                [ours[b + p + ".weight"].t() for p in ("wq", "wk", "wv")], dim=1
+            ).contiguous()  # (D, 3D)
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+                [ours[b + p + ".bias"] for p in ("wq", "wk", "wv")]
+            )
     else:
         for mine, theirs in _llama_names(config):
             out[theirs] = ours[mine].contiguous()
@@ -253,8 +346,11 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
-        hint = " (found PyTorch .bin weights: re-save with save_pretrained(safe_serialization=True))" \
-            if any(folder.glob("*.bin")) else ""
+        hint = (
+            " (found PyTorch .bin weights: re-save with save_pretrained(safe_serialization=True))"
+            if any(folder.glob("*.bin"))
+            else ""
+        )
         raise FileNotFoundError(f"no *.safetensors weights in {folder}{hint}")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
@@ -265,8 +361,13 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_hf_checkpoint(folder: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                       **overrides: Any) -> tuple[Transformer, ModelConfig]:
+def load_hf_checkpoint(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> tuple[Transformer, ModelConfig]:
     """Build our Transformer from a Hugging Face folder (``config.json`` + safetensors, single or sharded).
 
     ``dtype``: parameter dtype (default: the checkpoint's floating dtype). ``overrides``: ModelConfig fields
@@ -291,8 +392,9 @@ def load_hf_checkpoint(folder: str | Path, *, dtype: torch.dtype | None = None, 
     return model.eval(), config
 
 
-def save_hf_checkpoint(model: Transformer, config: ModelConfig | None, folder: str | Path, *,
-                       max_shard_bytes: int | None = None) -> Path:
+def save_hf_checkpoint(
+    model: Transformer, config: ModelConfig | None, folder: str | Path, *, max_shard_bytes: int | None = None
+) -> Path:
     """Write ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Writes ``config.json`` and ``model.safetensors`` (or shards of at most ``max_shard_bytes`` each plus

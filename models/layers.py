@@ -131,8 +131,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, hd)  # (B, T, Hkv, hd)
         n_heads, n_kv = q.size(2), k.size(2)
         if n_heads % n_kv:
-            raise ValueError(f"attention has {n_heads} query heads but {n_kv} key/value heads; "
-                             "query heads must be a multiple of key/value heads")
+            raise ValueError(
+                f"attention has {n_heads} query heads but {n_kv} key/value heads; "
+                "query heads must be a multiple of key/value heads"
+            )
         if self.rotary:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -148,7 +150,12 @@ class Attention(nn.Module):
 
     def init_weights(self, init_std: float, residual_std: float) -> None:
         """Normal(0, init_std) on q/k/v, Normal(0, residual_std) on the output projection, zero biases."""
-        for linear, std in ((self.wq, init_std), (self.wk, init_std), (self.wv, init_std), (self.wo, residual_std)):
+        for linear, std in (
+            (self.wq, init_std),
+            (self.wk, init_std),
+            (self.wv, init_std),
+            (self.wo, residual_std),
+        ):
             _init_linear(linear, std)
         self.init_buffers()
 

@@ -38,8 +38,10 @@ class Embedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         T = tokens.size(-1)  # tokens (B, T)
         if T > self.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}; "
-                             "shorten the input or build the model with a larger max_seq_len")
+            raise ValueError(
+                f"sequence length {T} exceeds max_seq_len={self.max_seq_len}; "
+                "shorten the input or build the model with a larger max_seq_len"
+            )
         x = self.tok(tokens)  # (B, T, D)
         if self.pos is not None:
             x = x + self.pos(torch.arange(T, device=tokens.device))  # (T, D) broadcast over B
@@ -126,7 +128,7 @@ class Transformer(nn.Module):
         return self.head(x)  # (B, T, V)
 
     def pipeline_layers(self) -> list[nn.Module]:
-        """``[embed, *blocks, head]``: each takes one tensor and returns one, in order, for splitting into stages."""
+        """``[embed, *blocks, head]``: each takes one tensor and returns one; split these into stages."""
         return [self.embed, *self.blocks, self.head]
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from pipeloom.models import (
     Attention,
     ModelConfig,
@@ -13,6 +11,7 @@ from pipeloom.models import (
     get_model_config,
     model_config_names,
 )
+from torch import nn
 
 FAMILIES = ["gpt-tiny", "llama-tiny"]
 
@@ -46,7 +45,9 @@ def test_config_validation_names_the_values():
 
 
 def test_registry_sizes_and_errors():
-    assert {"gpt-tiny", "llama-tiny", "gpt-small", "gpt2-124m", "gpt-1.3b", "llama-1b"} <= set(model_config_names())
+    assert {"gpt-tiny", "llama-tiny", "gpt-small", "gpt2-124m", "gpt-1.3b", "llama-1b"} <= set(
+        model_config_names()
+    )
     small = get_model_config("gpt2-124m")
     assert (small.n_layers, small.dim, small.max_seq_len, small.vocab_size) == (12, 768, 1024, 50304)
     big = get_model_config("gpt-1.3b")
@@ -105,7 +106,9 @@ def test_tied_and_untied_heads():
     torch.manual_seed(0)
     meta.init_weights()
     assert meta.head.out.weight is meta.embed.tok.weight
-    torch.testing.assert_close(meta.double().eval()(tokens(meta.config)), build("gpt-tiny")(tokens(meta.config)))
+    torch.testing.assert_close(
+        meta.double().eval()(tokens(meta.config)), build("gpt-tiny")(tokens(meta.config))
+    )
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -116,8 +119,11 @@ def test_init_is_deterministic_and_gpt2_scaled(name):
     assert not torch.equal(a.blocks[0].attn.wq.weight, c.blocks[0].attn.wq.weight)
     big = Transformer(get_model_config(name, dim=256, n_heads=4, n_layers=8))
     down = big.blocks[0].mlp.proj if name == "gpt-tiny" else big.blocks[0].mlp.w2
-    for w, std in ((big.blocks[0].attn.wq.weight, 0.02), (big.blocks[0].attn.wo.weight, 0.02 / 4),
-                   (down.weight, 0.02 / 4)):  # 1 / sqrt(2 * 8) = 1/4
+    for w, std in (
+        (big.blocks[0].attn.wq.weight, 0.02),
+        (big.blocks[0].attn.wo.weight, 0.02 / 4),
+        (down.weight, 0.02 / 4),
+    ):  # 1 / sqrt(2 * 8) = 1/4
         assert abs(w.std().item() - std) < 0.1 * std
 
 
@@ -152,9 +158,15 @@ def _narrow(linear: nn.Linear, rows: slice | None = None, cols: slice | None = N
     return out
 
 
-@pytest.mark.parametrize("name,n_heads,n_kv_heads,tp", [
-    ("gpt-tiny", 4, 4, 2), ("llama-tiny", 4, 2, 2), ("llama-tiny", 8, 4, 4), ("llama-tiny", 8, 2, 2),
-])
+@pytest.mark.parametrize(
+    "name,n_heads,n_kv_heads,tp",
+    [
+        ("gpt-tiny", 4, 4, 2),
+        ("llama-tiny", 4, 2, 2),
+        ("llama-tiny", 8, 4, 4),
+        ("llama-tiny", 8, 2, 2),
+    ],
+)
 def test_attention_runs_a_slice_of_heads(name, n_heads, n_kv_heads, tp):
     """Column-shard wq/wk/wv by heads, row-shard wo: each shard's pre-wo output is its slice of the full
     one, and the shards' outputs sum to the full attention output (Megatron-LM, arXiv 1909.08053 §3)."""
@@ -176,7 +188,11 @@ def test_attention_runs_a_slice_of_heads(name, n_heads, n_kv_heads, tp):
     for r in range(tp):
         qs, kvs = slice(r * q_per * hd, (r + 1) * q_per * hd), slice(r * kv_per * hd, (r + 1) * kv_per * hd)
         shard = copy.deepcopy(full)
-        shard.wq, shard.wk, shard.wv = _narrow(full.wq, rows=qs), _narrow(full.wk, rows=kvs), _narrow(full.wv, rows=kvs)
+        shard.wq, shard.wk, shard.wv = (
+            _narrow(full.wq, rows=qs),
+            _narrow(full.wk, rows=kvs),
+            _narrow(full.wv, rows=kvs),
+        )
         shard.wo = nn.Identity()
         torch.testing.assert_close(shard(x), ref_heads[..., qs], rtol=1e-12, atol=1e-12)
         shard.wo = _narrow(full.wo, cols=qs)  # row-parallel: input columns of this shard, no bias
