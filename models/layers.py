@@ -109,7 +109,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.head_dim = config.head_dim
-        self.dropout = config.dropout
+        self.attn_dropout_p = config.dropout
         self.rotary = config.family == "llama"
         self.config = config
         d, hd = config.dim, config.head_dim
@@ -143,7 +143,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, Hq, T, hd)
             v = v.repeat_interleave(n_heads // n_kv, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.attn_dropout_p if self.training else 0.0, is_causal=True
         )  # (B, Hq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, n_heads * hd)  # (B, T, Hq*hd)
         return self.resid_dropout(self.wo(y))  # (B, T, D)

@@ -193,3 +193,11 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(KeyError, match=r"h\.1\.mlp\.c_fc\.weight"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_export_rejects_a_sharded_model(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(get_model_config("llama-tiny", n_layers=1))
+    model.blocks[0].attn.wq = torch.nn.Linear(64, 32, bias=False)  # half the query heads, as a TP shard holds
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.wq\.weight.*\(32, 64\).*\(64, 64\)"):
+        save_hf_checkpoint(model, None, tmp_path)
