@@ -233,3 +233,11 @@ def test_loss_ignores_index_and_trains():
         opt.step()
     assert loss.item() < 0.8 * first
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dropout_only_in_training():
+    model = build("llama-tiny", dropout=0.3)
+    x = tokens(model.config)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)  # eval: deterministic
+    model.train()
+    assert (model(x) - model(x)).abs().amax() > 1e-3
