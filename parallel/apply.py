@@ -224,7 +224,7 @@ def _patch(module: nn.Module, call, mode: str) -> None:
 
 
 def apply_recompute(model: nn.Module, policy: RecomputePolicy) -> list[int]:
-    """Apply ``policy`` to ``model.blocks`` (or to ``model`` itself when it is a ModuleList) in place.
+    """Apply ``policy`` in place to ``model.blocks``, or to the blocks among ``model``'s children (a stage).
 
     Full: the selected blocks run under ``torch.utils.checkpoint`` (non-reentrant). Selective: each selected
     block's attention checkpoints its ``F.scaled_dot_product_attention`` call. RNG state is saved and
@@ -232,7 +232,10 @@ def apply_recompute(model: nn.Module, policy: RecomputePolicy) -> list[int]:
     previous policy; ``RecomputePolicy("none")`` removes it. Parameters, names and state_dict are unchanged.
     Returns the indices of the blocks that recompute.
     """
-    blocks = model if isinstance(model, nn.ModuleList) else model.blocks
+    if hasattr(model, "blocks"):
+        blocks = list(model.blocks)
+    else:  # a pipeline stage: an nn.Sequential / ModuleList of layers, some of them blocks
+        blocks = [m for m in model.children() if hasattr(m, "attn")]
     chosen = []
     for i, block in enumerate(blocks):
         _unpatch(block)
