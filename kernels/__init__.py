@@ -5,9 +5,10 @@ its public function (``rmsnorm(x, w)``, ...) asks :func:`use_triton` which path 
 
 The Triton path runs when triton is importable and either the tensor is on a CUDA device or the Triton
 interpreter is on (``TRITON_INTERPRET=1``, CPU tensors, slow and exact). Triton 3.x decides interpreter
-versus compiler when a kernel is *defined* (``@triton.jit`` at module import), so set ``TRITON_INTERPRET``
-before importing a kernel module. Force the torch path with ``PIPELOOM_KERNELS=torch`` in the environment
-or ``with torch_path(): ...``.
+versus compiler when a function is *defined* by ``@triton.jit``, its own library (``tl.sum``, ``tl.max``,
+``tl.sigmoid``) included, so ``TRITON_INTERPRET=1`` must be set before ``import triton``; when it was set
+later, CPU tensors keep the torch path. Force the torch path with ``PIPELOOM_KERNELS=torch`` in the
+environment or ``with torch_path(): ...``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,26 @@ from pipeloom import features
 _forced_torch = False
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels compute in float32
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """True when the fused Triton kernel should run on ``x``; False selects the torch path."""
-    if _forced_torch or os.environ.get("PIPELOOM_KERNELS", "auto") == "torch":
+    """True when the fused Triton kernel should run on ``x``; False selects the torch path (always for float64)."""
+    if _forced_torch or os.environ.get("PIPELOOM_KERNELS", "auto") == "torch" or x.dtype not in TRITON_DTYPES:
         return False
     if not features.triton_usable():
         return False
-    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return x.is_cuda or (x.device.type == "cpu" and interpreted())
+
+
+def interpreted() -> bool:
+    """Triton runs in its interpreter: TRITON_INTERPRET=1 now, and it was when triton was imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and type(tl.sum).__name__ == "InterpretedFunction"
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype the references compute in: float32, or float64 for float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 @contextlib.contextmanager
@@ -74,4 +88,4 @@ if features.has("triton"):
 else:
     triton = tl = _MissingTriton()
 
-__all__ = ["tl", "torch_path", "triton", "use_triton"]
+__all__ = ["interpreted", "tl", "torch_path", "triton", "upcast", "use_triton"]

@@ -19,11 +19,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels import tl, triton, upcast, use_triton
 
 BLOCK_V = 4096  # vocabulary columns per step of the Triton loops
 TORCH_CHUNK_ELEMENTS = 1 << 24  # the torch path upcasts at most this many logits at once (64 MiB float32)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class CEStats(NamedTuple):
@@ -43,7 +42,7 @@ def cross_entropy_torch(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The reference: ``F.cross_entropy`` on float32 logits (float64 stays float64), in ``logits.dtype``."""
-    z = logits if logits.dtype == torch.float64 else logits.float()
+    z = upcast(logits)
     loss = F.cross_entropy(
         z.reshape(-1, z.shape[-1]),
         target.reshape(-1),
@@ -125,10 +124,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _triton_ok(logits: torch.Tensor) -> bool:
-    return use_triton(logits) and logits.dtype in _TRITON_DTYPES
-
-
 def _chunk_rows(n_cols: int) -> int:
     return max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
 
@@ -146,7 +141,7 @@ def cross_entropy_stats(
     N, Vs = logits.shape
     n_valid = max(0, min(Vs, (v_start + Vs if v_end is None else v_end) - v_start))
     target = target.reshape(-1)
-    if _triton_ok(logits) and n_valid > 0:
+    if use_triton(logits) and n_valid > 0:
         out = torch.empty((4, N), dtype=torch.float32, device=logits.device)
         _ce_stats_kernel[(N,)](
             logits,
@@ -210,7 +205,7 @@ def cross_entropy_grad(
     on_target = 1.0 - label_smoothing
     target = target.reshape(-1)
     grad = torch.empty_like(logits) if out is None else out
-    if _triton_ok(logits):
+    if use_triton(logits):
         lse32, g32 = lse.float().contiguous(), row_grad.float().contiguous()
         _ce_grad_kernel[(N,)](
             logits,
@@ -303,5 +298,7 @@ def cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    loss = CrossEntropyFunction.apply(logits, target, ignore_index, label_smoothing, reduction)
+    loss = CrossEntropyFunction.apply(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index, label_smoothing, reduction
+    )
     return loss.view(target.shape) if reduction == "none" else loss

@@ -6,7 +6,7 @@ as ``torch.nn.functional.layer_norm``; computed in float32 and cast back to ``x.
 from __future__ import annotations
 
 import torch
-from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels import tl, triton, upcast, use_triton
 
 MAX_FUSED_DIM = 65536  # one row must fit one program's block
 
@@ -15,7 +15,8 @@ def layernorm_torch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
     """The reference: LayerNorm of ``x`` (..., D), ``weight``, ``bias`` (D,) in float32, in ``x.dtype``."""
-    y = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
+    xf = upcast(x)
+    y = torch.nn.functional.layer_norm(xf, x.shape[-1:], weight.to(xf.dtype), bias.to(xf.dtype), eps)
     return y.to(x.dtype)
 
 

@@ -8,16 +8,16 @@ normalised x to the input dtype *before* multiplying by w; the two differ by at 
 from __future__ import annotations
 
 import torch
-from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels import tl, triton, upcast, use_triton
 
 MAX_FUSED_DIM = 65536  # one row must fit one program's block
 
 
 def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The reference: RMSNorm of ``x`` (..., D) with ``weight`` (D,), in float32, returned in ``x.dtype``."""
-    xf = x.float()
+    """The reference: RMSNorm of ``x`` (..., D) with ``weight`` (D,), in float32 (float64 stays), in ``x.dtype``."""
+    xf = upcast(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    return (xf * rstd * weight.float()).to(x.dtype)
+    return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ sequence position (continuous batching with per-sequence offsets). Computed in f
 from __future__ import annotations
 
 import torch
-from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels import tl, triton, upcast, use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +28,8 @@ def _batched(table: torch.Tensor) -> torch.Tensor:
 
 def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The reference: rotary embedding of ``x`` (B, T, H, D) with ``cos``, ``sin`` (T, D) or (B, T, D)."""
-    xf = x.float()
-    return (xf * _batched(cos).float() + rotate_half(xf) * _batched(sin).float()).to(x.dtype)
+    xf = upcast(x)
+    return (xf * _batched(cos).to(xf.dtype) + rotate_half(xf) * _batched(sin).to(xf.dtype)).to(x.dtype)
 
 
 @triton.jit

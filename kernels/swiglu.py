@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels import tl, triton, upcast, use_triton
 
 BLOCK = 1024  # elements per program
 
 
 def swiglu_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The reference: silu(a) * b in float32, in ``a.dtype``."""
-    return (F.silu(a.float()) * b.float()).to(a.dtype)
+    af = upcast(a)
+    return (F.silu(af) * b.to(af.dtype)).to(a.dtype)
 
 
 @triton.jit
