@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
@@ -289,7 +289,7 @@ class SavedActivations:
         self._record(t)
         return t
 
-    def __enter__(self) -> SavedActivations:
+    def __enter__(self):  # -> SavedActivations
         token = _ACTIVE_COUNTERS.set(_ACTIVE_COUNTERS.get() + (self,))
         self._stack.callback(_ACTIVE_COUNTERS.reset, token)
         self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from pipeloom.parallel.cross_entropy import local_logit_stats, vocab_parallel_cross_entropy
 
 # (vocab_size, ignore_fraction, label_smoothing, reduction, dtype, scale, shift)

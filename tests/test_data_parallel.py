@@ -4,12 +4,11 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-
 from pipeloom.models.config import ModelConfig
 from pipeloom.models.transformer import Transformer
 from pipeloom.parallel.data_parallel import GradSync, allreduce_gradients, zero1_optimizer
 from pipeloom.parallel.mesh import Mesh
+from torch import nn
 
 EXACT = 1e-12
 

@@ -2,7 +2,6 @@
 import pytest
 import torch
 import torch.distributed as dist
-
 from pipeloom.parallel.mesh import Mesh, ParallelDims
 
 

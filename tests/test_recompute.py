@@ -3,11 +3,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
-
 from pipeloom.models.config import ModelConfig
 from pipeloom.models.transformer import Transformer
 from pipeloom.parallel.apply import RecomputePolicy, SavedActivations, apply_recompute
+from torch import nn
 
 B, T = 2, 32
 

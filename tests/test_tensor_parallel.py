@@ -4,9 +4,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-
 from pipeloom.models.config import ModelConfig
 from pipeloom.models.transformer import Transformer
 from pipeloom.parallel.apply import RecomputePolicy, apply_recompute, apply_tp
@@ -16,6 +14,7 @@ from pipeloom.parallel.tensor_parallel import (
     VocabParallelEmbedding,
     sync_sequence_parallel_grads,
 )
+from torch import nn
 
 EXACT = 1e-12  # float64: sharding reorders sums, nothing else
 
@@ -108,6 +107,16 @@ def _layers_worker(tp):
     y.backward(gy)
     diffs["embedding.out"] = _max_diff(y, dense(ids))
     diffs["embedding.dW"] = _max_diff(emb.weight.grad, _rows(dense.weight.grad, tp, rank, emb.padded_num_embeddings))
+
+    # ... and with sequence parallelism: the lookups reduce-scattered to this rank's slice of the sequence
+    ids = torch.randint(0, 37, (3, 8))
+    dense.zero_grad()
+    dense(ids).backward(gy.new_ones(3, 8, 8))
+    emb = VocabParallelEmbedding.from_dense(dense, group, sequence_parallel=True)
+    y = emb(ids)  # (B, T/tp, D)
+    y.backward(gy.new_ones(3, 8 // tp, 8))
+    diffs["embedding_sp.out"] = _max_diff(y, dense(ids).chunk(tp, 1)[rank])
+    diffs["embedding_sp.dW"] = _max_diff(emb.weight.grad, _rows(dense.weight.grad, tp, rank, emb.padded_num_embeddings))
 
     # Megatron MLP (column then row), without and with sequence parallelism: (B, T, 12) -> (B, T, 12)
     for sp in (False, True):
