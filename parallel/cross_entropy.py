@@ -4,64 +4,25 @@ vocabulary - loss and gradient - with ``ignore_index``, ``label_smoothing`` and 
 multiple of tp.
 
 Each rank holds logits for vocabulary ids ``[rank*Vp, (rank+1)*Vp)`` (``Vp = ceil(V/tp)``; ids ``>= V`` are
-padding and masked). The computation is split in three so a fused kernel can replace the local part:
+padding and masked). The computation is split in three, and the two local parts are the fused kernels of
+``pipeloom.kernels.cross_entropy`` (Triton on GPU, a chunked torch path elsewhere):
 
-1. :func:`local_logit_stats` - one pass over this rank's (N, Vp) logits: per-row max, sum of
-   ``exp(z - max)``, the target's logit (0 when the target is elsewhere) and the sum of logits (for label
-   smoothing). Pure torch, no communication: the piece a Triton kernel replaces.
+1. local statistics, :func:`~pipeloom.kernels.cross_entropy.cross_entropy_stats` - one pass over this
+   rank's (N, Vp) logits: per-row max, sum of ``exp(z - max)``, the target's logit (0 when the target is
+   elsewhere) and the sum of logits (for label smoothing). No communication.
 2. combine across ranks: one all-reduce (MAX) of the row maxima, one all-reduce (SUM) of the rescaled
    sums, target logits and logit sums packed into one (N, 3) tensor - the numerically stable log-sum-exp
-   of an online softmax.
-3. :func:`local_logit_grad` - the gradient is local: ``softmax - (1-eps)*onehot - eps/V`` on this rank's
-   columns, scaled by the per-row upstream gradient. No communication in backward.
+   of an online softmax (arXiv 1805.02867).
+3. the local gradient, :func:`~pipeloom.kernels.cross_entropy.cross_entropy_grad`:
+   ``softmax - (1-eps)*onehot - eps/V`` on this rank's columns, scaled by the per-row upstream gradient,
+   recomputed from the saved logits and lse. No communication in backward.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-
-def local_logit_stats(logits: torch.Tensor, target_local: torch.Tensor, n_valid: int):
-    """Per-row statistics of one vocabulary shard.
-
-    logits: (N, Vp) this rank's logits; target_local: (N,) the target's column in this shard, or -1 when the
-    target lives on another rank (or is ignored); n_valid: columns ``< n_valid`` are real vocabulary ids,
-    the rest padding.
-
-    Returns ``(row_max, sum_exp, target_logit, sum_logits)``, each (N,) in the compute dtype
-    (float32, or float64 for float64 logits): ``sum_exp = sum_j exp(z_j - row_max)`` over valid columns
-    (``row_max = -inf`` and ``sum_exp = 0`` for a shard of padding only).
-    """
-    z = logits if logits.dtype == torch.float64 else logits.float()  # (N, Vp)
-    if n_valid < z.shape[-1]:
-        z = z[:, :n_valid]  # (N, n_valid): padding columns never enter the softmax
-    if n_valid == 0:
-        zeros = z.new_zeros(z.shape[0])
-        return torch.full_like(zeros, float("-inf")), zeros, zeros, zeros
-    row_max = z.max(dim=-1).values  # (N,)
-    sum_exp = torch.exp(z - row_max.unsqueeze(-1)).sum(dim=-1)  # (N,)
-    here = target_local >= 0
-    target_logit = torch.where(here, z.gather(-1, target_local.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
-    return row_max, sum_exp, target_logit, z.sum(dim=-1)
-
-
-def local_logit_grad(logits: torch.Tensor, lse: torch.Tensor, target_local: torch.Tensor, n_valid: int,
-                     row_grad: torch.Tensor, label_smoothing: float, vocab_size: int) -> torch.Tensor:
-    """d loss / d logits for this shard: ``row_grad * (softmax - (1-eps)*onehot(target) - eps/V)``.
-
-    logits: (N, Vp); lse: (N,) the global log-sum-exp; target_local: (N,) as in :func:`local_logit_stats`;
-    row_grad: (N,) upstream gradient per row (0 for ignored rows). Padding columns get 0.
-    """
-    z = logits if logits.dtype == torch.float64 else logits.float()  # (N, Vp)
-    grad = torch.exp(z - lse.unsqueeze(-1))  # (N, Vp) softmax over the full vocabulary
-    if n_valid < z.shape[-1]:
-        grad[:, n_valid:] = 0.0
-    if label_smoothing:
-        grad[:, :n_valid] -= label_smoothing / vocab_size
-    rows = torch.nonzero(target_local >= 0).squeeze(-1)
-    grad[rows, target_local[rows]] -= 1.0 - label_smoothing
-    return (grad * row_grad.unsqueeze(-1)).to(logits.dtype)
+from pipeloom.kernels.cross_entropy import CEStats, cross_entropy_grad, cross_entropy_stats, loss_from_stats
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -84,11 +45,9 @@ class _VocabParallelCE(torch.autograd.Function):
         start = rank * vp
         n_valid = max(0, min(vp, vocab_size - start))
         keep = target != ignore_index  # (N,)
-        local = target - start
-        here = keep & (local >= 0) & (local < n_valid)
-        target_local = torch.where(here, local, -1)  # (N,)
-
-        row_max, sum_exp, target_logit, sum_logits = local_logit_stats(logits, target_local, n_valid)
+        target_or_none = torch.where(keep, target, -1)  # (N,) -1: in no slice, so an ignored row picks nothing
+        v_start, v_end = start, start + n_valid
+        row_max, sum_exp, target_logit, sum_logits = cross_entropy_stats(logits, target_or_none, v_start, v_end)
         if tp > 1:
             global_max = row_max.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -97,22 +56,19 @@ class _VocabParallelCE(torch.autograd.Function):
             sum_exp, target_logit, sum_logits = packed.unbind(-1)
         else:
             global_max = row_max
-        lse = global_max + torch.log(sum_exp)  # (N,) log sum_j exp z_j over the full vocabulary
-        loss = (1.0 - label_smoothing) * (lse - target_logit)
-        if label_smoothing:
-            loss = loss + label_smoothing * (lse - sum_logits / vocab_size)  # -mean_j log p_j
-        loss = torch.where(keep, loss, 0.0)
+        stats = CEStats(global_max, sum_exp, target_logit, sum_logits)  # over the full vocabulary now
+        lse, loss = loss_from_stats(stats, target_or_none, -1, label_smoothing, vocab_size)  # (N,), (N,)
 
-        ctx.save_for_backward(logits, lse, target_local, keep)
-        ctx.n_valid, ctx.label_smoothing, ctx.vocab_size = n_valid, label_smoothing, vocab_size
+        ctx.save_for_backward(logits, lse, target_or_none, keep)
+        ctx.v_start, ctx.v_end, ctx.label_smoothing, ctx.vocab_size = v_start, v_end, label_smoothing, vocab_size
         return loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, lse, target_local, keep = ctx.saved_tensors
-        row_grad = torch.where(keep, grad_loss.to(lse.dtype), 0.0)
-        grad = local_logit_grad(logits, lse, target_local, ctx.n_valid, row_grad, ctx.label_smoothing,
-                                ctx.vocab_size)
+        logits, lse, target_or_none, keep = ctx.saved_tensors
+        row_grad = torch.where(keep, grad_loss.to(lse.dtype), 0.0)  # (N,)
+        grad = cross_entropy_grad(logits, target_or_none, lse, row_grad, ctx.v_start, ctx.v_end,
+                                  label_smoothing=ctx.label_smoothing, vocab_size=ctx.vocab_size)  # (N, Vp)
         return grad, None, None, None, None, None
 
 
@@ -124,7 +80,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     logits: (..., Vp) this rank's columns ``[rank*Vp, (rank+1)*Vp)`` of the (zero-)padded vocabulary, the
     output of a ``pad_to_tp`` :class:`~pipeloom.parallel.tensor_parallel.ColumnParallelLinear` head;
     target: (...) global ids in ``[0, vocab_size)`` or ``ignore_index``; group: the tp group (``None``: the
-    default group, or a single rank when torch.distributed is not initialised); vocab_size: the real vocabulary (default ``Vp * tp``: no padding).
+    default group, or one rank when torch.distributed is not initialised); vocab_size: the real vocabulary
+    (default ``Vp * tp``: no padding).
     reduction: "mean" (over non-ignored targets, as torch), "sum" or "none" (shape of ``target``).
     Every rank of the group returns the same loss. The gradient needs no communication.
     """

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pipeloom.parallel.cross_entropy import local_logit_stats, vocab_parallel_cross_entropy
+from pipeloom.kernels.cross_entropy import cross_entropy_stats
+from pipeloom.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 # (vocab_size, ignore_fraction, label_smoothing, reduction, dtype, scale, shift)
 CASES = [
@@ -98,17 +99,18 @@ def test_tp2_subgroup_of_four_ranks(pool4):
     _check(pool4.run(_ce_worker, CASES, 2), 2)
 
 
-def test_local_stats_is_the_separable_piece():
-    """local_logit_stats is pure (no communication): per-row max, sum-exp, target logit, logit sum."""
+def test_local_stats_of_shards_combine_to_the_full_logsumexp():
+    """The local piece (the fused kernel's cross_entropy_stats) per shard, combined as the ranks do."""
     g = torch.Generator().manual_seed(3)
-    z = torch.randn(4, 9, generator=g, dtype=torch.float64)  # (N, Vp)
-    target_local = torch.tensor([2, -1, 6, 0])
-    row_max, sum_exp, t, s = local_logit_stats(z, target_local, n_valid=7)
-    zv = z[:, :7]
-    assert torch.equal(row_max, zv.max(-1).values)
-    assert torch.allclose(row_max + sum_exp.log(), zv.logsumexp(-1), atol=1e-14)
-    assert t.tolist() == [z[0, 2].item(), 0.0, z[2, 6].item(), z[3, 0].item()]
-    assert torch.allclose(s, zv.sum(-1), atol=1e-14)
+    z = torch.randn(4, 10, generator=g, dtype=torch.float64) * 5  # (N, V), V=10 in 3 shards of 4 (2 padding)
+    target = torch.tensor([2, 9, -1, 5])
+    shards = F.pad(z, (0, 2)).split(4, dim=-1)
+    stats = [cross_entropy_stats(s, target, v_start=4 * r, v_end=min(4 * r + 4, 10)) for r, s in enumerate(shards)]
+    m = torch.stack([s.row_max for s in stats]).max(0).values  # all-reduce MAX
+    sum_exp = sum(s.sum_exp * torch.exp(s.row_max - m) for s in stats)  # all-reduce SUM of rescaled sums
+    assert torch.allclose(m + sum_exp.log(), z.logsumexp(-1), rtol=0, atol=1e-14)
+    assert torch.equal(sum(s.target_logit for s in stats), torch.tensor([z[0, 2], z[1, 9], 0.0, z[3, 5]]))
+    assert torch.allclose(sum(s.sum_logits for s in stats), z.sum(-1), rtol=0, atol=1e-13)
 
 
 def test_refuses_bad_arguments():
