@@ -17,6 +17,7 @@ from .builtin import (
     ZeroBubbleH2,
     ZeroBubbleV,
     ForwardOnly,
+    fill_weight_gradients,
     greedy_list_schedule,
     one_f_one_b_order,
 )
@@ -39,7 +40,7 @@ __all__ = [
     "Action", "Kind", "Plan", "PlanError", "from_torch_csv", "plan_from_lists",
     "Schedule", "ScheduleError", "get_schedule", "list_schedules", "register_schedule", "schedule_class",
     "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "ZeroBubbleH2", "ZeroBubbleV", "ForwardOnly",
-    "PipeDream", "PipeDream2BW", "greedy_list_schedule", "one_f_one_b_order",
+    "PipeDream", "PipeDream2BW", "fill_weight_gradients", "greedy_list_schedule", "one_f_one_b_order",
     "add_comm", "add_optimizer_step", "add_tied_sync", "add_weight_versions", "lower", "merge_backward",
     "split_backward", "Costs", "Deadlock", "SimResult", "execute", "simulate", "Interval", "Timeline", "validate",
 ]

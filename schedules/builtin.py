@@ -168,23 +168,88 @@ class ZeroBubbleH2(Schedule):
 
 
 class ZeroBubbleV(Schedule):
-    """ZB-V (Qi et al., arXiv 2401.10241 §6 / arXiv 2405.15362): two chunks per rank in a V.
+    """ZB-V (Qi et al., arXiv 2401.10241 §6; Qi et al., arXiv 2405.15362): two chunks per rank in a V.
 
-    Rank i holds chunks i and 2p-1-i, so the first and last chunks live on rank 0 and a microbatch
-    turns around on rank p-1 without communication. The order is built by a greedy list schedule of
-    unit-time chunk operations (B first, then F while the rank holds fewer than 2p chunk activations,
-    else W), which gives a zero bubble when F=B=W and m >= 2p, at 1F1B's peak activation memory.
+    Rank r holds chunks r and 2p-1-r, so the first and last chunks live on rank 0 and a microbatch
+    turns around on rank p-1 without communication. The F/B order runs in phases - 2(p-1-r) forwards
+    of chunk 0; r+1 pairs of forwards (chunk 0, chunk 1); p-1-r of (B chunk 1, F chunk 1); the steady
+    (F0, B1, F1, B0); then the drain - and each W runs right after its B while forwards remain, and
+    afterwards only when the next B must wait (W fills the drain's bubbles). Zero bubble when F=B=W and
+    m >= 2p-1, holding 2p+1 chunk activations (p + 1/2 stages) at the peak. Fewer microbatches fall
+    back to :func:`greedy_list_schedule`.
     """
 
     name = "zb-v"
     default_vpp = 2
-    closed_form = "zero bubble when F=B=W"
+    closed_form = "zero bubble when F=B=W and m>=2p-1"
 
     def build(self) -> Plan:
         p, m = self.pp, self.microbatches
         stage_to_rank = [min(s, 2 * p - 1 - s) for s in range(2 * p)]
-        ranks = greedy_list_schedule(stage_to_rank, m, split_backward=True, max_in_flight=2 * p)
+        if m < 2 * p - 1:
+            ranks = greedy_list_schedule(stage_to_rank, m, split_backward=True, max_in_flight=2 * p + 1)
+        else:
+            ranks = fill_weight_gradients(stage_to_rank, m, [_zbv_forward_backward(p, m, r) for r in range(p)])
         return Plan(ranks=ranks, stage_to_rank=stage_to_rank, microbatches=m, name=self.name)
+
+
+def _zbv_forward_backward(p: int, m: int, r: int) -> list[Action]:
+    """Rank r's F/B order for ZB-V (chunk 0 = stage r, chunk 1 = stage 2p-1-r), m >= 2p-1."""
+    c0, c1 = r, 2 * p - 1 - r
+    F0, F1, B0, B1 = (Kind.F, c0), (Kind.F, c1), (Kind.B, c0), (Kind.B, c1)
+    phases = ([F0] * (2 * (p - 1 - r)) + [F0, F1] * (r + 1) + [B1, F1] * (p - 1 - r)
+              + [F0, B1, F1, B0] * (m - 2 * p + r + 1) + [B1, F1, B0] * (p - 1 - r)
+              + [B1, B0] * (r + 1) + [B0] * (p - 1 - r))
+    count: dict[tuple[Kind, int], int] = {}
+    actions = []
+    for kind, stage in phases:
+        mb = count.get((kind, stage), 0)
+        count[(kind, stage)] = mb + 1
+        actions.append(Action(stage, kind, mb))
+    return actions
+
+
+def fill_weight_gradients(stage_to_rank: list[int], m: int, orders: list[list[Action]]) -> list[list[Action]]:
+    """Insert a W for every B of ``orders`` (per-rank F/B orders), timed with unit-cost operations.
+
+    While a rank still has forwards to run, each W follows its B at once (activation memory stays
+    1F1B-like); after its last forward, a W runs only when the rank's next B is not ready, filling
+    what would be a bubble. Remaining Ws run at the tail.
+    """
+    S, p = len(stage_to_rank), len(orders)
+    done: dict[tuple[Kind, int, int], int] = {}
+    ptr = [0] * p
+    forwards_left = [sum(a.kind is Kind.F for a in order) for order in orders]
+    pending: list[list[Action]] = [[] for _ in range(p)]
+    out: list[list[Action]] = [[] for _ in range(p)]
+    t, total = 0, sum(len(o) for o in orders) * 3 // 2
+
+    def ready(a: Action) -> bool:
+        s, mb = a.stage, a.microbatch
+        if a.kind is Kind.F:
+            return s == 0 or done.get((Kind.F, s - 1, mb), t + 1) <= t
+        return done.get((Kind.F, s, mb), t + 1) <= t and (s == S - 1 or done.get((Kind.B, s + 1, mb), t + 1) <= t)
+
+    while sum(len(o) for o in out) < total:
+        started = []
+        for r in range(p):
+            nxt = orders[r][ptr[r]] if ptr[r] < len(orders[r]) else None
+            can_run = nxt is not None and ready(nxt)
+            if pending[r] and (forwards_left[r] > 0 or not can_run):
+                started.append((r, pending[r].pop(0)))
+            elif can_run:
+                ptr[r] += 1
+                forwards_left[r] -= nxt.kind is Kind.F
+                if nxt.kind is Kind.B:
+                    pending[r].append(Action(nxt.stage, Kind.W, nxt.microbatch))
+                started.append((r, nxt))
+        for r, a in started:
+            done[(a.kind, a.stage, a.microbatch)] = t + 1
+            out[r].append(a)
+        t += 1
+        if t > 4 * total + 4:
+            raise RuntimeError("fill_weight_gradients made no progress: the F/B orders deadlock")
+    return out
 
 
 def greedy_list_schedule(stage_to_rank: list[int], m: int, split_backward: bool,
