@@ -194,9 +194,12 @@ def _checkpointed_call(cls_forward, module, *args, **kwargs):
 class _CheckpointAttentionCore(TorchFunctionMode):
     """Checkpoints every ``F.scaled_dot_product_attention`` called while active (selective recomputation)."""
 
+    calls = 0
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and torch.is_grad_enabled():
+            self.calls += 1
             for counter in _ACTIVE_COUNTERS.get():
                 counter.held_by_checkpoint(args, kwargs)
             return checkpoint(func, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
@@ -204,8 +207,13 @@ class _CheckpointAttentionCore(TorchFunctionMode):
 
 
 def _selective_call(cls_forward, module, *args, **kwargs):
-    with _CheckpointAttentionCore():
-        return cls_forward(module, *args, **kwargs)
+    with _CheckpointAttentionCore() as mode:
+        out = cls_forward(module, *args, **kwargs)
+    if mode.calls == 0 and torch.is_grad_enabled():
+        raise RuntimeError(f"selective recomputation found no F.scaled_dot_product_attention call in "
+                           f"{type(module).__name__}.forward, so nothing would be recomputed; use "
+                           "RecomputePolicy('full') for this attention")
+    return out
 
 
 def _unpatch(module: nn.Module) -> None:

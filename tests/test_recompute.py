@@ -126,3 +126,24 @@ def test_recompute_inside_a_pipeline_stage():
     y_plain.sum().backward()
     assert torch.equal(y_stage, y_plain) and torch.equal(xs[0].grad, xs[1].grad)
     assert saved_stage.bytes < saved_plain.bytes
+
+
+def test_selective_refuses_attention_without_sdpa():
+    """An attention core that is not F.scaled_dot_product_attention cannot be found: said, not ignored."""
+
+    class ManualAttention(nn.Module):
+        def forward(self, x):  # (B, T, D)
+            return torch.softmax(x @ x.transpose(1, 2), -1) @ x
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = ManualAttention()
+
+        def forward(self, x):
+            return x + self.attn(x)
+
+    stage = nn.Sequential(Block())
+    apply_recompute(stage, RecomputePolicy("selective"))
+    with pytest.raises(RuntimeError, match="no F.scaled_dot_product_attention call in ManualAttention.forward"):
+        stage(torch.randn(1, 4, 8, requires_grad=True))
