@@ -81,7 +81,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
 
 
 def cases(s: dict, dtype: torch.dtype, device: torch.device):
-    """(name, shape text, inputs, {impl: fn}, bytes or None, flops or None) per kernel; fn takes the inputs."""
+    """Per kernel: (name, shape text, inputs, {impl: fn(*inputs)}, bytes or None, flops or None)."""
     g = {"dtype": dtype, "device": device}
     M, D = s["rows"], s["hidden"]
     x, w, b = torch.randn(M, D, **g), torch.randn(D, **g), torch.randn(D, **g)
@@ -182,16 +182,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("no CUDA device: run with --smoke on CPU")
         device, shapes, reps, compile_ = torch.device("cuda"), GPU_SHAPES, args.reps, not args.no_compile
     dtype = getattr(torch, args.dtype)
-    copy = copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30), reps)
+    copy_bytes = (1 << 20) if args.smoke else (1 << 30)
+    copy = copy_bandwidth(device, copy_bytes, reps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# pipeloom kernels, {name}, torch {torch.__version__}, {args.dtype}; copy {copy / 1e9:.1f} GB/s\n"
     )
     print("| kernel | shape | impl | fwd ms | fwd+bwd ms | fwd+bwd rate | of copy |")
     print("|---|---|---|---|---|---|---|")
-    print(
-        f"| copy | {(1 << 20) if args.smoke else (1 << 30)} bytes | torch | | | {copy / 1e9:.1f} GB/s | 100% |"
-    )
+    print(f"| copy | {copy_bytes} bytes | torch | | | {copy / 1e9:.1f} GB/s | 100% |")
     for kernel, shape, inputs, impls, nbytes, flops in cases(shapes, dtype, device):
         if compile_:
             impls["compile"] = torch.compile(impls["eager"])
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         for impl, fn in impls.items():
             if impl == "fused" and not use_triton(inputs[0]):
                 print(
-                    f"| {kernel} | {shape} | fused | n/a (needs triton on a GPU, or TRITON_INTERPRET=1) | | | |"
+                    f"| {kernel} | {shape} | fused | n/a: needs triton and a GPU (or its interpreter) | | | |"
                 )
                 continue
             leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]

@@ -27,7 +27,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels co
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """True when the fused Triton kernel should run on ``x``; False selects the torch path (always for float64)."""
+    """True when the fused Triton kernel should run on ``x``; False: the torch path (always for float64)."""
     if _forced_torch or os.environ.get("PIPELOOM_KERNELS", "auto") == "torch" or x.dtype not in TRITON_DTYPES:
         return False
     if not features.triton_usable():

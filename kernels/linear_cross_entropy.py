@@ -54,7 +54,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         V = weight.shape[0]
         keep = target != ignore_index  # (N,)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # accumulators
-        # mean: 1 / (non-ignored rows) as a tensor (no host sync); NaN loss when every row is ignored, as torch
+        # mean: 1 / (kept rows) as a tensor (no host sync); NaN loss when every row is ignored, as torch
         scale = keep.sum().to(acc).reciprocal() if reduction == "mean" else 1.0
         grad_hidden = torch.empty_like(hidden) if compute_grad and ctx.needs_input_grad[0] else None
         grad_weight = (

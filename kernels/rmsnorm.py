@@ -14,7 +14,7 @@ MAX_FUSED_DIM = 65536  # one row must fit one program's block
 
 
 def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The reference: RMSNorm of ``x`` (..., D) with ``weight`` (D,), in float32 (float64 stays), in ``x.dtype``."""
+    """The reference: RMSNorm of ``x`` (..., D), ``weight`` (D,) in float32 (or float64), in ``x.dtype``."""
     xf = upcast(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
     return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)

@@ -67,7 +67,7 @@ def seed() -> int:
 
 @pytest.fixture
 def kernels():
-    """(kernel modules by name, device) for the Triton path: CUDA when present, else CPU under the interpreter."""
+    """(kernel modules by name, device) for the Triton path: CUDA, or CPU under the interpreter."""
     if not features.has("triton"):
         pytest.skip("triton is not installed (pip install triton)")
     modules = {name: importlib.import_module(f"pipeloom.kernels.{name}") for name in KERNEL_MODULES}
