@@ -1,5 +1,4 @@
-# Fused kernels against their torch references: the Triton path (GPU, or CPU under TRITON_INTERPRET=1) and the
-# torch fallback paths (float64, against plain torch).
+# Fused kernels vs torch references: Triton paths (GPU, or CPU interpreter) and torch fallbacks (float64).
 """Tolerances, relative to the largest magnitude of the expected tensor (``scale``):
 
 - float32: |a - e| <= 1e-5 * scale + 1e-5 * |e| (float32 sums in another order).
