@@ -31,14 +31,14 @@ from .lowering import (
     merge_backward,
     split_backward,
 )
-from .registry import Schedule, ScheduleError, get_schedule, list_schedules, register_schedule, schedule_class
+from .registry import Schedule, ScheduleError, closed_form, get_schedule, list_schedules, register_schedule, schedule_class
 from .simulate import Costs, Deadlock, SimResult, execute, simulate
 from .timeline import Interval, Timeline
 from .validate import validate
 
 __all__ = [
     "Action", "Kind", "Plan", "PlanError", "from_torch_csv", "plan_from_lists",
-    "Schedule", "ScheduleError", "get_schedule", "list_schedules", "register_schedule", "schedule_class",
+    "Schedule", "ScheduleError", "closed_form", "get_schedule", "list_schedules", "register_schedule", "schedule_class",
     "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "ZeroBubbleH2", "ZeroBubbleV", "ForwardOnly",
     "PipeDream", "PipeDream2BW", "fill_weight_gradients", "greedy_list_schedule", "one_f_one_b_order",
     "add_comm", "add_optimizer_step", "add_tied_sync", "add_weight_versions", "lower", "merge_backward",

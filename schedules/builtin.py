@@ -40,6 +40,9 @@ class GPipe(Schedule):
     name = "gpipe"
     closed_form = "beta=(p-1)/m"
 
+    def closed_form_beta(self, costs) -> float | None:
+        return (self.pp - 1) / self.microbatches
+
     def build(self) -> Plan:
         m = self.microbatches
         order = [(Kind.F, i) for i in range(m)] + [(Kind.B, i) for i in range(m)]
@@ -57,6 +60,9 @@ class OneFOneB(Schedule):
     name = "1f1b"
     aliases = ("pipedream-flush",)
     closed_form = "beta=(p-1)/m"
+
+    def closed_form_beta(self, costs) -> float | None:
+        return (self.pp - 1) / self.microbatches
 
     def build(self) -> Plan:
         p, m = self.pp, self.microbatches
@@ -82,6 +88,9 @@ class Interleaved1F1B(Schedule):
         if self.microbatches % self.pp:
             raise ScheduleError(f"{self.name}: microbatches={self.microbatches} must be a multiple of pp={self.pp} "
                                 f"(Megatron's interleaved order advances microbatches in groups of pp)")
+
+    def closed_form_beta(self, costs) -> float | None:
+        return (self.pp - 1) / (self.vpp * self.microbatches)
 
     def build(self) -> Plan:
         p, m, v = self.pp, self.microbatches, self.vpp
@@ -116,7 +125,13 @@ class ZeroBubbleH1(Schedule):
     """
 
     name = "zb-h1"
-    closed_form = "bubble time=(p-1)(F+B-W)"
+    closed_form = "bubble time=(p-1)(F+B-W) when W<=F and m>=p"
+
+    def closed_form_beta(self, costs) -> float | None:
+        F, B, W = costs.F, costs.B, costs.W
+        if W > F or self.microbatches < self.pp:  # each delayed W must fit the tail bubble it fills
+            return None
+        return (self.pp - 1) * (F + B - W) / (self.microbatches * (F + B + W))
 
     def build(self) -> Plan:
         p, m = self.pp, self.microbatches
@@ -144,7 +159,11 @@ class ZeroBubbleH2(Schedule):
     """
 
     name = "zb-h2"
-    closed_form = "zero bubble when F=B=W"
+    closed_form = "zero bubble when F=B=W and m>=2p-1"
+
+    def closed_form_beta(self, costs) -> float | None:
+        equal = costs.F == costs.B == costs.W
+        return 0.0 if equal and self.microbatches >= 2 * self.pp - 1 else None
 
     def build(self) -> Plan:
         p, m = self.pp, self.microbatches
@@ -182,6 +201,10 @@ class ZeroBubbleV(Schedule):
     name = "zb-v"
     default_vpp = 2
     closed_form = "zero bubble when F=B=W and m>=2p-1"
+
+    def closed_form_beta(self, costs) -> float | None:
+        equal = costs.F == costs.B == costs.W
+        return 0.0 if equal and self.microbatches >= 2 * self.pp - 1 else None
 
     def build(self) -> Plan:
         p, m = self.pp, self.microbatches
@@ -317,7 +340,10 @@ class ForwardOnly(Schedule):
 
     name = "forward-only"
     aliases = ("inference",)
-    closed_form = "beta=(p-1)/m (forward)"
+    closed_form = "no bubble inside a rank's span (fill and drain fall outside it)"
+
+    def closed_form_beta(self, costs) -> float | None:
+        return 0.0  # each rank is busy from its first forward to its last: no bubble inside its span
 
     def build(self) -> Plan:
         order = [(Kind.F, i) for i in range(self.microbatches)]

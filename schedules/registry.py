@@ -77,6 +77,10 @@ class Schedule:
             raise ScheduleError(f"{self.name}: vpp={self.vpp} is not supported; this schedule uses vpp={self.default_vpp} "
                                 f"(use interleaved-1f1b for several chunks per rank)")
 
+    def closed_form_beta(self, costs) -> float | None:
+        """Megatron's beta from the schedule's known formula for ``costs``, or None where none holds."""
+        return None
+
     def build(self) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -146,6 +150,23 @@ def schedule_class(name: str) -> type[Schedule]:
 def get_schedule(name: str, pp: int, microbatches: int, vpp: int | None = None, **options) -> Plan:
     """Build the plan of schedule ``name`` for ``pp`` ranks and ``microbatches`` microbatches."""
     return schedule_class(name)(pp, microbatches, vpp, **options).plan()
+
+
+def closed_form(name: str, pp: int, microbatches: int, vpp: int | None = None, costs=None,
+                **options) -> dict | None:
+    """The closed-form bubble of a schedule, ``{"bubble_time_ratio": beta, "bubble_rate": r}``, or None.
+
+    Formulas hold for uniform stage costs without communication latency; r = beta / (1 + beta).
+    """
+    from .simulate import Costs
+
+    costs = costs or Costs()
+    if not costs.uniform or costs.comm:
+        return None
+    beta = schedule_class(name)(pp, microbatches, vpp, **options).closed_form_beta(costs)
+    if beta is None:
+        return None
+    return {"bubble_time_ratio": beta, "bubble_rate": beta / (1 + beta)}
 
 
 def list_schedules(include_aliases: bool = False) -> list[str]:
