@@ -36,10 +36,14 @@ def render_timeline(timeline: Timeline, path: str, title: str = "", ax=None) -> 
         fig, ax = plt.subplots(figsize=(width, 0.55 * tl.pp + 1.3))
     ax.add_patch(matplotlib.patches.Rectangle((0, -0.5), makespan, tl.pp, color="#eeeeee", zorder=0))
     small = makespan / max(len(compute) / max(tl.pp, 1), 1)
+    chunk_of = {}  # a rank's later chunks are drawn lighter
+    for iv in compute:
+        chunk_of.setdefault(iv.rank, sorted({x.action.stage for x in compute if x.rank == iv.rank}))
     for iv in compute:
         a = iv.action
         y = iv.rank
-        ax.barh(y, iv.duration, left=iv.start, height=0.8, color=COLOURS[a.kind], edgecolor="white", linewidth=0.6)
+        colour = _lighter(COLOURS[a.kind], 0.45 * chunk_of[y].index(a.stage) / max(len(chunk_of[y]) - 1, 1))
+        ax.barh(y, iv.duration, left=iv.start, height=0.8, color=colour, edgecolor="white", linewidth=0.6)
         if iv.duration >= 0.45 * small:
             label = str(a.microbatch) if a.version is None else f"{a.microbatch}@{a.version}"
             ax.text(iv.start + iv.duration / 2, y, label, ha="center", va="center", color="white",
@@ -49,6 +53,8 @@ def render_timeline(timeline: Timeline, path: str, title: str = "", ax=None) -> 
     ax.set_ylim(tl.pp - 0.5, -0.5)
     ax.set_xlim(0, makespan)
     ax.set_xlabel("time (s)" if tl.unit == "s" else "time (units of F)")
+    if any(len(c) > 1 for c in chunk_of.values()):
+        title = (title + "  " if title else "") + "(lighter: a rank's later chunk)"
     if title:
         ax.set_title(title, fontsize=10)
     kinds = sorted({iv.action.kind for iv in compute}, key=lambda k: "FBW".index(k.value))
@@ -62,6 +68,12 @@ def render_timeline(timeline: Timeline, path: str, title: str = "", ax=None) -> 
         fig.savefig(path, dpi=130)
         plt.close(fig)
     return path
+
+
+def _lighter(colour: str, amount: float) -> str:
+    """``colour`` mixed with white by ``amount`` (0: unchanged)."""
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(c + (255 - c) * amount):02x}" for c in rgb)
 
 
 def render_side_by_side(timelines: list[tuple[str, Timeline]], path: str) -> str:

@@ -1,0 +1,22 @@
+# Regenerates the README's pictures from the simulator: `python docs/make_pictures.py`.
+import os
+
+from pipeloom.schedules import Costs, get_schedule, simulate
+from pipeloom.schedules.render import render_side_by_side
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> None:
+    costs = Costs(F=1, B=1, W=1)
+    panels = []
+    for name, kw in [("1f1b", {}), ("interleaved-1f1b", {"vpp": 2}), ("zb-h1", {}), ("zb-v", {})]:
+        result = simulate(get_schedule(name, pp=4, microbatches=8, **kw), costs)
+        panels.append((f"{name}: makespan {result.makespan:g}, bubble rate {result.bubble_rate:.3f}, "
+                       f"peak activations {max(result.peak_activations):g}", result.timeline))
+    path = render_side_by_side(panels, os.path.join(HERE, "schedules.png"))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+# Packaging: the wheel holds the one package `pipeloom` (no top-level models/, parallel/, tests/).
+import glob
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+
+@pytest.mark.slow
+def test_wheel_contains_only_the_pipeloom_package(tmp_path):
+    root = __file__.rsplit("/tests/", 1)[0]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), root], check=True, timeout=300, capture_output=True)
+    names = zipfile.ZipFile(glob.glob(str(tmp_path / "*.whl"))[0]).namelist()
+    assert {n.split("/")[0] for n in names} == {"pipeloom", "pipeloom-0.1.0.dist-info"}
+    for module in ("pipeloom/schedules/ir.py", "pipeloom/parallel/spawn.py", "pipeloom/configs/bubbles.yaml",
+                   "pipeloom/__init__.py", "pipeloom/features.py"):
+        assert module in names
+    assert not any(n.startswith("pipeloom/tests/") or n == "pipeloom/setup.py" for n in names)
