@@ -1,11 +1,23 @@
 # Packaging for pipeloom: the top-level folders install as subpackages of the one package `pipeloom`.
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
 
 # Each top-level folder becomes pipeloom.<folder>; nothing else lands in site-packages.
 SUBPACKAGES = ["schedules", "parallel", "models", "kernels", "launch", "configs"]
 
+
+class BuildPy(build_py):
+    """The repository root is the package `pipeloom`; keep this script out of it."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if not (package == "pipeloom" and m[1] == "setup")]
+
+
 setup(
     name="pipeloom",
+    cmdclass={"build_py": BuildPy},
     version="0.1.0",
     description="Pipeline-parallel training and inference of transformers, with schedules as data.",
     python_requires=">=3.10",
