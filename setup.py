@@ -34,7 +34,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff", "transformers", "safetensors", "tokenizers"],
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff", "transformers", "safetensors", "tokenizers", "triton"],
         "wandb": ["wandb"],
         "deepspeed": ["deepspeed"],
         "triton": ["triton"],
