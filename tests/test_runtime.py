@@ -1,0 +1,370 @@
+# Pipeline runtime on 2 and 4 gloo ranks: every schedule equals one process (float64), PipeDream/2BW emulated.
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pipeloom.parallel.p2p import PipelineTimeout
+from pipeloom.parallel.runtime import PipelineRuntime
+from pipeloom.parallel.stage import split_stages
+from pipeloom.schedules import get_schedule
+from torch import nn
+
+EXACT = 1e-12  # float64: the pipeline sums microbatch gradients, one process sums inside the matmuls
+V, D, T_MAX = 13, 8, 12
+SYNC = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
+
+
+# ----- a user-style layer stack: tied embedding/head, extras (attention mask, position ids) ---------------
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(V, D)
+        self.pos = nn.Embedding(T_MAX, D)
+
+    def forward(self, tokens, position_ids=None):  # (B, T) long -> (B, T, D)
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1])
+        return self.tok(tokens) + self.pos(position_ids)
+
+
+class Mix(nn.Module):
+    """A residual block mixing over time (causal running mean), masked by attention_mask (B, T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc = nn.Linear(D, 2 * D)
+        self.proj = nn.Linear(2 * D, D)
+
+    def forward(self, x, attention_mask=None):  # (B, T, D) -> (B, T, D)
+        h = self.norm(x)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None]
+        h = h.cumsum(dim=1) / steps  # causal mean over time (B, T, D)
+        return x + self.proj(torch.tanh(self.fc(h)))
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.out = nn.Linear(D, V, bias=False)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, V)
+        return self.out(self.norm(x))
+
+
+def build(blocks: int, tied: bool = True, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = [Embed(), *[Mix() for _ in range(blocks)], Head()]
+    if tied:
+        layers[-1].out.weight = layers[0].tok.weight
+    return nn.Sequential(*layers).double()
+
+
+def loss_fn(logits, targets):  # mean over the targets that are not -100
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def batch(B: int, T: int, seed: int):
+    """Tokens, targets with -100 spread unevenly over rows, and the extras."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, : T - 1] = -100  # the first microbatch loses most of a row
+    targets[-1, 1:] = -100  # the last microbatch too, differently
+    mask = (torch.rand(B, T, generator=g) > 0.2).double()
+    extras = {"attention_mask": mask, "position_ids": torch.arange(T)}  # mask split per microbatch, ids whole
+    return tokens, targets, extras
+
+
+def reference(model, tokens, targets, extras):
+    ref = copy.deepcopy(model)
+    h = tokens
+    for layer in ref:
+        kwargs = {k: v for k, v in extras.items() if k in layer.forward.__code__.co_varnames}
+        h = layer(h, **kwargs)
+    loss = loss_fn(h, targets)
+    loss.backward()
+    return ref, loss.item(), h.detach()
+
+
+def _grad_diff(runtime, ref) -> float:
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    diff = 0.0
+    for module in runtime.modules.values():
+        for name, p in module.named_parameters():
+            diff = max(diff, (p.grad - ref_params[name].grad).abs().max().item())
+    return diff
+
+
+def _param_diff(runtime, ref) -> float:
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    return max((p - ref_params[n]).abs().max().item() for m in runtime.modules.values()
+               for n, p in m.named_parameters())
+
+
+# ----- workers (module level: they run on every rank) --------------------------------------------------------
+def sync_worker(pp: int, cases: list) -> dict:
+    """For each (schedule, layout): two steps (SGD between) with shapes changing; max differences."""
+    rank = dist.get_rank()
+    out = {}
+    for name, blocks, layout in cases:
+        plan = get_schedule(name, pp=pp, microbatches=4)
+        model = build(blocks)
+        split = split_stages(list(model), plan.num_stages, method=layout)
+        runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied,
+                                  optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout=60)
+        ref_model = copy.deepcopy(model)
+        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+        diffs = {"loss": 0.0, "out": 0.0, "grad": 0.0, "param": 0.0, "tied": 0.0}
+        for step, (B, T) in enumerate([(7, 5), (6, 3)]):  # uneven microbatches, then a shorter sequence
+            tokens, targets, extras = batch(B, T, seed=step)
+            result = runtime.step(tokens, targets, extras, return_outputs=True)
+            ref, ref_loss, ref_out = reference(ref_model, tokens, targets, extras)
+            diffs["loss"] = max(diffs["loss"], abs(result.loss - ref_loss))
+            if result.outputs is not None:
+                diffs["out"] = max(diffs["out"], (result.outputs - ref_out).abs().max().item())
+            diffs["grad"] = max(diffs["grad"], _grad_diff(runtime, ref))
+            ref_model = ref
+            ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+            ref_opt.step()
+            diffs["param"] = max(diffs["param"], _param_diff(runtime, ref_model))
+        tied = split.tied[0]
+        mine = [runtime.modules[s].get_parameter(n) for s, n in tied.items() if s in runtime.modules]
+        gathered = [None] * pp
+        dist.all_gather_object(gathered, [p.detach() for p in mine])
+        copies = [t for part in gathered for t in part]
+        diffs["tied"] = max((c - copies[0]).abs().max().item() for c in copies)
+        diffs["has_outputs"] = result.outputs is not None
+        out[f"{name}/{layout}"] = diffs
+    return out
+
+
+def versioned_worker(pp: int, cases: list) -> dict:
+    """PipeDream (stash, vertical sync) and 2BW over 3 steps vs a one-process emulation of the rules."""
+    rank = dist.get_rank()
+    out = {}
+    for name, options, opt_name, m in cases:
+        plan = get_schedule(name, pp=pp, microbatches=m, **options)
+        model = build(2 * pp - 1, tied=False, seed=1)
+        factory = ((lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.5)) if opt_name == "sgd"
+                   else (lambda ps: torch.optim.Adam(ps, lr=0.01)))
+        split = split_stages(list(model), pp)
+        emulated = emulate(copy.deepcopy(split.stages), name, options, pp, m, factory)
+        runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=factory, timeout=60)
+        losses = []
+        for step in range(3):
+            tokens, targets, extras = batch(2 * m, 4, seed=10 + step)
+            losses.append(runtime.step(tokens, targets, extras).loss)
+        final = emulated(3)
+        stage = split.stages[plan.stages_of(rank)[0]]
+        ref = dict(final["stages"][stage.index].named_parameters())
+        diff = max((p - ref[n]).abs().max().item() for n, p in stage.named_parameters())
+        loss = max(abs(a - b) for a, b in zip(losses, final["losses"]))
+        out[f"{name}{options}/{opt_name}"] = {"param": diff, "loss": loss}
+    return out
+
+
+def versions_of(name: str, options: dict, p: int, m: int, s: int, b: int) -> int:
+    """REFERENCE.md §2, 0-based microbatch b on stage s within one step (the plan's pipeline drains)."""
+    if name == "pipedream-2bw":
+        return max(b // (options.get("update_every") or p) - 1, 0)
+    if options.get("vertical_sync"):
+        return max(0, b - p + 1)
+    return max(0, b - (p - 1 - s))
+
+
+def emulate(stages, name, options, p, m, factory):
+    """One process runs the update rule: microbatch b uses version v(s, b) on every stage s."""
+    group = (options.get("update_every") or p) if name == "pipedream-2bw" else 1
+    opts = [factory(list(st.parameters())) for st in stages]
+
+    def run(steps: int) -> dict:
+        losses = []
+        for step in range(steps):
+            tokens, targets, extras = batch(2 * m, 4, seed=10 + step)
+            xs, ys = torch.tensor_split(tokens, m), torch.tensor_split(targets, m)
+            masks = torch.tensor_split(extras["attention_mask"], m)
+            weights = [float((y != -100).sum()) for y in ys]
+            versions = [[{n: t.detach().clone() for n, t in st.named_parameters()}] for st in stages]
+            total, acc = 0.0, [None] * p
+            for b in range(m):
+                used = [{n: t.clone().requires_grad_() for n, t in versions[s][versions_of(name, options, p, m, s, b)]
+                         .items()} for s in range(p)]
+                h = xs[b]
+                for s, st in enumerate(stages):
+                    h = torch.func.functional_call(st, used[s], (h,), {"attention_mask": masks[b],
+                                                                       "position_ids": extras["position_ids"]})
+                first = b - b % group
+                group_weight = sum(weights[first:first + group])
+                loss = loss_fn(h, ys[b])
+                total += loss.item() * weights[b] / sum(weights)
+                grads = torch.autograd.grad(loss * (weights[b] / group_weight), [t for u in used for t in u.values()])
+                it = iter(grads)
+                for s in range(p):
+                    g = [next(it) for _ in used[s]]
+                    acc[s] = g if acc[s] is None else [a + x for a, x in zip(acc[s], g)]
+                if (b + 1) % group == 0:
+                    for s, st in enumerate(stages):
+                        for t, g in zip(st.parameters(), acc[s]):
+                            t.grad = g
+                        opts[s].step()
+                        versions[s].append({n: t.detach().clone() for n, t in st.named_parameters()})
+                    acc = [None] * p
+            losses.append(total)
+        return {"stages": stages, "losses": losses}
+
+    return run
+
+
+def timeout_worker(timeout: float) -> str | None:
+    """Rank 0 never sends; rank 1 must raise a timeout naming itself, the action and rank 0."""
+    group = dist.new_group([0, 1])  # a fresh group: rank 1's abandoned receive stays there
+    plan = get_schedule("1f1b", pp=2, microbatches=2)
+    split = split_stages(list(build(2, tied=False)), 2)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, dist.get_rank()), loss_fn, pp_group=group,
+                              pp_ranks=[0, 1], timeout=timeout)
+    if dist.get_rank() == 0:
+        return None
+    tokens, targets, extras = batch(4, 3, seed=0)
+    try:
+        runtime.step(tokens, targets, extras)
+    except PipelineTimeout as error:
+        return str(error)
+    return "no error"
+
+
+def errors_worker() -> list[str]:
+    """Errors that must come before any communication."""
+    messages = []
+    model = build(2, tied=False)
+    for make in (
+        lambda: PipelineRuntime(get_schedule("1f1b", pp=4, microbatches=4), {0: model[0]}, loss_fn),
+        lambda: PipelineRuntime(get_schedule("1f1b", pp=2, microbatches=4), {0: model[0], 1: model[1]}, loss_fn),
+        lambda: PipelineRuntime(get_schedule("1f1b", pp=2, microbatches=4), {dist.get_rank(): model[0]}, loss_fn,
+                                pp_ranks=[1, 0]),
+        lambda: split_stages(list(model), 5),
+    ):
+        try:
+            make()
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
+def report_worker(name: str) -> dict:
+    rank = dist.get_rank()
+    plan = get_schedule(name, pp=dist.get_world_size(), microbatches=8)
+    split = split_stages(list(build(2 * plan.num_stages - 2)), plan.num_stages)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied, timeout=60)
+    tokens, targets, extras = batch(16, 6, seed=3)
+    for _ in range(2):
+        result = runtime.step(tokens, targets, extras)
+    report = runtime.report()
+    mine = sorted(str(iv.action) for iv in result.timeline.compute())
+    planned = sorted(str(a) for a in runtime.plan.ranks[rank] if a.kind.is_compute)
+    return {"measured": report["measured"], "predicted": report["predicted"], "actions_match": mine == planned,
+            "units": result.timeline.unit}
+
+
+def models_worker(names: list) -> dict:
+    """pipeloom.models' tiny GPT (tied embeddings): pipeline equals one process."""
+    from pipeloom.models.config import ModelConfig
+    from pipeloom.models.transformer import Transformer
+
+    rank, out = dist.get_rank(), {}
+    for name in names:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(family="gpt", vocab_size=29, dim=16, n_layers=2, n_heads=2,
+                                        max_seq_len=16)).double()
+        ref = copy.deepcopy(model)
+        plan = get_schedule(name, pp=dist.get_world_size(), microbatches=4)
+        split = split_stages(model, plan.num_stages)
+        runtime = PipelineRuntime(plan, split.for_rank(plan, rank), model.loss, tied=split.tied, timeout=60)
+        g = torch.Generator().manual_seed(5)
+        tokens = torch.randint(0, 29, (5, 10), generator=g)
+        targets = torch.randint(0, 29, (5, 10), generator=g)
+        targets[1:3, 4:] = -100
+        result = runtime.step(tokens, targets)
+        loss = ref.loss(ref(tokens), targets)
+        loss.backward()
+        seq = dict(nn.Sequential(*ref.pipeline_layers()).named_parameters(remove_duplicate=False))
+        grad = max((p.grad - seq[n].grad).abs().max().item() for m in runtime.modules.values()
+                   for n, p in m.named_parameters())
+        out[name] = {"loss": abs(result.loss - loss.item()), "grad": grad}
+    return out
+
+
+# ----- tests ------------------------------------------------------------------------------------------------
+def _check_sync(results):
+    for rank, per_rank in enumerate(results):
+        for case, d in per_rank.items():
+            for key in ("loss", "out", "grad", "param", "tied"):
+                assert d[key] < EXACT, f"rank {rank} {case}: {key} differs by {d[key]:.3g}"
+    for case in results[0]:
+        assert sum(r[case]["has_outputs"] for r in results) == 1, f"{case}: outputs not on exactly one rank"
+
+
+def test_synchronous_schedules_equal_one_process_2_ranks(pool2):
+    cases = [(name, 4, "uniform") for name in SYNC] + [("1f1b", 4, [2, 4]), ("zb-h1", 4, "parameters")]
+    _check_sync(pool2.run(sync_worker, 2, cases))
+
+
+def test_synchronous_schedules_equal_one_process_4_ranks(pool4):
+    # zb-v and interleaved: 8 stages over 10 layers (uneven); 1f1b: an explicit uneven layout.
+    cases = [(name, 8, "uniform") for name in SYNC] + [("1f1b", 5, [1, 3, 2, 1])]
+    _check_sync(pool4.run(sync_worker, 4, cases))
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipedream_and_2bw_reproduce_the_update_rules(pp, pool2, pool4):
+    pool = pool2 if pp == 2 else pool4
+    m = 2 * pp
+    cases = [(name, options, opt, m) for name, options in
+             [("pipedream", {}), ("pipedream", {"vertical_sync": True}), ("pipedream-2bw", {})]
+             for opt in ("sgd", "adam")]
+    for rank, per_rank in enumerate(pool.run(versioned_worker, pp, cases)):
+        for case, d in per_rank.items():
+            assert d["param"] < EXACT and d["loss"] < EXACT, f"rank {rank} {case}: {d}"
+
+
+def test_a_silent_rank_raises_a_named_timeout(pool2):
+    message = pool2.run(timeout_worker, 2.0)[1]
+    assert "pipeline rank 1" in message and "1RECV_F0" in message and "pipeline rank 0" in message, message
+
+
+def test_errors_before_communication(pool2):
+    messages = pool2.run(errors_worker)[0]
+    assert "is for 4 pipeline ranks, but the pipeline group has 2" in messages[0]
+    assert "places stages [0] on pipeline rank 0" in messages[1]
+    assert "does not match the pipeline group's members" in messages[2]
+    assert "cannot split 4 layers into 5 stages" in messages[3]
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb-v"])
+def test_measured_timeline_feeds_the_simulator(name, pool2):
+    for r in pool2.run(report_worker, name):
+        assert r["actions_match"] and r["units"] == "s"
+        assert 0.0 <= r["measured"] < 1.0 and 0.0 <= r["predicted"] < 1.0
+
+
+def test_models_gpt_tied_pipeline_equals_one_process(pool2):
+    for rank, per_rank in enumerate(pool2.run(models_worker, ["1f1b", "zb-v", "interleaved-1f1b"])):
+        for name, d in per_rank.items():
+            assert d["loss"] < EXACT and d["grad"] < EXACT, f"rank {rank} {name}: {d}"
+
+
+def test_one_process_without_torch_distributed():
+    plan = get_schedule("zb-h1", pp=1, microbatches=3)
+    model = build(3)
+    runtime = PipelineRuntime(plan, split_stages(list(model), 1).for_rank(plan, 0), loss_fn)
+    tokens, targets, extras = batch(5, 4, seed=2)
+    result = runtime.step(tokens, targets, extras, return_outputs=True)
+    ref, ref_loss, ref_out = reference(model, tokens, targets, extras)
+    assert abs(result.loss - ref_loss) < EXACT and (result.outputs - ref_out).abs().max() < EXACT
+    assert _grad_diff(runtime, ref) < EXACT
