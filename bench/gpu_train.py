@@ -130,11 +130,11 @@ def run_variant(variant: str, size: str, steps: int, warmup: int, device: str) -
     gen = torch.Generator(device=device).manual_seed(1)
     idx = torch.randint(0, VOCAB, (B, T), device=device, generator=gen)
     tgt = torch.randint(0, VOCAB, (B, T), device=device, generator=gen)
-    sdpa = None
+    backends = None
     if "cudnn" in variant and device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        sdpa = sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
     times, losses = [], []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -144,8 +144,8 @@ def run_variant(variant: str, size: str, steps: int, warmup: int, device: str) -
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev0.record()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            if sdpa is not None:
-                with sdpa:
+            if backends is not None:
+                with sdpa_kernel(backends):
                     loss = step_fn(idx, tgt)
             else:
                 loss = step_fn(idx, tgt)
@@ -203,7 +203,12 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}  torch {torch.__version__}  size {args.size}  measured bf16 matmul "
           f"{rate / 1e12:.0f} TFLOP/s")
-    rows = [run_variant(v, args.size, args.steps, args.warmup, device) for v in args.variants.split(",")]
+    rows = []
+    for v in args.variants.split(","):
+        rows.append(run_variant(v, args.size, args.steps, args.warmup, device))
+        r = rows[-1]
+        print(f"  {v}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB",
+              flush=True)
     base = next((r for r in rows if r["variant"] == "baseline-compile"), rows[0])
     print(f"{'variant':<28} {'step ms':>8} {'tok/s':>10} {'vs base-compile':>15} {'MFU(989)':>9} "
           f"{'MFU(meas)':>9} {'peak GiB':>8} {'spread':>7} {'loss':>7}")
