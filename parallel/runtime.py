@@ -137,6 +137,7 @@ class PipelineRuntime:
                                    tag_base=self._tag_count())
         self.tied.make_identical()
         self.last_timeline: Timeline | None = None
+        self.peak_activations = 0.0  # of the last step, per schedules.simulate.peak_activations' units
 
     # ----- one step ------------------------------------------------------------------------------
     def step(self, inputs=None, targets=None, extras: Mapping | None = None,
@@ -154,6 +155,7 @@ class PipelineRuntime:
         self._extras_mb = _split_extras(extras, m, _batch_size(inputs, targets))
         self._weights = self._loss_weights() if self._targets_mb is not None else None
         self._state: dict = {}
+        self._held = self._peak = 0  # microbatch activations held (forward done, last backward not yet)
         self._loss_sum = None
         self._outputs: list = [None] * m if (return_outputs and holds_last) else None
         for module in self.modules.values():
@@ -195,6 +197,8 @@ class PipelineRuntime:
         timeline = Timeline(tuple(Interval(self.rank, a, *clock.times(s, e, host)) for a, s, e, host in records),
                             pp=plan.pp, unit="s")
         self.last_timeline = timeline
+        # In full-stage units like schedules.simulate.peak_activations: a chunk counts 1/v.
+        self.peak_activations = self._peak / len(self.modules)
         outputs = None
         if self._outputs is not None:
             parts = self._outputs
@@ -210,6 +214,7 @@ class PipelineRuntime:
         elif k is Kind.W:
             grads = backward_weight(self._state.pop(("w", a.stage, a.microbatch)))
             _accumulate(self._state.pop(("live", a.stage, a.microbatch)), grads)
+            self._held -= 1
         elif k is Kind.UPDATE:
             self._update(a)
         elif k is Kind.RELEASE:
@@ -239,6 +244,8 @@ class PipelineRuntime:
             used = [params[n] for n in self.versions[s].names]
         outs = out if isinstance(out, tuple) else (out,)
         if training:
+            self._held += 1
+            self._peak = max(self._peak, self._held)
             self._state[("in", s, mb)] = args
             self._state[("used", s, mb)] = used
             self._state[("live", s, mb)] = self.params[s]
@@ -288,6 +295,7 @@ class PipelineRuntime:
         else:
             in_grads, param_grads = backward_full(outputs, grads, wrt, used)
             _accumulate(self._state.pop(("live", s, mb)), param_grads)
+            self._held -= 1
         if s > 0:
             in_grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(in_grads, wrt)]
             key = ("gout", s - 1, mb) if s - 1 in self.modules else ("gin", s, mb)
@@ -382,20 +390,43 @@ class PipelineRuntime:
             records = [r for part in gathered for r in part]
         return Timeline.from_records(records, pp=self.plan.pp, unit="s")
 
-    def report(self, timeline: Timeline | None = None, comm: float = 0.0) -> dict:
+    def report(self, timeline: Timeline | None = None, comm: float | None = None) -> dict:
         """Predicted vs measured bubble rate: measured per-chunk F/B/W costs fed back into the simulator.
 
         Collective unless ``timeline`` (a gathered one) is given. ``comm`` is the latency the simulator
-        adds on every cross-rank edge (seconds). Returns ``measured`` and ``predicted`` bubble rates
-        (Zero Bubble's r), both makespans (seconds) and the per-chunk ``costs``.
+        adds on every cross-rank edge, in seconds; None estimates it from the run (the median time from
+        a send being posted to its receive completing - clocks of one host only; pass it for several
+        hosts). Returns the ``measured`` and ``predicted`` bubble rates (Zero Bubble's r, REFERENCE.md §1),
+        both makespans (seconds), ``comm`` and the per-chunk ``costs``.
         """
         from pipeloom.schedules.simulate import Costs, simulate
 
         timeline = timeline or self.gather_timeline()
         costs = timeline.stage_costs(self.plan)
+        comm = estimate_comm(timeline) if comm is None else comm
         sim = simulate(self.plan, Costs(F=list(costs["F"]), B=list(costs["B"]), W=list(costs["W"]), comm=comm))
         return {"measured": timeline.bubble_rate(), "predicted": sim.bubble_rate,
-                "measured_makespan": timeline.makespan, "predicted_makespan": sim.makespan, "costs": costs}
+                "measured_makespan": timeline.makespan, "predicted_makespan": sim.makespan, "comm": comm,
+                "costs": costs}
+
+
+def estimate_comm(timeline: Timeline) -> float:
+    """Median latency of the run's transfers: receive end minus the later of send post and receive post."""
+    sends = {(iv.action.kind, iv.action.stage, iv.action.microbatch): iv for iv in timeline.intervals
+             if iv.action.kind in (Kind.SEND_F, Kind.SEND_B)}
+    latencies = []
+    for iv in timeline.intervals:
+        a = iv.action
+        if a.kind is Kind.RECV_F:
+            send = sends.get((Kind.SEND_F, a.stage - 1, a.microbatch))
+        elif a.kind is Kind.RECV_B:
+            send = sends.get((Kind.SEND_B, a.stage + 1, a.microbatch))
+        else:
+            continue
+        if send is not None:
+            latencies.append(max(0.0, iv.end - max(iv.start, send.start)))
+    latencies.sort()
+    return latencies[len(latencies) // 2] if latencies else 0.0
 
 
 # ----- helpers -----------------------------------------------------------------------------------------

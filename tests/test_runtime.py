@@ -9,6 +9,7 @@ from pipeloom.parallel.p2p import PipelineTimeout
 from pipeloom.parallel.runtime import PipelineRuntime
 from pipeloom.parallel.stage import split_stages
 from pipeloom.schedules import get_schedule
+from pipeloom.schedules.simulate import peak_activations
 from torch import nn
 
 EXACT = 1e-12  # float64: the pipeline sums microbatch gradients, one process sums inside the matmuls
@@ -129,6 +130,8 @@ def sync_worker(pp: int, cases: list) -> dict:
             if result.outputs is not None:
                 diffs["out"] = max(diffs["out"], (result.outputs - ref_out).abs().max().item())
             diffs["grad"] = max(diffs["grad"], _grad_diff(runtime, ref))
+            # Activations are freed at each microbatch's last backward action, as the simulator counts them.
+            diffs["peak"] = (runtime.peak_activations, peak_activations(runtime.plan)[rank])
             ref_model = ref
             ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
             ref_opt.step()
@@ -269,7 +272,7 @@ def report_worker(name: str) -> dict:
     mine = sorted(str(iv.action) for iv in result.timeline.compute())
     planned = sorted(str(a) for a in runtime.plan.ranks[rank] if a.kind.is_compute)
     return {"measured": report["measured"], "predicted": report["predicted"], "actions_match": mine == planned,
-            "units": result.timeline.unit}
+            "units": result.timeline.unit, "comm": report["comm"]}
 
 
 def models_worker(names: list) -> dict:
@@ -306,6 +309,7 @@ def _check_sync(results):
         for case, d in per_rank.items():
             for key in ("loss", "out", "grad", "param", "tied"):
                 assert d[key] < EXACT, f"rank {rank} {case}: {key} differs by {d[key]:.3g}"
+            assert d["peak"][0] == d["peak"][1], f"rank {rank} {case}: peak activations (held, planned) {d['peak']}"
     for case in results[0]:
         assert sum(r[case]["has_outputs"] for r in results) == 1, f"{case}: outputs not on exactly one rank"
 
@@ -350,7 +354,7 @@ def test_errors_before_communication(pool2):
 def test_measured_timeline_feeds_the_simulator(name, pool2):
     for r in pool2.run(report_worker, name):
         assert r["actions_match"] and r["units"] == "s"
-        assert 0.0 <= r["measured"] < 1.0 and 0.0 <= r["predicted"] < 1.0
+        assert 0.0 <= r["measured"] < 1.0 and 0.0 <= r["predicted"] < 1.0 and r["comm"] >= 0.0
 
 
 def test_models_gpt_tied_pipeline_equals_one_process(pool2):
