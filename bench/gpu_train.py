@@ -122,7 +122,7 @@ def build(variant: str, size: str, device: str):
     return model, step_fn, n_params, (layers, d, B, T)
 
 
-def run_variant(variant: str, size: str, steps: int, warmup: int, device: str) -> dict:
+def run_variant(variant: str, size: str, steps: int, warmup: int, device: str, profile: bool = False) -> dict:
     torch.manual_seed(0)
     model, step_fn, n_params, (layers, d, B, T) = build(variant, size, device)
     fused = device == "cuda"
@@ -161,6 +161,19 @@ def run_variant(variant: str, size: str, steps: int, warmup: int, device: str) -
         if i >= warmup:
             times.append(elapsed)
             losses.append(loss.item())
+    if profile and device == "cuda":
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    loss = step_fn(idx, tgt)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        print(f"--- {variant}: CUDA time by kernel over 2 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
     step = statistics.median(times)
     tokens = B * T
     non_emb = n_params - VOCAB * d - (T * d)  # nanoGPT's N: no token (tied) or position table
@@ -195,6 +208,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="124m")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile (top CUDA kernels)")
     parser.add_argument("--variants", default="baseline-eager,baseline-compile,pipeloom-eager,pipeloom-compile,"
                                               "pipeloom-compile-fused,pipeloom-best-fused-cudnn")
     args = parser.parse_args()
@@ -205,7 +219,7 @@ def main() -> None:
           f"{rate / 1e12:.0f} TFLOP/s")
     rows = []
     for v in args.variants.split(","):
-        rows.append(run_variant(v, args.size, args.steps, args.warmup, device))
+        rows.append(run_variant(v, args.size, args.steps, args.warmup, device, v in args.profile.split(",")))
         r = rows[-1]
         print(f"  {v}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB",
               flush=True)
