@@ -24,8 +24,8 @@ from pipeloom.configs.train import ConfigError, check_config, register
 register()
 
 
-def run(cfg: DictConfig):
-    """The whole job on this rank (tests call it with a composed config)."""
+def run(cfg: DictConfig, run_dir: str | None = None):
+    """The whole job on this rank (tests call it with a composed config and their own ``run_dir``)."""
     from pipeloom.data import TokenBatches, eval_batches, prepare_data
     from pipeloom.models import Transformer, load_hf_checkpoint
     from pipeloom.parallel.mesh import Mesh
@@ -56,7 +56,7 @@ def run(cfg: DictConfig):
     distributed = init_distributed(device)
     par, dp = cfg.parallel, resolved["dp"]
     mesh = Mesh.build(dp=dp, pp=par.pp, tp=par.tp, device_type=device.type) if distributed else None
-    run_dir = broadcast_object(_run_dir())
+    run_dir = broadcast_object(run_dir or _run_dir())
 
     data_cfg = OmegaConf.to_container(cfg.data)
     batch_size, seq_len = data_cfg.pop("batch_size"), data_cfg.pop("seq_len")
