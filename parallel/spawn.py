@@ -75,6 +75,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, inbox, outbox, 
     torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=120))
+    outbox.put((0, rank, True, "ready"))  # call id 0: the pool's start-up handshake
     while True:
         job = inbox.get()
         if job is None:
@@ -96,12 +97,14 @@ class RankPool:
     rank. After any failure or timeout the processes are killed and the next ``run`` starts new ones.
     """
 
-    def __init__(self, world_size: int, backend: str = "gloo", env: dict | None = None):
+    def __init__(self, world_size: int, backend: str = "gloo", env: dict | None = None,
+                 startup_timeout: float = 300.0):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
         self.backend = backend
         self.env = dict(env or {})
+        self.startup_timeout = startup_timeout
         self._procs: list = []
         self._calls = 0
 
@@ -117,6 +120,21 @@ class RankPool:
         ]
         for p in self._procs:
             p.start()
+        # Wait for every rank to join the group, so a call's timeout measures the call, not the start-up.
+        ready: set[int] = set()
+        deadline = time.monotonic() + self.startup_timeout
+        while len(ready) < self.world_size:
+            dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                missing = sorted(set(range(self.world_size)) - ready)
+                self.close(kill=True)
+                raise RankError(f"rank(s) {missing} did not start within {self.startup_timeout:.0f}s"
+                                + (f" (rank(s) {dead} exited)" if dead else ""))
+            try:
+                _, rank, _, _ = self._outbox.get(timeout=0.2)
+                ready.add(rank)
+            except queue.Empty:
+                continue
 
     def run(self, fn: Callable, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
         if not self._procs:
