@@ -12,8 +12,10 @@ the receives, and keeps the sends in flight until :meth:`P2P.drain`. Every wait 
 that waits longer than ``timeout`` raises :class:`PipelineTimeout` naming its rank, the action and the
 peer it waits for, instead of hanging.
 
-Messages between two ranks are matched by tag on gloo; NCCL ignores tags and matches in posting order,
-which :func:`message_order_mismatch` checks for a plan.
+Messages between two ranks are matched by tag on gloo. NCCL ignores tags and matches in posting order,
+so there the transfers are *ordered* (see :class:`P2P`): a rank receives a peer's messages in the order
+the peer sends them, keeping any that arrive before their own receive action (ZB-V on 4 ranks sends in
+an order its receiver does not follow).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class Transfer:
     """One communication action: send ``tensors`` to, or receive from, pipeline rank ``peer``.
 
     A receive with ``specs=None`` first receives a header; after :meth:`P2P.exchange` its ``tensors``
-    hold the received values and ``specs`` their description. ``done`` is the completion time.
+    hold the received values and ``specs`` their description. ``key`` names a plan message
+    ``(forward, sending stage, microbatch)``; ``done`` is the completion time.
     """
 
     action: object  # the plan Action, for messages and the timeline
@@ -88,6 +91,7 @@ class Transfer:
     tensors: list = field(default_factory=list)
     specs: list | None = None
     header: bool = False
+    key: tuple | None = None
     done: float = 0.0
 
 
@@ -95,62 +99,103 @@ class P2P:
     """Batched, non-blocking, deadline-checked point-to-point transfers inside one pipeline group.
 
     ``ranks[i]`` is the global rank of pipeline rank ``i``; ``rank`` is this process's pipeline rank.
+    Receives from one peer are always posted in the order that peer sends (a header, then its payload,
+    then the next message), so a backend that matches messages by order (NCCL) pairs them right. With
+    ``inbound`` (peer -> the message keys it sends here, in its order) the transfers are *ordered*: all
+    tags are 0 and a receive first takes any message the peer sent before it, keeping it until its own
+    receive action comes (``spec_of(key)`` gives the shapes of gradient messages). Without it, tags tell
+    messages apart (gloo) and receives are posted as the plan lists them.
     """
 
-    def __init__(self, group, ranks: Sequence[int], rank: int, device: torch.device, timeout: float):
+    def __init__(self, group, ranks: Sequence[int], rank: int, device: torch.device, timeout: float,
+                 inbound: dict[int, list] | None = None, spec_of=None):
         self.group = group
         self.ranks = list(ranks)
         self.rank = rank
         self.device = device
         self.timeout = float(timeout)
         self.pending: list[tuple[object, Transfer]] = []  # sends in flight (work, transfer)
+        self.inbound = inbound
+        self.spec_of = spec_of
+        self.next_index = dict.fromkeys(inbound or {}, 0)  # per peer: messages before it were taken
+        self.kept: dict[tuple, Transfer] = {}  # received ahead of their own receive action
+
+    def reset(self) -> None:
+        """Start of a step: the peers' message sequences start again."""
+        if self.kept:
+            raise PipelineCommError(f"pipeline rank {self.rank} received messages {sorted(self.kept)} that no "
+                                    f"receive action took")
+        self.next_index = dict.fromkeys(self.inbound or {}, 0)
 
     def _op(self, fn, tensor: torch.Tensor, t: Transfer) -> dist.P2POp:
-        return dist.P2POp(fn, tensor, self.ranks[t.peer], group=self.group, tag=t.tag)
+        return dist.P2POp(fn, tensor, self.ranks[t.peer], group=self.group, tag=0 if self.inbound else t.tag)
+
+    def _queue(self, receives: list[Transfer]) -> dict[int, list[Transfer]]:
+        """Per peer, the receives to post in that peer's send order (with messages it sent before)."""
+        queues: dict[int, list[Transfer]] = {}
+        for t in receives:
+            if self.inbound is None or t.key is None:
+                queues.setdefault(t.peer, []).append(t)
+                continue
+            order, first = self.inbound[t.peer], self.next_index[t.peer]
+            if t.key in self.kept or t.key in order[:first]:
+                continue  # taken earlier (or earlier in this exchange): filled from self.kept below
+            target = order.index(t.key, first)
+            for key in order[first:target]:  # sent before t: take it now, keep it for its own action
+                early = Transfer(t.action, False, t.peer, 0, header=key[0], key=key,
+                                 specs=None if key[0] else self.spec_of(key))
+                self.kept[key] = early
+                queues.setdefault(t.peer, []).append(early)
+            queues.setdefault(t.peer, []).append(t)
+            self.next_index[t.peer] = target + 1
+        return queues
 
     def exchange(self, transfers: list[Transfer]) -> None:
-        """Post all ``transfers`` at once, wait for the receives, leave the sends in flight."""
+        """Post the sends and the receives together, wait for the receives, leave the sends in flight."""
         ops: list[dist.P2POp] = []
-        owners: list[Transfer] = []
-        headers: dict[int, torch.Tensor] = {}
+        owners: list[tuple[Transfer, torch.Tensor | None]] = []  # (transfer, header buffer or None)
         for t in transfers:
             if t.send:
                 header = encode_header(t.tensors, self.device) if t.header else None  # before detach
-                tensors = [x.detach().contiguous() for x in t.tensors]
-                t.tensors = tensors
-                if header is not None:
-                    tensors = [header] + tensors
-                for x in tensors:
+                t.tensors = [x.detach().contiguous() for x in t.tensors]
+                for x in ([header] if header is not None else []) + t.tensors:
                     ops.append(self._op(dist.isend, x, t))
-                    owners.append(t)
-            elif t.specs is None:
-                headers[id(t)] = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-                ops.append(self._op(dist.irecv, headers[id(t)], t))
-                owners.append(t)
-            else:
-                t.tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in t.specs]
-                for x in t.tensors:
-                    ops.append(self._op(dist.irecv, x, t))
-                    owners.append(t)
-        works = dist.batch_isend_irecv(ops) if ops else []
-        now = time.perf_counter()
-        later: list[dist.P2POp] = []
-        later_owners: list[Transfer] = []
-        for work, t in zip(works, owners):
-            if t.send:
-                self.pending.append((work, t))
-                t.done = now
-                continue
-            self.wait(work, t)
-            t.done = time.perf_counter()
-            if id(t) in headers:  # the header arrived: post the payload receives
-                t.specs = decode_header(headers.pop(id(t)))
-                t.tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in t.specs]
-                later += [self._op(dist.irecv, x, t) for x in t.tensors]
-                later_owners += [t] * len(t.tensors)
-        for work, t in zip(dist.batch_isend_irecv(later) if later else [], later_owners):
-            self.wait(work, t)
-            t.done = time.perf_counter()
+                    owners.append((t, None))
+        queues = self._queue([t for t in transfers if not t.send])
+        while True:
+            for q in queues.values():  # per peer: known-shape messages, up to the next header
+                while q:
+                    t = q[0]
+                    if t.specs is None:
+                        buffer = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+                        ops.append(self._op(dist.irecv, buffer, t))
+                        owners.append((t, buffer))
+                        break
+                    t.tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in t.specs]
+                    for x in t.tensors:
+                        ops.append(self._op(dist.irecv, x, t))
+                        owners.append((t, None))
+                    q.pop(0)
+            if not ops:
+                break
+            works = dist.batch_isend_irecv(ops)
+            now = time.perf_counter()
+            for work, (t, header) in zip(works, owners):
+                if t.send:
+                    self.pending.append((work, t))
+                    t.done = now
+                    continue
+                self.wait(work, t)
+                t.done = time.perf_counter()
+                if header is not None:  # its payload goes out in the next round
+                    t.specs = decode_header(header)
+            ops, owners = [], []
+        for t in transfers:
+            if not t.send and t.key is not None and t.key in self.kept and self.kept[t.key] is not t:
+                early = self.kept.pop(t.key)
+                t.tensors, t.specs, t.done = early.tensors, early.specs, time.perf_counter()
+            elif not t.send and t.key is not None:
+                self.kept.pop(t.key, None)
 
     def wait(self, work, t: Transfer) -> None:
         """Wait for ``work`` of transfer ``t``; raise a named error on timeout or failure."""
@@ -182,27 +227,16 @@ class P2P:
             self.wait(work, t)
 
 
-def message_order_mismatch(plan) -> str | None:
-    """For NCCL (which matches p2p messages by order, not tag): a description of the first rank pair whose
-    sends and receives come in different orders in ``plan``, or None when all pairs agree."""
+def inbound_messages(plan, rank: int) -> dict[int, list[tuple]]:
+    """Per peer, the keys ``(forward, sending stage, microbatch)`` of the messages it sends to ``rank``, in
+    the order it sends them (what an order-matching backend delivers)."""
     from pipeloom.schedules.ir import Kind
 
-    def peer(a) -> int:
-        target = a.stage + 1 if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
-        return plan.rank_of(target)
-
-    sent: dict[tuple[int, int], list] = {}
-    received: dict[tuple[int, int], list] = {}
-    for rank, actions in enumerate(plan.ranks):
-        for a in actions:  # a message is named by its direction, the sending stage and the microbatch
-            if a.kind in (Kind.SEND_F, Kind.SEND_B):
-                message = (a.kind is Kind.SEND_F, a.stage, a.microbatch)
-                sent.setdefault((rank, peer(a)), []).append(message)
-            elif a.kind in (Kind.RECV_F, Kind.RECV_B):
-                sender = a.stage - 1 if a.kind is Kind.RECV_F else a.stage + 1
-                message = (a.kind is Kind.RECV_F, sender, a.microbatch)
-                received.setdefault((peer(a), rank), []).append(message)
-    for pair in sorted(set(sent) | set(received)):
-        if sent.get(pair) != received.get(pair):
-            return f"rank {pair[0]} sends to rank {pair[1]} in an order its receives do not follow"
-    return None
+    inbound: dict[int, list[tuple]] = {}
+    for peer, actions in enumerate(plan.ranks):
+        for a in actions:
+            if a.kind is Kind.SEND_F and plan.rank_of(a.stage + 1) == rank:
+                inbound.setdefault(peer, []).append((True, a.stage, a.microbatch))
+            elif a.kind is Kind.SEND_B and plan.rank_of(a.stage - 1) == rank:
+                inbound.setdefault(peer, []).append((False, a.stage, a.microbatch))
+    return inbound

@@ -47,7 +47,7 @@ from pipeloom.schedules.validate import validate
 from torch import nn
 
 from .backward import backward_full, backward_input, backward_weight
-from .p2p import P2P, PipelineCommError, PipelineTimeout, TensorSpec, Transfer, message_order_mismatch
+from .p2p import P2P, PipelineCommError, PipelineTimeout, TensorSpec, Transfer, inbound_messages
 from .stage import _keyword_names
 from .tied import TiedParameters
 from .versions import StageVersions, update_groups
@@ -85,12 +85,15 @@ class PipelineRuntime:
             members by pipeline rank (default: read from the group).
         timeout: seconds a rank waits for a peer before raising :class:`PipelineTimeout`.
         loss_weight, ignore_index: how many targets of a microbatch count (see module docstring).
+        ordered_messages: receive each peer's messages in its send order with tag 0 (default: on NCCL only,
+            which matches by order; True on gloo tests that path on CPU).
     """
 
     def __init__(self, plan: Plan, modules, loss_fn: Callable | None = None, *,
                  optimizer_factory: Callable | None = None, optimizers: Mapping | None = None,
                  tied=(), pp_group=None, pp_ranks=None, timeout: float = 300.0,
-                 loss_weight: Callable | None = None, ignore_index: int = -100):
+                 loss_weight: Callable | None = None, ignore_index: int = -100,
+                 ordered_messages: bool | None = None):
         self.timeout = float(timeout)
         self.pp_group, self.pp_ranks, self.rank = _pipeline_group(plan, pp_group, pp_ranks)
         if hasattr(modules, "for_rank"):
@@ -126,13 +129,11 @@ class PipelineRuntime:
                          if self.plan.is_versioned else {})
         self.p2p = None
         if self.plan.pp > 1:
-            self.p2p = P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout)
-            backend = dist.get_backend(self.pp_group)
-            if backend == "nccl":
-                problem = message_order_mismatch(self.plan)
-                if problem:
-                    raise ValueError(f"plan {plan.name!r} cannot run on NCCL, which matches messages in order: "
-                                     f"{problem}")
+            if ordered_messages is None:  # NCCL matches p2p messages by order and ignores tags
+                ordered_messages = dist.get_backend(self.pp_group) == "nccl"
+            inbound = inbound_messages(self.plan, self.rank) if ordered_messages else None
+            self.p2p = P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout,
+                           inbound=inbound, spec_of=self._gradient_specs)
         self.tied = TiedParameters(self.tied_groups, self.plan, self.rank, self.modules, self.p2p,
                                    tag_base=self._tag_count())
         self.tied.make_identical()
@@ -163,6 +164,8 @@ class PipelineRuntime:
         for versions in self.versions.values():
             versions.begin()
         self.tied.begin()
+        if self.p2p is not None:
+            self.p2p.reset()
         clock = _Clock(self.device)
         records = []
         i = 0
@@ -326,15 +329,22 @@ class PipelineRuntime:
         s, mb, k = a.stage, a.microbatch, a.kind
         if k is Kind.SEND_F:
             outs = self._state[("out", s, mb)] if not self.plan.is_forward_only else self._state.pop(("out", s, mb))
-            return Transfer(a, True, self.plan.rank_of(s + 1), self._tag(s, False, mb), list(outs), header=True)
+            return Transfer(a, True, self.plan.rank_of(s + 1), self._tag(s, False, mb), list(outs), header=True,
+                            key=(True, s, mb))
         if k is Kind.RECV_F:
-            return Transfer(a, False, self.plan.rank_of(s - 1), self._tag(s - 1, False, mb), header=True)
+            return Transfer(a, False, self.plan.rank_of(s - 1), self._tag(s - 1, False, mb), header=True,
+                            key=(True, s - 1, mb))
         if k is Kind.SEND_B:
             grads = self._state.pop(("gin", s, mb))
-            return Transfer(a, True, self.plan.rank_of(s - 1), self._tag(s, True, mb), grads)
-        specs = [TensorSpec(tuple(o.shape), o.dtype) for o in self._state[("out", s, mb)]
-                 if torch.is_tensor(o) and o.requires_grad]
-        return Transfer(a, False, self.plan.rank_of(s + 1), self._tag(s + 1, True, mb), specs=specs)
+            return Transfer(a, True, self.plan.rank_of(s - 1), self._tag(s, True, mb), grads, key=(False, s, mb))
+        return Transfer(a, False, self.plan.rank_of(s + 1), self._tag(s + 1, True, mb),
+                        specs=self._gradient_specs((False, s + 1, mb)), key=(False, s + 1, mb))
+
+    def _gradient_specs(self, key: tuple) -> list[TensorSpec]:
+        """Shapes of the gradient message ``key`` = (False, sending stage, mb): our outputs needing grad."""
+        _, sender, mb = key
+        return [TensorSpec(tuple(o.shape), o.dtype) for o in self._state[("out", sender - 1, mb)]
+                if torch.is_tensor(o) and o.requires_grad]
 
     def _received(self, t: Transfer) -> None:
         if t.send:

@@ -109,20 +109,24 @@ def _param_diff(runtime, ref) -> float:
 
 
 # ----- workers (module level: they run on every rank) --------------------------------------------------------
-def sync_worker(pp: int, cases: list) -> dict:
-    """For each (schedule, layout): two steps (SGD between) with shapes changing; max differences."""
+def sync_worker(pp: int, cases: list, m: int = 4, ordered: bool | None = None) -> dict:
+    """For each (schedule, layout): two steps (SGD between) with shapes changing; max differences.
+
+    ``ordered=True`` receives messages in each sender's order with tag 0, as on NCCL.
+    """
     rank = dist.get_rank()
     out = {}
     for name, blocks, layout in cases:
-        plan = get_schedule(name, pp=pp, microbatches=4)
+        plan = get_schedule(name, pp=pp, microbatches=m)
         model = build(blocks)
         split = split_stages(list(model), plan.num_stages, method=layout)
         runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied,
-                                  optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout=60)
+                                  optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout=60,
+                                  ordered_messages=ordered)
         ref_model = copy.deepcopy(model)
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
         diffs = {"loss": 0.0, "out": 0.0, "grad": 0.0, "param": 0.0, "tied": 0.0}
-        for step, (B, T) in enumerate([(7, 5), (6, 3)]):  # uneven microbatches, then a shorter sequence
+        for step, (B, T) in enumerate([(m + 3, 5), (m + 2, 3)]):  # uneven microbatches, then shorter sequences
             tokens, targets, extras = batch(B, T, seed=step)
             result = runtime.step(tokens, targets, extras, return_outputs=True)
             ref, ref_loss, ref_out = reference(ref_model, tokens, targets, extras)
@@ -323,6 +327,13 @@ def test_synchronous_schedules_equal_one_process_4_ranks(pool4):
     # zb-v and interleaved: 8 stages over 10 layers (uneven); 1f1b: an explicit uneven layout.
     cases = [(name, 8, "uniform") for name in SYNC] + [("1f1b", 5, [1, 3, 2, 1])]
     _check_sync(pool4.run(sync_worker, 4, cases))
+
+
+def test_messages_matched_in_send_order_as_on_nccl(pool4):
+    # zb-v on 4 ranks with 8 microbatches: rank 0 sends to rank 1 in an order rank 1 does not receive in;
+    # with tag 0 everywhere (NCCL's matching) rank 1 must take and keep the early messages.
+    cases = [("zb-v", 8, "uniform"), ("interleaved-1f1b", 8, "uniform"), ("zb-h2", 4, "uniform")]
+    _check_sync(pool4.run(sync_worker, 4, cases, 8, True))
 
 
 @pytest.mark.parametrize("pp", [2, 4])
