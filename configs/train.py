@@ -102,7 +102,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 autocast on GPU, none on CPU) | bf16 | none
     timeline: bool = True  # at the end, draw the measured timeline of the last step next to the simulated one
-    sample_tokens: int = 0  # at the end, sample this many tokens from the trained model (pp=1 only)
+    sample_tokens: int = 0  # at the end, print this many tokens sampled from the final checkpoint (any layout)
     stop_after: Optional[int] = None  # stop (as if killed) after this step, without a final save; for tests
 
 
@@ -200,6 +200,12 @@ def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(key, value, f"valid choices: {', '.join(valid)}")
+    if lg.kind == "wandb":
+        from pipeloom import features
+
+        if not features.has("wandb"):
+            raise ConfigError("logger.kind", "wandb", "needs the optional package 'wandb' (pip install "
+                              "'pipeloom[wandb]'); or use logger=jsonl")
     if world_size % (par.pp * par.tp):
         raise ConfigError("parallel.pp" if par.pp > 1 else "parallel.tp", par.pp if par.pp > 1 else par.tp,
                           f"pp={par.pp} * tp={par.tp} does not divide the world size {world_size}")

@@ -121,6 +121,10 @@ def run(cfg: DictConfig, run_dir: str | None = None):
         for name, value in (("checkpoint", result.checkpoint), ("timeline", result.timeline_picture)):
             if value:
                 print(f"{name}: {value}")
+        if cfg.train.sample_tokens and result.checkpoint:
+            from pipeloom.training import generate, load_dense
+
+            print(generate(load_dense(result.checkpoint)[0], data.tokenizer, "def ", cfg.train.sample_tokens))
     return result
 
 

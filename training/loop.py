@@ -100,6 +100,8 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
                       f"{manifest['data'].get(key)}: the run continues, but not as the uninterrupted one would")
         start = int(manifest["step"])
         result.resumed_from = path
+        if rank == 0 and logger is not None:
+            logger.rewind(start)
         if rank == 0:
             print(f"resumed from {path} (step {start}, saved under layout {manifest.get('layout')})")
     elif checkpoint["resume"] and rank == 0:
@@ -192,7 +194,8 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
 
             picture = os.path.join(run_dir, "timeline.png")
             render_side_by_side([(f"measured: {parts.plan.name}, step {step}, bubble rate {measured:.3f}", full),
-                                 (f"simulated with the measured F/B/W: bubble rate {predicted:.3f}", sim.timeline)],
+                                 (f"simulated with the measured F/B/W: bubble rate {predicted:.3f}",
+                                  Timeline(sim.timeline.intervals, sim.timeline.pp, unit="s"))],
                                 picture)
             result.timeline_picture = picture
             full.chrome_trace(os.path.join(run_dir, "timeline_trace.json"))

@@ -31,7 +31,7 @@ class MetricsLogger:
     """Metrics sink of rank 0. ``kind``: none | jsonl | wandb (which also writes the JSONL)."""
 
     def __init__(self, run_dir: str, *, kind: str = "jsonl", file: str = "metrics.jsonl", project: str = "pipeloom",
-                 mode: str = "offline", config: dict | None = None, resume_step: int = 0):
+                 mode: str = "offline", config: dict | None = None):
         self.kind = kind
         self.path = None
         self._file = None
@@ -40,9 +40,7 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, file)
-        if resume_step and os.path.exists(self.path):
-            _truncate_after(self.path, resume_step)  # a resumed run rewrites the steps after its checkpoint
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
         if kind == "wandb":
             features.require("wandb", "logger=wandb")
             import wandb
@@ -56,6 +54,13 @@ class MetricsLogger:
             self._file.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+
+    def rewind(self, step: int) -> None:
+        """A run resumed at ``step`` into the same run directory: drop the records logged after it."""
+        if self._file is not None:
+            self._file.close()
+            _truncate_after(self.path, step)
+            self._file = open(self.path, "a")  # noqa: SIM115
 
     def close(self) -> None:
         if self._file is not None:

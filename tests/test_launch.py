@@ -1,0 +1,247 @@
+# pipeloom-train end to end: torchrun on 4 CPU processes per layout, kill and resume, new layouts, HF import, bad configs.
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from pipeloom import features
+from pipeloom.configs.train import ConfigError, check_config, register
+from pipeloom.training import read_metrics
+
+register()
+
+TINY = ["model=gpt-tiny", "model.n_layers=2", "data.seq_len=32", "data.batch_size=8", "train.eval_batches=1",
+        "train.eval_every=0", "optimizer.warmup_steps=2", "optimizer.decay_steps=20", "checkpoint.every=2",
+        "checkpoint.keep=10"]
+LAYOUTS = {"4x1x1": (4, 1, 1), "2x2x1": (2, 2, 1), "2x1x2": (2, 1, 2), "1x2x2": (1, 2, 2)}  # pp x tp x dp
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("launch")
+
+
+def command(nproc: int, *overrides: str) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
+                if nproc > 1 else [sys.executable, "-m"])
+    return launcher + ["pipeloom.launch.train", *TINY, *overrides]
+
+
+def launch(run_dir, cache, *overrides, nproc=4, timeout=240, check=True):
+    out = subprocess.run(command(nproc, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", *overrides),
+                         capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each rank in its own session, so a group kill misses them)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+_RUNS: dict[str, str] = {}
+
+
+def layout_run(name, workdir, cache) -> str:
+    """Run directory of an uninterrupted STEPS-step run under layout ``name`` (run once per session)."""
+    if name not in _RUNS:
+        pp, tp, dp = LAYOUTS[name]
+        run_dir = str(workdir / f"run-{name}")
+        launch(run_dir, cache, f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"train.steps={STEPS}")
+        _RUNS[name] = run_dir
+    return _RUNS[name]
+
+
+@pytest.fixture(scope="module")
+def reference(workdir, cache):
+    """The same training in one process without any parallelism."""
+    run_dir = str(workdir / "run-single")
+    launch(run_dir, cache, f"train.steps={STEPS}", nproc=1)
+    return losses(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_trains_like_one_process(name, workdir, cache, reference):
+    run_dir = layout_run(name, workdir, cache)
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS] < got[1] - 0.5, got  # the loss falls on the stdlib corpus
+    for step in got:  # same init, same global batches: the same curve up to float32 reduction order
+        assert got[step] == pytest.approx(reference[step], abs=2e-4), (step, got[step], reference[step])
+    files = os.listdir(run_dir)
+    assert {"metrics.jsonl", "timeline.png", "checkpoints"} <= set(files)
+    first = read_metrics(os.path.join(run_dir, "metrics.jsonl"))[0]
+    if LAYOUTS[name][0] > 1:
+        assert 0 < first["bubble_rate_measured"] < 1 and 0 < first["bubble_rate_predicted"] < 1
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache):
+    full = losses(layout_run("2x2x1", workdir, cache))
+    ck, killed_dir = str(workdir / "kill-ck"), str(workdir / "killed")
+    args = command(4, f"data.cache_dir={cache}", f"hydra.run.dir={killed_dir}", "parallel.pp=2", "parallel.tp=2",
+                   "train.steps=1000", f"checkpoint.dir={ck}")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(killed_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and max(losses(killed_dir) or [0]) >= 3:
+                break
+            time.sleep(0.02)
+    finally:
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and its 4 ranks, mid-step (maybe mid-save)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    resumed_dir = str(workdir / "resumed")
+    out = launch(resumed_dir, cache, "parallel.pp=2", "parallel.tp=2", f"train.steps={STEPS}", f"checkpoint.dir={ck}",
+                 "checkpoint.resume=true")
+    assert "resumed from" in out.stdout
+    got = losses(resumed_dir)
+    assert got, f"the killed run got past step {STEPS} before the kill: {out.stdout[-1000:]}"
+    start = min(got) - 1
+    assert 2 <= start < STEPS, (start, out.stdout[-2000:])
+    assert {s: got[s] for s in range(start + 1, STEPS + 1)} == {s: full[s] for s in range(start + 1, STEPS + 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved,resumed", [("2x2x1", "4x1x1")])  # pp 2 -> 4, tp 2 -> 1
+def test_resume_under_another_layout(saved, resumed, workdir, cache):
+    full = losses(layout_run(saved, workdir, cache))
+    ck = workdir / f"relayout-{saved}-{resumed}"
+    shutil.copytree(os.path.join(layout_run(saved, workdir, cache), "checkpoints", "step_4"), ck / "step_4")
+    pp, tp, dp = LAYOUTS[resumed]
+    run_dir = str(workdir / f"relayout-run-{saved}-{resumed}")
+    out = launch(run_dir, cache, f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}",
+                 f"train.steps={STEPS}", f"checkpoint.dir={ck}", "checkpoint.resume=true")
+    assert "resumed from" in out.stdout and f"'pp': {LAYOUTS[saved][0]}" in out.stdout
+    got = losses(run_dir)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(full[step], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_hf_gpt2_import_parity_through_the_launcher(workdir, cache):
+    transformers = pytest.importorskip("transformers")
+    from pipeloom.data import TokenBatches, prepare_data
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2,
+                                                               n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    folder = str(workdir / "hf-gpt2")
+    hf.save_pretrained(folder, safe_serialization=True)
+    run_dir = str(workdir / "hf-run")
+    launch(run_dir, cache, f"model.hf_checkpoint={folder}", "parallel.pp=2", "parallel.tp=2", "train.steps=1",
+           "checkpoint.save_final=false")
+    batch = TokenBatches(prepare_data(cache_dir=cache).train, 32, 8, seed=0).global_batch(0)
+    x = torch.from_numpy(batch)
+    with torch.no_grad():
+        logits = hf.eval()(x[:, :-1]).logits  # (8, 32, 256)
+    expected = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1)))
+    assert losses(run_dir)[1] == pytest.approx(expected, abs=1e-4)  # step 1's loss is before any update
+
+
+@pytest.mark.slow
+def test_bad_config_fails_once_before_training_naming_key_and_value(workdir, cache):
+    run_dir = str(workdir / "bad-pp")
+    out = launch(run_dir, cache, "parallel.pp=3", check=False, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.count("pipeloom-train: error:") == 1 and "parallel.pp=3" in out.stderr, out.stderr[-2000:]
+    assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,expected", [("parallel.bogus=1", "parallel.bogus"),
+                                               ("train.steps=abc", "train.steps"),
+                                               ("model=gpt-huge", "gpt-huge")])
+def test_hydra_rejects_unknown_keys_and_wrong_types(override, expected, workdir, cache):
+    out = launch(str(workdir / "bad"), cache, override, nproc=1, check=False, timeout=120)
+    assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_multirun_sweep_over_schedules(workdir, cache):
+    sweep = str(workdir / "sweep")
+    out = subprocess.run(command(1, f"data.cache_dir={cache}", "train.steps=2", "checkpoint.save_final=false",
+                                 "schedule.name=gpipe,1f1b", f"hydra.sweep.dir={sweep}", "--multirun"),
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [len(losses(os.path.join(sweep, str(i)))) for i in (0, 1)] == [2, 2]
+
+
+def compose_train(*overrides):
+    with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides,world,key,value", [
+    (["parallel.pp=3"], 4, "parallel.pp", 3),
+    (["parallel.tp=2", "parallel.dp=4"], 4, "parallel.dp", 4),
+    (["parallel.tp=8"], 8, "parallel.tp", 8),  # gpt-tiny has 4 heads
+    (["schedule.name=interleaved-1f1b", "parallel.pp=2", "schedule.microbatches=3", "data.batch_size=6"], 2,
+     "schedule.microbatches", 3),
+    (["schedule.microbatches=3"], 1, "schedule.microbatches", 3),  # 16 sequences do not split into 3
+    (["schedule.name=zigzag"], 1, "schedule.name", "zigzag"),
+    (["schedule.name=pipedream", "parallel.pp=2"], 2, "schedule.name", "pipedream"),
+    (["parallel.pp=4", "model.n_layers=1"], 4, "parallel.pp", 4),
+    (["logger.kind=tensorboard"], 1, "logger.kind", "tensorboard"),
+    (["data.seq_len=512"], 1, "data.seq_len", 512),
+    (["train.steps=0"], 1, "train.steps", 0),
+])
+def test_check_config_names_the_key_and_value(overrides, world, key, value):
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_train(*overrides), world)
+    assert info.value.key == key and info.value.value == value
+    assert str(info.value).startswith(f"{key}={value!r}")
+
+
+def test_default_config_and_documented_override_keys_exist():
+    cfg = compose_train("parallel.pp=2", "parallel.tp=1", "parallel.dp=1", "parallel.vpp=2",
+                        "schedule.name=interleaved-1f1b", "schedule.microbatches=4", "train.steps=3", "train.seed=5",
+                        "model=llama-tiny", "checkpoint.dir=x", "checkpoint.every=1", "checkpoint.resume=true",
+                        "logger=jsonl")
+    assert cfg.model.name == "llama-tiny" and cfg.logger.kind == "jsonl" and cfg.parallel.vpp == 2
+    resolved = check_config(cfg, 2)
+    assert resolved["dp"] == 1 and resolved["vpp"] == 2 and resolved["model_config"].family == "llama"
+    assert compose_train("logger=none").logger.kind == "none"
+    wandb = compose_train("logger=wandb")
+    assert wandb.logger.kind == "wandb" and wandb.logger.mode == "offline"
+    if not features.has("wandb"):  # optional: a clear error before training, naming what to install
+        with pytest.raises(ConfigError, match="pip install 'pipeloom\\[wandb\\]'"):
+            check_config(wandb, 1)
+    assert compose_train("model=gpt-demo").model.dim == 128
