@@ -336,18 +336,36 @@ def greedy_list_schedule(stage_to_rank: list[int], m: int, split_backward: bool,
 
 
 class ForwardOnly(Schedule):
-    """Forward only, for inference: every stage runs F for each microbatch in order, no backward."""
+    """Forward only, for inference: every stage runs F for each microbatch in order, no backward.
+
+    With ``vpp`` > 1 the stages are placed as interleaved 1F1B places them (rank r holds r, r+p, ...),
+    so a model split for interleaved training runs inference unchanged; microbatches then advance in
+    groups of p through each chunk (one microbatch at a time when m is not a multiple of p).
+    """
 
     name = "forward-only"
     aliases = ("inference",)
     closed_form = "no bubble inside a rank's span (fill and drain fall outside it)"
 
+    def check(self) -> None:
+        pass
+
     def closed_form_beta(self, costs) -> float | None:
+        if self.vpp > 1:
+            return None
         return 0.0  # each rank is busy from its first forward to its last: no bubble inside its span
 
     def build(self) -> Plan:
-        order = [(Kind.F, i) for i in range(self.microbatches)]
-        return _linear_plan(self.name, self.pp, self.microbatches, [order] * self.pp)
+        p, m, v = self.pp, self.microbatches, self.vpp
+        if v == 1:
+            order = [(Kind.F, i) for i in range(m)]
+            return _linear_plan(self.name, p, m, [order] * p)
+        if m % p == 0:
+            visits = [((k // p) % v, (k // (p * v)) * p + k % p) for k in range(m * v)]  # (chunk, mb)
+        else:
+            visits = [(c, mb) for mb in range(m) for c in range(v)]
+        ranks = [[Action(c * p + r, Kind.F, mb) for c, mb in visits] for r in range(p)]
+        return Plan(ranks=ranks, stage_to_rank=[s % p for s in range(p * v)], microbatches=m, name=self.name)
 
 
 class PipeDream(Schedule):
