@@ -143,7 +143,13 @@ class PipelineRuntime:
     # ----- one step ------------------------------------------------------------------------------
     def step(self, inputs=None, targets=None, extras: Mapping | None = None,
              return_outputs: bool = False) -> StepResult:
-        """Run the plan once on a batch (every rank may pass the same batch; each uses what it needs)."""
+        """Run the plan once on a batch and return the full-batch loss, outputs and measured timeline.
+
+        Pass the same ``inputs`` (stage 0's arguments), ``targets`` (the last stage's) and ``extras`` on
+        every rank; each uses what its stages need (the batch size is read from inputs or targets, so a
+        rank given neither cannot split tensor extras). Gradients are zeroed at the start of the step;
+        after a synchronous plan they stay in ``.grad`` (UPDATE steps the optimizer without zeroing).
+        """
         plan, m = self.plan, self.plan.microbatches
         training = not plan.is_forward_only
         holds_first, holds_last = 0 in self.modules, self.last_stage in self.modules
@@ -520,6 +526,9 @@ def _split(x, m: int, what: str) -> list:
 
 def _split_extras(extras: Mapping | None, m: int, batch: int | None) -> list[dict]:
     out: list[dict] = [{} for _ in range(m)]
+    if batch is None and any(torch.is_tensor(v) and v.dim() > 0 for v in (extras or {}).values()):
+        raise ValueError("tensor extras need the batch size to be cut into microbatches: pass the inputs or "
+                         "the targets too (the same batch on every rank)")
     for name, value in (extras or {}).items():
         if torch.is_tensor(value) and batch is not None and value.dim() > 0 and value.shape[0] == batch:
             for i, piece in enumerate(torch.tensor_split(value, m, dim=0)):

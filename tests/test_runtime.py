@@ -264,6 +264,21 @@ def errors_worker() -> list[str]:
     return messages
 
 
+def forward_only_worker() -> dict:
+    """Inference: forward-only plan, loss and outputs equal one process, no gradients anywhere."""
+    rank = dist.get_rank()
+    plan = get_schedule("forward-only", pp=2, microbatches=3)
+    model = build(3)
+    split = split_stages(list(model), 2)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied, timeout=60)
+    tokens, targets, extras = batch(5, 4, seed=7)
+    result = runtime.step(tokens, targets, extras, return_outputs=True)
+    _, ref_loss, ref_out = reference(model, tokens, targets, extras)
+    return {"loss": abs(result.loss - ref_loss),
+            "out": None if result.outputs is None else (result.outputs - ref_out).abs().max().item(),
+            "grads": any(p.grad is not None for m in runtime.modules.values() for p in m.parameters())}
+
+
 def report_worker(name: str) -> dict:
     rank = dist.get_rank()
     plan = get_schedule(name, pp=dist.get_world_size(), microbatches=8)
@@ -366,6 +381,12 @@ def test_measured_timeline_feeds_the_simulator(name, pool2):
     for r in pool2.run(report_worker, name):
         assert r["actions_match"] and r["units"] == "s"
         assert 0.0 <= r["measured"] < 1.0 and 0.0 <= r["predicted"] < 1.0 and r["comm"] >= 0.0
+
+
+def test_forward_only_inference(pool2):
+    first, last = pool2.run(forward_only_worker)
+    assert first["loss"] < EXACT and last["loss"] < EXACT and first["out"] is None and last["out"] < EXACT
+    assert not first["grads"] and not last["grads"]
 
 
 def test_models_gpt_tied_pipeline_equals_one_process(pool2):
