@@ -86,9 +86,11 @@ def layout_run(name, workdir, cache) -> str:
 
 @pytest.fixture(scope="module")
 def reference(workdir, cache):
-    """The same training in one process without any parallelism."""
+    """The same training in this process without any parallelism (through the launcher's ``run``)."""
+    from pipeloom.launch.train import run
+
     run_dir = str(workdir / "run-single")
-    launch(run_dir, cache, f"train.steps={STEPS}", nproc=1)
+    run(compose_train(*TINY, f"data.cache_dir={cache}", f"train.steps={STEPS}", "train.timeline=false"), run_dir)
     return losses(run_dir)
 
 

@@ -51,10 +51,10 @@ def bubble_rates(plan, timeline: Timeline):
     return timeline.bubble_rate(), sim.bubble_rate, sim
 
 
-def _all_mean(value: float, group) -> float:
+def _all_mean(value: float, group, device="cpu") -> float:
     if group is None or dist.get_world_size(group) == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
     return float(t) / dist.get_world_size(group)
 
@@ -120,7 +120,7 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
             rows = batch.tensor_split(dp)[dp_rank].to(device)  # this replica's rows (b, T+1)
             losses.append(stepper.evaluate(rows[:, :-1], rows[:, 1:]))
         parts.train(True)
-        return _all_mean(sum(losses) / len(losses), dp_group)
+        return _all_mean(sum(losses) / len(losses), dp_group, device)
 
     bar = tqdm(total=steps, initial=start, disable=not progress or rank != 0, dynamic_ncols=True, desc="train")
     tokens_per_step = batches.batch_size * batches.seq_len
@@ -144,7 +144,7 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
                 sync_sequence_parallel_grads(module, tp_group)
         norm = clip_grad_norm(norm_params, grad_clip, groups=(tp_group, pp_group))
         optimizer.step()
-        loss = _all_mean(loss, dp_group)
+        loss = _all_mean(loss, dp_group, device)
         step += 1
         result.losses[step] = loss
         result.end_step = step

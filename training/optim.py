@@ -57,12 +57,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def grad_norm_sq(params: Iterable[tuple[nn.Parameter, bool]]) -> torch.Tensor:
-    """Sum of squared gradient entries over ``(param, counted)`` pairs where ``counted`` (float64 scalar)."""
-    total = torch.zeros((), dtype=torch.float64)
+def grad_norm_sq(params: list[tuple[nn.Parameter, bool]]) -> torch.Tensor:
+    """Sum of squared gradient entries over ``(param, counted)`` pairs where ``counted`` (float64 scalar).
+
+    On the parameters' device (NCCL reduces device tensors only).
+    """
+    device = params[0][0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for p, counted in params:
         if counted and p.grad is not None:
-            total = total + p.grad.detach().double().pow(2).sum().cpu()
+            total = total + p.grad.detach().double().pow(2).sum()
     return total
 
 
