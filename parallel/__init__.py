@@ -1,7 +1,8 @@
 # pipeloom.parallel: HOW a model runs across devices - pipeline stages and runtime, meshes, TP, DP.
 """Parallelism applied to plain models.
 
-Pipeline parallelism (this package's ``stage``, ``runtime``, ``p2p``, ``backward``, ``versions``, ``tied``)::
+Pipeline parallelism (``stage``, ``runtime``, ``p2p``, ``backward``, ``versions``, ``tied``, ``microbatch``,
+``measure``)::
 
     from pipeloom.parallel import PipelineRuntime, split_stages
     plan = get_schedule("1f1b", pp=4, microbatches=8)
@@ -14,8 +15,9 @@ Meshes (``mesh``), tensor parallelism (``tensor_parallel``, ``apply``) and data 
 (``data_parallel``) are imported from their modules.
 """
 
+from .measure import estimate_comm
 from .p2p import PipelineCommError, PipelineTimeout
-from .runtime import PipelineRuntime, StepResult, estimate_comm
+from .runtime import PipelineRuntime, StepResult
 from .stage import Stage, StageSplit, balanced_partition, model_layers, profile_layers, split_stages
 
 __all__ = [

@@ -34,7 +34,6 @@ timed (``time.perf_counter`` on CPU, CUDA events on GPU) into a :class:`~pipeloo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -47,8 +46,9 @@ from pipeloom.schedules.validate import validate
 from torch import nn
 
 from .backward import backward_full, backward_input, backward_weight
+from .measure import ActionClock, estimate_comm
+from .microbatch import batch_size, extras_for, split_batch, split_extras
 from .p2p import P2P, PipelineCommError, PipelineTimeout, TensorSpec, Transfer, inbound_messages
-from .stage import _keyword_names
 from .tied import TiedParameters
 from .versions import StageVersions, update_groups
 
@@ -157,9 +157,9 @@ class PipelineRuntime:
             raise ValueError(f"pipeline rank {self.rank} holds stage 0 and needs the inputs")
         if holds_last and training and targets is None:
             raise ValueError(f"pipeline rank {self.rank} holds the last stage and needs targets to train")
-        self._inputs_mb = _split(inputs, m, "inputs") if holds_first else None
-        self._targets_mb = _split(targets, m, "targets") if holds_last and targets is not None else None
-        self._extras_mb = _split_extras(extras, m, _batch_size(inputs, targets))
+        self._inputs_mb = split_batch(inputs, m, "inputs") if holds_first else None
+        self._targets_mb = split_batch(targets, m, "targets") if holds_last and targets is not None else None
+        self._extras_mb = split_extras(extras, m, batch_size(inputs, targets))
         self._weights = self._loss_weights() if self._targets_mb is not None else None
         self._state: dict = {}
         self._held = self._peak = 0  # microbatch activations held (forward done, last backward not yet)
@@ -172,7 +172,7 @@ class PipelineRuntime:
         self.tied.begin()
         if self.p2p is not None:
             self.p2p.reset()
-        clock = _Clock(self.device)
+        clock = ActionClock(self.device)
         records = []
         i = 0
         while i < len(self.actions):
@@ -243,7 +243,7 @@ class PipelineRuntime:
         else:
             args = self._state.pop(("recv", s, mb))
         module = self.modules[s]
-        kwargs = _extras_for(module, self._extras_mb[mb])
+        kwargs = extras_for(module, self._extras_mb[mb])
         params = self.versions[s].tensors(a.version) if self.versions else None
         if params is None:
             out = module(*args, **kwargs)
@@ -426,26 +426,9 @@ class PipelineRuntime:
                 "costs": costs}
 
 
-def estimate_comm(timeline: Timeline) -> float:
-    """Median latency of the run's transfers: receive end minus the later of send post and receive post."""
-    sends = {(iv.action.kind, iv.action.stage, iv.action.microbatch): iv for iv in timeline.intervals
-             if iv.action.kind in (Kind.SEND_F, Kind.SEND_B)}
-    latencies = []
-    for iv in timeline.intervals:
-        a = iv.action
-        if a.kind is Kind.RECV_F:
-            send = sends.get((Kind.SEND_F, a.stage - 1, a.microbatch))
-        elif a.kind is Kind.RECV_B:
-            send = sends.get((Kind.SEND_B, a.stage + 1, a.microbatch))
-        else:
-            continue
-        if send is not None:
-            latencies.append(max(0.0, iv.end - max(iv.start, send.start)))
-    latencies.sort()
-    return latencies[len(latencies) // 2] if latencies else 0.0
-
-
 # ----- helpers -----------------------------------------------------------------------------------------
+
+
 def _pipeline_group(plan: Plan, pp_group, pp_ranks):
     """(group, global ranks by pipeline rank, this process's pipeline rank), checked against the plan."""
     if not dist.is_available() or not dist.is_initialized():
@@ -505,72 +488,3 @@ def _leaf(t, requires_grad: bool):
     return t.detach().requires_grad_(requires_grad and (t.is_floating_point() or t.is_complex()))
 
 
-def _batch_size(inputs, targets) -> int | None:
-    for x in (inputs, targets):
-        first = x[0] if isinstance(x, (tuple, list)) else x
-        if torch.is_tensor(first):
-            return first.shape[0]
-    return None
-
-
-def _split(x, m: int, what: str) -> list:
-    """``m`` microbatches of a tensor (or a tuple of tensors) along dim 0, the same kind of value each."""
-    parts = x if isinstance(x, (tuple, list)) else (x,)
-    size = parts[0].shape[0]
-    if size < m:
-        raise ValueError(f"the batch of {what} has {size} rows, fewer than the plan's {m} microbatches; "
-                         f"use a batch of at least {m} rows or fewer microbatches")
-    pieces = [torch.tensor_split(p, m, dim=0) for p in parts]
-    return [tuple(piece[i] for piece in pieces) if isinstance(x, (tuple, list)) else pieces[0][i] for i in range(m)]
-
-
-def _split_extras(extras: Mapping | None, m: int, batch: int | None) -> list[dict]:
-    out: list[dict] = [{} for _ in range(m)]
-    if batch is None and any(torch.is_tensor(v) and v.dim() > 0 for v in (extras or {}).values()):
-        raise ValueError("tensor extras need the batch size to be cut into microbatches: pass the inputs or "
-                         "the targets too (the same batch on every rank)")
-    for name, value in (extras or {}).items():
-        if torch.is_tensor(value) and batch is not None and value.dim() > 0 and value.shape[0] == batch:
-            for i, piece in enumerate(torch.tensor_split(value, m, dim=0)):
-                out[i][name] = piece
-        else:
-            for i in range(m):
-                out[i][name] = value
-    return out
-
-
-def _extras_for(module: nn.Module, extras: dict) -> dict:
-    if not extras:
-        return {}
-    accepts = _keyword_names(module)
-    return dict(extras) if accepts is None else {k: v for k, v in extras.items() if k in accepts}
-
-
-class _Clock:
-    """Action start/end marks: ``time.perf_counter`` on CPU, CUDA events on GPU (converted after the step)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.base = torch.cuda.Event(enable_timing=True)
-            self.base.record()
-        self.base_host = time.perf_counter()
-        self.synced = False
-
-    def host(self) -> float:
-        return time.perf_counter()
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def times(self, start, end, host: bool) -> tuple[float, float]:
-        if not self.cuda or host:
-            return start, end
-        if not self.synced:
-            torch.cuda.synchronize()
-            self.synced = True
-        return (self.base_host + self.base.elapsed_time(start) / 1e3, self.base_host + self.base.elapsed_time(end) / 1e3)
