@@ -2,9 +2,12 @@
 """``python examples/bubble_sweep.py`` (re-launches itself under torchrun with 4 CPU processes).
 
 For each schedule and microbatch count, trains a tiny GPT for a few steps under pp=4 and prints the
-bubble rate measured on the real pipeline next to the simulator's prediction from the same step's
-measured stage times and the closed form for uniform stages - the three agree as far as CPU timing noise
-and communication (which the closed form ignores) allow. Without training, ``pipeloom-bubbles --multirun
+bubble rate measured on the real pipeline (last step), the simulator's prediction from that step's
+measured per-stage F/B/W times, and the closed form for uniform stages without communication. The
+prediction sits below the closed form when stages are unbalanced (r counts the busiest rank's idle time
+only); the measurement sits above both on CPU, where 4 processes share the cores (a rank waiting for a
+core looks idle) and every cross-stage send costs real time. On one GPU per rank the gap is the
+communication the simulator leaves out. Without training, ``pipeloom-bubbles --multirun
 schedule=gpipe,1f1b,zb-h1 pp=4 microbatches=4,8,16`` sweeps the simulator alone.
 """
 
