@@ -80,8 +80,9 @@ def summarize(run_dir: str, train_seconds: float, start: float) -> int:
     checkpoint = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     print(f"checkpoint (sharded under pp=2 x tp=2, loadable under any layout): {checkpoint}")
     model, manifest = load_dense(checkpoint)
-    print(f"\nsampled from the trained model (loaded into one process), prompt "import os\\n\\n\\ndef ":\n{'-' * 60}")
-    text = generate(model, ByteTokenizer(), "import os\n\n\ndef ", max_new_tokens=300, temperature=0.7, seed=0)
+    prompt = "import os\n\n\ndef "
+    print(f"\nsampled from the trained model (loaded into one process), prompt {prompt!r}:\n{'-' * 60}")
+    text = generate(model, ByteTokenizer(), prompt, max_new_tokens=300, temperature=0.7, seed=0)
     print("\n".join(text.splitlines()[:10]))
     print(f"{'-' * 60}\ndemo finished in {time.perf_counter() - start:.0f} s; everything is in {run_dir}")
     return 0
