@@ -73,7 +73,7 @@ def add_optimizer_step(plan: Plan) -> Plan:
 
 
 def add_tied_sync(plan: Plan, tied_stages: tuple[int, ...]) -> Plan:
-    """Insert ``SYNC_TIED`` on each stage in ``tied_stages`` before its first ``UPDATE``.
+    """Insert ``SYNC_TIED`` on each stage in ``tied_stages`` before each of its ``UPDATE`` actions.
 
     The runtime sums the tied parameters' gradients over the ranks holding those stages there (a
     collective among them), so the copies stay identical after the update.
@@ -86,11 +86,10 @@ def add_tied_sync(plan: Plan, tied_stages: tuple[int, ...]) -> Plan:
         return plan
     ranks = []
     for actions in plan.ranks:
-        out, synced = [], set()
+        out = []
         for a in actions:
-            if a.kind is Kind.UPDATE and a.stage in tied and a.stage not in synced:
+            if a.kind is Kind.UPDATE and a.stage in tied:
                 out.append(Action(a.stage, Kind.SYNC_TIED))
-                synced.add(a.stage)
             out.append(a)
         ranks.append(out)
     return plan.replace(ranks=ranks)

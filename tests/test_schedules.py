@@ -219,3 +219,15 @@ def test_every_builtin_plan_validates_and_simulates(name, pp, mult, extra, vpp):
     counts = {k: sum(1 for a in plan.actions() if a.kind is k) for k in (Kind.F, Kind.B)}
     assert counts[Kind.F] == plan.num_stages * m
     assert counts[Kind.B] == (0 if name == "forward-only" else plan.num_stages * m)
+
+
+def test_tied_sync_precedes_every_update_of_a_tied_stage():
+    sync = lower(get_schedule("1f1b", pp=2, microbatches=2), tied_stages=(0, 1))
+    for plan in (sync, lower(get_schedule("pipedream", pp=2, microbatches=4), tied_stages=(0, 1))):
+        validate(plan)
+        for actions in plan.ranks:
+            for i, a in enumerate(actions):
+                if a.kind is Kind.UPDATE:
+                    assert actions[i - 1].kind is Kind.SYNC_TIED and actions[i - 1].stage == a.stage
+    assert sum(a.kind is Kind.SYNC_TIED for a in lower(get_schedule("pipedream", pp=2, microbatches=4),
+                                                         tied_stages=(0, 1)).actions()) == 2 * 4
