@@ -12,10 +12,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _relaunch import ensure_ranks  # noqa: E402
-
-from pipeloom.schedules import Costs, Schedule, ScheduleError, one_f_one_b_order, simulate  # noqa: E402
-from pipeloom.schedules.ir import Action, Plan  # noqa: E402
+from _relaunch import ensure_ranks
+from pipeloom.schedules import Costs, Schedule, ScheduleError, one_f_one_b_order, simulate
+from pipeloom.schedules.ir import Action, Plan
 
 
 class EagerOneFOneB(Schedule):
@@ -37,7 +36,6 @@ class EagerOneFOneB(Schedule):
 
 def main() -> None:
     from hydra import compose, initialize_config_module
-
     from pipeloom.configs.train import register
     from pipeloom.launch.train import run
     from pipeloom.schedules import get_schedule

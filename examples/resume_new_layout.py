@@ -12,12 +12,11 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _relaunch import ensure_ranks  # noqa: E402
+from _relaunch import ensure_ranks
 
 
 def main() -> None:
     from hydra import compose, initialize_config_module
-
     from pipeloom.configs.train import register
     from pipeloom.launch.train import run
 

@@ -4,8 +4,15 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from pipeloom.data import ByteTokenizer, TokenBatches, TokenStream, eval_batches, find_files, prepare_data, write_stream
+from pipeloom.data import (
+    ByteTokenizer,
+    TokenBatches,
+    TokenStream,
+    eval_batches,
+    find_files,
+    prepare_data,
+    write_stream,
+)
 from pipeloom.data.corpus import in_validation, read_split
 from pipeloom.data.stream import HEADER_BYTES
 

@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-
 from pipeloom import features
 from pipeloom.configs.train import ConfigError, check_config, register
 from pipeloom.training import read_metrics

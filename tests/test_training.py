@@ -7,12 +7,22 @@ import os
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-
 from pipeloom.launch.train import run
 from pipeloom.models import Transformer, get_model_config
 from pipeloom.schedules import get_schedule
-from pipeloom.training import (CheckpointError, LocalStep, build_optimizer, build_parts, clip_grad_norm,
-                               latest_checkpoint, load_checkpoint, load_dense, lr_at, read_metrics, save_checkpoint)
+from pipeloom.training import (
+    CheckpointError,
+    LocalStep,
+    build_optimizer,
+    build_parts,
+    clip_grad_norm,
+    latest_checkpoint,
+    load_checkpoint,
+    load_dense,
+    lr_at,
+    read_metrics,
+    save_checkpoint,
+)
 
 TINY = ["model=gpt-tiny", "model.n_layers=2", "data.seq_len=32", "data.batch_size=8", "train.eval_batches=1",
         "train.timeline=false", "optimizer.warmup_steps=2"]

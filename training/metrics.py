@@ -40,7 +40,7 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, file)
-        self._file = open(self.path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
+        self._file = open(self.path, "a")
         if kind == "wandb":
             features.require("wandb", "logger=wandb")
             import wandb
@@ -60,7 +60,7 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             _truncate_after(self.path, step)
-            self._file = open(self.path, "a")  # noqa: SIM115
+            self._file = open(self.path, "a")
 
     def close(self) -> None:
         if self._file is not None:
