@@ -1,0 +1,525 @@
+# Benchmark: pipeloom's pipeline runtime against torch.distributed.pipelining and DeepSpeed on 4 CPU ranks.
+"""The same model, batch, loss, optimizer and schedule through three pipeline engines; step-time medians.
+
+    torchrun --nproc_per_node=4 bench/peers_cpu.py                 # the full run (a few minutes)
+    python bench/peers_cpu.py                                      # the same; starts its own 4 ranks
+    python bench/peers_cpu.py --smoke                              # tiny sizes, one timed step: it runs
+
+Model: ``--layers`` identical pre-norm residual MLP blocks (LayerNorm, Linear D->4D, GELU, Linear 4D->D)
+on a (B, T, D) float32 tensor, MSE loss against a fixed random target, SGD with momentum (the optimizer
+step is inside the timed step). Every stage holds the same number of blocks (``layers / stages``).
+
+Schedules, matched by name (pipeloom | torch.distributed.pipelining | DeepSpeed):
+
+* ``gpipe``: ``gpipe`` | ``ScheduleGPipe`` | a 40-line GPipe ``PipeSchedule`` given to DeepSpeed's
+  engine through its ``_train_schedule`` hook (all forwards, then all backwards, the engine's own
+  instructions; DeepSpeed ships no GPipe schedule).
+* ``1f1b``: ``1f1b`` | ``Schedule1F1B`` | DeepSpeed's fixed ``TrainSchedule``, mapped to 1F1B: it is
+  PipeDream-Flush (at most p-s microbatches in flight on stage s), and its per-rank order of forwards and
+  backwards, once its idle "steps" are dropped, equals pipeloom's 1f1b plan (checked for p=4, m=8).
+* ``interleaved-1f1b`` (2 chunks per rank, looped placement): pipeloom vpp=2 | ``ScheduleInterleaved1F1B``
+  | DeepSpeed has none.
+* ``zb-v`` (2 chunks per rank, V placement): ``zb-v`` | ``ScheduleZBVZeroBubble`` | DeepSpeed has none.
+
+Method: every rank builds the full model from one seed, each engine keeps its stages; all three must
+give the same first-step loss and the same weights after the first SGD step as one process running the
+whole model on the whole batch (max differences printed: this shows they do the same work, including
+the 1/microbatches loss normalisation). Then per schedule: ``--warmup`` steps on each engine, and
+``--repeats`` rounds in which each engine in turn (A, B, C, A, B, C, ...) runs ``--steps`` steps, so
+slow drift of the machine hits all of them alike. Each step is timed alone between two barriers on
+rank 0; the table gives per-step medians over all rounds and the ratios pipeloom / peer (below 1:
+pipeloom is faster). ``torch.set_num_threads(1)`` on every rank.
+
+DeepSpeed on CPU (deepspeed 0.19.8, torch 2.13.0+cpu): installed with
+``DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed torch==2.13.0`` (no ops are built: the
+engine uses the torch optimizer we pass). ``DS_ACCELERATOR=cpu`` (set here before the import) selects
+its CPU accelerator without its probe of other devices; without oneCCL (``oneccl_bindings_for_pytorch``)
+that accelerator's communication backend is gloo. The process group is the one we start
+(``deepspeed.init_distributed`` finds it initialised); ``PipelineModule(partition_method="uniform")``
+over the same block objects, fp32, ZeRO stage 0, ``gradient_accumulation_steps`` = microbatches.
+On its first ``init_distributed`` DeepSpeed's CPU accelerator JIT-compiles its ``deepspeed_shm_comm``
+op with ninja and the system C++ compiler (about 2 minutes on the 2-core box; cached in
+``~/.cache/torch_extensions``; the pipeline engine does not use it), so the first run is slow. Without
+deepspeed installed (the ``[deepspeed]`` extra) its column is skipped with a message.
+
+Reading the numbers: 4 ranks on 2 cores means a waiting rank's core runs another rank, so pipeline
+bubbles are mostly filled and the step time follows the CPU work of all ranks (compute plus each
+engine's overhead per message and per action) rather than the schedule's bubble; on a shared box the
+CPU-time table (summed over the ranks, barriers excluded) is the steadier of the two. ``--profile``
+splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
+``--frameworks pipeloom,pipeloom-fixed,torch`` measures the cost of pipeloom's per-message shape header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+PP = 4
+FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
+DIAGNOSTIC = ("pipeloom-fixed",)  # pipeloom variants that test an explanation (see build_pipeloom_fixed)
+LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
+          "pipeloom-fixed": "pipeloom, headers once"}
+# schedule -> (chunks per rank, torch.distributed.pipelining class, DeepSpeed schedule or None)
+SCHEDULES = {
+    "gpipe": (1, "ScheduleGPipe", "gpipe"),
+    "1f1b": (1, "Schedule1F1B", "TrainSchedule"),
+    "interleaved-1f1b": (2, "ScheduleInterleaved1F1B", None),
+    "zb-v": (2, "ScheduleZBVZeroBubble", None),
+}
+SMOKE = {"layers": 8, "dim": 16, "batch": 8, "seq": 4, "microbatches": 8, "steps": 1, "repeats": 1, "warmup": 0}
+
+
+# ----- the model, the batch, the loss, the optimizer: identical for every engine -----------------------
+class Block(nn.Module):
+    """Pre-norm residual MLP: x + W2 gelu(W1 LayerNorm(x))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D)
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+def build_layers(layers: int, dim: int, seed: int = 0) -> list[nn.Module]:
+    """The full model as a list of blocks; every rank and every engine gets the same initial weights."""
+    torch.manual_seed(seed)
+    return [Block(dim) for _ in range(layers)]
+
+
+def make_batch(batch: int, seq: int, dim: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, dim, generator=g), torch.randn(batch, seq, dim, generator=g)  # (B, T, D) x2
+
+
+def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, target)
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=True)
+
+
+def stage_layers(stage: int, layers: int, num_stages: int) -> range:
+    per = layers // num_stages
+    return range(stage * per, (stage + 1) * per)
+
+
+def stages_of(schedule: str, rank: int) -> tuple[int, ...]:
+    """Stage indices on ``rank``: looped for interleaved (r, r+p), V-shaped for zb-v (r, 2p-1-r)."""
+    chunks = SCHEDULES[schedule][0]
+    if chunks == 1:
+        return (rank,)
+    return (rank, rank + PP) if schedule == "interleaved-1f1b" else (rank, 2 * PP - 1 - rank)
+
+
+@dataclass
+class Engine:
+    """One engine running one schedule on this rank: ``step(x, y)`` trains one batch and returns the
+    full-batch loss where the engine has it (else None); ``local`` lists the layer indices it trains."""
+
+    step: Callable
+    layers: list[nn.Module]
+    local: list[int]
+
+
+# ----- the three engines -------------------------------------------------------------------------------
+def build_pipeloom(schedule: str, cfg: dict, rank: int) -> Engine:
+    from pipeloom.parallel import PipelineRuntime, split_stages
+    from pipeloom.schedules import get_schedule
+
+    chunks = SCHEDULES[schedule][0]
+    plan = get_schedule(schedule, pp=PP, microbatches=cfg["microbatches"], vpp=chunks if chunks > 1 else None)
+    if plan.stages_of(rank) != stages_of(schedule, rank):
+        raise RuntimeError(f"pipeloom {schedule} places stages {plan.stages_of(rank)} on rank {rank}; the peers "
+                           f"use {stages_of(schedule, rank)}")
+    layers = build_layers(cfg["layers"], cfg["dim"])
+    split = split_stages(nn.Sequential(*layers), plan.num_stages, method="uniform")
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer)
+
+    def step(x, y):
+        return runtime.step(x, y).loss
+
+    step.runtime = runtime
+    local = [i for s in plan.stages_of(rank) for i in stage_layers(s, cfg["layers"], plan.num_stages)]
+    return Engine(step, layers, local)
+
+
+def build_pipeloom_fixed(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom whose forward messages carry the shape header on the first step only.
+
+    pipeloom sends a small shape header before every activation, so a receiver waits twice per
+    message (header, then payload) where torch.distributed.pipelining and DeepSpeed, which fix the
+    shapes on the first step, wait once. This wraps ``P2P.exchange`` so that after the first step both
+    sides reuse the specs of the same message tag (valid here: every step has the same shapes); the
+    difference to plain ``pipeloom`` is the cost of the per-message header.
+    """
+    engine = build_pipeloom(schedule, cfg, rank)
+    p2p = engine.step.runtime.p2p
+    exchange, sent, known = p2p.exchange, set(), {}
+
+    def exchange_headers_once(transfers):
+        fresh = []
+        for t in transfers:
+            if t.header and t.send and t.tag in sent:
+                t.header = False
+            elif t.header and not t.send and t.tag in known:
+                t.header, t.specs = False, known[t.tag]
+            elif t.header:
+                fresh.append(t)
+        exchange(transfers)
+        for t in fresh:
+            if t.send:
+                sent.add(t.tag)
+            else:
+                known[t.tag] = t.specs
+
+    p2p.exchange = exchange_headers_once
+    return engine
+
+
+def build_torch(schedule: str, cfg: dict, rank: int) -> Engine:
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import schedules
+
+    chunks, cls_name, _ = SCHEDULES[schedule]
+    num_stages = PP * chunks
+    layers = build_layers(cfg["layers"], cfg["dim"])
+    mine = stages_of(schedule, rank)
+    stages = [pipelining.PipelineStage(nn.Sequential(*(layers[i] for i in stage_layers(s, cfg["layers"], num_stages))),
+                                       s, num_stages, torch.device("cpu")) for s in mine]
+    cls = getattr(schedules, cls_name)
+    sched = cls(stages[0] if chunks == 1 else stages, cfg["microbatches"], loss_fn=loss_fn)
+    optimizer = make_optimizer([p for st in stages for p in st.submod.parameters()])
+    first, last = 0 in mine, num_stages - 1 in mine
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        losses = [] if last else None
+        args = (x,) if first else ()
+        sched.step(*args, target=y if last else None, losses=losses)
+        optimizer.step()
+        return float(torch.stack(losses).detach().mean()) if last else None
+
+    local = [i for s in mine for i in stage_layers(s, cfg["layers"], num_stages)]
+    return Engine(step, layers, local)
+
+
+def build_deepspeed(schedule: str, cfg: dict, rank: int) -> Engine:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import logging
+
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo")
+    layers = build_layers(cfg["layers"], cfg["dim"])
+    module = PipelineModule(layers=layers, num_stages=PP, loss_fn=loss_fn, partition_method="uniform",
+                            activation_checkpoint_interval=0)
+    m, mb = cfg["microbatches"], cfg["batch"] // cfg["microbatches"]
+    config = {"train_batch_size": mb * m, "train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": m,
+              "steps_per_print": 10**9, "wall_clock_breakdown": False, "zero_optimization": {"stage": 0}}
+    engine, *_ = deepspeed.initialize(model=module, optimizer=make_optimizer(module.parameters()), config=config)
+    if SCHEDULES[schedule][2] == "gpipe":
+        _use_deepspeed_gpipe(engine)
+
+    def step(x, y):
+        pairs = list(zip(torch.tensor_split(x, m), torch.tensor_split(y, m)))  # (inputs, labels) per microbatch
+        return float(engine.train_batch(iter(pairs)))
+
+    local = list(stage_layers(rank, cfg["layers"], PP))
+    return Engine(step, layers, local)
+
+
+def _use_deepspeed_gpipe(engine) -> None:
+    """Make DeepSpeed's engine run GPipe: all forwards, then all backwards, one buffer per microbatch.
+
+    The engine keeps only the latest microbatch's loss (``engine.loss``: 1F1B runs B(b) right after F(b)
+    on the last stage), so the forwards here stash each loss by buffer and the backwards restore it.
+    """
+    from deepspeed.runtime.pipe import schedule as ds
+
+    class GPipeSchedule(ds.PipeSchedule):
+        def num_pipe_buffers(self):
+            return self.micro_batches
+
+        def steps(self):
+            m = self.micro_batches
+            for b in range(m):
+                cmds = [] if self.is_first_stage else [ds.RecvActivation(b)]
+                if self.is_first_stage or self.is_last_stage:
+                    cmds.append(ds.LoadMicroBatch(b))
+                cmds.append(ds.ForwardPass(b))
+                if not self.is_last_stage:
+                    cmds.append(ds.SendActivation(b))
+                yield cmds
+            for b in range(m):
+                cmds = [] if self.is_last_stage else [ds.RecvGrad(b)]
+                cmds.append(ds.BackwardPass(b))
+                if not self.is_first_stage:
+                    cmds.append(ds.SendGrad(b))
+                if b == m - 1:
+                    cmds += [ds.ReduceTiedGrads(), ds.ReduceGrads(), ds.OptimizerStep()]
+                yield cmds
+
+    cls = type(engine)
+    forward, backward = cls._INSTRUCTION_MAP[ds.ForwardPass], cls._INSTRUCTION_MAP[ds.BackwardPass]
+    losses: dict = {}
+
+    def forward_keep_loss(self, buffer_id):
+        forward(self, buffer_id)
+        if self.is_last_stage():
+            losses[buffer_id] = self.loss
+
+    def backward_with_loss(self, buffer_id):
+        if self.is_last_stage():
+            self.loss = losses.pop(buffer_id)
+        backward(self, buffer_id)
+
+    engine._INSTRUCTION_MAP = {**cls._INSTRUCTION_MAP, ds.ForwardPass: forward_keep_loss,
+                               ds.BackwardPass: backward_with_loss}
+    engine._train_schedule = lambda: GPipeSchedule(micro_batches=engine.micro_batches, stages=engine.num_stages,
+                                                   stage_id=engine.stage_id)
+
+
+BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
+            "pipeloom-fixed": build_pipeloom_fixed}
+
+
+# ----- checks and timing -------------------------------------------------------------------------------
+def reference_step(cfg: dict, x, y) -> tuple[float, list[nn.Module]]:
+    """One process, the whole model on the whole batch: (loss, blocks after one optimizer step)."""
+    layers = build_layers(cfg["layers"], cfg["dim"])
+    model = nn.Sequential(*layers)
+    optimizer = make_optimizer(model.parameters())
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), layers
+
+
+def weight_diff(engine: Engine, reference: list[nn.Module]) -> float:
+    """Largest |weight - reference weight| over the blocks this rank trains."""
+    worst = 0.0
+    for i in engine.local:
+        for p, q in zip(engine.layers[i].parameters(), reference[i].parameters()):
+            worst = max(worst, (p.detach() - q.detach()).abs().max().item())
+    return worst
+
+
+def timed_step(engine: Engine, x, y) -> tuple[float, float]:
+    """(wall seconds from a barrier before the step to a barrier after it, this process's CPU seconds in
+    the step itself, gloo's threads included)."""
+    dist.barrier()
+    start, cpu = time.perf_counter(), time.process_time()
+    engine.step(x, y)
+    cpu = time.process_time() - cpu
+    dist.barrier()
+    return time.perf_counter() - start, cpu
+
+
+def run_rank(cfg: dict) -> dict | None:
+    """Everything one rank does; the process group is up. Returns the results on rank 0."""
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    if dist.get_world_size() != PP:
+        raise SystemExit(f"peers_cpu.py compares 4-stage pipelines: run it on 4 ranks "
+                         f"(torchrun --nproc_per_node=4), not {dist.get_world_size()}")
+    x, y = make_batch(cfg["batch"], cfg["seq"], cfg["dim"])
+    ref_loss, ref_layers = reference_step(cfg, x, y)
+    results: dict = {"ref_loss": ref_loss, "rows": []}
+    for schedule in cfg["schedules"]:
+        names = [f for f in cfg["frameworks"] if f != "deepspeed" or SCHEDULES[schedule][2] is not None]
+        engines, checks = {}, {}
+        for name in names:
+            engines[name] = BUILDERS[name](schedule, cfg, rank)
+            loss = engines[name].step(x, y)  # the check step, from the initial weights
+            losses = [None] * PP
+            dist.all_gather_object(losses, loss)
+            diff = torch.tensor(weight_diff(engines[name], ref_layers))
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            first = next(v for v in losses if v is not None)
+            checks[name] = (first, abs(first - ref_loss), diff.item())
+        for name in names:
+            for _ in range(cfg["warmup"]):
+                engines[name].step(x, y)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(cfg["repeats"]):
+            for name in names:  # A, B, C, A, B, C, ...: drift hits every engine alike
+                for _ in range(cfg["steps"]):
+                    wall, seconds = timed_step(engines[name], x, y)
+                    times[name].append(wall)
+                    cpu[name].append(seconds)
+        for name in names:  # CPU seconds of each step summed over the ranks
+            per_rank = [None] * PP
+            dist.all_gather_object(per_rank, cpu[name])
+            cpu[name] = [sum(step) for step in zip(*per_rank)]
+        profile = pipeloom_profile(engines["pipeloom"], x, y) if cfg["profile"] and "pipeloom" in engines else None
+        results["rows"].append({"schedule": schedule, "checks": checks, "times": times, "cpu": cpu,
+                                "profile": profile})
+        if rank == 0:
+            print(format_row(results["rows"][-1]), flush=True)
+        del engines
+    return results if rank == 0 else None
+
+
+def pipeloom_profile(engine: Engine, x, y) -> list[dict] | None:
+    """Per rank, one more pipeloom step split into compute, communication and the time between actions."""
+    runtime = engine.step.runtime
+    dist.barrier()
+    start = time.perf_counter()
+    runtime.step(x, y)
+    after_actions = time.perf_counter()
+    dist.barrier()
+    wall = time.perf_counter() - start
+    ivs = sorted(runtime.last_timeline.intervals, key=lambda iv: iv.start)
+    compute = sum(iv.duration for iv in ivs if iv.action.kind.is_compute)
+    other = sum(iv.duration for iv in ivs if not iv.action.kind.is_comm and not iv.action.kind.is_compute)
+    comm, end = 0.0, None  # union of the communication intervals (one batched exchange spans several)
+    for iv in (iv for iv in ivs if iv.action.kind.is_comm):
+        lo = iv.start if end is None else max(iv.start, end)
+        if iv.end > lo:
+            comm += iv.end - lo
+            end = iv.end
+    last = max(iv.end for iv in ivs)
+    mine = {"rank": dist.get_rank(), "wall": wall, "actions": last - start, "compute": compute, "comm": comm,
+            "update": other, "tail": after_actions - last, "gaps": (last - start) - compute - comm - other}
+    gathered = [None] * PP
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+# ----- output ------------------------------------------------------------------------------------------
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['schedule']}:"]
+    for name, (loss, ldiff, wdiff) in row["checks"].items():
+        parts.append(f"{LABELS[name]} {median_ms(row['times'][name]):.1f} ms (loss {loss:.6f}, |diff| {ldiff:.1e}, "
+                     f"weights |diff| {wdiff:.1e})")
+    return "  ".join(parts)
+
+
+def table(results: dict, frameworks: list[str], key: str = "times") -> str:
+    """Markdown: per-step medians (ms) by engine and schedule, and the ratios first engine / each other
+    (below 1: the first, pipeloom by default, is faster). ``key``: "times" (wall time of the step) or
+    "cpu" (CPU time of the step, summed over the 4 ranks)."""
+    first, others = frameworks[0], frameworks[1:]
+    head = ["schedule"] + [f"{LABELS[f]} ms" for f in frameworks] + [f"{LABELS[first]} / {LABELS[f]}" for f in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in results["rows"]:
+        t = {f: median_ms(v) for f, v in row[key].items()}
+        cells = [row["schedule"]] + [f"{t[f]:.1f}" if f in t else "n/a" for f in frameworks]
+        cells += [f"{t[first] / t[f]:.2f}" if f in t and first in t else "n/a" for f in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def same_work(results: dict) -> str:
+    worst_loss = max(c[1] for row in results["rows"] for c in row["checks"].values())
+    worst_weight = max(c[2] for row in results["rows"] for c in row["checks"].values())
+    return (f"Same work: first-step loss {results['ref_loss']:.6f} in one process; max |loss diff| over all "
+            f"engines and schedules {worst_loss:.1e}, max |weight diff| after the first step {worst_weight:.1e}.")
+
+
+def profile_text(results: dict) -> str:
+    lines = [("pipeloom per rank, one step (ms): wall | actions span | compute | comm wait | update | between "
+              "actions | after the last action (loss broadcast, drain)")]
+    for row in results["rows"]:
+        for p in row["profile"] or []:
+            lines.append(f"  {row['schedule']:<17} rank {p['rank']}: {p['wall'] * 1e3:7.1f} | {p['actions'] * 1e3:7.1f} "
+                         f"| {p['compute'] * 1e3:7.1f} | {p['comm'] * 1e3:7.1f} | {p['update'] * 1e3:5.1f} "
+                         f"| {p['gaps'] * 1e3:6.1f} | {p['tail'] * 1e3:5.1f}")
+    return "\n".join(lines)
+
+
+# ----- entry point -------------------------------------------------------------------------------------
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=16, help="blocks; a multiple of 8 (8 chunks for vpp=2)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32, help="rows per step, split into microbatches")
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per engine per round")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds A, B, C")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per engine after the check step")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma list of {list(SCHEDULES)}")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                        help=f"comma list of {list(FRAMEWORKS + DIAGNOSTIC)}; the first is the numerator of the ratios")
+    parser.add_argument("--profile", action="store_true", help="split one pipeloom step per rank")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes, one timed step: {SMOKE}")
+    return parser.parse_args(argv)
+
+
+def config(args: argparse.Namespace) -> dict:
+    """The run's settings as a plain dict (it travels to spawned ranks); drops DeepSpeed if absent."""
+    cfg = {k: getattr(args, k) for k in ("layers", "dim", "batch", "seq", "microbatches", "steps", "repeats",
+                                         "warmup", "profile")}
+    if args.smoke:
+        cfg.update(SMOKE)
+    cfg["schedules"] = [s for s in args.schedules.split(",") if s]
+    cfg["frameworks"] = [f for f in args.frameworks.split(",") if f]
+    unknown = sorted(set(cfg["schedules"]) - set(SCHEDULES)) + sorted(set(cfg["frameworks"]) - set(FRAMEWORKS + DIAGNOSTIC))
+    if unknown:
+        raise SystemExit(f"unknown schedule or framework {unknown}; schedules: {list(SCHEDULES)}, "
+                         f"frameworks: {list(FRAMEWORKS + DIAGNOSTIC)}")
+    if cfg["layers"] % (2 * PP) or cfg["batch"] % cfg["microbatches"]:
+        raise SystemExit(f"--layers must be a multiple of {2 * PP} (got {cfg['layers']}) and --batch a multiple of "
+                         f"--microbatches (got {cfg['batch']} and {cfg['microbatches']})")
+    from pipeloom import features
+
+    if "deepspeed" in cfg["frameworks"] and not features.has("deepspeed"):
+        print("DeepSpeed is not installed: skipping its column (install: DS_BUILD_OPS=0 pip install "
+              "--no-build-isolation 'pipeloom[deepspeed]' torch==2.13.0)", flush=True)
+        cfg["frameworks"].remove("deepspeed")
+    return cfg
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    cfg = config(args)
+    if "WORLD_SIZE" in os.environ:  # under torchrun
+        dist.init_process_group("gloo")
+        try:
+            results = run_rank(cfg)
+        finally:
+            dist.destroy_process_group()
+    else:  # start the 4 ranks here
+        from pipeloom.parallel.spawn import run_ranks
+
+        results = run_ranks(run_rank, PP, cfg, timeout=3600.0)[0]
+    if results is not None:
+        print(f"\n{PP} gloo ranks, torch {torch.__version__}, layers={cfg['layers']} dim={cfg['dim']} "
+              f"batch={cfg['batch']}x{cfg['seq']} microbatches={cfg['microbatches']}, median of "
+              f"{cfg['repeats']}x{cfg['steps']} steps per cell\n")
+        print("Step time (wall, barrier to barrier), median ms:\n")
+        print(table(results, cfg["frameworks"]))
+        print("\nCPU time of the step summed over the 4 ranks (gloo threads included), median ms:\n")
+        print(table(results, cfg["frameworks"], key="cpu"))
+        print("\n" + same_work(results))
+        if cfg["profile"]:
+            print("\n" + profile_text(results))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

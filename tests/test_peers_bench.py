@@ -1,0 +1,60 @@
+# bench/peers_cpu.py end to end in smoke mode on 4 CPU ranks; DeepSpeed's column skipped when it is absent.
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "peers_cpu.py"
+
+
+def _load_bench():
+    """The benchmark script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("peers_cpu_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # @dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_runs_all_engines_and_they_do_the_same_work():
+    """Smoke mode starts its own 4 ranks, times every schedule, and the engines agree with one process."""
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke"], cwd=REPO, capture_output=True, text=True,
+                          timeout=150, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    for schedule in ("gpipe", "1f1b", "interleaved-1f1b", "zb-v"):
+        assert schedule in rows, done.stdout
+    deepspeed = "DeepSpeed is not installed" not in done.stdout
+    assert ("DeepSpeed ms" in done.stdout) == deepspeed, done.stdout
+    if deepspeed:  # DeepSpeed runs GPipe and 1F1B only
+        assert "n/a" not in rows["1f1b"] and "n/a" in rows["zb-v"], done.stdout
+    same = re.search(r"max \|loss diff\| .* ([0-9.e+-]+), max \|weight diff\| after the first step ([0-9.e+-]+)\.",
+                     done.stdout)
+    assert same, done.stdout
+    assert float(same.group(1)) < 1e-5 and float(same.group(2)) < 1e-5, same.group(0)
+
+
+def test_missing_deepspeed_is_skipped_with_a_message(monkeypatch, capsys):
+    """Without deepspeed the configuration drops its column and says how to install it."""
+    bench = _load_bench()
+    from pipeloom import features
+
+    monkeypatch.setattr(features, "has", lambda name: name != "deepspeed")
+    cfg = bench.config(bench.parse(["--smoke"]))
+    assert cfg["frameworks"] == ["pipeloom", "torch"]
+    assert "DeepSpeed is not installed" in capsys.readouterr().out
+    assert cfg["layers"] == bench.SMOKE["layers"] and cfg["steps"] == 1
+
+
+def test_unknown_names_and_bad_sizes_are_refused():
+    bench = _load_bench()
+    with pytest.raises(SystemExit, match="unknown schedule or framework"):
+        bench.config(bench.parse(["--schedules", "1f1b,dualpipe"]))
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        bench.config(bench.parse(["--layers", "12"]))
