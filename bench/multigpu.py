@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (device README)
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 SYNC = ("gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved-1f1b", "zb-v")  # same placement kept adjacent
 ASYNC = ("1f1b", "pipedream", "pipedream-2bw")
@@ -112,8 +112,12 @@ def build(config, plan, mesh, device, split: str) -> Built:
     return Built((plan.num_stages, plan.stages_of(mesh.pp_rank)), modules, loss_fn, adamw(params, device), params)
 
 
+AUTOCAST = {"on": True}  # set once from --autocast in main()
+
+
 def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    """bf16 autocast on this device when enabled (default: on GPU only)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST["on"])
 
 
 def sync(device) -> None:
@@ -400,7 +404,7 @@ def tables(out: dict) -> str:
 def header(out: dict) -> str:
     a = out["args"]
     return (f"{out['date']}, {out['device_name']} x{out['world_size']} ({out['backend']}), torch {out['torch']}, "
-            f"model {a['model']}{' (smoke shapes)' if a['smoke'] else ''}, {a['mbs']}x{a['seq']} tokens per microbatch, "
+            f"model {a['model']}{' (smoke shapes)' if a['smoke'] else ''}, {out['precision']}, {a['mbs']}x{a['seq']} tokens per microbatch, "
             f"median of {a['steps']} timed steps after {a['warmup']} warm-up; r = Zero Bubble bubble rate; "
             f"command: {out['command']}")
 
@@ -416,6 +420,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=5, help="timed steps per engine (alternated)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per engine first")
+    p.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
+                   help="bf16 autocast: auto = on GPU only; bf16 on CPU checks that path slowly")
     p.add_argument("--split", default="uniform", help="split_stages method: uniform or parameters")
     p.add_argument("--picture-m", type=int, default=8, help="microbatch count of the timeline pictures")
     p.add_argument("--no-peer", action="store_true", help="skip torch.distributed.pipelining")
@@ -428,6 +434,9 @@ def parse(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown schedule(s) {unknown}; choose among {list(SYNC)}")
     args.microbatches = [int(v) for v in args.microbatches.split(",") if v]
+    if args.steps < 1 or args.warmup < 0 or not args.microbatches:
+        p.error(f"need --steps >= 1, --warmup >= 0 and a microbatch count (got {args.steps}, {args.warmup}, "
+                f"{args.microbatches})")
     if args.smoke:
         args.model, args.seq, args.mbs = SMOKE["model"], SMOKE["seq"], SMOKE["mbs"]
     return args
@@ -438,6 +447,7 @@ def main(argv=None) -> None:
     if "WORLD_SIZE" not in os.environ:
         raise SystemExit("launch with torchrun, e.g. torchrun --nproc_per_node=4 bench/multigpu.py --smoke")
     device, backend = device_and_backend()
+    AUTOCAST["on"] = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda")
     dist.init_process_group(backend)
     try:
         world = dist.get_world_size()
@@ -445,11 +455,14 @@ def main(argv=None) -> None:
                                                                  else [f"{world}x1"])
         torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
         config = model_config(args)
+        if args.seq > config.max_seq_len:
+            raise SystemExit(f"--seq {args.seq} exceeds {args.model}'s max_seq_len={config.max_seq_len}")
         out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device.type,
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                "backend": backend, "world_size": world, "torch": torch.__version__, "layouts": layouts,
-               "command": "torchrun --nproc_per_node=%d bench/multigpu.py %s" % (world, " ".join(sys.argv[1:])),
+               "command": f"torchrun --nproc_per_node={world} bench/multigpu.py {' '.join(sys.argv[1:])}",
                "args": vars(args), "model_config": vars(config) if hasattr(config, "__dict__") else str(config),
+               "precision": "bf16 autocast" if AUTOCAST["on"] else "float32",
                "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "max RSS (getrusage), process lifetime",
                "rows": [], "async": [], "skipped": [], "pictures": []}
         for layout in layouts:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from pipeloom.parallel.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
