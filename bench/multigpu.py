@@ -78,6 +78,7 @@ class Built:
 
 # ----- setup -------------------------------------------------------------------------------------------
 def device_and_backend() -> tuple[torch.device, str]:
+    """This rank's GPU (``LOCAL_RANK``) and NCCL when CUDA is available, else the CPU and gloo."""
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -86,6 +87,7 @@ def device_and_backend() -> tuple[torch.device, str]:
 
 
 def model_config(args):
+    """The ``--model`` config (smoke: tiny overrides), with untied embeddings and no dropout."""
     from pipeloom.models import get_model_config
 
     overrides = dict(SMOKE["overrides"]) if args.smoke else {}
@@ -94,6 +96,7 @@ def model_config(args):
 
 
 def adamw(params, device) -> torch.optim.Optimizer:
+    """The optimizer of every engine: AdamW, fused on GPU, foreach on CPU."""
     return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda", foreach=device.type != "cuda")
 
 
@@ -121,11 +124,13 @@ def autocast(device):
 
 
 def sync(device) -> None:
+    """Wait for the GPU (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def reset_peak(device) -> None:
+    """Start a new CUDA peak-memory window (CPU: max RSS cannot be reset)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -149,6 +154,7 @@ def timed(fn, device) -> float:
 
 
 def gather(value) -> list:
+    """``value`` of every rank, by global rank (collective)."""
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
@@ -347,16 +353,19 @@ def run_layout(layout: str, args, config, device, out: dict) -> None:
 
 
 def skip(out: dict, layout, schedule, m, reason: str) -> None:
+    """Record (and print on rank 0) a combination that cannot run, with the reason."""
     out["skipped"].append({"layout": layout, "schedule": schedule, "microbatches": m, "reason": reason})
     if dist.get_rank() == 0:
         print(f"skip {layout} {schedule} m={m}: {reason}", flush=True)
 
 
 def picture_m(args) -> int:
+    """The microbatch count whose timelines are drawn: ``--picture-m`` if swept, else the first."""
     return args.picture_m if args.picture_m in args.microbatches else args.microbatches[0]
 
 
 def picture(schedule, layout, m, measured, simulated, out_dir) -> dict:
+    """Draw the measured timeline above the simulated one into ``out_dir/timelines``."""
     from pipeloom.schedules.render import render_side_by_side
 
     path = os.path.join(out_dir, "timelines", f"{schedule}_{layout}_m{m}.png")
@@ -367,12 +376,14 @@ def picture(schedule, layout, m, measured, simulated, out_dir) -> dict:
 
 # ----- output ------------------------------------------------------------------------------------------
 def format_row(row: dict) -> str:
+    """One progress line for a finished configuration."""
     peer = f"{row['peer_tokens_per_s']:.0f} tok/s" if row["peer_tokens_per_s"] else f"no peer ({row['peer_problem']})"
     return (f"{row['layout']} {row['schedule']} m={row['microbatches']}: {row['tokens_per_s']:.0f} tok/s, r measured "
             f"{row['bubble_measured']:.3f} predicted {row['bubble_predicted']:.3f}; peer {peer}")
 
 
 def tables(out: dict) -> str:
+    """Markdown: the synchronous table, the asynchronous one, and the skipped combinations."""
     mem = "peak MiB/rank (max RSS)" if out["device"] == "cpu" else "peak MiB/rank"
     head = ["layout", "schedule", "m", "tok/s", mem, "r measured", "r predicted", "gap pp", "peer", "peer tok/s",
             "pipeloom/peer"]
@@ -402,6 +413,7 @@ def tables(out: dict) -> str:
 
 
 def header(out: dict) -> str:
+    """One line: date, device, torch, model, precision, batch shape, steps and the command."""
     a = out["args"]
     return (f"{out['date']}, {out['device_name']} x{out['world_size']} ({out['backend']}), torch {out['torch']}, "
             f"model {a['model']}{' (smoke shapes)' if a['smoke'] else ''}, {out['precision']}, {a['mbs']}x{a['seq']} tokens per microbatch, "
@@ -411,6 +423,7 @@ def header(out: dict) -> str:
 
 # ----- entry point -------------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
+    """Command-line options (see ``--help``), checked."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", default=None, help="comma list of PPxTP; default for 4 ranks: 4x1,2x2")
     p.add_argument("--only", default=",".join(SYNC), help=f"comma list of schedules among {list(SYNC)}")
@@ -443,6 +456,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Every layout on every rank; rank 0 prints and writes the results."""
     args = parse(argv)
     if "WORLD_SIZE" not in os.environ:
         raise SystemExit("launch with torchrun, e.g. torchrun --nproc_per_node=4 bench/multigpu.py --smoke")

@@ -14,7 +14,7 @@ BENCH = REPO / "bench" / "multigpu.py"
 SCHEDULES = ("1f1b", "zb-v")
 MICROBATCHES = (4, 8)
 LAYOUTS = ("4x1", "2x2")
-TIMEOUT = 180  # seconds; the run takes about 40 s on a loaded 2-core machine
+TIMEOUT = 180  # seconds; the run takes about 20 s on a loaded 2-core machine
 
 
 def _has_peer(schedule: str) -> bool:
