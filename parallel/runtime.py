@@ -18,7 +18,18 @@ its ``forward`` names. The lowered plan is then executed action by action:
   it, with the graph kept, when the plan has a ``W`` for that microbatch - see
   :mod:`pipeloom.parallel.backward`) or the full backward; ``W`` the parameter gradients.
 * ``SEND_*``/``RECV_*`` runs of consecutive actions are posted as one batched non-blocking p2p call
-  (:mod:`pipeloom.parallel.p2p`); forward messages carry a shape header.
+  (:mod:`pipeloom.parallel.p2p`). Gradients never carry a shape header (their shapes are those of the
+  activation sent forward). Activations, with ``shapes="cached"`` (the default), carry one only the first
+  time their *shape key* appears: (sending stage, the microbatch's input signature - shapes and dtypes of
+  its inputs and extras, and the autocast state - so an uneven last microbatch or a new sequence length is
+  a new key). Every rank
+  computes the keys from the batch it is given and remembers them across steps, so both ends agree which
+  message carries the header (the first with a new key, in the order the receiver takes them) and the
+  receiver otherwise posts the payload receive at once: one wait per activation, as in
+  ``torch.distributed.pipelining``. This needs every rank to be given the batch's inputs and each stage's
+  output shapes to follow from its input shapes; the sender checks that and raises
+  :class:`PipelineCommError` naming the option when they do not. ``shapes="per-message"`` sends a header
+  with every activation instead (data-dependent output shapes, or ranks called without the batch).
 * ``UPDATE`` runs the stage's optimizer; ``RELEASE`` drops a stashed weight version
   (:mod:`pipeloom.parallel.versions`); ``SYNC_TIED`` sums tied parameters' gradients across the ranks
   holding them (in one fixed order, so the copies stay bitwise identical).
@@ -54,6 +65,8 @@ from .versions import StageVersions, update_groups
 
 __all__ = ["PipelineCommError", "PipelineRuntime", "PipelineTimeout", "StepResult"]
 
+SHAPE_MODES = ("cached", "per-message")  # PipelineRuntime(shapes=...): how activations' shapes travel
+
 
 @dataclass
 class StepResult:
@@ -87,13 +100,19 @@ class PipelineRuntime:
         loss_weight, ignore_index: how many targets of a microbatch count (see module docstring).
         ordered_messages: receive each peer's messages in its send order with tag 0 (default: on NCCL only,
             which matches by order; True on gloo tests that path on CPU).
+        shapes: ``"cached"`` (default): an activation's shape header is sent once per shape key (see the
+            module docstring); every rank must be given the inputs. ``"per-message"``: a header before
+            every activation, for stages whose output shapes depend on the data.
     """
 
     def __init__(self, plan: Plan, modules, loss_fn: Callable | None = None, *,
                  optimizer_factory: Callable | None = None, optimizers: Mapping | None = None,
                  tied=(), pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
-                 ordered_messages: bool | None = None):
+                 ordered_messages: bool | None = None, shapes: str = "cached"):
+        if shapes not in SHAPE_MODES:
+            raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
+        self.shapes = shapes
         self.timeout = float(timeout)
         self.pp_group, self.pp_ranks, self.rank = _pipeline_group(plan, pp_group, pp_ranks)
         if hasattr(modules, "for_rank"):
@@ -134,6 +153,8 @@ class PipelineRuntime:
             inbound = inbound_messages(self.plan, self.rank) if ordered_messages else None
             self.p2p = P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout,
                            inbound=inbound, spec_of=self._gradient_specs)
+        self._boundaries = _forward_orders(self.plan, self.rank, bool(ordered_messages))
+        self._known_shapes: set[tuple] = set()  # shape keys whose header went (or was planned) in earlier steps
         self.tied = TiedParameters(self.tied_groups, self.plan, self.rank, self.modules, self.p2p,
                                    tag_base=self._tag_count())
         self.tied.make_identical()
@@ -157,7 +178,13 @@ class PipelineRuntime:
             raise ValueError(f"pipeline rank {self.rank} holds stage 0 and needs the inputs")
         if holds_last and training and targets is None:
             raise ValueError(f"pipeline rank {self.rank} holds the last stage and needs targets to train")
-        self._inputs_mb = split_batch(inputs, m, "inputs") if holds_first else None
+        cached = self.p2p is not None and self.shapes == "cached"
+        if cached and inputs is None:
+            raise ValueError(f"pipeline rank {self.rank} was given no inputs: with shapes='cached' (the default) "
+                             f"every rank derives the activation shapes from the microbatches' input shapes; pass "
+                             f"the same inputs on every rank, or build the runtime with shapes='per-message'")
+        inputs_mb = split_batch(inputs, m, "inputs") if holds_first or cached else None
+        self._inputs_mb = inputs_mb if holds_first else None
         self._targets_mb = split_batch(targets, m, "targets") if holds_last and targets is not None else None
         self._extras_mb = split_extras(extras, m, batch_size(inputs, targets))
         self._weights = self._loss_weights() if self._targets_mb is not None else None
@@ -171,7 +198,7 @@ class PipelineRuntime:
             versions.begin()
         self.tied.begin()
         if self.p2p is not None:
-            self.p2p.reset()
+            self.p2p.reset(self._forward_messages(inputs_mb if cached else None))
         clock = ActionClock(self.device)
         records = []
         i = 0
@@ -331,15 +358,38 @@ class PipelineRuntime:
     def _tag_count(self) -> int:
         return 2 + 2 * self.plan.num_stages * self.plan.microbatches
 
+    def _forward_messages(self, inputs_mb) -> dict[tuple, tuple]:
+        """Per forward message ``(True, sending stage, mb)`` this rank sends or receives this step: (shape
+        key, header?). Cached (``inputs_mb`` given): the key is (sending stage, the microbatch's input
+        signature) and a header goes with the first message of a key not seen in an earlier step, in the
+        order the receiver takes them; both ends compute the same from the plan, the batch and the keys
+        of earlier steps. Per-message (``inputs_mb`` None): no key, a header on every message."""
+        out = {}
+        if inputs_mb is None:
+            for s, order in self._boundaries.items():
+                out.update({(True, s, mb): (None, True) for mb in order})
+            return out
+        device = self.device.type  # autocast changes output dtypes: its state is part of the key
+        amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        signatures = [(amp, *_signature(x, extras)) for x, extras in zip(inputs_mb, self._extras_mb)]
+        for s, order in self._boundaries.items():
+            for mb in order:
+                key = (s, signatures[mb])
+                out[(True, s, mb)] = (key, key not in self._known_shapes)
+                self._known_shapes.add(key)
+        return out
+
     def _transfer(self, a: Action) -> Transfer:
         s, mb, k = a.stage, a.microbatch, a.kind
         if k is Kind.SEND_F:
             outs = self._state[("out", s, mb)] if not self.plan.is_forward_only else self._state.pop(("out", s, mb))
-            return Transfer(a, True, self.plan.rank_of(s + 1), self._tag(s, False, mb), list(outs), header=True,
-                            key=(True, s, mb))
+            shape_key, header = self.p2p.forward[(True, s, mb)]
+            return Transfer(a, True, self.plan.rank_of(s + 1), self._tag(s, False, mb), list(outs), header=header,
+                            key=(True, s, mb), shape_key=shape_key)
         if k is Kind.RECV_F:
-            return Transfer(a, False, self.plan.rank_of(s - 1), self._tag(s - 1, False, mb), header=True,
-                            key=(True, s - 1, mb))
+            shape_key, header = self.p2p.forward[(True, s - 1, mb)]
+            return Transfer(a, False, self.plan.rank_of(s - 1), self._tag(s - 1, False, mb), header=header,
+                            key=(True, s - 1, mb), shape_key=shape_key)
         if k is Kind.SEND_B:
             grads = self._state.pop(("gin", s, mb))
             return Transfer(a, True, self.plan.rank_of(s - 1), self._tag(s, True, mb), grads, key=(False, s, mb))
@@ -453,6 +503,35 @@ def _pipeline_group(plan: Plan, pp_group, pp_ranks):
     if me not in members:
         raise ValueError(f"global rank {me} is not a member of the pipeline group {members}")
     return group, members, members.index(me)
+
+
+def _forward_orders(plan: Plan, rank: int, ordered: bool) -> dict[int, list[int]]:
+    """Per stage boundary s -> s+1 between this rank and another: its microbatches in the order the
+    receiver takes them (the sender's SEND_F order when ``ordered``, else the receiver's RECV_F order)."""
+    orders = {}
+    for s in range(plan.num_stages - 1):
+        src, dst = plan.rank_of(s), plan.rank_of(s + 1)
+        if src == dst or rank not in (src, dst):
+            continue
+        if ordered:
+            orders[s] = [a.microbatch for a in plan.ranks[src] if a.kind is Kind.SEND_F and a.stage == s]
+        else:
+            orders[s] = [a.microbatch for a in plan.ranks[dst] if a.kind is Kind.RECV_F and a.stage == s + 1]
+    return orders
+
+
+def _signature(inputs, extras: Mapping) -> tuple:
+    """A microbatch's input signature: what its activations' shapes may follow from (shapes, dtypes)."""
+    parts = inputs if isinstance(inputs, tuple) else (inputs,)
+    return tuple(_describe(x) for x in parts), tuple((name, _describe(v)) for name, v in sorted(extras.items()))
+
+
+def _describe(x):
+    if torch.is_tensor(x):
+        return tuple(x.shape), x.dtype
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return type(x).__qualname__
 
 
 def _device(modules: Mapping[int, nn.Module]) -> torch.device:

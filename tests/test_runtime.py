@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pipeloom.parallel.p2p import PipelineTimeout
+from pipeloom.parallel.p2p import PipelineCommError, PipelineTimeout
 from pipeloom.parallel.runtime import PipelineRuntime
 from pipeloom.parallel.stage import split_stages
 from pipeloom.schedules import get_schedule
@@ -109,10 +109,11 @@ def _param_diff(runtime, ref) -> float:
 
 
 # ----- workers (module level: they run on every rank) --------------------------------------------------------
-def sync_worker(pp: int, cases: list, m: int = 4, ordered: bool | None = None) -> dict:
+def sync_worker(pp: int, cases: list, m: int = 4, ordered: bool | None = None, shapes: str = "cached") -> dict:
     """For each (schedule, layout): two steps (SGD between) with shapes changing; max differences.
 
-    ``ordered=True`` receives messages in each sender's order with tag 0, as on NCCL.
+    ``ordered=True`` receives messages in each sender's order with tag 0, as on NCCL; ``shapes`` is the
+    runtime's shape-header mode.
     """
     rank = dist.get_rank()
     out = {}
@@ -122,7 +123,7 @@ def sync_worker(pp: int, cases: list, m: int = 4, ordered: bool | None = None) -
         split = split_stages(list(model), plan.num_stages, method=layout)
         runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied,
                                   optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout=60,
-                                  ordered_messages=ordered)
+                                  ordered_messages=ordered, shapes=shapes)
         ref_model = copy.deepcopy(model)
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
         diffs = {"loss": 0.0, "out": 0.0, "grad": 0.0, "param": 0.0, "tied": 0.0}
@@ -226,6 +227,73 @@ def emulate(stages, name, options, p, m, factory):
         return {"stages": stages, "losses": losses}
 
     return run
+
+
+def shapes_worker(pp: int, name: str, shapes: str, ordered: bool | None = None, m: int = 4) -> list[dict]:
+    """Three steps: uneven microbatches at T=5, a new batch of the same shapes, then T=3. Per step: the max
+    difference to one process and this rank's p2p counts, with the plan's numbers to compare them to."""
+    rank = dist.get_rank()
+    plan = get_schedule(name, pp=pp, microbatches=m)
+    model = build(2 * pp, tied=False)  # untied: every p2p operation is a plan message
+    split = split_stages(list(model), plan.num_stages)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, timeout=60, ordered_messages=ordered,
+                              shapes=shapes)
+    lowered = runtime.plan
+    boundaries = sum(1 for s in range(lowered.num_stages - 1) if lowered.rank_of(s) != lowered.rank_of(s + 1)
+                     and rank in (lowered.rank_of(s), lowered.rank_of(s + 1)))
+    kinds = [a.kind.name for a in lowered.ranks[rank]]
+    out = []
+    for step, (B, T) in enumerate([(m + 3, 5), (m + 3, 5), (m + 2, 3)]):
+        tokens, targets, extras = batch(B, T, seed=20 + step)
+        result = runtime.step(tokens, targets, extras, return_outputs=True)
+        ref, ref_loss, ref_out = reference(model, tokens, targets, extras)
+        diff = max(abs(result.loss - ref_loss), _grad_diff(runtime, ref),
+                   0.0 if result.outputs is None else (result.outputs - ref_out).abs().max().item())
+        out.append({"diff": diff, "counts": dict(runtime.p2p.counts), "boundaries": boundaries,
+                    "recv_f": kinds.count("RECV_F"), "send_f": kinds.count("SEND_F"),
+                    "comm": sum(1 for a in lowered.ranks[rank] if a.kind.is_comm)})
+    return out
+
+
+class Route(nn.Module):
+    """A planted data-dependent shape: a microbatch whose first token is 0 loses its last position."""
+
+    def forward(self, tokens):  # (B, T) -> (B, T or T - 1)
+        return tokens[:, : tokens.shape[1] - int(tokens[0, 0].item() == 0)]
+
+
+def data_dependent_worker(shapes: str, timeout: float) -> str:
+    """1F1B on 2 ranks where stage 0's output for microbatch 1 is one position shorter than for
+    microbatch 0 although their inputs have the same shapes: the error message (or the loss) per rank."""
+    group = dist.new_group([0, 1])  # a fresh group: an abandoned receive stays there
+    plan = get_schedule("1f1b", pp=2, microbatches=4)
+    torch.manual_seed(0)
+    model = nn.Sequential(Route(), Embed(), Mix(), Mix(), Head()).double()
+    split = split_stages(list(model), 2)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, dist.get_rank()),
+                              lambda logits, y: loss_fn(logits, y[:, : logits.shape[1]]),
+                              pp_group=group, pp_ranks=[0, 1], timeout=timeout, shapes=shapes)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(1, V, (8, 5), generator=g)
+    tokens[2, 0] = 0  # microbatch 1 = rows 2 and 3
+    targets = torch.randint(0, V, (8, 5), generator=g)
+    try:
+        return f"loss {runtime.step(tokens, targets).loss}"
+    except PipelineCommError as error:  # PipelineTimeout included
+        return f"{type(error).__name__}: {error}"
+
+
+def no_inputs_worker() -> str:
+    """Cached shapes need the inputs on every rank: a rank given only targets says so before any p2p."""
+    plan = get_schedule("1f1b", pp=2, microbatches=2)
+    split = split_stages(list(build(2, tied=False)), 2)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, dist.get_rank()), loss_fn, timeout=5)
+    _, targets, _ = batch(4, 3, seed=0)
+    try:
+        runtime.step(None, targets)
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
 def timeout_worker(timeout: float) -> str | None:
@@ -404,3 +472,57 @@ def test_one_process_without_torch_distributed():
     ref, ref_loss, ref_out = reference(model, tokens, targets, extras)
     assert abs(result.loss - ref_loss) < EXACT and (result.outputs - ref_out).abs().max() < EXACT
     assert _grad_diff(runtime, ref) < EXACT
+
+
+# ----- shape headers: cached per shape key (default) or per message -----------------------------------------
+@pytest.mark.parametrize("pp,name,ordered", [(2, "1f1b", None), (4, "1f1b", None), (4, "interleaved-1f1b", None),
+                                             (4, "zb-v", True)])
+def test_cached_shapes_send_headers_once_per_key(pp, name, ordered, pool2, pool4):
+    pool = pool2 if pp == 2 else pool4
+    for rank, steps in enumerate(pool.run(shapes_worker, pp, name, "cached", ordered)):
+        for step, d in enumerate(steps):
+            assert d["diff"] < EXACT, f"rank {rank} {name} step {step}: differs by {d['diff']:.3g}"
+        # Microbatch sizes 2,2,2,1 at T=5 and 2,2,1,1 at T=3: two keys per stage boundary, headers only when new.
+        headers = [d["counts"].get("headers", 0) for d in steps]
+        assert headers == [2 * steps[0]["boundaries"], 0, 2 * steps[0]["boundaries"]], f"rank {rank}: {headers}"
+        steady = steps[1]
+        # One receive-wait per activation; one p2p op per plan message (one tensor each).
+        assert steady["counts"].get("forward_waits", 0) == steady["recv_f"], f"rank {rank}: {steady}"
+        assert steady["counts"].get("ops", 0) == steady["comm"], f"rank {rank}: {steady}"
+
+
+@pytest.mark.parametrize("ordered", [None, True])
+def test_per_message_shapes_send_a_header_with_every_activation(ordered, pool4):
+    for rank, steps in enumerate(pool4.run(shapes_worker, 4, "1f1b", "per-message", ordered)):
+        for step, d in enumerate(steps):
+            assert d["diff"] < EXACT, f"rank {rank} step {step}: differs by {d['diff']:.3g}"
+            assert d["counts"].get("headers", 0) == d["recv_f"] + d["send_f"], f"rank {rank} step {step}: {d}"
+            assert d["counts"].get("forward_waits", 0) == 2 * d["recv_f"], f"rank {rank} step {step}: {d}"
+
+
+def test_per_message_shapes_equal_one_process(pool2, pool4):
+    _check_sync(pool2.run(sync_worker, 2, [(name, 4, "uniform") for name in SYNC], 4, None, "per-message"))
+    cases = [("zb-v", 8, "uniform"), ("interleaved-1f1b", 8, "uniform")]
+    _check_sync(pool4.run(sync_worker, 4, cases, 8, True, "per-message"))
+
+
+def test_data_dependent_shape_raises_naming_the_option_in_cached_mode(pool2):
+    sender, receiver = pool2.run(data_dependent_worker, "cached", 3.0)
+    assert sender.startswith("PipelineCommError") and "stage 0 microbatch 1" in sender, sender
+    assert "(2, 4, 8)" in sender and "(2, 5, 8)" in sender and 'shapes="per-message"' in sender, sender
+    assert receiver.startswith("PipelineTimeout") and "pipeline rank 1" in receiver, receiver
+    # The same model runs with a header per message.
+    first, last = pool2.run(data_dependent_worker, "per-message", 60.0)
+    assert first == last and first.startswith("loss "), (first, last)
+
+
+def test_cached_shapes_need_the_inputs_on_every_rank(pool2):
+    first, second = pool2.run(no_inputs_worker)
+    assert "holds stage 0 and needs the inputs" in first, first
+    assert "given no inputs" in second and "shapes='per-message'" in second, second
+
+
+def test_unknown_shapes_mode_is_refused():
+    plan = get_schedule("1f1b", pp=1, microbatches=2)
+    with pytest.raises(ValueError, match="shapes='sometimes'"):
+        PipelineRuntime(plan, split_stages(list(build(2)), 1).for_rank(plan, 0), loss_fn, shapes="sometimes")
