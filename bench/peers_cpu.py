@@ -47,7 +47,8 @@ bubbles are mostly filled and the step time follows the CPU work of all ranks (c
 engine's overhead per message and per action) rather than the schedule's bubble; on a shared box the
 CPU-time table (summed over the ranks, barriers excluded) is the steadier of the two. ``--profile``
 splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
-``--frameworks pipeloom,pipeloom-fixed,torch`` measures the cost of pipeloom's per-message shape header.
+``--frameworks pipeloom,pipeloom-per-message,torch`` measures what the shape-header cache saves (the
+runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before).
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-fixed",)  # pipeloom variants that test an explanation (see build_pipeloom_fixed)
+DIAGNOSTIC = ("pipeloom-per-message",)  # pipeloom variants that test an explanation
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
-          "pipeloom-fixed": "pipeloom, headers once"}
+          "pipeloom-per-message": "pipeloom, header per message"}
 # schedule -> (chunks per rank, torch.distributed.pipelining class, DeepSpeed schedule or None)
 SCHEDULES = {
     "gpipe": (1, "ScheduleGPipe", "gpipe"),
@@ -137,7 +138,7 @@ class Engine:
 
 
 # ----- the three engines -------------------------------------------------------------------------------
-def build_pipeloom(schedule: str, cfg: dict, rank: int) -> Engine:
+def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached") -> Engine:
     from pipeloom.parallel import PipelineRuntime, split_stages
     from pipeloom.schedules import get_schedule
 
@@ -148,7 +149,8 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int) -> Engine:
                            f"use {stages_of(schedule, rank)}")
     layers = build_layers(cfg["layers"], cfg["dim"])
     split = split_stages(nn.Sequential(*layers), plan.num_stages, method="uniform")
-    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer,
+                              shapes=shapes)
 
     def step(x, y):
         return runtime.step(x, y).loss
@@ -158,37 +160,13 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int) -> Engine:
     return Engine(step, layers, local)
 
 
-def build_pipeloom_fixed(schedule: str, cfg: dict, rank: int) -> Engine:
-    """Diagnostic: pipeloom whose forward messages carry the shape header on the first step only.
+def build_pipeloom_per_message(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom with a shape header on every activation (``shapes="per-message"``).
 
-    pipeloom sends a small shape header before every activation, so a receiver waits twice per
-    message (header, then payload) where torch.distributed.pipelining and DeepSpeed, which fix the
-    shapes on the first step, wait once. This wraps ``P2P.exchange`` so that after the first step both
-    sides reuse the specs of the same message tag (valid here: every step has the same shapes); the
-    difference to plain ``pipeloom`` is the cost of the per-message header.
+    Before the header cache this was pipeloom's only mode: the receiver waits for the header, then for
+    the payload. The difference to plain ``pipeloom`` (cached shapes) is the cost of that second wait.
     """
-    engine = build_pipeloom(schedule, cfg, rank)
-    p2p = engine.step.runtime.p2p
-    exchange, sent, known = p2p.exchange, set(), {}
-
-    def exchange_headers_once(transfers):
-        fresh = []
-        for t in transfers:
-            if t.header and t.send and t.tag in sent:
-                t.header = False
-            elif t.header and not t.send and t.tag in known:
-                t.header, t.specs = False, known[t.tag]
-            elif t.header:
-                fresh.append(t)
-        exchange(transfers)
-        for t in fresh:
-            if t.send:
-                sent.add(t.tag)
-            else:
-                known[t.tag] = t.specs
-
-    p2p.exchange = exchange_headers_once
-    return engine
+    return build_pipeloom(schedule, cfg, rank, shapes="per-message")
 
 
 def build_torch(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -298,7 +276,7 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
-            "pipeloom-fixed": build_pipeloom_fixed}
+            "pipeloom-per-message": build_pipeloom_per_message}
 
 
 # ----- checks and timing -------------------------------------------------------------------------------
