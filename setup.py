@@ -34,7 +34,16 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff", "transformers", "safetensors", "tokenizers", "triton"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "hypothesis>=6",
+            "ruff",
+            "transformers",
+            "safetensors",
+            "tokenizers",
+            "triton",
+        ],
         "wandb": ["wandb"],
         "deepspeed": ["deepspeed"],
         "triton": ["triton"],

@@ -12,8 +12,13 @@ def main() -> None:
     panels = []
     for name, kw in [("1f1b", {}), ("interleaved-1f1b", {"vpp": 2}), ("zb-h1", {}), ("zb-v", {})]:
         result = simulate(get_schedule(name, pp=4, microbatches=8, **kw), costs)
-        panels.append((f"{name}: makespan {result.makespan:g}, bubble rate {result.bubble_rate:.3f}, "
-                       f"peak activations {max(result.peak_activations):g}", result.timeline))
+        panels.append(
+            (
+                f"{name}: makespan {result.makespan:g}, bubble rate {result.bubble_rate:.3f}, "
+                f"peak activations {max(result.peak_activations):g}",
+                result.timeline,
+            )
+        )
     path = render_side_by_side(panels, os.path.join(HERE, "schedules.png"))
     print(path)
 

@@ -149,7 +149,7 @@ def check(runtime, reference, plan, tokens, targets, extras, loss, rank) -> None
             print(f"--check compares synchronous schedules; {plan.name} updates weights inside the step")
         return
     h = tokens
-    for i, layer in enumerate(reference):
+    for layer in reference:
         h = layer(h, mask=extras["mask"]) if isinstance(layer, GatedBlock) else layer(h)
     ref_loss = loss_fn(h, targets)
     ref_loss.backward()

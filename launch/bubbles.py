@@ -22,10 +22,23 @@ from omegaconf import DictConfig, OmegaConf
 from pipeloom.configs.bubbles import register
 from pipeloom.schedules import Costs, PlanError, ScheduleError, closed_form, get_schedule, simulate
 
-COLUMNS = ["schedule", "pp", "vpp", "microbatches", "F", "B", "W", "comm", "makespan", "bubble_rate",
-           "bubble_time_ratio", "closed_form", "peak_activations_max", "weight_versions_max"]
-TABLE = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "pipedream", "pipedream-2bw",
-         "forward-only"]
+COLUMNS = [
+    "schedule",
+    "pp",
+    "vpp",
+    "microbatches",
+    "F",
+    "B",
+    "W",
+    "comm",
+    "makespan",
+    "bubble_rate",
+    "bubble_time_ratio",
+    "closed_form",
+    "peak_activations_max",
+    "weight_versions_max",
+]
+TABLE = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "pipedream", "pipedream-2bw", "forward-only"]
 
 register()
 
@@ -36,9 +49,16 @@ def evaluate(schedule: str, pp: int, microbatches: int, vpp: int | None, costs: 
     result = simulate(plan, costs)
     formula = closed_form(schedule, pp, microbatches, vpp, costs, **options)
     return {
-        "schedule": plan.name, "pp": pp, "vpp": plan.vpp, "microbatches": microbatches,
-        "F": costs.F, "B": costs.B, "W": costs.W, "comm": costs.comm,
-        "makespan": round(result.makespan, 6), "bubble_rate": round(result.bubble_rate, 6),
+        "schedule": plan.name,
+        "pp": pp,
+        "vpp": plan.vpp,
+        "microbatches": microbatches,
+        "F": costs.F,
+        "B": costs.B,
+        "W": costs.W,
+        "comm": costs.comm,
+        "makespan": round(result.makespan, 6),
+        "bubble_rate": round(result.bubble_rate, 6),
         "bubble_time_ratio": round(result.bubble_time_ratio, 6),
         "closed_form": "" if formula is None else round(formula["bubble_rate"], 6),
         "peak_activations_max": max(result.peak_activations),
@@ -50,9 +70,21 @@ def evaluate(schedule: str, pp: int, microbatches: int, vpp: int | None, costs: 
 def format_table(rows: list[dict]) -> str:
     """Rows as an aligned text table (both bubble metrics, the closed form, peak memory)."""
     head = ["schedule", "pp", "vpp", "m", "makespan", "bubble r", "beta", "closed-form r", "peak act", "versions"]
-    body = [[r["schedule"], r["pp"], r["vpp"], r["microbatches"], f"{r['makespan']:g}", f"{r['bubble_rate']:.4f}",
-             f"{r['bubble_time_ratio']:.4f}", "-" if r["closed_form"] == "" else f"{r['closed_form']:.4f}",
-             f"{r['peak_activations_max']:g}", r["weight_versions_max"] or "-"] for r in rows]
+    body = [
+        [
+            r["schedule"],
+            r["pp"],
+            r["vpp"],
+            r["microbatches"],
+            f"{r['makespan']:g}",
+            f"{r['bubble_rate']:.4f}",
+            f"{r['bubble_time_ratio']:.4f}",
+            "-" if r["closed_form"] == "" else f"{r['closed_form']:.4f}",
+            f"{r['peak_activations_max']:g}",
+            r["weight_versions_max"] or "-",
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -84,10 +116,14 @@ def run(cfg: DictConfig) -> list[dict]:
     costs = Costs(F=cfg.F, B=cfg.B, W=cfg.W, comm=cfg.comm)
     options = OmegaConf.to_container(cfg.options) if cfg.options else {}
     if cfg.schedule is None:
-        rows = [evaluate(name, cfg.pp, cfg.microbatches, cfg.vpp if name == "interleaved-1f1b" else None, costs)
-                for name in TABLE]
-        print(f"pp={cfg.pp} microbatches={cfg.microbatches} F={costs.F:g} B={costs.B:g} W={costs.W:g} "
-              f"comm={costs.comm:g}  (bubble r: Zero Bubble's rate; beta: Megatron's bubble/ideal time)")
+        rows = [
+            evaluate(name, cfg.pp, cfg.microbatches, cfg.vpp if name == "interleaved-1f1b" else None, costs)
+            for name in TABLE
+        ]
+        print(
+            f"pp={cfg.pp} microbatches={cfg.microbatches} F={costs.F:g} B={costs.B:g} W={costs.W:g} "
+            f"comm={costs.comm:g}  (bubble r: Zero Bubble's rate; beta: Megatron's bubble/ideal time)"
+        )
         print(format_table(rows))
     else:
         row = evaluate(cfg.schedule, cfg.pp, cfg.microbatches, cfg.vpp, costs, **options)
@@ -124,8 +160,13 @@ def plot_sweep(csv_path: str, out_path: str) -> str:
         styles = ["-", "--", "-.", ":"]
         for i, (label, points) in enumerate(sorted(series.items())):
             points.sort()
-            ax.plot([m for m, _ in points], [b for _, b in points], marker="os^vD<>"[i % 7],
-                    linestyle=styles[i % len(styles)], label=label)
+            ax.plot(
+                [m for m, _ in points],
+                [b for _, b in points],
+                marker="os^vD<>"[i % 7],
+                linestyle=styles[i % len(styles)],
+                label=label,
+            )
         ax.set_title(f"pp={pp}")
         ax.set_xlabel("microbatches")
         ax.set_xscale("log", base=2)

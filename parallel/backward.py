@@ -164,7 +164,7 @@ def backward_weight(state: WeightGradState) -> list:
                                      allow_unused=True)
         for i, g in zip(state.fallback, values):
             grads[i] = g
-    for n, (indices, nodes) in enumerate(state.groups):
+    for indices, nodes in state.groups:
         edges, seeds = [], []
         for node, captured in nodes:
             for k, g in enumerate(captured or ()):

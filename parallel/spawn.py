@@ -67,14 +67,16 @@ def _address(fn: Callable) -> tuple[str, str]:
 
 def _worker(rank: int, world_size: int, port: int, backend: str, inbox, outbox, env: dict) -> None:
     os.environ.update(env)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
     outbox.put((0, rank, True, "ready"))  # call id 0: the pool's start-up handshake
     while True:
         job = inbox.get()
@@ -97,8 +99,7 @@ class RankPool:
     rank. After any failure or timeout the processes are killed and the next ``run`` starts new ones.
     """
 
-    def __init__(self, world_size: int, backend: str = "gloo", env: dict | None = None,
-                 startup_timeout: float = 300.0):
+    def __init__(self, world_size: int, backend: str = "gloo", env: dict | None = None, startup_timeout: float = 300.0):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
@@ -114,8 +115,11 @@ class RankPool:
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
-            ctx.Process(target=_worker, daemon=True,
-                        args=(r, self.world_size, port, self.backend, self._inboxes[r], self._outbox, self.env))
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                args=(r, self.world_size, port, self.backend, self._inboxes[r], self._outbox, self.env),
+            )
             for r in range(self.world_size)
         ]
         for p in self._procs:
@@ -128,8 +132,10 @@ class RankPool:
             if dead or time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - ready)
                 self.close(kill=True)
-                raise RankError(f"rank(s) {missing} did not start within {self.startup_timeout:.0f}s"
-                                + (f" (rank(s) {dead} exited)" if dead else ""))
+                raise RankError(
+                    f"rank(s) {missing} did not start within {self.startup_timeout:.0f}s"
+                    + (f" (rank(s) {dead} exited)" if dead else "")
+                )
             try:
                 _, rank, _, _ = self._outbox.get(timeout=0.2)
                 ready.add(rank)
@@ -162,7 +168,8 @@ class RankPool:
                     raise RankError(
                         f"{fn.__qualname__}: rank(s) {dead} died without reporting (exit codes "
                         f"{[self._exitcodes.get(r) for r in dead]}); a script that starts ranks must do so under "
-                        f"`if __name__ == '__main__':`, since each spawned rank re-imports the main module")
+                        f"`if __name__ == '__main__':`, since each spawned rank re-imports the main module"
+                    )
                 raise RankTimeout(f"{fn.__qualname__}: rank(s) {silent} still running after {timeout:.0f}s")
             try:
                 cid, rank, ok, value = self._outbox.get(timeout=0.2)
@@ -197,8 +204,9 @@ class RankPool:
         self.close()
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo",
-              **kwargs: Any) -> list[Any]:
+def run_ranks(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo", **kwargs: Any
+) -> list[Any]:
     """Start ``world_size`` fresh processes, run ``fn(*args, **kwargs)`` on each, return results by rank."""
     pool = RankPool(world_size, backend=backend)
     try:

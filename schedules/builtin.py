@@ -86,8 +86,10 @@ class Interleaved1F1B(Schedule):
         if self.vpp < 2:
             raise ScheduleError(f"{self.name}: vpp={self.vpp}; interleaving needs vpp >= 2 (vpp=1 is 1f1b)")
         if self.microbatches % self.pp:
-            raise ScheduleError(f"{self.name}: microbatches={self.microbatches} must be a multiple of pp={self.pp} "
-                                f"(Megatron's interleaved order advances microbatches in groups of pp)")
+            raise ScheduleError(
+                f"{self.name}: microbatches={self.microbatches} must be a multiple of pp={self.pp} "
+                f"(Megatron's interleaved order advances microbatches in groups of pp)"
+            )
 
     def closed_form_beta(self, costs) -> float | None:
         return (self.pp - 1) / (self.vpp * self.microbatches)
@@ -220,9 +222,15 @@ def _zbv_forward_backward(p: int, m: int, r: int) -> list[Action]:
     """Rank r's F/B order for ZB-V (chunk 0 = stage r, chunk 1 = stage 2p-1-r), m >= 2p-1."""
     c0, c1 = r, 2 * p - 1 - r
     F0, F1, B0, B1 = (Kind.F, c0), (Kind.F, c1), (Kind.B, c0), (Kind.B, c1)
-    phases = ([F0] * (2 * (p - 1 - r)) + [F0, F1] * (r + 1) + [B1, F1] * (p - 1 - r)
-              + [F0, B1, F1, B0] * (m - 2 * p + r + 1) + [B1, F1, B0] * (p - 1 - r)
-              + [B1, B0] * (r + 1) + [B0] * (p - 1 - r))
+    phases = (
+        [F0] * (2 * (p - 1 - r))
+        + [F0, F1] * (r + 1)
+        + [B1, F1] * (p - 1 - r)
+        + [F0, B1, F1, B0] * (m - 2 * p + r + 1)
+        + [B1, F1, B0] * (p - 1 - r)
+        + [B1, B0] * (r + 1)
+        + [B0] * (p - 1 - r)
+    )
     count: dict[tuple[Kind, int], int] = {}
     actions = []
     for kind, stage in phases:
@@ -275,8 +283,9 @@ def fill_weight_gradients(stage_to_rank: list[int], m: int, orders: list[list[Ac
     return out
 
 
-def greedy_list_schedule(stage_to_rank: list[int], m: int, split_backward: bool,
-                         max_in_flight: int) -> list[list[Action]]:
+def greedy_list_schedule(
+    stage_to_rank: list[int], m: int, split_backward: bool, max_in_flight: int
+) -> list[list[Action]]:
     """Order compute actions by simulating unit-time chunk operations greedily.
 
     At each time step every idle rank picks, in priority order: a ready B (the critical path), a ready
@@ -300,8 +309,11 @@ def greedy_list_schedule(stage_to_rank: list[int], m: int, split_backward: bool,
             choice = None
             for s in sorted(stages, reverse=True):  # B: deepest stage first
                 mb = next_b[s]
-                if mb < m and done.get((Kind.F, s, mb), t + 1) <= t and (
-                        s == S - 1 or done.get((Kind.B, s + 1, mb), t + 1) <= t):
+                if (
+                    mb < m
+                    and done.get((Kind.F, s, mb), t + 1) <= t
+                    and (s == S - 1 or done.get((Kind.B, s + 1, mb), t + 1) <= t)
+                ):
                     choice = (Kind.B, s, mb)
                     break
             if choice is None and in_flight[r] < max_in_flight:
@@ -406,8 +418,10 @@ class PipeDream2BW(Schedule):
         if not isinstance(k, int) or k < self.pp:
             raise ScheduleError(f"{self.name}: update_every={k!r} must be an integer >= pp={self.pp}")
         if self.microbatches % k:
-            raise ScheduleError(f"{self.name}: microbatches={self.microbatches} must be a multiple of "
-                                f"update_every={k} (each weight version covers update_every microbatches)")
+            raise ScheduleError(
+                f"{self.name}: microbatches={self.microbatches} must be a multiple of "
+                f"update_every={k} (each weight version covers update_every microbatches)"
+            )
         self.opts["update_every"] = k
 
     def build(self) -> Plan:

@@ -105,8 +105,7 @@ class Action:
                 f"e.g. '2F0', with kind one of {[k.value for k in Kind]}"
             )
         stage, kind, mb, version = match.groups()
-        return cls(int(stage), Kind(kind), None if mb is None else int(mb),
-                   None if version is None else int(version))
+        return cls(int(stage), Kind(kind), None if mb is None else int(mb), None if version is None else int(version))
 
     def with_version(self, version: int | None) -> "Action":
         return Action(self.stage, self.kind, self.microbatch, version)
@@ -225,8 +224,13 @@ class Plan:
         return self.replace(ranks=[[a for a in actions if not a.kind.is_comm] for actions in self.ranks])
 
     def replace(self, **changes) -> "Plan":
-        fields = dict(ranks=self.ranks, stage_to_rank=self.stage_to_rank, microbatches=self.microbatches,
-                      name=self.name, meta=self.meta)
+        fields = dict(
+            ranks=self.ranks,
+            stage_to_rank=self.stage_to_rank,
+            microbatches=self.microbatches,
+            name=self.name,
+            meta=self.meta,
+        )
         fields.update(changes)
         return Plan(**fields)
 
@@ -251,7 +255,10 @@ class Plan:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return f"Plan {self.name!r}: pp={self.pp}, stages={self.num_stages}, microbatches={self.microbatches}\n" + self.grid()
+        return (
+            f"Plan {self.name!r}: pp={self.pp}, stages={self.num_stages}, microbatches={self.microbatches}\n"
+            + self.grid()
+        )
 
     def find(self, action: Action) -> tuple[int, int]:
         """(rank, step) of ``action`` in the plan; raises PlanError when absent."""
@@ -275,8 +282,13 @@ class Plan:
     def from_dict(cls, data: Mapping) -> "Plan":
         try:
             ranks = [[Action.parse(text) for text in actions] for actions in data["ranks"]]
-            return cls(ranks=ranks, stage_to_rank=data["stage_to_rank"], microbatches=int(data["microbatches"]),
-                       name=data.get("name", "custom"), meta=dict(data.get("meta", {})))
+            return cls(
+                ranks=ranks,
+                stage_to_rank=data["stage_to_rank"],
+                microbatches=int(data["microbatches"]),
+                name=data.get("name", "custom"),
+                meta=dict(data.get("meta", {})),
+            )
         except KeyError as missing:
             raise PlanError(f"plan JSON lacks the key {missing}; it needs ranks, stage_to_rank, microbatches") from None
 
@@ -309,8 +321,15 @@ class Plan:
 
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["#pipeloom", self.name, self.microbatches, " ".join(map(str, self.stage_to_rank)),
-                         json.dumps({k: v for k, v in self.meta})])
+        writer.writerow(
+            [
+                "#pipeloom",
+                self.name,
+                self.microbatches,
+                " ".join(map(str, self.stage_to_rank)),
+                json.dumps({k: v for k, v in self.meta}),
+            ]
+        )
         for actions in self.ranks:
             writer.writerow([str(a) for a in actions])
         return _maybe_write(buf.getvalue(), path)
@@ -328,8 +347,13 @@ class Plan:
             return from_torch_csv(text)
         _, name, microbatches, stage_to_rank, meta = rows[0]
         ranks = [[Action.parse(c) for c in row if c.strip()] for row in rows[1:]]
-        return cls(ranks=ranks, stage_to_rank=[int(x) for x in stage_to_rank.split()],
-                   microbatches=int(microbatches), name=name, meta=json.loads(meta))
+        return cls(
+            ranks=ranks,
+            stage_to_rank=[int(x) for x in stage_to_rank.split()],
+            microbatches=int(microbatches),
+            name=name,
+            meta=json.loads(meta),
+        )
 
     def to_torch_csv(self, path: str | None = None) -> str:
         """PyTorch ``torch.distributed.pipelining`` compute-only CSV (its ``_load_csv`` reads it).
@@ -386,8 +410,12 @@ def from_torch_csv(text_or_path: str, microbatches: int | None = None, name: str
     if sorted(stage_to_rank) != list(range(len(stage_to_rank))):
         raise PlanError(f"stages {sorted(stage_to_rank)} are not 0..{len(stage_to_rank) - 1}")
     mbs = 1 + max((a.microbatch for acts in ranks for a in acts), default=0)
-    return Plan(ranks=ranks, stage_to_rank=[stage_to_rank[s] for s in range(len(stage_to_rank))],
-                microbatches=microbatches or mbs, name=name)
+    return Plan(
+        ranks=ranks,
+        stage_to_rank=[stage_to_rank[s] for s in range(len(stage_to_rank))],
+        microbatches=microbatches or mbs,
+        name=name,
+    )
 
 
 def _maybe_read(text_or_path: str) -> str:
@@ -406,8 +434,13 @@ def _maybe_write(text: str, path: str | None) -> str:
     return text
 
 
-def plan_from_lists(ranks: Sequence[Iterable[str | Action]], stage_to_rank: Sequence[int] | None = None,
-                    microbatches: int | None = None, name: str = "custom", **meta) -> Plan:
+def plan_from_lists(
+    ranks: Sequence[Iterable[str | Action]],
+    stage_to_rank: Sequence[int] | None = None,
+    microbatches: int | None = None,
+    name: str = "custom",
+    **meta,
+) -> Plan:
     """Build a plan from action texts, e.g. ``plan_from_lists([["0F0", "0B0"], ["1F0", "1B0"]])``."""
     parsed = [[a if isinstance(a, Action) else Action.parse(a) for a in actions] for actions in ranks]
     if stage_to_rank is None:

@@ -68,8 +68,12 @@ def add_optimizer_step(plan: Plan) -> Plan:
     """Append one ``UPDATE`` per stage at the end of each rank (a synchronous plan's flush and step)."""
     if any(a.kind is Kind.UPDATE for a in plan.actions()):
         return plan
-    return plan.replace(ranks=[list(actions) + [Action(s, Kind.UPDATE) for s in plan.stages_of(rank)]
-                               for rank, actions in enumerate(plan.ranks)])
+    return plan.replace(
+        ranks=[
+            list(actions) + [Action(s, Kind.UPDATE) for s in plan.stages_of(rank)]
+            for rank, actions in enumerate(plan.ranks)
+        ]
+    )
 
 
 def add_tied_sync(plan: Plan, tied_stages: tuple[int, ...]) -> Plan:

@@ -64,7 +64,9 @@ class Schedule:
             raise ScheduleError(f"{self.name}: vpp must be a positive integer, got {vpp!r}")
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            raise ScheduleError(f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(self.options) or 'none'}")
+            raise ScheduleError(
+                f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(self.options) or 'none'}"
+            )
         self.pp = pp
         self.microbatches = microbatches
         self.vpp = self.default_vpp if vpp is None else vpp
@@ -74,8 +76,10 @@ class Schedule:
     def check(self) -> None:
         """Reject sizes this schedule cannot take. The default accepts vpp == default_vpp only."""
         if self.vpp != self.default_vpp:
-            raise ScheduleError(f"{self.name}: vpp={self.vpp} is not supported; this schedule uses vpp={self.default_vpp} "
-                                f"(use interleaved-1f1b for several chunks per rank)")
+            raise ScheduleError(
+                f"{self.name}: vpp={self.vpp} is not supported; this schedule uses vpp={self.default_vpp} "
+                f"(use interleaved-1f1b for several chunks per rank)"
+            )
 
     def closed_form_beta(self, costs) -> float | None:
         """Megatron's beta from the schedule's known formula for ``costs``, or None where none holds."""
@@ -113,8 +117,11 @@ def register_schedule(name: str, aliases: tuple[str, ...] = (), default_vpp: int
         if not callable(obj):
             raise TypeError(f"register_schedule({name!r}) needs a Schedule subclass or a function, got {obj!r}")
         params = inspect.signature(obj).parameters
-        opts = {k: p.default for k, p in params.items()
-                if k not in ("pp", "microbatches", "vpp") and p.default is not inspect.Parameter.empty}
+        opts = {
+            k: p.default
+            for k, p in params.items()
+            if k not in ("pp", "microbatches", "vpp") and p.default is not inspect.Parameter.empty
+        }
         fn = obj
 
         class _FunctionSchedule(Schedule):
@@ -152,8 +159,7 @@ def get_schedule(name: str, pp: int, microbatches: int, vpp: int | None = None, 
     return schedule_class(name)(pp, microbatches, vpp, **options).plan()
 
 
-def closed_form(name: str, pp: int, microbatches: int, vpp: int | None = None, costs=None,
-                **options) -> dict | None:
+def closed_form(name: str, pp: int, microbatches: int, vpp: int | None = None, costs=None, **options) -> dict | None:
     """The closed-form bubble of a schedule, ``{"bubble_time_ratio": beta, "bubble_rate": r}``, or None.
 
     Formulas hold for uniform stage costs without communication latency; r = beta / (1 + beta).

@@ -46,8 +46,15 @@ def render_timeline(timeline: Timeline, path: str, title: str = "", ax=None) -> 
         ax.barh(y, iv.duration, left=iv.start, height=0.8, color=colour, edgecolor="white", linewidth=0.6)
         if iv.duration >= 0.45 * small:
             label = str(a.microbatch) if a.version is None else f"{a.microbatch}@{a.version}"
-            ax.text(iv.start + iv.duration / 2, y, label, ha="center", va="center", color="white",
-                    fontsize=7 if iv.duration > 0.8 * small else 5.5)
+            ax.text(
+                iv.start + iv.duration / 2,
+                y,
+                label,
+                ha="center",
+                va="center",
+                color="white",
+                fontsize=7 if iv.duration > 0.8 * small else 5.5,
+            )
     ax.set_yticks(range(tl.pp))
     ax.set_yticklabels([f"rank {r}" for r in range(tl.pp)])
     ax.set_ylim(tl.pp - 0.5, -0.5)
@@ -60,8 +67,14 @@ def render_timeline(timeline: Timeline, path: str, title: str = "", ax=None) -> 
     kinds = sorted({iv.action.kind for iv in compute}, key=lambda k: "FBW".index(k.value))
     names = {Kind.F: "forward", Kind.B: "backward", Kind.W: "weight grad"}
     handles = [Patch(color=COLOURS[k], label=names[k]) for k in kinds] + [Patch(color="#eeeeee", label="idle")]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.28 if tl.pp < 4 else -0.18),
-              ncol=len(handles), frameon=False, fontsize=8)
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.28 if tl.pp < 4 else -0.18),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=8,
+    )
     if own:
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -72,7 +85,7 @@ def render_timeline(timeline: Timeline, path: str, title: str = "", ax=None) -> 
 
 def _lighter(colour: str, amount: float) -> str:
     """``colour`` mixed with white by ``amount`` (0: unchanged)."""
-    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
     return "#" + "".join(f"{round(c + (255 - c) * amount):02x}" for c in rgb)
 
 

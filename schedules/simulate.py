@@ -54,8 +54,10 @@ class Costs:
         if len(value) == plan.num_stages and plan.num_stages != plan.pp:
             return value[stage]
         if len(value) != plan.pp:
-            raise ValueError(f"Costs.{name} has {len(value)} values; the plan needs {plan.pp} (one per rank) "
-                             f"or {plan.num_stages} (one per chunk)")
+            raise ValueError(
+                f"Costs.{name} has {len(value)} values; the plan needs {plan.pp} (one per rank) "
+                f"or {plan.num_stages} (one per chunk)"
+            )
         return value[rank] / len(plan.stages_of(rank))
 
     @property
@@ -137,7 +139,9 @@ def execute(plan: Plan, duration: Callable[[Action], float], comm: float = 0.0) 
     def key(a: Action) -> Action:  # versions do not change identity for dependencies
         k = keys.get(a)
         if k is None:
-            k = keys[a] = Action(a.stage, a.kind, a.microbatch) if a.version is not None and a.microbatch is not None else a
+            k = keys[a] = (
+                Action(a.stage, a.kind, a.microbatch) if a.version is not None and a.microbatch is not None else a
+            )
         return k
 
     remaining = sum(len(r) for r in plan.ranks)
@@ -185,8 +189,12 @@ def _deadlock(plan: Plan, step: list[int], end: dict) -> Deadlock:
                 where = " (absent from the plan)"
         lines.append(f"  rank {rank} step {step[rank]}: {a} waits for {waits[0] if waits else '?'}{where}")
     first = min(blocked)
-    message = (f"plan {plan.name!r} deadlocks: no rank can move.\n" + "\n".join(lines) + "\n"
-               + plan.grid(mark=(first, blocked[first][0])))
+    message = (
+        f"plan {plan.name!r} deadlocks: no rank can move.\n"
+        + "\n".join(lines)
+        + "\n"
+        + plan.grid(mark=(first, blocked[first][0]))
+    )
     return Deadlock(message, blocked)
 
 
@@ -226,14 +234,15 @@ class SimResult:
         return self.timeline.chrome_trace(path)
 
     def summary(self) -> str:
-        return (f"{self.plan.name}: pp={self.plan.pp} vpp={self.plan.vpp} m={self.plan.microbatches} "
-                f"makespan={self.makespan:g} bubble_rate={self.bubble_rate:.4f} "
-                f"bubble_time_ratio={self.bubble_time_ratio:.4f} peak_activations={list(self.peak_activations)}")
+        return (
+            f"{self.plan.name}: pp={self.plan.pp} vpp={self.plan.vpp} m={self.plan.microbatches} "
+            f"makespan={self.makespan:g} bubble_rate={self.bubble_rate:.4f} "
+            f"bubble_time_ratio={self.bubble_time_ratio:.4f} peak_activations={list(self.peak_activations)}"
+        )
 
 
 def _title(result: SimResult) -> str:
-    return (f"{result.plan.name}  pp={result.plan.pp} m={result.plan.microbatches}  "
-            f"bubble rate {result.bubble_rate:.3f}")
+    return f"{result.plan.name}  pp={result.plan.pp} m={result.plan.microbatches}  bubble rate {result.bubble_rate:.3f}"
 
 
 def simulate(plan: Plan, costs: Costs | None = None) -> SimResult:
@@ -279,5 +288,7 @@ def peak_weight_versions(plan: Plan) -> tuple[int, ...]:
     """Per rank, the most weight versions held at once (summed over its stages), by UPDATE/RELEASE."""
     from .validate import walk_versions
 
-    return tuple(max((sum(len(v) for v in live.values()) for live in walk_versions(plan, rank)), default=1)
-                 for rank in range(plan.pp))
+    return tuple(
+        max((sum(len(v) for v in live.values()) for live in walk_versions(plan, rank)), default=1)
+        for rank in range(plan.pp)
+    )

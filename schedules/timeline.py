@@ -85,8 +85,9 @@ class Timeline:
         """The same timeline with the earliest compute start at 0."""
         ivs = self.compute()
         t0 = min((iv.start for iv in ivs), default=0.0)
-        return Timeline(tuple(Interval(iv.rank, iv.action, iv.start - t0, iv.end - t0) for iv in self.intervals),
-                        self.pp, self.unit)
+        return Timeline(
+            tuple(Interval(iv.rank, iv.action, iv.start - t0, iv.end - t0) for iv in self.intervals), self.pp, self.unit
+        )
 
     def chrome_trace(self, path: str | None = None) -> dict:
         """Chrome / Perfetto trace JSON (one thread per rank); written to ``path`` when given."""
@@ -96,11 +97,22 @@ class Timeline:
         for rank in range(self.pp):
             events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"rank {rank}"}})
         for iv in self.intervals:
-            events.append({
-                "name": str(iv.action), "cat": iv.action.kind.value, "ph": "X", "pid": 0, "tid": iv.rank,
-                "ts": (iv.start - base) * scale, "dur": iv.duration * scale,
-                "args": {"stage": iv.action.stage, "microbatch": iv.action.microbatch, "version": iv.action.version},
-            })
+            events.append(
+                {
+                    "name": str(iv.action),
+                    "cat": iv.action.kind.value,
+                    "ph": "X",
+                    "pid": 0,
+                    "tid": iv.rank,
+                    "ts": (iv.start - base) * scale,
+                    "dur": iv.duration * scale,
+                    "args": {
+                        "stage": iv.action.stage,
+                        "microbatch": iv.action.microbatch,
+                        "version": iv.action.version,
+                    },
+                }
+            )
         trace = {"traceEvents": events, "displayTimeUnit": "ms"}
         if path is not None:
             with open(path, "w") as f:
@@ -112,8 +124,9 @@ class Timeline:
 
     @classmethod
     def from_records(cls, records: list[dict], pp: int, unit: str = "s") -> "Timeline":
-        return cls(tuple(Interval(r["rank"], Action.parse(r["action"]), r["start"], r["end"]) for r in records),
-                   pp, unit)
+        return cls(
+            tuple(Interval(r["rank"], Action.parse(r["action"]), r["start"], r["end"]) for r in records), pp, unit
+        )
 
     def stage_costs(self, plan) -> dict[str, tuple[float, ...]]:
         """Mean measured F, B and W duration of each chunk (per-chunk lists for :class:`Costs`).

@@ -48,10 +48,15 @@ def _check_placement(plan: Plan) -> None:
             if a.stage >= plan.num_stages:
                 raise _fail(plan, f"{a} names stage {a.stage}, but the plan has {plan.num_stages} stages", (rank, step))
             if plan.rank_of(a.stage) != rank:
-                raise _fail(plan, f"{a} is on rank {rank}, but stage {a.stage} lives on rank {plan.rank_of(a.stage)}",
-                            (rank, step))
+                raise _fail(
+                    plan,
+                    f"{a} is on rank {rank}, but stage {a.stage} lives on rank {plan.rank_of(a.stage)}",
+                    (rank, step),
+                )
             if a.microbatch is not None and a.microbatch >= plan.microbatches:
-                raise _fail(plan, f"{a} names microbatch {a.microbatch}; the plan has {plan.microbatches}", (rank, step))
+                raise _fail(
+                    plan, f"{a} names microbatch {a.microbatch}; the plan has {plan.microbatches}", (rank, step)
+                )
             if a.kind in (Kind.UPDATE, Kind.RELEASE):
                 continue
             key = (a.stage, a.kind, a.microbatch)
@@ -84,7 +89,9 @@ def _check_local_order(plan: Plan) -> None:
             position[(a.stage, a.kind, a.microbatch)] = step
             before = {Kind.B: Kind.F, Kind.W: Kind.B}.get(a.kind)
             if before is not None and (a.stage, before, a.microbatch) not in position:
-                raise _fail(plan, f"{a} runs before {a.stage}{before.value}{a.microbatch} on the same stage", (rank, step))
+                raise _fail(
+                    plan, f"{a} runs before {a.stage}{before.value}{a.microbatch} on the same stage", (rank, step)
+                )
 
 
 def _check_comm(plan: Plan) -> None:
@@ -101,7 +108,9 @@ def _check_comm(plan: Plan) -> None:
         for step, a in enumerate(actions):
             if a.kind.is_comm:
                 if a not in expected:
-                    raise _fail(plan, f"{a} is not a transfer this plan needs (same rank, or no such edge)", (rank, step))
+                    raise _fail(
+                        plan, f"{a} is not a transfer this plan needs (same rank, or no such edge)", (rank, step)
+                    )
                 present[a] = (rank, step)
     for a in sorted(expected - set(present), key=lambda x: (x.stage, x.microbatch, x.kind.value)):
         rank = plan.rank_of(a.stage)
@@ -112,11 +121,15 @@ def _check_comm(plan: Plan) -> None:
         index = {(a.stage, a.kind, a.microbatch): i for i, a in enumerate(actions)}
         for step, a in enumerate(actions):
             if a.kind in producer and index.get((a.stage, producer[a.kind], a.microbatch), step + 1) > step:
-                raise _fail(plan, f"{a} sends before {a.stage}{producer[a.kind].value}{a.microbatch} produced it",
-                            (rank, step))
+                raise _fail(
+                    plan, f"{a} sends before {a.stage}{producer[a.kind].value}{a.microbatch} produced it", (rank, step)
+                )
             if a.kind in consumer and index.get((a.stage, consumer[a.kind], a.microbatch), -1) < step:
-                raise _fail(plan, f"{a} receives after its consumer {a.stage}{consumer[a.kind].value}{a.microbatch} ran",
-                            (rank, step))
+                raise _fail(
+                    plan,
+                    f"{a} receives after its consumer {a.stage}{consumer[a.kind].value}{a.microbatch} ran",
+                    (rank, step),
+                )
 
 
 def walk_versions(plan: Plan, rank: int):
@@ -141,12 +154,19 @@ def walk_versions(plan: Plan, rank: int):
             live[s].add(a.version)
         elif a.kind is Kind.RELEASE:
             if a.version not in live[s] or a.version == newest[s]:
-                raise _fail(plan, f"{a} drops version {a.version}, which is not a stashed version of stage {s} "
-                                  f"(live: {sorted(live[s])}, newest: {newest[s]})", (rank, step))
+                raise _fail(
+                    plan,
+                    f"{a} drops version {a.version}, which is not a stashed version of stage {s} "
+                    f"(live: {sorted(live[s])}, newest: {newest[s]})",
+                    (rank, step),
+                )
             live[s].discard(a.version)
         elif a.kind.is_compute and a.version is not None and a.version not in live[s]:
-            raise _fail(plan, f"{a} uses weight version {a.version}, not held by stage {s} here "
-                              f"(live: {sorted(live[s])})", (rank, step))
+            raise _fail(
+                plan,
+                f"{a} uses weight version {a.version}, not held by stage {s} here (live: {sorted(live[s])})",
+                (rank, step),
+            )
         yield live
 
 
@@ -162,13 +182,21 @@ def _check_versions(plan: Plan) -> None:
                 raise _fail(plan, f"{a} has no weight version in a versioned plan", (rank, step))
             first = by_pair.setdefault((a.stage, a.microbatch), (a.version, a, (rank, step)))
             if first[0] != a.version:
-                raise _fail(plan, f"{a} uses version {a.version} but {first[1]} used {first[0]}: forward and backward "
-                                  f"of a microbatch must use one version", (rank, step))
+                raise _fail(
+                    plan,
+                    f"{a} uses version {a.version} but {first[1]} used {first[0]}: forward and backward "
+                    f"of a microbatch must use one version",
+                    (rank, step),
+                )
             if same_everywhere:
                 first = by_mb.setdefault(a.microbatch, (a.version, a, (rank, step)))
                 if first[0] != a.version:
-                    raise _fail(plan, f"{a} uses version {a.version} but {first[1]} used {first[0]}: with "
-                                      f"{plan.info['versioning']} every stage uses one version per microbatch", (rank, step))
+                    raise _fail(
+                        plan,
+                        f"{a} uses version {a.version} but {first[1]} used {first[0]}: with "
+                        f"{plan.info['versioning']} every stage uses one version per microbatch",
+                        (rank, step),
+                    )
     for rank in range(plan.pp):
         for _ in walk_versions(plan, rank):
             pass

@@ -42,20 +42,36 @@ def test_multirun_sweep_writes_one_csv_and_a_plot(tmp_path):
     sweep = next((tmp_path / "multirun").iterdir())
     rows = list(csv.DictReader(open(sweep / "bubbles.csv")))
     assert len(rows) == 8
-    assert set(rows[0]) >= {"schedule", "pp", "vpp", "microbatches", "F", "B", "W", "comm", "makespan",
-                            "bubble_rate", "bubble_time_ratio", "closed_form", "peak_activations_max"}
+    assert set(rows[0]) >= {
+        "schedule",
+        "pp",
+        "vpp",
+        "microbatches",
+        "F",
+        "B",
+        "W",
+        "comm",
+        "makespan",
+        "bubble_rate",
+        "bubble_time_ratio",
+        "closed_form",
+        "peak_activations_max",
+    }
     gpipe_4_8 = next(r for r in rows if r["schedule"] == "gpipe" and r["pp"] == "4" and r["microbatches"] == "8")
     assert float(gpipe_4_8["bubble_rate"]) == pytest.approx(3 / 11, abs=1e-6)
     assert float(gpipe_4_8["closed_form"]) == pytest.approx(3 / 11, abs=1e-6)
     assert (sweep / "bubbles.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["schedule=zz"], "unknown schedule 'zz'; valid choices: gpipe, 1f1b"),
-    (["schedule=1f1b", "pp=0"], "pp must be a positive integer, got 0"),
-    (["schedule=interleaved-1f1b", "vpp=1"], "vpp=1; interleaving needs vpp >= 2"),
-    (["schedule=1f1b", "vpp=3"], "vpp=3 is not supported"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["schedule=zz"], "unknown schedule 'zz'; valid choices: gpipe, 1f1b"),
+        (["schedule=1f1b", "pp=0"], "pp must be a positive integer, got 0"),
+        (["schedule=interleaved-1f1b", "vpp=1"], "vpp=1; interleaving needs vpp >= 2"),
+        (["schedule=1f1b", "vpp=3"], "vpp=3 is not supported"),
+    ],
+)
 def test_bad_values_give_one_clear_line(tmp_path, args, message):
     out = run_app(*args, cwd=tmp_path)
     assert out.returncode == 2

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")
 
-from pipeloom.models import Transformer, get_model_config
-from pipeloom.models.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint
+from pipeloom.models import Transformer, get_model_config  # noqa: E402 - after importorskip
+from pipeloom.models.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 
 VOCAB = 96
 

@@ -52,7 +52,7 @@ def smoke(tmp_path_factory):
 def test_every_layout_schedule_and_microbatch_count_has_a_row(smoke):
     stdout, data, out = smoke
     got = {(r["layout"], r["schedule"], r["microbatches"]) for r in data["rows"]}
-    assert got == {(l, s, m) for l in LAYOUTS for s in SCHEDULES for m in MICROBATCHES}, got
+    assert got == {(lay, s, m) for lay in LAYOUTS for s in SCHEDULES for m in MICROBATCHES}, got
     table = (out / "multigpu.md").read_text()
     assert table.strip() in stdout  # rank 0 printed what it wrote
     for layout in LAYOUTS:

@@ -12,13 +12,38 @@ import pytest
 def test_wheel_contains_only_the_pipeloom_package(tmp_path):
     root = __file__.rsplit("/tests/", 1)[0]
     src = tmp_path / "src"  # a clean copy: an in-tree build/ folder may hold stale files
-    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
-                                                             "multirun", "outputs", "runs", ".carry"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(src)], check=True, timeout=300, capture_output=True)
+    shutil.copytree(
+        root,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "*.egg-info", "__pycache__", "multirun", "outputs", "runs", ".carry"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     names = zipfile.ZipFile(glob.glob(str(tmp_path / "dist" / "*.whl"))[0]).namelist()
     assert {n.split("/")[0] for n in names} == {"pipeloom", "pipeloom-0.1.0.dist-info"}
-    for module in ("pipeloom/schedules/ir.py", "pipeloom/parallel/spawn.py", "pipeloom/configs/bubbles.yaml",
-                   "pipeloom/__init__.py", "pipeloom/features.py"):
+    for module in (
+        "pipeloom/schedules/ir.py",
+        "pipeloom/parallel/spawn.py",
+        "pipeloom/configs/bubbles.yaml",
+        "pipeloom/__init__.py",
+        "pipeloom/features.py",
+    ):
         assert module in names
     assert not any(n.startswith("pipeloom/tests/") or n == "pipeloom/setup.py" for n in names)

@@ -19,8 +19,16 @@ VOCAB = 61  # not a multiple of tp: the vocab-parallel head pads and masks
 
 
 def _config(family):
-    return get_model_config(f"{family}-tiny", vocab_size=VOCAB, dim=32, n_layers=4, n_heads=4,
-                            n_kv_heads=2 if family == "llama" else 4, max_seq_len=16, dropout=0.0)
+    return get_model_config(
+        f"{family}-tiny",
+        vocab_size=VOCAB,
+        dim=32,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2 if family == "llama" else 4,
+        max_seq_len=16,
+        dropout=0.0,
+    )
 
 
 def _train_composed(dp, pp, tp, family, schedule, steps, recompute):
@@ -42,8 +50,9 @@ def _train_composed(dp, pp, tp, family, schedule, steps, recompute):
             return F.cross_entropy(logits.flatten(0, 1), target.flatten())
         return vocab_parallel_cross_entropy(logits.flatten(0, 1), target.flatten(), group=tp_group, vocab_size=VOCAB)
 
-    runtime = PipelineRuntime(plan, split, loss_fn=loss_fn, tied=split.tied, pp_group=mesh.pp_group,
-                              pp_ranks=mesh.pp_peers, timeout=60)
+    runtime = PipelineRuntime(
+        plan, split, loss_fn=loss_fn, tied=split.tied, pp_group=mesh.pp_group, pp_ranks=mesh.pp_peers, timeout=60
+    )
     local = [p for m in runtime.modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(local, lr=3e-3, weight_decay=0.01)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=3e-3, weight_decay=0.01)
@@ -70,8 +79,13 @@ def _train_composed(dp, pp, tp, family, schedule, steps, recompute):
         ref_losses.append(ref_loss.item())
     # every parameter: the final weights reproduce the reference's logits through the same pipeline
     probe = torch.randint(0, VOCAB, (4, 16), generator=gen)
-    forward = PipelineRuntime(get_schedule("forward-only", pp=pp, microbatches=2, vpp=plan.vpp), split, pp_group=mesh.pp_group,
-                              pp_ranks=mesh.pp_peers, timeout=60)
+    forward = PipelineRuntime(
+        get_schedule("forward-only", pp=pp, microbatches=2, vpp=plan.vpp),
+        split,
+        pp_group=mesh.pp_group,
+        pp_ranks=mesh.pp_peers,
+        timeout=60,
+    )
     out = forward.step(probe, return_outputs=True).outputs
     logits_diff = None
     if out is not None:
@@ -84,12 +98,15 @@ def _train_composed(dp, pp, tp, family, schedule, steps, recompute):
     return {"rank": dist.get_rank(), "losses": losses, "ref_losses": ref_losses, "logits_diff": logits_diff}
 
 
-@pytest.mark.parametrize("dp, pp, tp, family, schedule, recompute", [
-    (1, 2, 2, "gpt", "1f1b", False),
-    (2, 2, 1, "gpt", "zb-h1", False),
-    (1, 2, 2, "llama", "interleaved-1f1b", True),
-    (2, 1, 2, "llama", "gpipe", False),
-])
+@pytest.mark.parametrize(
+    "dp, pp, tp, family, schedule, recompute",
+    [
+        (1, 2, 2, "gpt", "1f1b", False),
+        (2, 2, 1, "gpt", "zb-h1", False),
+        (1, 2, 2, "llama", "interleaved-1f1b", True),
+        (2, 1, 2, "llama", "gpipe", False),
+    ],
+)
 def test_composed_parallelism_matches_one_process(pool4, dp, pp, tp, family, schedule, recompute):
     results = pool4.run(_train_composed, dp, pp, tp, family, schedule, 4, recompute, timeout=240)
     for r in results:

@@ -10,7 +10,6 @@ from pipeloom.schedules import (
     Costs,
     Kind,
     Plan,
-    PlanError,
     Schedule,
     ScheduleError,
     add_comm,
@@ -30,8 +29,23 @@ SYNC = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
 ALL = SYNC + ["pipedream", "pipedream-2bw", "forward-only"]
 
 
-@pytest.mark.parametrize("text", ["2F0", "0B13", "5W2", "1SEND_F0", "2RECV_F0", "2SEND_B7", "1RECV_B7",
-                                  "0UPDATE", "3UPDATE@4", "0RELEASE@1", "2F5@1", "0SYNC_TIED"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2F0",
+        "0B13",
+        "5W2",
+        "1SEND_F0",
+        "2RECV_F0",
+        "2SEND_B7",
+        "1RECV_B7",
+        "0UPDATE",
+        "3UPDATE@4",
+        "0RELEASE@1",
+        "2F5@1",
+        "0SYNC_TIED",
+    ],
+)
 def test_action_text_round_trip(text):
     assert str(Action.parse(text)) == text
 
@@ -49,7 +63,9 @@ def test_action_fields_and_errors():
 
 def test_names_and_aliases():
     assert set(ALL) <= set(list_schedules())
-    assert get_schedule("pipedream-flush", pp=4, microbatches=8).ranks == get_schedule("1f1b", pp=4, microbatches=8).ranks
+    assert (
+        get_schedule("pipedream-flush", pp=4, microbatches=8).ranks == get_schedule("1f1b", pp=4, microbatches=8).ranks
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -98,7 +114,9 @@ def _torch_pipeline_order(cls_name, pp, m):
     return cls([_MockStage(s, 2 * pp, pp, 0) for s in stage_ids], m).pipeline_order
 
 
-@pytest.mark.parametrize("cls_name", ["ScheduleInterleaved1F1B", "ScheduleZBVZeroBubble", "ScheduleInterleavedZeroBubble"])
+@pytest.mark.parametrize(
+    "cls_name", ["ScheduleInterleaved1F1B", "ScheduleZBVZeroBubble", "ScheduleInterleavedZeroBubble"]
+)
 def test_pytorch_schedules_load_validate_and_simulate(cls_name):
     import csv
     import io
@@ -205,8 +223,13 @@ def test_a_plan_loaded_from_csv_works_like_a_builtin(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(name=st.sampled_from(ALL), pp=st.integers(1, 6), mult=st.integers(1, 4), extra=st.integers(0, 3),
-       vpp=st.integers(2, 3))
+@given(
+    name=st.sampled_from(ALL),
+    pp=st.integers(1, 6),
+    mult=st.integers(1, 4),
+    extra=st.integers(0, 3),
+    vpp=st.integers(2, 3),
+)
 def test_every_builtin_plan_validates_and_simulates(name, pp, mult, extra, vpp):
     m = pp * mult if name in ("interleaved-1f1b", "pipedream-2bw") else pp * mult + extra
     kwargs = {"vpp": vpp} if name == "interleaved-1f1b" else {}
@@ -229,5 +252,10 @@ def test_tied_sync_precedes_every_update_of_a_tied_stage():
             for i, a in enumerate(actions):
                 if a.kind is Kind.UPDATE:
                     assert actions[i - 1].kind is Kind.SYNC_TIED and actions[i - 1].stage == a.stage
-    assert sum(a.kind is Kind.SYNC_TIED for a in lower(get_schedule("pipedream", pp=2, microbatches=4),
-                                                         tied_stages=(0, 1)).actions()) == 2 * 4
+    assert (
+        sum(
+            a.kind is Kind.SYNC_TIED
+            for a in lower(get_schedule("pipedream", pp=2, microbatches=4), tied_stages=(0, 1)).actions()
+        )
+        == 2 * 4
+    )
