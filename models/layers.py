@@ -126,9 +126,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
         hd = self.head_dim
-        q = self.wq(x).view(B, T, -1, hd)  # (B, T, Hq, hd), Hq local query heads
-        k = self.wk(x).view(B, T, -1, hd)  # (B, T, Hkv, hd)
-        v = self.wv(x).view(B, T, -1, hd)  # (B, T, Hkv, hd)
+        q, k, v = self._project(x)
+        q = q.view(B, T, -1, hd)  # (B, T, Hq, hd), Hq local query heads
+        k = k.view(B, T, -1, hd)  # (B, T, Hkv, hd)
+        v = v.view(B, T, -1, hd)  # (B, T, Hkv, hd)
         n_heads, n_kv = q.size(2), k.size(2)
         if n_heads % n_kv:
             raise ValueError(
@@ -147,6 +148,18 @@ class Attention(nn.Module):
         )  # (B, Hq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, n_heads * hd)  # (B, T, Hq*hd)
         return self.resid_dropout(self.wo(y))  # (B, T, D)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections. Plain linears run as ONE matmul over their concatenated weights (one
+        large GEMM instead of three, as a fused qkv layer would, while the parameters keep their names);
+        replaced modules (tensor-parallel linears, whose forward carries communication) run their own."""
+        wq, wk, wv = self.wq, self.wk, self.wv
+        if not (type(wq) is type(wk) is type(wv) is nn.Linear):
+            return wq(x), wk(x), wv(x)
+        weight = torch.cat([wq.weight, wk.weight, wv.weight])  # (Hq*hd + 2*Hkv*hd, D)
+        bias = None if wq.bias is None else torch.cat([wq.bias, wk.bias, wv.bias])
+        sizes = [wq.out_features, wk.out_features, wv.out_features]
+        return F.linear(x, weight, bias).split(sizes, dim=-1)  # (B, T, Hq*hd), (B, T, Hkv*hd) x 2
 
     def init_weights(self, init_std: float, residual_std: float) -> None:
         """Normal(0, init_std) on q/k/v, Normal(0, residual_std) on the output projection, zero biases."""
