@@ -160,13 +160,16 @@ def gather(value) -> list:
     return out
 
 
+P2P_TIMEOUT = 600.0  # seconds a rank waits for a pipeline peer before naming the stall (--timeout)
+
+
 # ----- the engines -------------------------------------------------------------------------------------
 def pipeloom_engine(plan, built: Built, mesh, device, x, y):
     """A step function running ``plan`` through the runtime, then the shared AdamW; and the runtime."""
     from pipeloom.parallel.runtime import PipelineRuntime
 
     runtime = PipelineRuntime(plan, built.modules, built.loss_fn, pp_group=mesh.pp_group, pp_ranks=mesh.pp_peers,
-                              timeout=600)
+                              timeout=P2P_TIMEOUT)
 
     def step():
         with autocast(device):
@@ -272,7 +275,7 @@ def measure_async(plans: dict, built: Built, mesh, device, args, x, y, tokens) -
     steps = {}
     for name, plan in plans.items():
         runtime = PipelineRuntime(plan, built.modules, built.loss_fn, pp_group=mesh.pp_group, pp_ranks=mesh.pp_peers,
-                                  optimizer_factory=lambda ps: adamw(ps, device), timeout=600)
+                                  optimizer_factory=lambda ps: adamw(ps, device), timeout=P2P_TIMEOUT)
 
         def step(runtime=runtime):
             with autocast(device):
@@ -322,6 +325,8 @@ def run_layout(layout: str, args, config, device, out: dict) -> None:
                 built = build(config, plan, mesh, device, args.split)
             batch = torch.randint(0, config.vocab_size, (args.mbs * m, args.seq + 1), generator=gen).to(device)
             x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
+            if dist.get_rank() == 0:  # so a stall shows which configuration it is in
+                print(f"running {layout} {schedule} m={m} ...", flush=True)
             row, (measured, simulated) = measure_sync(schedule, plan, built, mesh, device, args, x, y, x.numel())
             row["layout"] = layout
             out["rows"].append(row)
@@ -438,10 +443,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="uniform", help="split_stages method: uniform or parameters")
     p.add_argument("--picture-m", type=int, default=8, help="microbatch count of the timeline pictures")
     p.add_argument("--no-peer", action="store_true", help="skip torch.distributed.pipelining")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a pipeline rank waits for a peer before raising an error that names the stall")
     p.add_argument("--no-async", action="store_true", help="skip the PipeDream / 2BW comparison")
     p.add_argument("--smoke", action="store_true", help=f"tiny shapes for CPU: {SMOKE}")
     p.add_argument("--out", default="runs/multigpu", help="directory for multigpu.md, multigpu.json, timelines/")
     args = p.parse_args(argv)
+    global P2P_TIMEOUT
+    P2P_TIMEOUT = args.timeout
     args.only = [s for s in args.only.split(",") if s]
     unknown = sorted(set(args.only) - set(SYNC))
     if unknown:
