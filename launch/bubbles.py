@@ -114,6 +114,7 @@ def _sweep_dir() -> str | None:
 def run(cfg: DictConfig) -> list[dict]:
     """The app's work, callable without Hydra's entry point (tests call it with a composed config)."""
     costs = Costs(F=cfg.F, B=cfg.B, W=cfg.W, comm=cfg.comm)
+    sweep_dir = _sweep_dir()
     options = OmegaConf.to_container(cfg.options) if cfg.options else {}
     if cfg.schedule is None:
         rows = [
@@ -129,11 +130,11 @@ def run(cfg: DictConfig) -> list[dict]:
         row = evaluate(cfg.schedule, cfg.pp, cfg.microbatches, cfg.vpp, costs, **options)
         rows = [row]
         print(format_table(rows))
-        if cfg.ascii and _sweep_dir() is None:
+        if cfg.ascii and sweep_dir is None:
             print(row["_result"].ascii(width=110))
         if cfg.picture:
             print(f"picture: {row['_result'].render(cfg.picture)}")
-    target = cfg.csv or (os.path.join(_sweep_dir(), "bubbles.csv") if _sweep_dir() else None)
+    target = cfg.csv or (os.path.join(sweep_dir, "bubbles.csv") if sweep_dir else None)
     if target:
         for row in rows:
             append_csv(target, row)

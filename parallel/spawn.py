@@ -159,15 +159,15 @@ class RankPool:
                 deadline = min(deadline, time.monotonic() + 5.0)
             silent = sorted(set(range(self.world_size)) - set(results) - set(errors))
             dead = [r for r in silent if not self._procs[r].is_alive()]
-            self._exitcodes = {r: self._procs[r].exitcode for r in dead}
             if dead or time.monotonic() > deadline:
+                exitcodes = [self._procs[r].exitcode for r in dead]  # before close() forgets the processes
                 self.close(kill=True)
                 if errors:
                     break
                 if dead:
                     raise RankError(
                         f"{fn.__qualname__}: rank(s) {dead} died without reporting (exit codes "
-                        f"{[self._exitcodes.get(r) for r in dead]}); a script that starts ranks must do so under "
+                        f"{exitcodes}); a script that starts ranks must do so under "
                         f"`if __name__ == '__main__':`, since each spawned rank re-imports the main module"
                     )
                 raise RankTimeout(f"{fn.__qualname__}: rank(s) {silent} still running after {timeout:.0f}s")

@@ -183,7 +183,7 @@ def _deadlock(plan: Plan, step: list[int], end: dict) -> Deadlock:
         where = ""
         if waits:
             try:
-                r, st = plan.find(waits[0]) if waits[0] in set(plan.actions()) else _find_unversioned(plan, waits[0])
+                r, st = _find_unversioned(plan, waits[0])
                 where = f" (rank {r} step {st})"
             except PlanError:
                 where = " (absent from the plan)"
@@ -199,6 +199,7 @@ def _deadlock(plan: Plan, step: list[int], end: dict) -> Deadlock:
 
 
 def _find_unversioned(plan: Plan, target: Action) -> tuple[int, int]:
+    """(rank, step) of the action matching ``target`` in stage, kind and microbatch, whatever its version."""
     for rank, actions in enumerate(plan.ranks):
         for st, a in enumerate(actions):
             if (a.stage, a.kind, a.microbatch) == (target.stage, target.kind, target.microbatch):
