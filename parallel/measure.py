@@ -61,4 +61,5 @@ class ActionClock:
         if not self.synced:
             torch.cuda.synchronize()
             self.synced = True
-        return (self.base_host + self.base.elapsed_time(start) / 1e3, self.base_host + self.base.elapsed_time(end) / 1e3)
+        base = self.base_host
+        return base + self.base.elapsed_time(start) / 1e3, base + self.base.elapsed_time(end) / 1e3

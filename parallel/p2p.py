@@ -29,6 +29,14 @@ so there the transfers are *ordered* (see :class:`P2P`): a rank receives a peer'
 the peer sends them, keeping any that arrive before their own receive action (ZB-V on 4 ranks sends in
 an order its receiver does not follow); the header then goes with the first new-key message in the
 sender's order, which is the order this receiver takes them in.
+
+NCCL also does not buffer sends: a process group's calls run one after another on one stream and a send
+finishes only when its receive is posted, so one group carrying both directions can deadlock where gloo
+does not (ZB-V did, on two H100s: each rank's send queued in front of the receive the other needed). By
+default each direction of each link gets its own group (:func:`pipeline_links`): a sender only sends on
+it, its receiver only receives, in the same order, and nothing a rank receives can hold up what it sends.
+:func:`check_rendezvous` replays the calls a run recorded (``P2P.log``) under NCCL's rules, so CPU tests
+catch such deadlocks.
 """
 
 from __future__ import annotations
@@ -122,7 +130,9 @@ class P2P:
     right. With ``inbound`` (peer -> the message keys it sends here, in its order) the transfers are
     *ordered*: all tags are 0 and a receive first takes any message the peer sent before it, keeping it
     until its own receive action comes (``spec_of(key)`` gives the shapes of gradient messages). Without
-    it, tags tell messages apart (gloo) and receives are posted as the plan lists them.
+    it, tags tell messages apart (gloo) and receives are posted as the plan lists them. ``links``
+    (``{(src, dst) pipeline ranks: group}`` from :func:`pipeline_links`) carries each direction on its own
+    group; without it every transfer goes on ``group``. A batch is posted as one call per group, sends first.
 
     ``shape_specs`` maps a forward message's shape key to its specs (the module docstring explains the
     cache); :meth:`reset` takes, per forward message of the step, its shape key and whether it carries a
@@ -132,8 +142,11 @@ class P2P:
     """
 
     def __init__(self, group, ranks: Sequence[int], rank: int, device: torch.device, timeout: float,
-                 inbound: dict[int, list] | None = None, spec_of=None):
+                 inbound: dict[int, list] | None = None, spec_of=None, links: dict | None = None):
         self.group = group
+        self.links = links
+        self.log: list | None = None  # set to [] to record calls and waits for check_rendezvous
+        self._call_of: dict[int, int] = {}  # id(work) -> its call's index in the log
         self.ranks = list(ranks)
         self.rank = rank
         self.device = device
@@ -161,7 +174,22 @@ class P2P:
         self.counts = Counter()
 
     def _op(self, fn, tensor: torch.Tensor, t: Transfer) -> dist.P2POp:
-        return dist.P2POp(fn, tensor, self.ranks[t.peer], group=self.group, tag=0 if self.inbound else t.tag)
+        group = self.group
+        if self.links is not None:
+            link = (self.rank, t.peer) if t.send else (t.peer, self.rank)
+            if link not in self.links:
+                raise PipelineCommError(f"pipeline rank {self.rank}: action {t.action} uses the link {link[0]} "
+                                        f"-> {link[1]} (pipeline ranks), which was not set up; links: "
+                                        f"{sorted(self.links)}")
+            group = self.links[link]
+        return dist.P2POp(fn, tensor, self.ranks[t.peer], group=group, tag=0 if self.inbound else t.tag)
+
+    def _stream_name(self, group) -> tuple:
+        return (self.ranks[self.rank], group.group_name)
+
+    def _link_name(self, op: dist.P2POp) -> tuple:
+        me = self.ranks[self.rank]
+        return (op.group.group_name, me, op.peer) if op.op is dist.isend else (op.group.group_name, op.peer, me)
 
     def _queue(self, receives: list[Transfer]) -> dict[int, list[Transfer]]:
         """Per peer, the receives to post in that peer's send order (with messages it sent before)."""
@@ -210,8 +238,7 @@ class P2P:
 
     def exchange(self, transfers: list[Transfer]) -> None:
         """Post the sends and the receives together, wait for the receives, leave the sends in flight."""
-        ops: list[dist.P2POp] = []
-        owners: list[tuple[Transfer, torch.Tensor | None]] = []  # (transfer, header buffer or None)
+        sends: list[tuple[dist.P2POp, Transfer, None]] = []
         for t in transfers:
             if t.send:
                 if t.shape_key is not None:
@@ -220,45 +247,48 @@ class P2P:
                 t.tensors = [x.detach().contiguous() for x in t.tensors]
                 self.counts["headers"] += header is not None
                 for x in ([header] if header is not None else []) + t.tensors:
-                    ops.append(self._op(dist.isend, x, t))
-                    owners.append((t, None))
+                    sends.append((self._op(dist.isend, x, t), t, None))
         queues = self._queue([t for t in transfers if not t.send])
+        batch = sends  # (op, transfer, header buffer or None)
         while True:
             for q in queues.values():  # per peer: known-shape messages, up to the next header
                 while q:
                     t = q[0]
                     if t.specs is None and t.header:
                         buffer = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-                        ops.append(self._op(dist.irecv, buffer, t))
-                        owners.append((t, buffer))
+                        batch.append((self._op(dist.irecv, buffer, t), t, buffer))
                         self.counts["headers"] += 1
                         break
                     if t.specs is None:  # cached: its key's header came with an earlier message
                         t.specs = self._cached_specs(t)
                     t.tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in t.specs]
-                    for x in t.tensors:
-                        ops.append(self._op(dist.irecv, x, t))
-                        owners.append((t, None))
+                    batch += [(self._op(dist.irecv, x, t), t, None) for x in t.tensors]
                     q.pop(0)
-            if not ops:
+            if not batch:
                 break
-            works = dist.batch_isend_irecv(ops)
-            self.counts["calls"] += 1
-            self.counts["ops"] += len(ops)
-            now = time.perf_counter()
-            for work, (t, header) in zip(works, owners):
-                if t.send:
-                    self.pending.append((work, t))
-                    t.done = now
-                    continue
-                self.wait(work, t)
+            received = []
+            for entries in self._by_group(batch):  # sends first: they never wait for this rank's receives
+                posted: list = []
+                for work, (_, t, header) in zip(self._post([op for op, _, _ in entries]), entries):
+                    if not t.send:
+                        received.append((work, t, header))
+                        continue
+                    t.done = time.perf_counter()
+                    if not any(w is work for w in posted):  # a coalesced call's one work, kept once
+                        posted.append(work)
+                        self.pending.append((work, t))
+            waited: list = []
+            for work, t, header in received:
+                if not any(w is work for w in waited):  # a coalesced call's one work covers all its ops
+                    self.wait(work, t)
+                    waited.append(work)
                 self.counts["forward_waits"] += t.key is not None and t.key[0]
                 t.done = time.perf_counter()
                 if header is not None:  # its payload goes out in the next round
                     t.specs = decode_header(header)
                     if t.shape_key is not None:
                         self.shape_specs[t.shape_key] = t.specs
-            ops, owners = [], []
+            batch = []
         for t in transfers:
             if not t.send and t.key is not None and t.key in self.kept and self.kept[t.key] is not t:
                 early = self.kept.pop(t.key)
@@ -266,10 +296,39 @@ class P2P:
             elif not t.send and t.key is not None:
                 self.kept.pop(t.key, None)
 
+    def _by_group(self, batch: list) -> list[list]:
+        """The batch cut into one call per process group (``batch_isend_irecv`` takes one group), sends first."""
+        calls: dict[int, list] = {}
+        for entry in sorted(batch, key=lambda e: not e[1].send):
+            calls.setdefault(id(entry[0].group), []).append(entry)
+        return list(calls.values())
+
+    def _post(self, ops: list[dist.P2POp]) -> list:
+        """One batched call; returns a work per op. NCCL coalesces the call into one work that completes
+        when all its ops have; gloo returns one work per op."""
+        works = dist.batch_isend_irecv(ops)
+        self.counts["calls"] += 1
+        self.counts["ops"] += len(ops)
+        if len(works) == 1 and len(ops) > 1:
+            works = works * len(ops)
+        if len(works) != len(ops):
+            raise PipelineCommError(f"pipeline rank {self.rank}: batch_isend_irecv returned {len(works)} works for "
+                                    f"{len(ops)} operations")
+        if self.log is not None:
+            call = len(self.log)
+            self.log.append(("post", call, self._stream_name(ops[0].group), [
+                (op.op is dist.isend, self._link_name(op), tuple(op.tensor.shape), str(op.tensor.dtype))
+                for op in ops]))
+            for work in works:
+                self._call_of[id(work)] = call
+        return works
+
     def wait(self, work, t: Transfer) -> None:
         """Wait for ``work`` of transfer ``t``; raise a named error on timeout or failure."""
         start = time.perf_counter()
         self.counts["waits"] += 1
+        if self.log is not None:
+            self.log.append(("wait", self._call_of[id(work)]))
         try:
             ok = work.wait(timedelta(seconds=self.timeout))
         except RuntimeError as error:  # gloo raises on timeout or a dead peer
@@ -310,3 +369,109 @@ def inbound_messages(plan, rank: int) -> dict[int, list[tuple]]:
             elif a.kind is Kind.SEND_B and plan.rank_of(a.stage - 1) == rank:
                 inbound.setdefault(peer, []).append((False, a.stage, a.microbatch))
     return inbound
+
+
+_LINKS: dict[tuple, object] = {}  # (pipeline group name, src global rank, dst global rank) -> its link group
+
+
+def pipeline_links(group, ranks: Sequence[int], pairs, device=None) -> dict[tuple[int, int], object]:
+    """One process group per direction of each pipeline link: ``{(src, dst) pipeline ranks: group}``.
+
+    On NCCL every batched p2p call of a process group runs on one stream, in posting order, and a send
+    completes only when its receive has been posted; a call that mixes directions or peers can therefore
+    wait on a peer that waits on this rank (found as a ZB-V deadlock on two H100s). On a link's own group
+    the sender only sends and the receiver only receives, in the same order, so a send never waits
+    behind anything but earlier sends on that link and a rank's receives never hold up its sends: the
+    pipeline behaves as if sends were buffered, the semantics its plans are validated under
+    (:func:`check_rendezvous` models the NCCL rules).
+
+    Collective over the whole world (``new_group`` is): every rank calls it, with its own pipeline group;
+    the pairs of all pipeline groups are gathered and created in one order. Groups are cached per
+    (pipeline group, direction), so runtimes built again on the same pipeline group reuse them. A new
+    link carries one small message at once, in that same order on every rank: NCCL creates a
+    communicator at its first use and blocks both ends until the other arrives, which inside a step
+    could stall a sender until its receiver reaches the link.
+    """
+    me = (group.group_name, [(ranks[a], ranks[b]) for a, b in sorted(set(pairs))])
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, me)
+    backend, rank = dist.get_backend(group), dist.get_rank()
+    for key in sorted({(name, a, b) for name, links in gathered for a, b in links}):
+        if key in _LINKS:
+            continue
+        _LINKS[key] = link = dist.new_group(sorted(key[1:]), backend=backend)
+        if rank in key[1:]:
+            src, dst = key[1:]
+            probe = torch.ones(1, device=device) if rank == src else torch.zeros(1, device=device)
+            op = dist.P2POp(dist.isend if rank == src else dist.irecv, probe, dst if rank == src else src, group=link)
+            for work in dist.batch_isend_irecv([op]):
+                work.wait()
+    return {(a, b): _LINKS[(group.group_name, ranks[a], ranks[b])] for a, b in set(pairs)}
+
+
+def check_rendezvous(logs: dict[int, list]) -> None:
+    """Replay the calls and waits the ranks' :class:`P2P` recorded (``p2p.log``) under NCCL's rules and
+    raise :class:`PipelineCommError` if they would deadlock or pair mismatched tensors.
+
+    The rules, stricter than gloo's: a process group's calls on a rank run one after another, in posting
+    order, each finishing when all its operations have; a send and its receive (matched per group and
+    direction by order, tags ignored) both progress only while both their calls are running - no send
+    is buffered; a rank stops at a wait until the call it waits on has finished.
+    """
+    pos = dict.fromkeys(logs, 0)
+    streams: dict[tuple, list] = {}  # (rank, group) -> its posted, unfinished calls in order
+    left: dict[tuple, set] = {}  # (rank, call) -> its unmatched operations
+    where: dict[tuple, tuple] = {}  # (rank, call) -> its stream
+    sides: dict[tuple, dict] = {}  # (group, src, dst, n) -> {"send"/"recv": ((rank, call), shape, dtype)}
+    count: Counter = Counter()
+    finished: set = set()
+
+    def advance(rank: int) -> bool:
+        moved, events = False, logs[rank]
+        while pos[rank] < len(events):
+            event = events[pos[rank]]
+            if event[0] == "wait" and (rank, event[1]) not in finished:
+                break
+            if event[0] == "post":
+                _, call, stream, ops = event
+                streams.setdefault(stream, []).append((rank, call))
+                where[(rank, call)] = stream
+                left[(rank, call)] = set()
+                for send, link, shape, dtype in ops:
+                    side = "send" if send else "recv"
+                    n = count[(link, side)]
+                    count[(link, side)] += 1
+                    sides.setdefault((*link, n), {})[side] = ((rank, call), shape, dtype)
+                    left[(rank, call)].add((*link, n))
+            pos[rank] += 1
+            moved = True
+        return moved
+
+    while True:
+        moved = any([advance(rank) for rank in logs])
+        running = {stream[0] for stream in streams.values() if stream}
+        for op, ends in sides.items():
+            if len(ends) == 2 and ends["send"][0] in running and ends["recv"][0] in running and op in left[
+                    ends["send"][0]]:
+                if ends["send"][1:] != ends["recv"][1:]:
+                    raise PipelineCommError(f"message {op} (group, src, dst, index): rank {ends['send'][0][0]} "
+                                            f"sends {ends['send'][1:]} but rank {ends['recv'][0][0]} receives into "
+                                            f"{ends['recv'][1:]}")
+                left[ends["send"][0]].discard(op)
+                left[ends["recv"][0]].discard(op)
+                moved = True
+        for stream in streams.values():
+            while stream and not left[stream[0]]:
+                finished.add(stream.pop(0))
+                moved = True
+        if not moved:
+            break
+    stuck = {rank: logs[rank][pos[rank]] for rank in logs if pos[rank] < len(logs[rank])}
+    unfinished = [stream for stream in streams.values() if stream]
+    if stuck or unfinished:
+        lines = [f"rank {rank} waits for its call {event[1]}" for rank, event in sorted(stuck.items())]
+        for stream in unfinished:
+            rank, call = stream[0]
+            lines.append(f"rank {rank}'s call {call} on group {where[(rank, call)][1]} cannot finish: it still "
+                         f"needs {sorted(left[(rank, call)])}, and {len(stream) - 1} later calls queue behind it")
+        raise PipelineCommError("the recorded p2p calls deadlock under NCCL's rules:\n  " + "\n  ".join(lines))

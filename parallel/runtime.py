@@ -17,8 +17,9 @@ its ``forward`` names. The lowered plan is then executed action by action:
 * ``F`` runs the stage (the last stage also computes the loss); ``B`` computes the input gradient (only
   it, with the graph kept, when the plan has a ``W`` for that microbatch - see
   :mod:`pipeloom.parallel.backward`) or the full backward; ``W`` the parameter gradients.
-* ``SEND_*``/``RECV_*`` runs of consecutive actions are posted as one batched non-blocking p2p call
-  (:mod:`pipeloom.parallel.p2p`). Gradients never carry a shape header (their shapes are those of the
+* ``SEND_*``/``RECV_*`` runs of consecutive actions are posted together as batched non-blocking p2p
+  calls, one per process group: each direction of each link has its own (``links="directional"``), so
+  NCCL's unbuffered sends never queue behind a receive (:mod:`pipeloom.parallel.p2p`). Gradients never carry a shape header (their shapes are those of the
   activation sent forward). Activations, with ``shapes="cached"`` (the default), carry one only the first
   time their *shape key* appears: (sending stage, the microbatch's input signature - shapes and dtypes of
   its inputs and extras, and the autocast state - so an uneven last microbatch or a new sequence length is
@@ -59,13 +60,14 @@ from torch import nn
 from .backward import backward_full, backward_input, backward_weight
 from .measure import ActionClock, estimate_comm
 from .microbatch import batch_size, extras_for, split_batch, split_extras
-from .p2p import P2P, PipelineCommError, PipelineTimeout, TensorSpec, Transfer, inbound_messages
+from .p2p import P2P, PipelineCommError, PipelineTimeout, TensorSpec, Transfer, inbound_messages, pipeline_links
 from .tied import TiedParameters
 from .versions import StageVersions, update_groups
 
 __all__ = ["PipelineCommError", "PipelineRuntime", "PipelineTimeout", "StepResult"]
 
 SHAPE_MODES = ("cached", "per-message")  # PipelineRuntime(shapes=...): how activations' shapes travel
+LINK_MODES = ("directional", "shared")  # PipelineRuntime(links=...): which process groups carry the p2p
 
 
 @dataclass
@@ -103,15 +105,22 @@ class PipelineRuntime:
         shapes: ``"cached"`` (default): an activation's shape header is sent once per shape key (see the
             module docstring); every rank must be given the inputs. ``"per-message"``: a header before
             every activation, for stages whose output shapes depend on the data.
+        links: ``"directional"`` (default): every direction of every pipeline link gets its own process
+            group (:func:`~pipeloom.parallel.p2p.pipeline_links`), so NCCL's unbuffered sends cannot wait
+            behind this rank's receives; building the runtime is then collective over the whole world (every
+            rank builds its runtime; groups are created once per pipeline group and reused). ``"shared"``:
+            every transfer on ``pp_group`` - no world collective, safe only where sends are buffered (gloo).
     """
 
     def __init__(self, plan: Plan, modules, loss_fn: Callable | None = None, *,
                  optimizer_factory: Callable | None = None, optimizers: Mapping | None = None,
                  tied=(), pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
-                 ordered_messages: bool | None = None, shapes: str = "cached"):
+                 ordered_messages: bool | None = None, shapes: str = "cached", links: str = "directional"):
         if shapes not in SHAPE_MODES:
             raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
+        if links not in LINK_MODES:
+            raise ValueError(f"links={links!r}; choose one of {LINK_MODES}")
         self.shapes = shapes
         self.timeout = float(timeout)
         self.pp_group, self.pp_ranks, self.rank = _pipeline_group(plan, pp_group, pp_ranks)
@@ -150,9 +159,15 @@ class PipelineRuntime:
         if self.plan.pp > 1:
             if ordered_messages is None:  # NCCL matches p2p messages by order and ignores tags
                 ordered_messages = dist.get_backend(self.pp_group) == "nccl"
+            if links == "shared" and dist.get_backend(self.pp_group) == "nccl":
+                raise ValueError('links="shared" would let NCCL\'s unbuffered sends deadlock (one stream for every '
+                                 'transfer); use links="directional" (the default) on NCCL')
             inbound = inbound_messages(self.plan, self.rank) if ordered_messages else None
+            link_groups = (pipeline_links(self.pp_group, self.pp_ranks, _link_pairs(self.plan, self.tied_groups),
+                                          self.device)
+                           if links == "directional" else None)
             self.p2p = P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout,
-                           inbound=inbound, spec_of=self._gradient_specs)
+                           inbound=inbound, spec_of=self._gradient_specs, links=link_groups)
         self._boundaries = _forward_orders(self.plan, self.rank, bool(ordered_messages))
         self._known_shapes: set[tuple] = set()  # shape keys whose header went (or was planned) in earlier steps
         self.tied = TiedParameters(self.tied_groups, self.plan, self.rank, self.modules, self.p2p,
@@ -503,6 +518,21 @@ def _pipeline_group(plan: Plan, pp_group, pp_ranks):
     if me not in members:
         raise ValueError(f"global rank {me} is not a member of the pipeline group {members}")
     return group, members, members.index(me)
+
+
+def _link_pairs(plan: Plan, tied_groups) -> set[tuple[int, int]]:
+    """The (sender, receiver) pipeline-rank pairs a lowered plan's messages and tied groups use."""
+    pairs = set()
+    for rank, actions in enumerate(plan.ranks):
+        for a in actions:
+            if a.kind is Kind.SEND_F:
+                pairs.add((rank, plan.rank_of(a.stage + 1)))
+            elif a.kind is Kind.SEND_B:
+                pairs.add((rank, plan.rank_of(a.stage - 1)))
+    for group in tied_groups:
+        holders = sorted({plan.rank_of(s) for s in group})
+        pairs.update((a, b) for a in holders for b in holders if a != b)
+    return pairs
 
 
 def _forward_orders(plan: Plan, rank: int, ordered: bool) -> dict[int, list[int]]:

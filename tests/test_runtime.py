@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pipeloom.parallel.p2p import PipelineCommError, PipelineTimeout
+from pipeloom.parallel.p2p import PipelineCommError, PipelineTimeout, check_rendezvous
 from pipeloom.parallel.runtime import PipelineRuntime
 from pipeloom.parallel.stage import split_stages
 from pipeloom.schedules import get_schedule
@@ -526,3 +526,83 @@ def test_unknown_shapes_mode_is_refused():
     plan = get_schedule("1f1b", pp=1, microbatches=2)
     with pytest.raises(ValueError, match="shapes='sometimes'"):
         PipelineRuntime(plan, split_stages(list(build(2)), 1).for_rank(plan, 0), loss_fn, shapes="sometimes")
+
+
+# ----- the p2p calls replayed under NCCL's rules (unbuffered sends, one stream per process group) ------------
+# gloo buffers sends, so a CPU run cannot deadlock the way NCCL does: these tests record every batched call
+# and wait the runtime makes on gloo and replay them with check_rendezvous, which applies NCCL's rules. Planted
+# crossed sends show the check can fail; one group for every transfer (links="shared") fails it for ZB-V, the
+# deadlock first seen on two H100s; the default per-direction links pass it for every schedule, with matched
+# tensor shapes, including steps that send shape headers.
+F32 = "torch.float32"
+
+
+def _post(call, stream, *ops):
+    return ("post", call, stream, [(send, link, (4,), F32) for send, link in ops])
+
+
+def test_crossed_sends_in_separate_calls_deadlock():
+    # Each rank sends, then receives, in two calls on one group: both sends wait for receives queued behind them.
+    logs = {0: [_post(0, (0, "g"), (True, ("g", 0, 1))), _post(1, (0, "g"), (False, ("g", 1, 0))), ("wait", 1)],
+            1: [_post(0, (1, "g"), (True, ("g", 1, 0))), _post(1, (1, "g"), (False, ("g", 0, 1))), ("wait", 1)]}
+    with pytest.raises(PipelineCommError, match="deadlock under NCCL") as error:
+        check_rendezvous(logs)
+    assert "rank 0 waits for its call 1" in str(error.value) and "cannot finish" in str(error.value)
+
+
+def test_crossed_sends_in_one_call_or_on_per_direction_groups_finish():
+    one_call = {r: [_post(0, (r, "g"), (True, ("g", r, 1 - r)), (False, ("g", 1 - r, r))), ("wait", 0)]
+                for r in (0, 1)}
+    check_rendezvous(one_call)
+    links = {r: [_post(0, (r, f"{r}>{1 - r}"), (True, (f"{r}>{1 - r}", r, 1 - r))),
+                 _post(1, (r, f"{1 - r}>{r}"), (False, (f"{1 - r}>{r}", 1 - r, r))), ("wait", 1), ("wait", 0)]
+             for r in (0, 1)}
+    check_rendezvous(links)
+
+
+def test_mismatched_shapes_and_missing_receives_are_reported():
+    logs = {0: [("post", 0, (0, "g"), [(True, ("g", 0, 1), (4,), F32)]), ("wait", 0)],
+            1: [("post", 0, (1, "g"), [(False, ("g", 0, 1), (64,), "torch.int64")]), ("wait", 0)]}
+    with pytest.raises(PipelineCommError, match=r"sends \(\(4,\), 'torch.float32'\) but rank 1 receives"):
+        check_rendezvous(logs)
+    with pytest.raises(PipelineCommError, match="rank 0 waits for its call 0"):
+        check_rendezvous({0: logs[0], 1: []})
+
+
+def record_worker(pp: int, names: list, links: str, m: int) -> dict:
+    """Per schedule: two steps (a new sequence length in the second sends new headers), NCCL-style
+    ordered matching; returns this rank's recorded calls and waits."""
+    rank, out = dist.get_rank(), {}
+    for name in names:
+        plan = get_schedule(name, pp=pp, microbatches=m)
+        split = split_stages(list(build(2 * pp)), plan.num_stages)
+        tied = split.tied if not plan.is_versioned else ()
+        runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=tied, timeout=60,
+                                  optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                  ordered_messages=True, links=links)
+        runtime.p2p.log = []
+        for step, (B, T) in enumerate([(m + 1, 5), (m, 3)]):
+            runtime.step(*batch(B, T, seed=step)[:2])
+        out[name] = runtime.p2p.log
+    return out
+
+
+ALL = SYNC + ["pipedream", "pipedream-2bw"]
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_schedule_passes_nccl_rules_on_per_direction_links(pp, pool2, pool4):
+    pool = pool2 if pp == 2 else pool4
+    results = pool.run(record_worker, pp, ALL, "directional", 8)
+    for name in ALL:
+        logs = {rank: results[rank][name] for rank in range(pp)}
+        assert all(any(e[0] == "post" for e in log) for log in logs.values()), name
+        check_rendezvous(logs)
+
+
+def test_one_shared_group_deadlocks_zb_v_under_nccl_rules(pool2):
+    # What ran on two H100s before the per-direction links: ZB-V on one group for every transfer.
+    results = pool2.run(record_worker, 2, ["zb-v", "1f1b"], "shared", 4)
+    with pytest.raises(PipelineCommError, match="deadlock under NCCL"):
+        check_rendezvous({rank: results[rank]["zb-v"] for rank in range(2)})
+    check_rendezvous({rank: results[rank]["1f1b"] for rank in range(2)})  # 1F1B pairs its sends and receives
