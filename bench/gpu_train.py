@@ -5,6 +5,11 @@
     python bench/gpu_train.py --size 1.3b            # B8 T2048, 24 layers, d=2048
     python bench/gpu_train.py --size tiny --steps 3  # CPU smoke run (tests use it)
 
+Variants: ``baseline-eager``, ``baseline-compile``, ``pipeloom-eager``, ``pipeloom-compile``; pipeloom's model
+runs its fused Triton kernels (LayerNorm, cross-entropy) on the GPU, as the training launcher does by
+default; ``-torchkernels`` in a pipeloom variant's name switches them off (``set_kernels("torch")``),
+``-fused`` uses the chunked linear + cross-entropy head, ``-cudnn`` asks SDPA for cuDNN attention.
+
 Every variant: bf16 autocast, fused AdamW, random tokens (vocab 50304), warm-up steps then the median
 step time of the timed steps (CUDA events). MFU = (6 N + 12 L D T) tokens/s over the 989 TFLOP/s bf16
 datasheet peak, and over the bf16 matmul rate measured in the same run. The baseline is written here,
@@ -123,6 +128,16 @@ def build(variant: str, size: str, device: str):
 
 
 def run_variant(variant: str, size: str, steps: int, warmup: int, device: str, profile: bool = False) -> dict:
+    from pipeloom.kernels import set_kernels
+
+    previous = set_kernels("torch" if "torchkernels" in variant else "auto")
+    try:
+        return _run_variant(variant, size, steps, warmup, device, profile)
+    finally:
+        set_kernels(previous)
+
+
+def _run_variant(variant: str, size: str, steps: int, warmup: int, device: str, profile: bool) -> dict:
     torch.manual_seed(0)
     model, step_fn, n_params, (layers, d, B, T) = build(variant, size, device)
     fused = device == "cuda"
@@ -219,10 +234,18 @@ def main() -> None:
           f"{rate / 1e12:.0f} TFLOP/s")
     rows = []
     for v in args.variants.split(","):
-        rows.append(run_variant(v, args.size, args.steps, args.warmup, device, v in args.profile.split(",")))
+        try:
+            rows.append(run_variant(v, args.size, args.steps, args.warmup, device, v in args.profile.split(",")))
+        except Exception as err:  # one broken variant must not lose the others' numbers
+            print(f"  {v}: FAILED: {type(err).__name__}: {str(err)[:1500]}", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
         r = rows[-1]
         print(f"  {v}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_gib']:.2f} GiB",
               flush=True)
+    if not rows:
+        raise SystemExit("every variant failed")
     base = next((r for r in rows if r["variant"] == "baseline-compile"), rows[0])
     print(f"{'variant':<28} {'step ms':>8} {'tok/s':>10} {'vs base-compile':>15} {'MFU(989)':>9} "
           f"{'MFU(meas)':>9} {'peak GiB':>8} {'spread':>7} {'loss':>7}")

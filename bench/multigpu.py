@@ -351,8 +351,8 @@ def run_layout(layout: str, args, config, device, out: dict) -> None:
             row["layout"] = layout
             out["async"].append(row)
             if rank == 0:
-                print(f"async {layout} m={m}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in row["tokens_per_s"].items()),
-                      flush=True)
+                rates = ", ".join(f"{k} {v:.0f} tok/s" for k, v in row["tokens_per_s"].items())
+                print(f"async {layout} m={m}: {rates}", flush=True)
     del built
     dist.barrier()
 
@@ -421,7 +421,8 @@ def header(out: dict) -> str:
     """One line: date, device, torch, model, precision, batch shape, steps and the command."""
     a = out["args"]
     return (f"{out['date']}, {out['device_name']} x{out['world_size']} ({out['backend']}), torch {out['torch']}, "
-            f"model {a['model']}{' (smoke shapes)' if a['smoke'] else ''}, {out['precision']}, {a['mbs']}x{a['seq']} tokens per microbatch, "
+            f"model {a['model']}{' (smoke shapes)' if a['smoke'] else ''}, {out['precision']}, "
+            f"{a['mbs']}x{a['seq']} tokens per microbatch, "
             f"median of {a['steps']} timed steps after {a['warmup']} warm-up; r = Zero Bubble bubble rate; "
             f"command: {out['command']}")
 
@@ -486,7 +487,8 @@ def main(argv=None) -> None:
                "command": f"torchrun --nproc_per_node={world} bench/multigpu.py {' '.join(sys.argv[1:])}",
                "args": vars(args), "model_config": vars(config) if hasattr(config, "__dict__") else str(config),
                "precision": "bf16 autocast" if AUTOCAST["on"] else "float32",
-               "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "max RSS (getrusage), process lifetime",
+               "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                          else "max RSS (getrusage), process lifetime"),
                "rows": [], "async": [], "skipped": [], "pictures": []}
         for layout in layouts:
             run_layout(layout, args, config, device, out)

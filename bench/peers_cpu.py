@@ -423,7 +423,8 @@ def profile_text(results: dict) -> str:
               "actions | after the last action (loss broadcast, drain)")]
     for row in results["rows"]:
         for p in row["profile"] or []:
-            lines.append(f"  {row['schedule']:<17} rank {p['rank']}: {p['wall'] * 1e3:7.1f} | {p['actions'] * 1e3:7.1f} "
+            lines.append(f"  {row['schedule']:<17} rank {p['rank']}: {p['wall'] * 1e3:7.1f} "
+                         f"| {p['actions'] * 1e3:7.1f} "
                          f"| {p['compute'] * 1e3:7.1f} | {p['comm'] * 1e3:7.1f} | {p['update'] * 1e3:5.1f} "
                          f"| {p['gaps'] * 1e3:6.1f} | {p['tail'] * 1e3:5.1f}")
     return "\n".join(lines)
@@ -456,7 +457,8 @@ def config(args: argparse.Namespace) -> dict:
         cfg.update(SMOKE)
     cfg["schedules"] = [s for s in args.schedules.split(",") if s]
     cfg["frameworks"] = [f for f in args.frameworks.split(",") if f]
-    unknown = sorted(set(cfg["schedules"]) - set(SCHEDULES)) + sorted(set(cfg["frameworks"]) - set(FRAMEWORKS + DIAGNOSTIC))
+    unknown = (sorted(set(cfg["schedules"]) - set(SCHEDULES))
+               + sorted(set(cfg["frameworks"]) - set(FRAMEWORKS + DIAGNOSTIC)))
     if unknown:
         raise SystemExit(f"unknown schedule or framework {unknown}; schedules: {list(SCHEDULES)}, "
                          f"frameworks: {list(FRAMEWORKS + DIAGNOSTIC)}")

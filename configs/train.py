@@ -36,6 +36,7 @@ class ModelSection:
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches
     hf_checkpoint: Optional[str] = None  # a Hugging Face folder to import (config.json + safetensors)
     recompute: str = "none"  # activation recomputation: none | full | selective
+    kernels: str = "auto"  # fused Triton kernels: auto (on a CUDA GPU with triton) | triton (required) | torch (off)
 
 
 @dataclass
@@ -193,9 +194,12 @@ def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
                        ("optimizer.warmup_steps", opt.warmup_steps), ("optimizer.grad_clip", opt.grad_clip),
                        ("train.eval_batches", tr.eval_batches)):
         _positive(key, value, allow_zero=True)
-    choices = {"logger.kind": (lg.kind, ("none", "jsonl", "wandb")), "data.tokenizer": (dat.tokenizer, ("byte", "bpe", "hf")),
+    choices = {"logger.kind": (lg.kind, ("none", "jsonl", "wandb")),
+               "data.tokenizer": (dat.tokenizer, ("byte", "bpe", "hf")),
                "model.recompute": (mdl.recompute, ("none", "full", "selective")),
-               "parallel.split": (par.split, ("uniform", "parameters")), "train.device": (tr.device, ("auto", "cpu", "cuda")),
+               "model.kernels": (mdl.kernels, ("auto", "triton", "torch")),
+               "parallel.split": (par.split, ("uniform", "parameters")),
+               "train.device": (tr.device, ("auto", "cpu", "cuda")),
                "train.mixed_precision": (tr.mixed_precision, ("auto", "bf16", "none"))}
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -8,7 +8,9 @@ interpreter is on (``TRITON_INTERPRET=1``, CPU tensors, slow and exact). Triton 
 versus compiler when a function is *defined* by ``@triton.jit``, its own library (``tl.sum``, ``tl.max``,
 ``tl.sigmoid``) included, so ``TRITON_INTERPRET=1`` must be set before ``import triton``; when it was set
 later, CPU tensors keep the torch path. Force the torch path with ``PIPELOOM_KERNELS=torch`` in the
-environment or ``with torch_path(): ...``.
+environment, ``with torch_path(): ...``, or for the whole process :func:`set_kernels` (``"torch"``); the
+training launcher's ``model.kernels`` option calls it. ``pipeloom.models`` asks :func:`use_triton` too, so
+the models run these kernels wherever they are usable (a CUDA GPU with triton) unless switched off.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 from pipeloom import features
 
 _forced_torch = False
+_mode = "auto"  # set_kernels: "auto" (Triton where usable) or "torch"
+KERNEL_MODES = ("auto", "triton", "torch")
 
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels compute in float32
@@ -28,7 +32,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels co
 
 def use_triton(x: torch.Tensor) -> bool:
     """True when the fused Triton kernel should run on ``x``; False: the torch path (always for float64)."""
-    if _forced_torch or os.environ.get("PIPELOOM_KERNELS", "auto") == "torch" or x.dtype not in TRITON_DTYPES:
+    if (_forced_torch or _mode == "torch" or os.environ.get("PIPELOOM_KERNELS", "auto") == "torch"
+            or x.dtype not in TRITON_DTYPES):
         return False
     if not features.triton_usable():
         return False
@@ -43,6 +48,25 @@ def interpreted() -> bool:
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the dtype the references compute in: float32, or float64 for float64."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def set_kernels(mode: str) -> str:
+    """Choose the kernels' path for this process and return the previous mode.
+
+    ``"auto"``: the Triton kernels wherever :func:`use_triton` finds them usable (CUDA tensors with triton
+    installed; CPU tensors under ``TRITON_INTERPRET=1``), the torch path elsewhere. ``"triton"``: the same,
+    but refused with a message saying what is missing when Triton cannot run here. ``"torch"``: always the
+    torch path.
+    """
+    global _mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r}; choose one of {KERNEL_MODES}")
+    if mode == "triton" and not features.triton_usable():
+        missing = "triton is not installed" if not features.has("triton") else "there is no CUDA GPU"
+        raise RuntimeError(f"kernels='triton' but {missing} (the kernels need triton and a CUDA GPU, or "
+                           f"TRITON_INTERPRET=1 on CPU); use kernels='auto' (Triton where usable) or 'torch'")
+    previous, _mode = _mode, "torch" if mode == "torch" else "auto"
+    return previous
 
 
 @contextlib.contextmanager
@@ -88,4 +112,4 @@ if features.has("triton"):
 else:
     triton = tl = _MissingTriton()
 
-__all__ = ["interpreted", "tl", "torch_path", "triton", "upcast", "use_triton"]
+__all__ = ["KERNEL_MODES", "interpreted", "set_kernels", "tl", "torch_path", "triton", "upcast", "use_triton"]

@@ -258,7 +258,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy from per-row statistics; saves the logits (as given) and lse (N,) float32."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index: int, label_smoothing: float, reduction: str):
+    def forward(ctx, logits, target, ignore_index: int, label_smoothing: float, reduction: str, loss_dtype=None):
         logits, target = _rows(logits), target.reshape(-1)
         V = logits.shape[-1]
         lse, loss = loss_from_stats(
@@ -267,10 +267,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         keep = target != ignore_index
         ctx.save_for_backward(logits, target, lse, keep)
         ctx.label_smoothing, ctx.reduction = label_smoothing, reduction
+        out_dtype = loss_dtype or logits.dtype
         if reduction == "none":
-            return loss.to(logits.dtype)
+            return loss.to(out_dtype)
         total = loss.sum()
-        return (total / keep.sum() if reduction == "mean" else total).to(logits.dtype)
+        return (total / keep.sum() if reduction == "mean" else total).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -280,7 +281,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             g = g / keep.sum()
         row_grad = torch.where(keep, g.expand(keep.shape), 0.0)
         grad = cross_entropy_grad(logits, target, lse, row_grad, label_smoothing=ctx.label_smoothing)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def cross_entropy(
@@ -289,16 +290,19 @@ def cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(logits, target)`` for logits (..., V) and target (...), without float32 logits.
 
     reduction: "mean" over non-ignored rows (NaN when all rows are ignored, as torch), "sum", or "none"
-    (a loss per row, 0 for ignored rows). The loss has ``logits.dtype``; the gradient is computed chunk by
-    chunk in ``logits.dtype`` (Triton when :func:`use_triton` allows, else torch row chunks).
+    (a loss per row, 0 for ignored rows). The loss has ``loss_dtype`` (default ``logits.dtype``; it is
+    computed in float32 either way); the gradient is computed chunk by chunk in ``logits.dtype`` (Triton
+    when :func:`use_triton` allows, else torch row chunks).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     loss = CrossEntropyFunction.apply(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index, label_smoothing, reduction
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index, label_smoothing, reduction,
+        loss_dtype,
     )
     return loss.view(target.shape) if reduction == "none" else loss

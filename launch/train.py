@@ -26,7 +26,9 @@ register()
 
 def run(cfg: DictConfig, run_dir: str | None = None):
     """The whole job on this rank (tests call it with a composed config and their own ``run_dir``)."""
+    from pipeloom import features
     from pipeloom.data import TokenBatches, eval_batches, prepare_data
+    from pipeloom.kernels import set_kernels
     from pipeloom.models import Transformer, load_hf_checkpoint
     from pipeloom.parallel.mesh import Mesh
     from pipeloom.schedules import get_schedule
@@ -53,6 +55,12 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     resolved = check_config(cfg, world)  # one ConfigError naming key and value, before any work
     sys.stderr = sys.__stderr__
     device = resolve_device(cfg.train.device)
+    kernel_mode = cfg.model.kernels if device.type == "cuda" or cfg.model.kernels != "auto" else "torch"
+    try:  # the models ask pipeloom.kernels which path to run; "auto": Triton on a CUDA GPU with triton
+        set_kernels(kernel_mode)
+    except RuntimeError as err:
+        raise ConfigError("model.kernels", cfg.model.kernels, str(err)) from None
+    kernel_path = "Triton" if kernel_mode != "torch" and features.triton_usable() else "torch"
     distributed = init_distributed(device)
     par, dp = cfg.parallel, resolved["dp"]
     mesh = Mesh.build(dp=dp, pp=par.pp, tp=par.tp, device_type=device.type) if distributed else None
@@ -102,7 +110,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     if rank == 0:
         print(f"{data.describe()}\nmodel: {model_config.family} {dense.num_params():,}"
               f" parameters (this rank: {sum(s.param.numel() for s in parts.specs):,}); layout dp={dp} pp={par.pp} "
-              f"tp={par.tp}, schedule {plan.name} (vpp={plan.vpp}, {plan.microbatches} microbatches); run dir {run_dir}")
+              f"tp={par.tp}, schedule {plan.name} (vpp={plan.vpp}, {plan.microbatches} microbatches); "
+              f"kernels: {kernel_path}; run dir {run_dir}")
     try:
         result = train(parts=parts, stepper=stepper, optimizer=optimizer, batches=batches, val_batches=val, mesh=mesh,
                        lr_schedule=lr_schedule, grad_clip=opt.grad_clip, logger=logger, run_dir=run_dir,

@@ -1,6 +1,10 @@
 # Building blocks of the transformer: norms, rotary positions, attention, MLPs and the Block.
 """Layers that ``pipeloom.parallel`` can swap or shard.
 
+Where :func:`pipeloom.kernels.use_triton` allows (a CUDA GPU with triton, unless switched off with
+``pipeloom.kernels.set_kernels("torch")`` or the launcher's ``model.kernels=torch``), the norms, rotary
+embedding and SwiGLU run pipeloom's fused Triton kernels; elsewhere (CPU, float64) the torch code below.
+
 Attention keeps four separate projections ``wq, wk, wv, wo`` (no fused qkv) and reads its head counts
 from the projections' output widths at forward time, so a tensor-parallel pass that replaces ``wq/wk/wv``
 with column-parallel linears holding a slice of heads (and ``wo`` with a row-parallel one) needs no other
@@ -14,6 +18,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeloom import kernels
+from pipeloom.kernels.layernorm import layernorm as fused_layernorm
+from pipeloom.kernels.rmsnorm import rmsnorm as fused_rmsnorm
+from pipeloom.kernels.rotary import rotary as fused_rotary
+from pipeloom.kernels.swiglu import swiglu as fused_swiglu
 
 from .config import ModelConfig
 
@@ -29,6 +39,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_triton(x) and x.dtype == self.weight.dtype:
+            return fused_rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()  # (..., D)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -38,10 +50,20 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state dict) that runs the fused Triton kernel where allowed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (kernels.use_triton(x) and self.elementwise_affine and self.bias is not None
+                and x.dtype == self.weight.dtype and len(self.normalized_shape) == 1):
+            return fused_layernorm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     """LayerNorm (gpt, with bias when ``config.bias``) or RMSNorm (llama)."""
     if config.family == "gpt":
-        return nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.bias)
+        return LayerNorm(config.dim, eps=config.norm_eps, bias=config.bias)
     return RMSNorm(config.dim, eps=config.norm_eps)
 
 
@@ -138,7 +160,8 @@ class Attention(nn.Module):
             )
         if self.rotary:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            rotate = fused_rotary if kernels.use_triton(q) else apply_rotary
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if n_kv != n_heads:  # GQA: query head h reads key/value head h // (Hq/Hkv)
             k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, Hq, T, hd)
@@ -213,7 +236,9 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # (B, T, D) -> (B, T, F) -> (B, T, D)
+        gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
+        hidden = fused_swiglu(gate, up) if kernels.use_triton(gate) else F.silu(gate) * up
+        return self.dropout(self.w2(hidden))  # (B, T, F) -> (B, T, D)
 
     def init_weights(self, init_std: float, residual_std: float) -> None:
         _init_linear(self.w1, init_std)

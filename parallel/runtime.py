@@ -19,12 +19,12 @@ its ``forward`` names. The lowered plan is then executed action by action:
   :mod:`pipeloom.parallel.backward`) or the full backward; ``W`` the parameter gradients.
 * ``SEND_*``/``RECV_*`` runs of consecutive actions are posted together as batched non-blocking p2p
   calls, one per process group: each direction of each link has its own (``links="directional"``), so
-  NCCL's unbuffered sends never queue behind a receive (:mod:`pipeloom.parallel.p2p`). Gradients never carry a shape header (their shapes are those of the
-  activation sent forward). Activations, with ``shapes="cached"`` (the default), carry one only the first
-  time their *shape key* appears: (sending stage, the microbatch's input signature - shapes and dtypes of
-  its inputs and extras, and the autocast state - so an uneven last microbatch or a new sequence length is
-  a new key). Every rank
-  computes the keys from the batch it is given and remembers them across steps, so both ends agree which
+  NCCL's unbuffered sends never queue behind a receive (:mod:`pipeloom.parallel.p2p`). Gradients never
+  carry a shape header (their shapes are those of the activation sent forward). Activations, with
+  ``shapes="cached"`` (the default), carry one only the first time their *shape key* appears: (sending
+  stage, the microbatch's input signature - shapes and dtypes of its inputs and extras, and the autocast
+  state - so an uneven last microbatch or a new sequence length is a new key). Every rank computes the keys
+  from the batch it is given and remembers them across steps, so both ends agree which
   message carries the header (the first with a new key, in the order the receiver takes them) and the
   receiver otherwise posts the payload receive at once: one wait per activation, as in
   ``torch.distributed.pipelining``. This needs every rank to be given the batch's inputs and each stage's

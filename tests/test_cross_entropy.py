@@ -68,8 +68,9 @@ def _check(results, tp):
         vp = math.ceil(case[0] / tp)
         grads = [results[r][i][1] for r in range(tp)]
         for r in range(tp):
-            assert torch.allclose(results[r][i][0], want_loss, rtol=0, atol=TOL[case[4]] * max(1, want_loss.abs().max())), \
-                (case, r, results[r][i][0], want_loss)
+            atol = TOL[case[4]] * max(1, want_loss.abs().max())
+            got = results[r][i][0]
+            assert torch.allclose(got, want_loss, rtol=0, atol=atol), (case, r, got, want_loss)
         full = torch.cat(grads, dim=-1)  # (B, T, vp*tp)
         assert full.shape[-1] == vp * tp
         assert torch.equal(full[..., case[0]:], torch.zeros_like(full[..., case[0]:])), "padding columns get grad 0"

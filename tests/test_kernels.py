@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pipeloom import features
-from pipeloom.kernels import _MissingTriton, interpreted, torch_path, use_triton
+from pipeloom.kernels import _MissingTriton, interpreted, set_kernels, torch_path, use_triton
 
 KERNEL_MODULES = ["cross_entropy", "linear_cross_entropy", "rmsnorm", "layernorm", "rotary", "swiglu"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -219,6 +219,57 @@ def test_triton_linear_cross_entropy(kernels, seed, dtype):
         close(g, g_ref, dtype, name, factor=2 if dtype == torch.bfloat16 else 1)
 
 
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_triton_models_run_the_kernels_and_match_their_torch_path(kernels, seed, name, monkeypatch):
+    """A whole model (loss and every gradient) with the fused kernels equals its torch path (float32), and
+    the kernels really ran: each kernel Function is counted."""
+    from pipeloom.kernels import set_kernels
+    from pipeloom.models import Transformer, get_model_config
+
+    mods, dev = kernels
+    calls: dict[str, int] = {}
+    for module, fn in (("rmsnorm", "RMSNormFunction"), ("layernorm", "LayerNormFunction"),
+                       ("rotary", "RotaryFunction"), ("swiglu", "SwiGLUFunction"),
+                       ("cross_entropy", "CrossEntropyFunction")):
+        cls = getattr(mods[module], fn)
+        original = cls.apply
+
+        def counted(*args, _original=original, _name=fn):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args)
+
+        monkeypatch.setattr(cls, "apply", counted)
+    config = get_model_config(name).replace(dim=64, n_layers=2, vocab_size=97, max_seq_len=32)
+    model = Transformer(config).to(dev)
+    tokens = torch.randint(0, 97, (2, 19), device=dev)
+    targets = torch.randint(0, 97, (2, 19), device=dev)
+    targets[0, :5] = -100
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(model(tokens), targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    expected = {"gpt-tiny": {"LayerNormFunction", "CrossEntropyFunction"},
+                "llama-tiny": {"RMSNormFunction", "RotaryFunction", "SwiGLUFunction", "CrossEntropyFunction"}}
+    assert set(calls) == expected[name], calls
+    assert loss.dtype == torch.float32
+    ran = dict(calls)
+    previous = set_kernels("torch")
+    try:
+        ref_loss, ref_grads = loss_and_grads()
+    finally:
+        set_kernels(previous)
+    assert calls == ran, "set_kernels('torch') must keep every kernel off"
+    close(loss, ref_loss, torch.float32, "loss")
+    assert grads.keys() == ref_grads.keys()
+    scale = max(g.abs().max().item() for g in ref_grads.values())  # k's bias has a zero gradient: no own scale
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5 * scale, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.skipif(
     not (features.has("apex") and torch.cuda.is_available()),
     reason="NVIDIA apex and a CUDA GPU are optional: comparison with apex's fused norms skipped",
@@ -370,8 +421,21 @@ def test_dispatch_switches(monkeypatch):
     with torch_path():
         assert not use_triton(x)
     assert use_triton(x)
+    previous = set_kernels("torch")
+    assert previous == "auto" and not use_triton(x)
+    set_kernels("auto")
+    assert use_triton(x)
     monkeypatch.setenv("PIPELOOM_KERNELS", "torch")
     assert not use_triton(x)
+
+
+def test_set_kernels_refuses_bad_modes(monkeypatch):
+    with pytest.raises(ValueError, match="kernels='fast'; choose one of"):
+        set_kernels("fast")
+    monkeypatch.setattr(features, "triton_usable", lambda: False)
+    with pytest.raises(RuntimeError, match="kernels='triton' but"):
+        set_kernels("triton")
+    assert set_kernels("auto") == "auto"
 
 
 def test_missing_triton_stub_says_what_to_install(monkeypatch):

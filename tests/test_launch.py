@@ -1,4 +1,5 @@
-# pipeloom-train end to end: torchrun on 4 CPU processes per layout, kill and resume, new layouts, HF import, bad configs.
+# pipeloom-train end to end: torchrun on 4 CPU processes per layout, kill and resume, new layouts, HF import,
+# bad configs.
 import contextlib
 import os
 import shutil
@@ -189,7 +190,9 @@ def test_bad_config_fails_once_before_training_naming_key_and_value(workdir, cac
 @pytest.mark.slow
 @pytest.mark.parametrize("override,expected", [("parallel.bogus=1", "parallel.bogus"),
                                                ("train.steps=abc", "train.steps"),
-                                               ("model=gpt-huge", "gpt-huge")])
+                                               ("model=gpt-huge", "gpt-huge"),
+                                               # on a machine without a GPU (CI): Triton cannot run here
+                                               ("model.kernels=triton", "model.kernels='triton'")])
 def test_hydra_rejects_unknown_keys_and_wrong_types(override, expected, workdir, cache):
     out = launch(str(workdir / "bad"), cache, override, nproc=1, check=False, timeout=120)
     assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -221,6 +224,7 @@ def compose_train(*overrides):
     (["schedule.name=pipedream", "parallel.pp=2"], 2, "schedule.name", "pipedream"),
     (["parallel.pp=4", "model.n_layers=1"], 4, "parallel.pp", 4),
     (["logger.kind=tensorboard"], 1, "logger.kind", "tensorboard"),
+    (["model.kernels=fast"], 1, "model.kernels", "fast"),
     (["data.seq_len=512"], 1, "data.seq_len", 512),
     (["train.steps=0"], 1, "train.steps", 0),
 ])

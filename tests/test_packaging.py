@@ -47,3 +47,21 @@ def test_wheel_contains_only_the_pipeloom_package(tmp_path):
     ):
         assert module in names
     assert not any(n.startswith("pipeloom/tests/") or n == "pipeloom/setup.py" for n in names)
+
+
+def test_ruff_is_clean():
+    """`make lint` (ruff, configured in pyproject.toml) passes on the whole repository."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        import pytest
+
+        pytest.skip("ruff is not installed (it comes with pip install -e '.[dev]')")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([ruff, "check", "--output-format", "concise", "."], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

@@ -93,7 +93,8 @@ def test_policy_is_removable_and_keeps_names():
     assert all(b._pipeloom_recompute == "full" for b in model.blocks)
     apply_recompute(model, RecomputePolicy("selective", every=2))
     assert [b._pipeloom_recompute for b in model.blocks] == [None] * 4
-    assert [getattr(b.attn, "_pipeloom_recompute", None) for b in model.blocks] == ["selective", None, "selective", None]
+    marks = [getattr(b.attn, "_pipeloom_recompute", None) for b in model.blocks]
+    assert marks == ["selective", None, "selective", None]
     apply_recompute(model, RecomputePolicy("none"))
     assert all("forward" not in b.__dict__ and "forward" not in b.attn.__dict__ for b in model.blocks)
     with pytest.raises(ValueError, match="mode='some'"):

@@ -129,7 +129,8 @@ def read_manifest(path: str, verify: bool = True) -> dict:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST} ({err}); the checkpoint is corrupted") from None
+        raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST} ({err}); the checkpoint is corrupted") \
+            from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     for name, info in manifest["files"].items():
