@@ -41,6 +41,19 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreted())
 
 
+# Below this many elements a fused kernel saves less GPU time than its launch costs on the CPU: Triton's
+# Python launcher and our wrappers take ~100-350 us per call on the H100 host, so a launcher-like step of
+# 4 microbatches of 4x1024 tokens on a 124M GPT (3.1M elements per norm) ran at 183 ms with the kernels and
+# 123 ms without; with 16x1024 tokens (12.6M) they made the eager step 1.32x faster (bench/RESULTS.md).
+MIN_FUSED_ELEMENTS = 1 << 23
+
+
+def worth_fusing(x: torch.Tensor) -> bool:
+    """What ``pipeloom.models`` asks: :func:`use_triton`, and ``x`` large enough for the fused kernel to pay
+    for its launch (``MIN_FUSED_ELEMENTS``). Explicit calls of the kernel functions only ask ``use_triton``."""
+    return x.numel() >= MIN_FUSED_ELEMENTS and use_triton(x)
+
+
 def interpreted() -> bool:
     """Triton runs in its interpreter: TRITON_INTERPRET=1 now, and it was when triton was imported."""
     return os.environ.get("TRITON_INTERPRET") == "1" and type(tl.sum).__name__ == "InterpretedFunction"
@@ -113,4 +126,5 @@ if features.has("triton"):
 else:
     triton = tl = _MissingTriton()
 
-__all__ = ["KERNEL_MODES", "interpreted", "set_kernels", "tl", "torch_path", "triton", "upcast", "use_triton"]
+__all__ = ["KERNEL_MODES", "MIN_FUSED_ELEMENTS", "interpreted", "set_kernels", "tl", "torch_path", "triton",
+           "upcast", "use_triton", "worth_fusing"]

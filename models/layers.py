@@ -1,7 +1,8 @@
 # Building blocks of the transformer: norms, rotary positions, attention, MLPs and the Block.
 """Layers that ``pipeloom.parallel`` can swap or shard.
 
-Where :func:`pipeloom.kernels.use_triton` allows (a CUDA GPU with triton, unless switched off with
+Where :func:`pipeloom.kernels.worth_fusing` allows (a CUDA GPU with triton, tensors large enough for a
+fused kernel to pay for its launch, not inside ``torch.compile``, and not switched off with
 ``pipeloom.kernels.set_kernels("torch")`` or the launcher's ``model.kernels=torch``), the norms, rotary
 embedding and SwiGLU run pipeloom's fused Triton kernels; elsewhere (CPU, float64) the torch code below.
 
@@ -39,7 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.use_triton(x) and x.dtype == self.weight.dtype:
+        if kernels.worth_fusing(x) and x.dtype == self.weight.dtype:
             return fused_rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()  # (..., D)
@@ -54,7 +55,7 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state dict) that runs the fused Triton kernel where allowed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (kernels.use_triton(x) and self.elementwise_affine and self.bias is not None
+        if (kernels.worth_fusing(x) and self.elementwise_affine and self.bias is not None
                 and x.dtype == self.weight.dtype and len(self.normalized_shape) == 1):
             return fused_layernorm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
@@ -160,7 +161,7 @@ class Attention(nn.Module):
             )
         if self.rotary:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
-            rotate = fused_rotary if kernels.use_triton(q) else apply_rotary
+            rotate = fused_rotary if kernels.worth_fusing(q) else apply_rotary
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if n_kv != n_heads:  # GQA: query head h reads key/value head h // (Hq/Hkv)
@@ -237,7 +238,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
-        hidden = fused_swiglu(gate, up) if kernels.use_triton(gate) else F.silu(gate) * up
+        hidden = fused_swiglu(gate, up) if kernels.worth_fusing(gate) else F.silu(gate) * up
         return self.dropout(self.w2(hidden))  # (B, T, F) -> (B, T, D)
 
     def init_weights(self, init_std: float, residual_std: float) -> None:

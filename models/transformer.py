@@ -168,10 +168,10 @@ class Transformer(nn.Module):
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy of logits (B, T, V) against targets (B, T) long, skipping ``IGNORE_INDEX`` (-100).
 
-    Computed in float32 (or wider) whatever the logits dtype. Where :func:`pipeloom.kernels.use_triton`
+    Computed in float32 (or wider) whatever the logits dtype. Where :func:`pipeloom.kernels.worth_fusing`
     allows, the fused kernel computes it from the logits as they are, without a float32 copy of them.
     """
-    if kernels.use_triton(logits):
+    if kernels.worth_fusing(logits):
         return fused_cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, loss_dtype=torch.float32)
     logits = logits.reshape(-1, logits.size(-1))  # (B*T, V)
     if logits.dtype in (torch.float16, torch.bfloat16):

@@ -226,7 +226,10 @@ def test_triton_models_run_the_kernels_and_match_their_torch_path(kernels, seed,
     from pipeloom.kernels import set_kernels
     from pipeloom.models import Transformer, get_model_config
 
+    import pipeloom.kernels as kernels_package
+
     mods, dev = kernels
+    monkeypatch.setattr(kernels_package, "MIN_FUSED_ELEMENTS", 0)  # these shapes are tiny
     calls: dict[str, int] = {}
     for module, fn in (("rmsnorm", "RMSNormFunction"), ("layernorm", "LayerNormFunction"),
                        ("rotary", "RotaryFunction"), ("swiglu", "SwiGLUFunction"),
@@ -427,6 +430,17 @@ def test_dispatch_switches(monkeypatch):
     assert use_triton(x)
     monkeypatch.setenv("PIPELOOM_KERNELS", "torch")
     assert not use_triton(x)
+
+
+def test_models_fuse_only_tensors_worth_a_launch(monkeypatch):
+    import pipeloom.kernels as kernels_package
+    from pipeloom.kernels import worth_fusing
+
+    monkeypatch.setattr(kernels_package, "use_triton", lambda x: True)  # as on a GPU
+    monkeypatch.setattr(kernels_package, "MIN_FUSED_ELEMENTS", 100)
+    assert not worth_fusing(torch.empty(9, 11)) and worth_fusing(torch.empty(10, 10))
+    monkeypatch.setattr(kernels_package, "use_triton", lambda x: False)
+    assert not worth_fusing(torch.empty(100, 100))
 
 
 def test_set_kernels_refuses_bad_modes(monkeypatch):
