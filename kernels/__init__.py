@@ -33,11 +33,13 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels co
 def use_triton(x: torch.Tensor) -> bool:
     """True when the fused Triton kernel should run on ``x``; False: the torch path (always for float64,
     and while ``torch.compile`` traces, so Inductor generates and fuses those operations itself)."""
+    if torch.compiler.is_compiling():  # first: what follows may break a Dynamo graph and run eagerly
+        return False  # inside torch.compile, Inductor fuses these operations itself (and better: bench/RESULTS.md)
     if (_forced_torch or _mode == "torch" or os.environ.get("PIPELOOM_KERNELS", "auto") == "torch"
             or x.dtype not in TRITON_DTYPES):
         return False
-    if not features.triton_usable() or torch.compiler.is_compiling():
-        return False  # inside torch.compile, Inductor fuses these operations itself (and better: bench/RESULTS.md)
+    if not features.triton_usable():
+        return False
     return x.is_cuda or (x.device.type == "cpu" and interpreted())
 
 

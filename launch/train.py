@@ -28,7 +28,7 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     """The whole job on this rank (tests call it with a composed config and their own ``run_dir``)."""
     from pipeloom import features
     from pipeloom.data import TokenBatches, eval_batches, prepare_data
-    from pipeloom.kernels import set_kernels
+    from pipeloom.kernels import MIN_FUSED_ELEMENTS, set_kernels
     from pipeloom.models import Transformer, load_hf_checkpoint
     from pipeloom.parallel.mesh import Mesh
     from pipeloom.schedules import get_schedule
@@ -60,7 +60,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
         set_kernels(kernel_mode)
     except RuntimeError as err:
         raise ConfigError("model.kernels", cfg.model.kernels, str(err)) from None
-    kernel_path = "Triton" if kernel_mode != "torch" and features.triton_usable() else "torch"
+    kernel_path = (f"Triton for tensors of >= {MIN_FUSED_ELEMENTS:,} elements, torch below"
+                   if kernel_mode != "torch" and features.triton_usable() else "torch")
     distributed = init_distributed(device)
     par, dp = cfg.parallel, resolved["dp"]
     mesh = Mesh.build(dp=dp, pp=par.pp, tp=par.tp, device_type=device.type) if distributed else None

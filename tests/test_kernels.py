@@ -443,6 +443,24 @@ def test_models_fuse_only_tensors_worth_a_launch(monkeypatch):
     assert not worth_fusing(torch.empty(100, 100))
 
 
+def test_kernels_step_aside_inside_torch_compile(monkeypatch):
+    """Under torch.compile the models take the torch path (Inductor fuses it), decided without a graph break:
+    a break would run the check eagerly, pick the kernel and trace it into the graph."""
+    import pipeloom.kernels as kernels_package
+
+    monkeypatch.setattr(features, "triton_usable", lambda: True)
+    monkeypatch.setattr(kernels_package, "interpreted", lambda: True)  # CPU tensors count as Triton-ready
+    monkeypatch.setattr(kernels_package, "MIN_FUSED_ELEMENTS", 0)
+    x = torch.randn(4)
+    assert kernels_package.worth_fusing(x), "eagerly, the kernel path"
+
+    def f(t):
+        return t * 2 if kernels_package.worth_fusing(t) else t + 1
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), x + 1)
+
+
 def test_set_kernels_refuses_bad_modes(monkeypatch):
     with pytest.raises(ValueError, match="kernels='fast'; choose one of"):
         set_kernels("fast")
