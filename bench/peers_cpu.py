@@ -48,7 +48,8 @@ engine's overhead per message and per action) rather than the schedule's bubble;
 CPU-time table (summed over the ranks, barriers excluded) is the steadier of the two. ``--profile``
 splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
 ``--frameworks pipeloom,pipeloom-per-message,torch`` measures what the shape-header cache saves (the
-runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before).
+runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before);
+``--frameworks pipeloom,pipeloom-shared,torch`` what the per-direction p2p groups cost on gloo.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-per-message",)  # pipeloom variants that test an explanation
+DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared")  # pipeloom variants that test an explanation
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
-          "pipeloom-per-message": "pipeloom, header per message"}
+          "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group"}
 # schedule -> (chunks per rank, torch.distributed.pipelining class, DeepSpeed schedule or None)
 SCHEDULES = {
     "gpipe": (1, "ScheduleGPipe", "gpipe"),
@@ -138,7 +139,7 @@ class Engine:
 
 
 # ----- the three engines -------------------------------------------------------------------------------
-def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached") -> Engine:
+def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "directional") -> Engine:
     from pipeloom.parallel import PipelineRuntime, split_stages
     from pipeloom.schedules import get_schedule
 
@@ -150,7 +151,7 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached") 
     layers = build_layers(cfg["layers"], cfg["dim"])
     split = split_stages(nn.Sequential(*layers), plan.num_stages, method="uniform")
     runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer,
-                              shapes=shapes)
+                              shapes=shapes, links=links)
 
     def step(x, y):
         return runtime.step(x, y).loss
@@ -167,6 +168,15 @@ def build_pipeloom_per_message(schedule: str, cfg: dict, rank: int) -> Engine:
     the payload. The difference to plain ``pipeloom`` (cached shapes) is the cost of that second wait.
     """
     return build_pipeloom(schedule, cfg, rank, shapes="per-message")
+
+
+def build_pipeloom_shared(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom with every transfer on the one pipeline group (``links="shared"``, gloo only).
+
+    Before the per-direction links (which NCCL needs) this was pipeloom's only layout: a batch of
+    transfers went out as one call; now it goes out as one call per link direction.
+    """
+    return build_pipeloom(schedule, cfg, rank, links="shared")
 
 
 def build_torch(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -276,7 +286,7 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
-            "pipeloom-per-message": build_pipeloom_per_message}
+            "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared}
 
 
 # ----- checks and timing -------------------------------------------------------------------------------
