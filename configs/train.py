@@ -102,6 +102,7 @@ class TrainSection:
     eval_batches: int = 4  # validation batches (of data.batch_size sequences) per evaluation
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 autocast on GPU, none on CPU) | bf16 | none
+    compile: bool = False  # torch.compile each transformer block (Inductor; the first steps pay the compile time)
     timeline: bool = True  # at the end, draw the measured timeline of the last step next to the simulated one
     sample_tokens: int = 0  # at the end, print this many tokens sampled from the final checkpoint (any layout)
     stop_after: Optional[int] = None  # stop (as if killed) after this step, without a final save; for tests

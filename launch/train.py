@@ -91,7 +91,7 @@ def run(cfg: DictConfig, run_dir: str | None = None):
                         **(cfg.schedule.options or {}))
     parts = build_parts(model_config, plan, mesh=mesh, seed=cfg.train.seed, device=device,
                         sequence_parallel=par.sequence_parallel, recompute=cfg.model.recompute, split=par.split,
-                        init_state=init_state)
+                        init_state=init_state, compile=cfg.train.compile)
     autocast = autocast_for(device, cfg.train.mixed_precision)
     stepper = LocalStep(parts, autocast) if plan.pp == 1 else PipelineStep(parts, mesh, autocast)
     optimizer = build_optimizer(parts.named_parameters(), **cfg.optimizer)
@@ -112,14 +112,15 @@ def run(cfg: DictConfig, run_dir: str | None = None):
         print(f"{data.describe()}\nmodel: {model_config.family} {dense.num_params():,}"
               f" parameters (this rank: {sum(s.param.numel() for s in parts.specs):,}); layout dp={dp} pp={par.pp} "
               f"tp={par.tp}, schedule {plan.name} (vpp={plan.vpp}, {plan.microbatches} microbatches); "
-              f"kernels: {kernel_path}; run dir {run_dir}")
+              f"kernels: {kernel_path}; torch.compile: {'each block' if cfg.train.compile else 'off'}; "
+              f"run dir {run_dir}")
     try:
         result = train(parts=parts, stepper=stepper, optimizer=optimizer, batches=batches, val_batches=val, mesh=mesh,
                        lr_schedule=lr_schedule, grad_clip=opt.grad_clip, logger=logger, run_dir=run_dir,
                        checkpoint=OmegaConf.to_container(cfg.checkpoint), checkpoint_meta=meta, device=device,
                        flops_per_token=flops, peak_flops=peak and peak * world,
                        sequence_parallel=par.sequence_parallel,
-                       **{k: v for k, v in cfg.train.items() if k != "device"})
+                       **{k: v for k, v in cfg.train.items() if k not in ("device", "compile")})
     finally:
         if logger is not None:
             logger.close()

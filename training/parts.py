@@ -108,11 +108,13 @@ def param_specs(modules: dict[int, nn.Module], aliases: dict[str, str], n_layers
 
 def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, device: str | torch.device = "cpu",
                 sequence_parallel: bool = False, recompute: str = "none", split: str = "uniform",
-                init_state: dict[str, torch.Tensor] | None = None) -> ModelParts:
+                init_state: dict[str, torch.Tensor] | None = None, compile: bool | str = False) -> ModelParts:
     """Build the model and keep this rank's part of it (see the module docstring).
 
     ``init_state``: a state dict of the plain model (e.g. an imported Hugging Face checkpoint) loaded
     before sharding. Every rank must call this with the same arguments (the dense init uses ``seed``).
+    ``compile``: :func:`compile_blocks` this rank's transformer blocks (True: Inductor; a string names
+    another ``torch.compile`` backend).
     """
     from pipeloom.parallel.apply import RecomputePolicy, apply_recompute, apply_tp
 
@@ -143,8 +145,35 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
     if recompute != "none":
         for module in modules.values():
             apply_recompute(module, RecomputePolicy(recompute))
+    if compile:
+        split_backward = any(a.kind is Kind.W for actions in plan.ranks for a in actions)
+        compile_blocks(modules.values(), backend="inductor" if compile is True else compile,
+                       split_backward=split_backward)
     specs = param_specs(modules, aliases, config.n_layers, staged, tp_rank=mesh.tp_rank if mesh is not None else 0)
     return ModelParts(model=model, modules=modules, config=config, plan=plan, specs=specs, tied=tied)
+
+
+def compile_blocks(modules, backend: str = "inductor", split_backward: bool = False) -> int:
+    """``torch.compile`` every transformer :class:`~pipeloom.models.layers.Block` in ``modules``, in place.
+
+    Per block, as torchtitan does: the stage split, tensor parallelism and recomputation keep working on
+    the modules they changed, parameter names and checkpoints do not change (``nn.Module.compile``), and
+    the blocks share one compiled graph (Dynamo treats module parameters as inputs). Inside the graph the
+    fused Triton kernels step aside and Inductor fuses the norms and activations itself; the embedding,
+    final norm, head and loss stay eager (the fused cross-entropy runs there). Returns the block count.
+
+    ``split_backward`` (a zero-bubble plan: B keeps the graph for W): AOTAutograd's donated buffers, which
+    let a compiled backward reuse its saved tensors' memory and so forbid ``retain_graph=True``, are
+    turned off for the process (``torch._functorch.config.donated_buffer``).
+    """
+    from pipeloom.models.layers import Block
+
+    if split_backward:
+        torch._functorch.config.donated_buffer = False
+    blocks = [m for module in modules for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
 
 
 class LocalStep:
