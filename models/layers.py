@@ -3,8 +3,9 @@
 
 Where :func:`pipeloom.kernels.worth_fusing` allows (a CUDA GPU with triton, tensors large enough for a
 fused kernel to pay for its launch, not inside ``torch.compile``, and not switched off with
-``pipeloom.kernels.set_kernels("torch")`` or the launcher's ``model.kernels=torch``), the norms, rotary
-embedding and SwiGLU run pipeloom's fused Triton kernels; elsewhere (CPU, float64) the torch code below.
+``pipeloom.kernels.set_kernels("torch")`` or the launcher's ``model.kernels=torch``), RMSNorm, the rotary
+embedding and SwiGLU run pipeloom's fused Triton kernels (in eager torch each is several kernels); elsewhere
+(CPU, float64) the torch code below. LayerNorm is torch's own fused kernel (see :func:`make_norm`).
 
 Attention keeps four separate projections ``wq, wk, wv, wo`` (no fused qkv) and reads its head counts
 from the projections' output widths at forward time, so a tensor-parallel pass that replaces ``wq/wk/wv``
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeloom import kernels
-from pipeloom.kernels.layernorm import layernorm as fused_layernorm
 from pipeloom.kernels.rmsnorm import rmsnorm as fused_rmsnorm
 from pipeloom.kernels.rotary import rotary as fused_rotary
 from pipeloom.kernels.swiglu import swiglu as fused_swiglu
@@ -51,20 +51,16 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters and state dict) that runs the fused Triton kernel where allowed."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (kernels.worth_fusing(x) and self.elementwise_affine and self.bias is not None
-                and x.dtype == self.weight.dtype and len(self.normalized_shape) == 1):
-            return fused_layernorm(x, self.weight, self.bias, self.eps)
-        return super().forward(x)
-
-
 def make_norm(config: ModelConfig) -> nn.Module:
-    """LayerNorm (gpt, with bias when ``config.bias``) or RMSNorm (llama)."""
+    """LayerNorm (gpt, with bias when ``config.bias``) or RMSNorm (llama).
+
+    LayerNorm stays torch's: ``F.layer_norm`` is already one fused CUDA kernel, and pipeloom's Triton
+    LayerNorm made GPT training slower in the launcher on an H100 (D=768: 310-347k against 399-421k
+    tokens/s over three alternating rounds, bench/RESULTS.md). The kernel remains available as
+    :func:`pipeloom.kernels.layernorm.layernorm`.
+    """
     if config.family == "gpt":
-        return LayerNorm(config.dim, eps=config.norm_eps, bias=config.bias)
+        return nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.bias)
     return RMSNorm(config.dim, eps=config.norm_eps)
 
 

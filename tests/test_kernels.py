@@ -255,7 +255,7 @@ def test_triton_models_run_the_kernels_and_match_their_torch_path(kernels, seed,
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     loss, grads = loss_and_grads()
-    expected = {"gpt-tiny": {"LayerNormFunction", "CrossEntropyFunction"},
+    expected = {"gpt-tiny": {"CrossEntropyFunction"},  # LayerNorm stays torch's (models/layers.py make_norm)
                 "llama-tiny": {"RMSNormFunction", "RotaryFunction", "SwiGLUFunction", "CrossEntropyFunction"}}
     assert set(calls) == expected[name], calls
     assert loss.dtype == torch.float32
