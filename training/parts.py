@@ -199,7 +199,7 @@ class LocalStep:
         xs, ys = torch.tensor_split(inputs, m), torch.tensor_split(targets, m)  # m x (b/m, T)
         self.model.zero_grad(set_to_none=True)
         pending: dict[int, torch.Tensor] = {}
-        total = torch.zeros((), dtype=torch.float64)
+        total = None  # summed on the device: one host sync per step (at the end), not one per microbatch
         intervals = []
         for a in self.actions:
             start = time.perf_counter()
@@ -208,7 +208,7 @@ class LocalStep:
                     logits = self.model(xs[a.microbatch])  # (b/m, T, V) or (b/m, T, V/tp)
                     loss = self.parts.loss_fn(logits, ys[a.microbatch])
                 pending[a.microbatch] = loss
-                total += loss.detach().double().cpu()
+                total = loss.detach().double() if total is None else total + loss.detach().double()
             elif a.kind is Kind.B:
                 (pending.pop(a.microbatch) / m).backward()
             intervals.append(Interval(0, a, start, time.perf_counter()))
