@@ -374,7 +374,33 @@ def inbound_messages(plan, rank: int) -> dict[int, list[tuple]]:
 _LINKS: dict[tuple, object] = {}  # (pipeline group name, src global rank, dst global rank) -> its link group
 
 
-def pipeline_links(group, ranks: Sequence[int], pairs, device=None) -> dict[tuple[int, int], object]:
+_LINK_ROUNDS = [0]  # calls of pipeline_links in this process (the same sequence on every rank)
+
+
+def _gather_over_store(value, timeout: float) -> list:
+    """Every world rank's ``value`` (JSON), through the default store; a rank that does not arrive
+    within ``timeout`` seconds is named in a :class:`PipelineTimeout` instead of a silent hang."""
+    import json
+
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store of init_process_group
+    world, me = dist.get_world_size(), dist.get_rank()
+    round_ = _LINK_ROUNDS[0]
+    _LINK_ROUNDS[0] += 1
+    keys = [f"pipeloom/links/{round_}/{r}" for r in range(world)]
+    store.set(keys[me], json.dumps(value))
+    try:
+        store.wait(keys, timedelta(seconds=timeout))
+    except Exception as error:  # DistStoreError on timeout
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise PipelineTimeout(
+            f"global rank {me} waited {timeout:g} s for every rank to build its PipelineRuntime (links="
+            f'"directional" creates p2p groups, a collective over the whole world); global ranks {missing} did '
+            f"not. Build the runtime on every rank, or use links=\"shared\" (gloo only)") from error
+    return [json.loads(store.get(key)) for key in keys]
+
+
+def pipeline_links(group, ranks: Sequence[int], pairs, device=None,
+                   timeout: float = 300.0) -> dict[tuple[int, int], object]:
     """One process group per direction of each pipeline link: ``{(src, dst) pipeline ranks: group}``.
 
     On NCCL every batched p2p call of a process group runs on one stream, in posting order, and a send
@@ -386,15 +412,15 @@ def pipeline_links(group, ranks: Sequence[int], pairs, device=None) -> dict[tupl
     (:func:`check_rendezvous` models the NCCL rules).
 
     Collective over the whole world (``new_group`` is): every rank calls it, with its own pipeline group;
-    the pairs of all pipeline groups are gathered and created in one order. Groups are cached per
+    the pairs of all pipeline groups are gathered (through the rendezvous store, so a rank that never
+    arrives is named after ``timeout`` seconds) and created in one order. Groups are cached per
     (pipeline group, direction), so runtimes built again on the same pipeline group reuse them. A new
     link carries one small message at once, in that same order on every rank: NCCL creates a
     communicator at its first use and blocks both ends until the other arrives, which inside a step
     could stall a sender until its receiver reaches the link.
     """
     me = (group.group_name, [(ranks[a], ranks[b]) for a, b in sorted(set(pairs))])
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, me)
+    gathered = _gather_over_store(me, timeout)
     backend, rank = dist.get_backend(group), dist.get_rank()
     for key in sorted({(name, a, b) for name, links in gathered for a, b in links}):
         if key in _LINKS:

@@ -164,7 +164,7 @@ class PipelineRuntime:
                                  'transfer); use links="directional" (the default) on NCCL')
             inbound = inbound_messages(self.plan, self.rank) if ordered_messages else None
             link_groups = (pipeline_links(self.pp_group, self.pp_ranks, _link_pairs(self.plan, self.tied_groups),
-                                          self.device)
+                                          self.device, self.timeout)
                            if links == "directional" else None)
             self.p2p = P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout,
                            inbound=inbound, spec_of=self._gradient_specs, links=link_groups)

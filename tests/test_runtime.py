@@ -606,3 +606,23 @@ def test_one_shared_group_deadlocks_zb_v_under_nccl_rules(pool2):
     with pytest.raises(PipelineCommError, match="deadlock under NCCL"):
         check_rendezvous({rank: results[rank]["zb-v"] for rank in range(2)})
     check_rendezvous({rank: results[rank]["1f1b"] for rank in range(2)})  # 1F1B pairs its sends and receives
+
+
+def absent_rank_worker() -> str:
+    """Rank 1 never builds its runtime; rank 0's construction must name it instead of hanging."""
+    if dist.get_rank() == 1:
+        return "absent"
+    plan = get_schedule("1f1b", pp=2, microbatches=2)
+    split = split_stages(list(build(2)), plan.num_stages)
+    try:
+        PipelineRuntime(plan, split.for_rank(plan, 0), loss_fn, tied=split.tied, timeout=2)
+    except PipelineTimeout as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_rank_that_never_builds_its_runtime_is_named():
+    from pipeloom.parallel.spawn import run_ranks
+
+    message = run_ranks(absent_rank_worker, 2, timeout=60)[0]  # fresh processes: the pools stay in step
+    assert "global ranks [1] did not" in message and "waited 2 s" in message, message
