@@ -57,7 +57,7 @@ from pipeloom.schedules.timeline import Interval, Timeline
 from pipeloom.schedules.validate import validate
 from torch import nn
 
-from .backward import backward_full, backward_input, backward_weight
+from .backward import backward_accumulate, backward_full, backward_input, backward_weight
 from .measure import ActionClock, estimate_comm
 from .microbatch import batch_size, extras_for, split_batch, split_extras
 from .p2p import P2P, PipelineCommError, PipelineTimeout, TensorSpec, Transfer, inbound_messages, pipeline_links
@@ -344,8 +344,12 @@ class PipelineRuntime:
             in_grads, state = backward_input(outputs, grads, wrt, used)
             self._state[("w", s, mb)] = state
         else:
-            in_grads, param_grads = backward_full(outputs, grads, wrt, used)
-            _accumulate(self._state.pop(("live", s, mb)), param_grads)
+            live = self._state.pop(("live", s, mb))
+            if used is live:  # the live parameters ran the forward: autograd accumulates into .grad itself
+                in_grads = backward_accumulate(outputs, grads, wrt, used)
+            else:  # a stashed version ran it (PipeDream): its gradients go to the live parameters
+                in_grads, param_grads = backward_full(outputs, grads, wrt, used)
+                _accumulate(live, param_grads)
             self._held -= 1
         if s > 0:
             in_grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(in_grads, wrt)]
