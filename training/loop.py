@@ -45,9 +45,14 @@ class TrainResult:
 
 
 def bubble_rates(plan, timeline: Timeline):
-    """(measured r, predicted r, simulation) for one step's measured timeline of ``plan``."""
+    """(measured r, predicted r, simulation) for one step's measured timeline of ``plan``: the simulator is
+    fed the measured per-chunk F/B/W costs and the measured transfer latency, as
+    :meth:`~pipeloom.parallel.runtime.PipelineRuntime.report` does."""
+    from pipeloom.parallel.measure import estimate_comm
+
     costs = timeline.stage_costs(plan)
-    sim = simulate(plan, Costs(F=list(costs["F"]), B=list(costs["B"]), W=list(costs["W"])))
+    sim = simulate(plan, Costs(F=list(costs["F"]), B=list(costs["B"]), W=list(costs["W"]),
+                               comm=estimate_comm(timeline)))
     return timeline.bubble_rate(), sim.bubble_rate, sim
 
 
