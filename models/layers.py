@@ -15,6 +15,7 @@ change. The MLPs keep ``fc/proj`` (GPT) and ``w1/w3/w2`` (Llama) for the same re
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -137,6 +138,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, config.n_kv_heads * hd, bias=config.bias)
         self.wo = nn.Linear(config.n_heads * hd, d, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # Under tensor parallelism this rank's heads draw attention dropout from their own stream
+        # (a pipeloom.parallel.rng.ShardedRNG, set by apply_tp); None: the default generator.
+        self.sharded_rng = None
         if self.rotary:
             cos, sin = rope_cache(config)
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd)
@@ -163,9 +167,10 @@ class Attention(nn.Module):
         if n_kv != n_heads:  # GQA: query head h reads key/value head h // (Hq/Hkv)
             k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, Hq, T, hd)
             v = v.repeat_interleave(n_heads // n_kv, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout_p if self.training else 0.0, is_causal=True
-        )  # (B, Hq, T, hd)
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        rng = self.sharded_rng
+        with rng.fork(q.device) if rng is not None and dropout_p > 0 else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, Hq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, n_heads * hd)  # (B, T, Hq*hd)
         return self.resid_dropout(self.wo(y))  # (B, T, D)
 

@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from .cross_entropy import vocab_parallel_cross_entropy
+from .rng import ShardedDropout, ShardedRNG
 from .tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -77,7 +78,7 @@ def _check_model(model: nn.Module, tp: int) -> None:
 
 
 def apply_tp(model: nn.Module, mesh_or_group=None, *, sequence_parallel: bool = False,
-             gather_logits: bool = False) -> nn.Module:
+             gather_logits: bool = False, rng_seed: int | None = None) -> nn.Module:
     """Shard ``model`` in place over the tp group of ``mesh_or_group`` (a Mesh, a ProcessGroup, or None = world).
 
     Per block: ``wq, wk, wv`` and ``fc``/``w1, w3`` become :class:`ColumnParallelLinear` (a slice of heads /
@@ -94,6 +95,12 @@ def apply_tp(model: nn.Module, mesh_or_group=None, *, sequence_parallel: bool = 
     Norm weights get partial gradients: call
     :func:`~pipeloom.parallel.tensor_parallel.sync_sequence_parallel_grads` before the optimizer step.
 
+    Dropout: on replicated activations every tp rank draws the same mask from the default generator
+    (seed the ranks alike); on sharded ones - attention probabilities of this rank's heads and, with
+    sequence parallelism, the residual-branch dropouts on its slice of the sequence - from its own
+    :class:`~pipeloom.parallel.rng.ShardedRNG` stream (``rng_seed``, default ``torch.initial_seed()``,
+    + 2718 + tp rank), as Megatron-LM does; recomputation replays both (see :func:`apply_recompute`).
+
     The model's weights are copied exactly from the dense model on every rank, so build (and seed) the dense
     model identically on all tp ranks first. Raises ``ValueError`` when tp does not divide the number of
     query or key/value heads or the MLP width.
@@ -102,6 +109,7 @@ def apply_tp(model: nn.Module, mesh_or_group=None, *, sequence_parallel: bool = 
     tp = dist.get_world_size(group)
     _check_model(model, tp)
     sp = sequence_parallel
+    rng = ShardedRNG.for_rank(dist.get_rank(group), rng_seed)
 
     embed = getattr(model, "embed", None)
     tied = False
@@ -128,6 +136,11 @@ def apply_tp(model: nn.Module, mesh_or_group=None, *, sequence_parallel: bool = 
                 part.register_forward_pre_hook(lambda module, args: (gather_from_sp(args[0], group, 1),) + args[1:])
         if sp:
             _mark_sequence_parallel(block.attn_norm, block.mlp_norm)
+        if hasattr(block.attn, "sharded_rng"):
+            block.attn.sharded_rng = rng  # this rank's heads: their own attention-dropout masks
+        if sp:  # the residual branches' dropouts act on this rank's slice of the sequence
+            block.attn.resid_dropout = ShardedDropout(block.attn.resid_dropout.p, rng)
+            block.mlp.dropout = ShardedDropout(block.mlp.dropout.p, rng)
 
     if head is not None:
         out = ColumnParallelLinear.from_dense(head.out, group, gather_output=gather_logits,
@@ -182,13 +195,42 @@ class RecomputePolicy:
 _ACTIVE_COUNTERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("pipeloom_saved_counters", default=())
 
 
+def _sharded_streams(module: nn.Module) -> list[ShardedRNG]:
+    streams = {id(rng): rng for m in module.modules() if (rng := getattr(m, "sharded_rng", None)) is not None}
+    return list(streams.values())
+
+
+def _replay_streams(streams: list[ShardedRNG]):
+    """checkpoint's ``context_fn``: remember the streams' states as the forward starts; during the
+    recomputation put them back (so dropout on sharded activations draws the same masks), then return
+    them to where they had got to."""
+    snapshot = [rng.get_state() for rng in streams]
+
+    @contextlib.contextmanager
+    def recompute():
+        current = [rng.get_state() for rng in streams]
+        for rng, state in zip(streams, snapshot):
+            rng.set_state(state)
+        try:
+            yield
+        finally:
+            for rng, state in zip(streams, current):
+                rng.set_state(state)
+
+    return contextlib.nullcontext(), recompute()
+
+
 def _checkpointed_call(cls_forward, module, *args, **kwargs):
-    """Run ``cls_forward(module, ...)`` under non-reentrant checkpointing (RNG state restored on recompute)."""
+    """Run ``cls_forward(module, ...)`` under non-reentrant checkpointing. The default RNG state, and the
+    state of every tensor-parallel dropout stream in the module, are restored for the recomputation."""
     if not torch.is_grad_enabled():
         return cls_forward(module, *args, **kwargs)
     for counter in _ACTIVE_COUNTERS.get():
         counter.held_by_checkpoint(args, kwargs)
-    return checkpoint(cls_forward, module, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+    streams = _sharded_streams(module)
+    context = {"context_fn": functools.partial(_replay_streams, streams)} if streams else {}
+    return checkpoint(cls_forward, module, *args, use_reentrant=False, preserve_rng_state=True, **context,
+                      **kwargs)
 
 
 class _CheckpointAttentionCore(TorchFunctionMode):

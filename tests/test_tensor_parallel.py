@@ -265,3 +265,58 @@ def _sp_bad_seq_worker():
 
 def test_sequence_parallel_refuses_indivisible_sequence(pool2):
     assert all("size 7 into tp=2" in m for m in pool2.run(_sp_bad_seq_worker))
+
+
+# ----- dropout under tp: replicated activations share masks, sharded ones draw their own, recompute replays both
+def _dropout_step(family, tp, sequence_parallel, recompute, group):
+    """One training step of a tp model with dropout 0.25 from fixed RNG states; (loss, grads, default RNG)."""
+    import pipeloom.parallel.apply as apply_module
+
+    torch.manual_seed(0)
+    config = _config(family, tp).replace(dropout=0.25)
+    model = apply_tp(Transformer(config).double(), group, sequence_parallel=sequence_parallel, rng_seed=5)
+    if recompute == "full-no-replay":  # the control: recompute without replaying the sharded streams
+        apply_recompute(model, RecomputePolicy("full"))
+        saved, apply_module._sharded_streams = apply_module._sharded_streams, lambda module: []
+    elif recompute:
+        apply_recompute(model, RecomputePolicy(recompute))
+    model.train()
+    torch.manual_seed(1)
+    tokens, targets = torch.randint(0, 37, (2, 8)), torch.randint(0, 37, (2, 8))
+    try:
+        loss = model.loss(model(tokens), targets)
+        loss.backward()
+    finally:
+        if recompute == "full-no-replay":
+            apply_module._sharded_streams = saved
+    if sequence_parallel:
+        sync_sequence_parallel_grads(model, group)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    stream = model.blocks[0].attn.sharded_rng.get_state()["cpu"]
+    return loss.item(), grads, torch.get_rng_state(), stream
+
+
+def _dropout_worker(family, sequence_parallel):
+    group = _group(2)
+    ref = _dropout_step(family, 2, sequence_parallel, None, group)
+    out = {"loss": ref[0]}
+    for mode in ("full", "selective", "full-no-replay"):
+        loss, grads, _, _ = _dropout_step(family, 2, sequence_parallel, mode, group)
+        out[mode] = max([abs(loss - ref[0])] + [_max_diff(grads[n], ref[1][n]) for n in ref[1]])
+    # Replicated regions consumed the default generator alike on both ranks; the sharded streams differ.
+    states = [torch.empty_like(ref[2]) for _ in range(2)]
+    dist.all_gather(states, ref[2], group=group)
+    streams = [torch.empty_like(ref[3]) for _ in range(2)]
+    dist.all_gather(streams, ref[3], group=group)
+    out["default_rng_equal"] = torch.equal(states[0], states[1])
+    out["streams_differ"] = not torch.equal(streams[0], streams[1])
+    return out
+
+
+@pytest.mark.parametrize("family,sequence_parallel", [("gpt", False), ("llama", True)])
+def test_dropout_under_tp_and_its_recomputation(pool2, family, sequence_parallel):
+    for rank, r in enumerate(pool2.run(_dropout_worker, family, sequence_parallel)):
+        assert r["default_rng_equal"], f"rank {rank}: the tp ranks' default generators drifted apart"
+        assert r["streams_differ"], f"rank {rank}: sharded activations drew the same dropout stream on both ranks"
+        assert r["full"] == 0.0 and r["selective"] == 0.0, (rank, r)  # recompute replays every mask exactly
+        assert r["full-no-replay"] > 1e-6, (rank, r)  # without replaying the sharded streams, masks differ
