@@ -17,11 +17,13 @@ recomputed block when its forward runs and restores them around the recomputatio
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
 
 SEED_OFFSET = 2718  # Megatron-LM's model-parallel seed offset
+_STREAMS: list[weakref.ref] = []  # every ShardedRNG made in this process, in order (for checkpoints)
 
 
 class ShardedRNG:
@@ -30,6 +32,7 @@ class ShardedRNG:
     def __init__(self, seed: int):
         self.seed = int(seed)
         self.states: dict[str, torch.Tensor] = {}  # device ("cpu", "cuda:0", ...) -> generator state
+        _STREAMS.append(weakref.ref(self))
 
     @classmethod
     def for_rank(cls, tp_rank: int, base_seed: int | None = None) -> ShardedRNG:
@@ -70,6 +73,28 @@ class ShardedRNG:
 
     def set_state(self, states: dict[str, torch.Tensor]) -> None:
         self.states = {key: state.clone() for key, state in states.items()}
+
+
+def stream_states() -> list[dict]:
+    """The states of this process's live streams, oldest first (what a checkpoint saves with the default
+    generator's state, so that a resumed run draws the same dropout masks)."""
+    return [{"seed": rng.seed, "states": rng.get_state()} for rng in _live()]
+
+
+def set_stream_states(saved: list[dict]) -> bool:
+    """Restore :func:`stream_states` into the live streams; False (nothing changed) when they do not match
+    (another layout or model: different streams)."""
+    live = _live()
+    if len(live) != len(saved) or any(rng.seed != s["seed"] for rng, s in zip(live, saved)):
+        return False
+    for rng, s in zip(live, saved):
+        rng.set_state(s["states"])
+    return True
+
+
+def _live() -> list[ShardedRNG]:
+    _STREAMS[:] = [ref for ref in _STREAMS if ref() is not None]
+    return [ref() for ref in _STREAMS]
 
 
 def fork_if(rng: ShardedRNG | None, device, active: bool = True):

@@ -320,3 +320,28 @@ def test_dropout_under_tp_and_its_recomputation(pool2, family, sequence_parallel
         assert r["streams_differ"], f"rank {rank}: sharded activations drew the same dropout stream on both ranks"
         assert r["full"] == 0.0 and r["selective"] == 0.0, (rank, r)  # recompute replays every mask exactly
         assert r["full-no-replay"] > 1e-6, (rank, r)  # without replaying the sharded streams, masks differ
+
+
+def test_sharded_rng_fork_keeps_the_default_stream_and_checkpoints_restore_it():
+    import gc
+
+    from pipeloom.parallel.rng import ShardedRNG, set_stream_states, stream_states
+
+    gc.collect()
+    torch.manual_seed(3)
+    expected_default = torch.rand(4)  # what the default generator draws next, without any fork
+    torch.manual_seed(3)
+    rng = ShardedRNG.for_rank(1, base_seed=10)
+    assert rng.seed == 10 + 2718 + 1
+    with rng.fork("cpu"):
+        first = torch.rand(4)
+    assert torch.equal(torch.rand(4), expected_default), "a fork must not consume the default stream"
+    assert torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(rng.seed)))
+    saved = stream_states()  # as a checkpoint saves them
+    assert [s["seed"] for s in saved] == [rng.seed]
+    with rng.fork("cpu"):
+        after = torch.rand(4)
+    assert set_stream_states(saved)
+    with rng.fork("cpu"):
+        assert torch.equal(torch.rand(4), after), "restored streams draw the same numbers again"
+    assert not set_stream_states(saved + saved), "a different set of streams is left alone"

@@ -210,7 +210,10 @@ def save_checkpoint(directory: str, step: int, *, specs: list[ParamSpec], optimi
     state = _state_for_save(specs, optimizer, tp_group)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    from pipeloom.parallel.rng import stream_states
+
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+           "sharded": stream_states()}  # tensor-parallel dropout streams (pipeloom.parallel.rng)
     torch.save(rng, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
@@ -306,4 +309,8 @@ def load_checkpoint(path: str, *, specs: list[ParamSpec], optimizer, tp: int = 1
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng.get("sharded"):
+            from pipeloom.parallel.rng import set_stream_states
+
+            set_stream_states(rng["sharded"])
     return manifest
