@@ -141,6 +141,22 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_resume_with_dropout_under_tp_is_exact(workdir, cache):
+    """tp=2 x dp=2 with dropout: the checkpoint carries the default and the tensor-parallel dropout streams,
+    so steps after a resume draw the masks (and give the losses) of the uninterrupted run."""
+    common = ["parallel.pp=1", "parallel.tp=2", "parallel.dp=2", "model.dropout=0.2", "train.steps=6",
+              "train.timeline=false", "checkpoint.every=3", "checkpoint.save_final=false"]
+    full_dir, resumed_dir, ck = (str(workdir / name) for name in ("drop-full", "drop-resumed", "drop-ck"))
+    launch(full_dir, cache, *common)
+    launch(str(workdir / "drop-stopped"), cache, *common, f"checkpoint.dir={ck}", "train.stop_after=4")  # saved at 3
+    out = launch(resumed_dir, cache, *common, f"checkpoint.dir={ck}", "checkpoint.resume=true")
+    assert "resumed from" in out.stdout, out.stdout[-2000:]
+    full, got = losses(full_dir), losses(resumed_dir)
+    assert sorted(got) == [4, 5, 6], got
+    assert {s: got[s] for s in got} == {s: full[s] for s in got}
+
+
 @pytest.mark.parametrize("saved,resumed", [("2x2x1", "4x1x1")])  # pp 2 -> 4, tp 2 -> 1
 def test_resume_under_another_layout(saved, resumed, workdir, cache):
     full = losses(layout_run(saved, workdir, cache))
