@@ -11,8 +11,8 @@ Pipeline parallelism (``stage``, ``runtime``, ``p2p``, ``backward``, ``versions`
                               optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=3e-4))
     loss = runtime.step(inputs, targets).loss
 
-Meshes (``mesh``), tensor parallelism (``tensor_parallel``, ``apply``) and data parallelism
-(``data_parallel``) are imported from their modules.
+Meshes (``mesh``), tensor parallelism (``tensor_parallel``, ``apply``; per-rank dropout streams in
+``rng``) and data parallelism (``data_parallel``) are imported from their modules.
 """
 
 from .measure import estimate_comm
