@@ -41,6 +41,7 @@ catch such deadlocks.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -266,22 +267,20 @@ class P2P:
                     q.pop(0)
             if not batch:
                 break
-            received = []
+            received, posted, waited = [], set(), set()  # ids of works: a coalesced call has one for all ops
             for entries in self._by_group(batch):  # sends first: they never wait for this rank's receives
-                posted: list = []
                 for work, (_, t, header) in zip(self._post([op for op, _, _ in entries]), entries):
                     if not t.send:
                         received.append((work, t, header))
                         continue
                     t.done = time.perf_counter()
-                    if not any(w is work for w in posted):  # a coalesced call's one work, kept once
-                        posted.append(work)
+                    if id(work) not in posted:
+                        posted.add(id(work))
                         self.pending.append((work, t))
-            waited: list = []
             for work, t, header in received:
-                if not any(w is work for w in waited):  # a coalesced call's one work covers all its ops
+                if id(work) not in waited:
+                    waited.add(id(work))
                     self.wait(work, t)
-                    waited.append(work)
                 self.counts["forward_waits"] += t.key is not None and t.key[0]
                 t.done = time.perf_counter()
                 if header is not None:  # its payload goes out in the next round
@@ -374,7 +373,7 @@ def inbound_messages(plan, rank: int) -> dict[int, list[tuple]]:
 _LINKS: dict[tuple, object] = {}  # (pipeline group name, src global rank, dst global rank) -> its link group
 
 
-_LINK_ROUNDS = [0]  # calls of pipeline_links in this process (the same sequence on every rank)
+_LINK_ROUNDS = itertools.count()  # calls of pipeline_links in this process (the same sequence on every rank)
 
 
 def _gather_over_store(value, timeout: float) -> list:
@@ -384,8 +383,7 @@ def _gather_over_store(value, timeout: float) -> list:
 
     store = dist.distributed_c10d._get_default_store()  # the rendezvous store of init_process_group
     world, me = dist.get_world_size(), dist.get_rank()
-    round_ = _LINK_ROUNDS[0]
-    _LINK_ROUNDS[0] += 1
+    round_ = next(_LINK_ROUNDS)
     keys = [f"pipeloom/links/{round_}/{r}" for r in range(world)]
     store.set(keys[me], json.dumps(value))
     try:

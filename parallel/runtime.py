@@ -526,13 +526,7 @@ def _pipeline_group(plan: Plan, pp_group, pp_ranks):
 
 def _link_pairs(plan: Plan, tied_groups) -> set[tuple[int, int]]:
     """The (sender, receiver) pipeline-rank pairs a lowered plan's messages and tied groups use."""
-    pairs = set()
-    for rank, actions in enumerate(plan.ranks):
-        for a in actions:
-            if a.kind is Kind.SEND_F:
-                pairs.add((rank, plan.rank_of(a.stage + 1)))
-            elif a.kind is Kind.SEND_B:
-                pairs.add((rank, plan.rank_of(a.stage - 1)))
+    pairs = {(peer, rank) for rank in range(plan.pp) for peer in inbound_messages(plan, rank)}
     for group in tied_groups:
         holders = sorted({plan.rank_of(s) for s in group})
         pairs.update((a, b) for a in holders for b in holders if a != b)
