@@ -27,6 +27,7 @@ from pipeloom.kernels.rmsnorm import rmsnorm as fused_rmsnorm
 from pipeloom.kernels.rotary import rotary as fused_rotary
 from pipeloom.kernels.swiglu import swiglu as fused_swiglu
 
+from . import kv
 from .config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2's initializer range
@@ -159,10 +160,17 @@ class Attention(nn.Module):
                 f"attention has {n_heads} query heads but {n_kv} key/value heads; "
                 "query heads must be a multiple of key/value heads"
             )
+        paged = kv.current()  # an inference batch over the paged KV cache (models/kv.py), or None
         if self.rotary:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+            if paged is None:
+                cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+            else:
+                cos, sin = self.rope_cos[paged.positions], self.rope_sin[paged.positions]  # (N, hd), ragged
             rotate = fused_rotary if kernels.worth_fusing(q) else apply_rotary
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if paged is not None:  # B = 1, T = N flattened new tokens: write K/V into the cache, attend over it
+            y = paged.attend(self, q[0], k[0], v[0])  # (N, Hq, hd)
+            return self.resid_dropout(self.wo(y.reshape(B, T, n_heads * hd)))  # (1, N, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if n_kv != n_heads:  # GQA: query head h reads key/value head h // (Hq/Hkv)
             k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, Hq, T, hd)
