@@ -55,6 +55,7 @@ class BlockManager:
         self.cache: dict[int, int] = {}  # chained hash -> block
         self.tables: dict[str, list[int]] = {}  # request id -> its block table
         self._hashes: dict[str, list[int]] = {}  # request id -> chained hashes of its leading full blocks
+        self._pending: set[int] = set()  # keyed this step, written by the coming forward (mark_computed)
         self.hits = self.queries = 0  # prompt tokens found / looked up in the prefix cache
 
     # ------------------------------------------------------------------ KVCapacity
@@ -115,10 +116,16 @@ class BlockManager:
         for b in reversed(table or []):  # tail first: evicted before the shared head
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
+                if b in self._pending:  # keyed for a forward that will not write it (preempted when scheduled)
+                    self._unkey(b)
                 if b in self.block_key:
                     self.evictable[b] = None
                 else:
                     self.free_list.append(b)
+
+    def mark_computed(self) -> None:
+        """The forward of the scheduled iteration ran: the blocks keyed for it now hold their tokens."""
+        self._pending.clear()
 
     # ------------------------------------------------------------------ tables and slots
 
@@ -156,12 +163,16 @@ class BlockManager:
             b = self.free_list.pop()
         else:
             b, _ = self.evictable.popitem(last=False)  # least recently freed cached block
-            key = self.block_key.pop(b)
-            del self.block_tokens[b]
-            if self.cache.get(key) == b:
-                del self.cache[key]
+            self._unkey(b)
         self.ref_counts[b] = 1
         return b
+
+    def _unkey(self, b: int) -> None:
+        key = self.block_key.pop(b)
+        del self.block_tokens[b]
+        self._pending.discard(b)
+        if self.cache.get(key) == b:
+            del self.cache[key]
 
     def _key_full_blocks(self, request, end: int) -> None:
         """Key the request's blocks that tokens [0, end) fill completely (and are not keyed yet)."""
@@ -179,6 +190,7 @@ class BlockManager:
             self.cache[key] = b
             self.block_key[b] = key
             self.block_tokens[b] = chunk
+            self._pending.add(b)
 
     def check(self) -> None:
         """Assert the pool's invariants (tests): counts equal table references, every block in one place."""
