@@ -21,7 +21,7 @@ setup(
     version="0.1.0",
     description="Pipeline-parallel training and inference of transformers, with schedules as data.",
     python_requires=">=3.10",
-    packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES],
+    packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES] + ["pipeloom.schedules.batching"],
     package_dir={"pipeloom": "."},
     package_data={"pipeloom.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[

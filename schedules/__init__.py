@@ -43,6 +43,20 @@ from .registry import (
 from .simulate import Costs, Deadlock, SimResult, execute, simulate
 from .timeline import Interval, Timeline
 from .validate import validate
+from .batching import (
+    BatchingPolicy,
+    BlockCounter,
+    Iteration,
+    KVCapacity,
+    Rejected,
+    Request,
+    RequestStatus,
+    Scheduler,
+    Slice,
+    get_batching,
+    list_batching,
+    register_batching,
+)
 
 __all__ = [
     "Action",
@@ -85,4 +99,16 @@ __all__ = [
     "Interval",
     "Timeline",
     "validate",
+    "BatchingPolicy",
+    "BlockCounter",
+    "Iteration",
+    "KVCapacity",
+    "Rejected",
+    "Request",
+    "RequestStatus",
+    "Scheduler",
+    "Slice",
+    "get_batching",
+    "list_batching",
+    "register_batching",
 ]

@@ -1,0 +1,49 @@
+# pipeloom.schedules.batching: inference batching policies as data, and a serving simulator over them.
+"""Which requests run each iteration and how many of their tokens - the inference counterpart of the plan IR.
+
+>>> from pipeloom.schedules.batching import BlockCounter, Request, Scheduler, get_batching
+>>> sched = Scheduler(get_batching("chunked-prefill", token_budget=8, max_num_seqs=4), BlockCounter(64, 4))
+>>> sched.add(Request("r0", prompt_len=10, max_tokens=2))
+>>> print(sched.schedule(now=0.0))
+it 0  r0 P0+8
+"""
+
+from .capacity import BlockCounter, KVCapacity, blocks_for
+from .policy import (
+    BatchingError,
+    BatchingPolicy,
+    batching_class,
+    get_batching,
+    list_batching,
+    register_batching,
+)
+from .request import Iteration, Rejected, Request, RequestStatus, Slice
+from .scheduler import Scheduler, Step
+from .request_level import ClosedBatch, Dynamic, Static  # noqa: I001  (registration order: built-ins as listed)
+from .iteration_level import ChunkedPrefill, Continuous, PrefillFirst, SplitFuse
+
+__all__ = [
+    "BatchingError",
+    "BatchingPolicy",
+    "BlockCounter",
+    "ChunkedPrefill",
+    "ClosedBatch",
+    "Continuous",
+    "Dynamic",
+    "Iteration",
+    "KVCapacity",
+    "PrefillFirst",
+    "Rejected",
+    "Request",
+    "RequestStatus",
+    "Scheduler",
+    "Slice",
+    "SplitFuse",
+    "Static",
+    "Step",
+    "batching_class",
+    "blocks_for",
+    "get_batching",
+    "list_batching",
+    "register_batching",
+]
