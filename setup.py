@@ -4,7 +4,7 @@ from setuptools.command.build_py import build_py
 
 
 # Each top-level folder becomes pipeloom.<folder>; nothing else lands in site-packages.
-SUBPACKAGES = ["schedules", "parallel", "models", "kernels", "launch", "configs", "data", "training"]
+SUBPACKAGES = ["schedules", "parallel", "models", "kernels", "launch", "configs", "data", "training", "inference"]
 
 
 class BuildPy(build_py):
