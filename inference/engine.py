@@ -48,8 +48,9 @@ class LLMEngine:
     """Continuous-batching engine over one :class:`pipeloom.models.Transformer` (see the module docstring).
 
     ``policy`` and ``policy_options``: a registered batching policy (``list_batching()``) and its options;
-    ``token_budget`` goes to the policies that take one (chunked-prefill, splitfuse), others ignore it. KV cache: ``block_size`` tokens per block, ``num_blocks``
-    blocks or, when None, as many as ``gpu_memory_fraction`` of the device memory holds.
+    ``token_budget`` goes to the policies that take one (chunked-prefill, splitfuse), others ignore it.
+    KV cache: ``block_size`` tokens per block, ``num_blocks`` blocks or, when None, as many as
+    ``gpu_memory_fraction`` of the device memory holds.
     """
 
     def __init__(self, model: torch.nn.Module, *, tokenizer=None, eos_token_id: int | None = None,

@@ -111,7 +111,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, iteration, block_manager) -> torch.Tensor:
-        """Logits (R, V), float32 (float64 for a float64 model), for the slices with ``samples`` in order (R may be 0)."""
+        """Logits (R, V) of the slices with ``samples``, in order (R may be 0); float32, or float64 for a
+        float64 model."""
         if self.use_graphs and self._graphable(iteration):
             return self._replay(iteration, block_manager)
         input_ids, batch, rows = self.prepare(iteration, block_manager)

@@ -49,7 +49,8 @@ class LinearCost:
     d: float
 
     def predict(self, record: IterationRecord) -> float:
-        return self.a + self.b * record.num_prefill_tokens + self.c * record.num_decode_tokens + self.d * record.kv_tokens_read
+        r = record
+        return self.a + self.b * r.num_prefill_tokens + self.c * r.num_decode_tokens + self.d * r.kv_tokens_read
 
     def __str__(self) -> str:
         return (f"t = {self.a * 1e3:.3f} ms + {self.b * 1e6:.3f} us/prefill token + {self.c * 1e6:.3f} us/decode seq "

@@ -66,7 +66,8 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             v = v.repeat_interleave(n_heads // n_kv, dim=0)
         qs = q[start : start + n].transpose(0, 1)  # (Hq, n, hd)
         # query i (position length - n + i) sees keys j <= length - n + i
-        mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - n, length, device=q.device)[:, None]
+        keys = torch.arange(length, device=q.device)
+        mask = keys[None, :] <= keys[length - n :, None]  # (n, L)
         y = F.scaled_dot_product_attention(qs, k.to(qs.dtype), v.to(qs.dtype), attn_mask=mask)  # (Hq, n, hd)
         out[start : start + n] = y.transpose(0, 1)
         start += n
@@ -75,7 +76,7 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, O, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
+    Q, K, V, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
     scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -120,8 +121,8 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptr = O + (q_begin + tok)[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh + dims[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptr = OUT + (q_begin + tok)[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh + dims[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def query_tiles(query_lens: list[int], group: int, block_m: int) -> tuple[list[int], list[int]]:
