@@ -53,6 +53,7 @@ setup(
         "console_scripts": [
             "pipeloom-bubbles=pipeloom.launch.bubbles:main",
             "pipeloom-train=pipeloom.launch.train:main",
+            "pipeloom-generate=pipeloom.launch.generate:main",
         ]
     },
 )
