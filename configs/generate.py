@@ -59,7 +59,7 @@ class KVSection:
 class GenerateConfig:
     """Everything ``pipeloom-generate`` needs."""
 
-    model: str = "gpt-tiny"  # a registered config (random weights), a pipeloom-train run/checkpoint dir, or an HF folder
+    model: str = "gpt-tiny"  # a registered config (random weights), a pipeloom-train run or checkpoint, an HF folder
     prompts: List[Any] = field(default_factory=lambda: ["def "])  # strings, or lists of token ids
     prompt_file: Optional[str] = None  # a text file, one prompt per line (added after `prompts`)
     output: Optional[str] = None  # JSONL path: one line per prompt (prompt, token_ids, text, finish_reason)

@@ -1,5 +1,6 @@
 # pipeloom-generate and LLM on a pipeloom-train run: JSONL out, greedy equal to the checkpoint's own forward.
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_generate_app_writes_one_json_line_per_prompt(tmp_path):
                            "prompts=[hello,'def f(',[1,2,3]]", "sampling.max_tokens=7", "sampling.temperature=0",
                            "sampling.ignore_eos=true", "sampling.n=2", "inference.policy=chunked-prefill",
                            "inference.token_budget=64", "kv.block_size=16", f"output={out}", "device=cpu",
-                           "progress=false"], cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False)
+                           "progress=false"], cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["prompt"] for line in lines] == ["hello", "def f(", [1, 2, 3]]
