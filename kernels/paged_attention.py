@@ -79,7 +79,7 @@ def _paged_attention_kernel(
     Q, K, V, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
     scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Program (tile, kv head): rows = BLOCK_M // GROUP new tokens x GROUP query heads sharing kv head `kvh`.
     tile = tl.program_id(0)
@@ -97,6 +97,8 @@ def _paged_attention_kernel(
     d_ok = dims < HEAD_DIM
     q_ptr = Q + (q_begin + tok)[:, None].to(tl.int64) * stride_qn + head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
+        q = q.to(tl.float32)
     pos = seq_len - q_len + tok  # (BLOCK_M,) absolute position of each row's token
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -109,6 +111,8 @@ def _paged_attention_kernel(
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
         k = tl.load(K + off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
         scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
         visible = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -118,6 +122,8 @@ def _paged_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -165,6 +171,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_M=block_m, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
+        BLOCK_N=block_n, UPCAST=q.device.type == "cpu",
     )
     return out
