@@ -52,6 +52,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pipeloom-bubbles=pipeloom.launch.bubbles:main",
+            "pipeloom-batching=pipeloom.launch.batching:main",
             "pipeloom-train=pipeloom.launch.train:main",
             "pipeloom-generate=pipeloom.launch.generate:main",
         ]

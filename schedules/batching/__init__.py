@@ -21,8 +21,52 @@ from .request import Iteration, Rejected, Request, RequestStatus, Slice
 from .scheduler import Scheduler, Step
 from .request_level import ClosedBatch, Dynamic, Static  # noqa: I001  (registration order: built-ins as listed)
 from .iteration_level import ChunkedPrefill, Continuous, PrefillFirst, SplitFuse
+from .audit import Auditor, BatchingViolation
+from .costs import (
+    PRESETS,
+    CostModel,
+    IterationRecord,
+    PipelineCost,
+    fit_cost_model,
+    fit_error,
+    get_cost_model,
+    pipeline_cycle,
+)
+from .metrics import SLO, Capacity, Dist, ServingMetrics, find_capacity, percentile, serving_metrics
+from .pictures import plot_composition, plot_compositions, plot_latency_cdfs
+from .simulator import IterationLog, RequestLog, ServingResult, simulate_serving
+from .traces import TRACES, Trace, TraceItem, arrival_times, make_trace
 
 __all__ = [
+    "PRESETS",
+    "SLO",
+    "TRACES",
+    "Auditor",
+    "BatchingViolation",
+    "Capacity",
+    "CostModel",
+    "Dist",
+    "IterationLog",
+    "IterationRecord",
+    "PipelineCost",
+    "RequestLog",
+    "ServingMetrics",
+    "ServingResult",
+    "Trace",
+    "TraceItem",
+    "arrival_times",
+    "find_capacity",
+    "fit_cost_model",
+    "fit_error",
+    "get_cost_model",
+    "make_trace",
+    "percentile",
+    "pipeline_cycle",
+    "plot_composition",
+    "plot_compositions",
+    "plot_latency_cdfs",
+    "serving_metrics",
+    "simulate_serving",
     "BatchingError",
     "BatchingPolicy",
     "BlockCounter",

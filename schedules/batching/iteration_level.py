@@ -50,6 +50,7 @@ class Continuous(BatchingPolicy):
 
     name = "continuous"
     aliases = ("orca",)
+    stall_free = True
 
     def schedule(self, step: Step) -> None:
         decode_running(step)
@@ -76,6 +77,7 @@ class ChunkedPrefill(BatchingPolicy):
     aliases = ("sarathi", "sarathi-serve")
     options: ClassVar[dict[str, object]] = {"token_budget": 512}  # Sarathi-Serve's strict-SLO chunk (2048 relaxed)
     chunks_prompts = True
+    stall_free = True
 
     def check(self) -> None:
         check_int(self.name, "token_budget", self.opts["token_budget"])

@@ -74,6 +74,7 @@ class BatchingPolicy(ABC):
         "preemption": "last-arrived",
     }
     chunks_prompts: ClassVar[bool] = False  # False: a prompt (and a recompute) runs whole in one iteration
+    stall_free: ClassVar[bool] = False  # True: every decoding request decodes in every iteration it is not preempted
     max_queue_size: int | None = None  # a bound on the waiting queue; add() beyond it raises Rejected
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -28,6 +28,8 @@ from .scheduler import Scheduler, Step
 class ClosedBatch(BatchingPolicy):
     """Shared machinery: form a batch from the queue's head, then decode it with padding to completion."""
 
+    stall_free = True  # every live member decodes in every iteration of its batch
+
     def __init__(self, **options) -> None:
         super().__init__(**options)
         self._batch: list[Request] = []
