@@ -19,11 +19,10 @@ from .detokenize import IncrementalDetokenizer
 from .engine import LLMEngine
 from .llm import LLM
 from .model_runner import ModelRunner
-from .records import IterationRecord, fit_cost_model
 from .sampling import Sampler, SamplerOutput, SamplingParams
 from .sequence import CompletionOutput, RequestOutput, Sequence
 from .validate import validate_request
 
-__all__ = ["LLM", "AsyncEngine", "BlockManager", "CompletionOutput", "IncrementalDetokenizer", "IterationRecord",
+__all__ = ["LLM", "AsyncEngine", "BlockManager", "CompletionOutput", "IncrementalDetokenizer",
            "LLMEngine", "ModelRunner", "RequestOutput", "Sampler", "SamplerOutput", "SamplingParams", "Sequence",
-           "fit_cost_model", "validate_request"]
+           "validate_request"]

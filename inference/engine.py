@@ -9,9 +9,9 @@
 * the ``Sampler`` draws one token per sampled row (per-request seeded generators), the
   ``IncrementalDetokenizer`` of each sequence turns tokens into text and decides stops.
 
-Every iteration is recorded as an ``IterationRecord`` (composition and measured duration), from which the
-serving simulator's cost model ``t = a + b*prefill_tokens + c*decode_seqs + d*kv_tokens_read`` is fitted;
-:meth:`LLMEngine.latency_report` prints predicted against measured latency.
+Every iteration is recorded as the batching simulator's ``IterationRecord`` (composition and measured
+duration), from which its cost model ``t = a + b*prefill_tokens + c*decode_seqs + d*kv_tokens_read`` is
+fitted; :meth:`LLMEngine.latency_report` prints predicted against measured latency.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import time
 from collections.abc import Sequence as Seq
 
 import torch
-from pipeloom.schedules.batching import RequestStatus, Scheduler, get_batching
+from pipeloom.schedules.batching import (IterationRecord, RequestStatus, Scheduler, fit_cost_model, fit_error,
+                                         get_batching)
 
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .model_runner import ModelRunner, num_blocks_for_budget
-from .records import IterationRecord, fit_cost_model
 from .sampling import Sampler, SamplingParams
 from .sequence import CompletionOutput, RequestOutput, Sequence
 from .validate import validate_request
@@ -71,7 +71,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, block_size, backend=attention, cuda_graphs=cuda_graphs)
         shared = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=shared)
-        self.records: list[IterationRecord] = []
+        self.records: list[IterationRecord] = []  # one per iteration run: composition and measured seconds
+        self.num_preemptions = 0
         self.groups: dict[str, _Group] = {}
         self._lock = threading.RLock()  # steps and aborts from other threads (AsyncEngine) take turns
         self._t0 = time.perf_counter()
@@ -183,7 +184,8 @@ class LLMEngine:
                 if seq.detokenizer.finished:
                     ended[seq.id] = seq.detokenizer.finish_reason
             done = self.scheduler.update(iteration, ended)
-            self.records.append(IterationRecord.from_iteration(iteration, duration, self.block_manager.usage()))
+            self.records.append(IterationRecord.from_iteration(iteration, duration))
+            self.num_preemptions += len(iteration.preempted)
             for seq in done:
                 if not seq.detokenizer.finished:
                     text = seq.detokenizer.finish(seq.finish_reason)
@@ -230,23 +232,23 @@ class LLMEngine:
     # ------------------------------------------------------------------ measurements
 
     def latency_report(self, skip: int = 1) -> str:
-        """Measured against predicted iteration latency: the cost model fitted on this run's iterations."""
+        """Measured against predicted iteration latency: the batching simulator's cost model
+        (``pipeloom.schedules.batching.fit_cost_model``) fitted on this run's iterations."""
         records = self.records[skip:] if len(self.records) > skip + 4 else self.records
         if len(records) < 2:
             return "iteration latency: too few iterations to fit a cost model"
-        model = fit_cost_model(records)
+        model = fit_cost_model(records, name="fitted")
         measured = sum(r.duration for r in records)
         predicted = sum(model.predict(r) for r in records)
-        err = sum(abs(model.predict(r) - r.duration) for r in records) / measured
         return (f"iteration latency over {len(records)} iterations: measured {measured * 1e3:.1f} ms, predicted "
-                f"{predicted * 1e3:.1f} ms (mean abs error {err:.1%}); cost model {model}")
+                f"{predicted * 1e3:.1f} ms (mean relative error per iteration {fit_error(model, records):.1%}); "
+                f"{model}")
 
     def stats(self) -> dict[str, float]:
         """Counters: iterations, tokens, preemptions, prefix-cache hit rate, KV usage."""
         bm = self.block_manager
         return {"iterations": len(self.records), "prefill_tokens": sum(r.num_prefill_tokens for r in self.records),
-                "decode_tokens": sum(r.num_decode_tokens for r in self.records),
-                "preemptions": sum(r.num_preempted for r in self.records),
+                "decode_tokens": sum(r.num_decode_seqs for r in self.records), "preemptions": self.num_preemptions,
                 "prefix_cache_hit_rate": bm.hits / bm.queries if bm.queries else 0.0, "kv_usage": bm.usage()}
 
 
