@@ -85,3 +85,11 @@ def test_generate_cli_names_the_bad_field(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2
     assert "top_p=1.5" in done.stderr
+
+
+def test_demo_ends_by_generating_through_the_engine(trained_run, capsys):
+    from pipeloom.launch.demo import generate_with_engine
+
+    assert generate_with_engine(trained_run, max_tokens=6) > 0
+    printed = capsys.readouterr().out
+    assert "through the inference engine" in printed and "tokens/s" in printed
