@@ -35,6 +35,7 @@ def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: t
     if not 0.0 < gpu_memory_fraction <= 1.0:
         raise ValueError(f"kv.gpu_memory_fraction={gpu_memory_fraction} must be in (0, 1]")
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory the caching allocator holds but no tensor uses counts as free
         free, total = torch.cuda.mem_get_info(device)
         budget = gpu_memory_fraction * total - (total - free) - reserve_bytes
     else:
