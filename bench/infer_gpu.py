@@ -91,7 +91,8 @@ def hf_model(size: str, args, max_seq_len: int, attn: str = "sdpa"):
 
     c = SIZES[size]
     config = transformers.LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["dim"],
-                                      intermediate_size=c["ffn_hidden"], num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"],
+                                      intermediate_size=c["ffn_hidden"], num_hidden_layers=c["n_layers"],
+                                      num_attention_heads=c["n_heads"],
                                       num_key_value_heads=c["n_kv_heads"], max_position_embeddings=max_seq_len,
                                       rms_norm_eps=c.get("norm_eps", 1e-6), attn_implementation=attn)
     torch.manual_seed(0)
@@ -223,7 +224,7 @@ def hf_ttft(size: str, args, env) -> dict:
     ids = torch.tensor([prompt_ids(args.long_prompt, SIZES[size]["vocab_size"])], device=args.device)
     times = []
     with torch.no_grad():
-        for i in range(4):
+        for _ in range(4):
             sync(args.device)
             t = time.perf_counter()
             model(ids, logits_to_keep=1).logits.argmax(-1).tolist()
