@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 
 import torch
+from pipeloom.kernels.paged_attention import query_tiles, tile_rows
 from pipeloom.models.kv import PagedBatch, kv_cache_shape, paged_context
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -62,7 +63,7 @@ class ModelRunner:
         self.caches = {block.attn: (torch.zeros(shape, dtype=self.dtype, device=self.device),
                                     torch.zeros(shape, dtype=self.dtype, device=self.device))
                        for block in model.blocks}
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and backend != "torch"  # graphs: Triton path
         self.graph_sizes = sorted(graph_batch_sizes)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
@@ -92,11 +93,17 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
+        tiles = None
+        if self.backend == "triton" or (self.backend == "auto" and self.device.type == "cuda"):
+            # the kernel's work list, built here from host lists (no device->host read per layer)
+            group = self.config.n_heads // self.config.n_kv_heads
+            seqs, firsts = query_tiles(query_lens, group, tile_rows(group, max(query_lens)))
+            tiles = (tensor(seqs, torch.int32), tensor(firsts, torch.int32))
         batch = PagedBatch(positions=tensor(positions, torch.long), slot_mapping=tensor(slots, torch.long),
                            query_start=tensor(starts, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
                            block_tables=tensor(table, torch.int32), block_size=self.block_size, caches=self.caches,
                            query_lens=query_lens, seq_lens_host=seq_lens, max_query_len=max(query_lens),
-                           backend=self.backend)
+                           backend=self.backend, tiles=tiles)
         return tensor(ids, torch.long)[None], batch, tensor(rows, torch.long)
 
     # ------------------------------------------------------------------ forward
@@ -128,8 +135,6 @@ class ModelRunner:
 
     def capture(self) -> None:
         """Capture one decode graph per size in ``graph_batch_sizes`` (largest first, sharing a memory pool)."""
-        from pipeloom.kernels.paged_attention import tile_rows
-
         n_max, dev = self.graph_sizes[-1], self.device
         st = self._static = {
             "ids": torch.zeros(n_max, dtype=torch.long, device=dev),
@@ -141,8 +146,6 @@ class ModelRunner:
             "tile_seq": torch.arange(n_max, dtype=torch.int32, device=dev),
             "tile_first": torch.zeros(n_max, dtype=torch.int32, device=dev),
         }
-        group = self.config.n_heads // self.config.n_kv_heads
-        tile_rows(group, 1)  # the kernel's tile for decode (validated at import of the Triton path)
         pool = None
         for n in reversed(self.graph_sizes):
             batch = PagedBatch(positions=st["positions"][:n], slot_mapping=st["slots"][:n],
