@@ -48,6 +48,29 @@ def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: t
     return blocks
 
 
+def fuse_qkv(model: torch.nn.Module) -> dict:
+    """Each attention's q/k/v weights as ONE tensor, with ``wq/wk/wv`` re-pointed at views of it (no second
+    copy): the inference forward then runs one GEMM without concatenating the weights every step (the
+    training path's ``Attention._project`` concatenates per call). Modules with other linears are skipped."""
+    fused = {}
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn
+            linears = (attn.wq, attn.wk, attn.wv)
+            if not all(type(lin) is torch.nn.Linear for lin in linears):
+                continue
+            sizes = [lin.out_features for lin in linears]
+            weight = torch.cat([lin.weight for lin in linears])  # (Hq*hd + 2*Hkv*hd, D)
+            bias = None if attn.wq.bias is None else torch.cat([lin.bias for lin in linears])
+            for lin, w in zip(linears, weight.split(sizes)):
+                lin.weight = torch.nn.Parameter(w, requires_grad=False)
+            if bias is not None:
+                for lin, b in zip(linears, bias.split(sizes)):
+                    lin.bias = torch.nn.Parameter(b, requires_grad=False)
+            fused[attn] = (weight, bias, sizes)
+    return fused
+
+
 class ModelRunner:
     """Runs iterations of ``model`` (a :class:`pipeloom.models.Transformer`) over a paged KV cache."""
 
@@ -63,6 +86,7 @@ class ModelRunner:
         self.caches = {block.attn: (torch.zeros(shape, dtype=self.dtype, device=self.device),
                                     torch.zeros(shape, dtype=self.dtype, device=self.device))
                        for block in model.blocks}
+        self.fused_qkv = fuse_qkv(model)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and backend != "torch"  # graphs: Triton path
         self.graph_sizes = sorted(graph_batch_sizes)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -102,8 +126,8 @@ class ModelRunner:
         batch = PagedBatch(positions=tensor(positions, torch.long), slot_mapping=tensor(slots, torch.long),
                            query_start=tensor(starts, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
                            block_tables=tensor(table, torch.int32), block_size=self.block_size, caches=self.caches,
-                           query_lens=query_lens, seq_lens_host=seq_lens, max_query_len=max(query_lens),
-                           backend=self.backend, tiles=tiles)
+                           fused_qkv=self.fused_qkv, query_lens=query_lens, seq_lens_host=seq_lens,
+                           max_query_len=max(query_lens), backend=self.backend, tiles=tiles)
         return tensor(ids, torch.long)[None], batch, tensor(rows, torch.long)
 
     # ------------------------------------------------------------------ forward
@@ -151,7 +175,7 @@ class ModelRunner:
             batch = PagedBatch(positions=st["positions"][:n], slot_mapping=st["slots"][:n],
                                query_start=st["starts"][: n + 1], seq_lens=st["seq_lens"][:n],
                                block_tables=st["tables"][:n], block_size=self.block_size, caches=self.caches,
-                               max_query_len=1, backend="triton",
+                               fused_qkv=self.fused_qkv, max_query_len=1, backend="triton",
                                tiles=(st["tile_seq"][:n], st["tile_first"][:n]))
             rows = torch.arange(n, device=dev)
             ids = st["ids"][:n][None]
