@@ -75,11 +75,13 @@ class ModelRunner:
     """Runs iterations of ``model`` (a :class:`pipeloom.models.Transformer`) over a paged KV cache."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, backend: str = "auto",
-                 cuda_graphs: bool = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES):
+                 cuda_graphs: bool = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
+                 dense_prefill_tokens: int | None = 256):
         self.model, self.config = model, model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
+        self.dense_prefill_tokens = dense_prefill_tokens  # whole prompts at least this long: SDPA (Triton path)
         self.max_blocks_per_seq = -(-self.config.max_seq_len // block_size)
         self.scratch_block = num_blocks  # one extra block: padded graph rows write here
         shape = kv_cache_shape(num_blocks + 1, block_size, self.config.n_kv_heads, self.config.head_dim)
@@ -117,17 +119,24 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
-        tiles = None
+        tiles, dense, tiled_max = None, [], max(query_lens)
         if self.backend == "triton" or (self.backend == "auto" and self.device.type == "cuda"):
-            # the kernel's work list, built here from host lists (no device->host read per layer)
+            # long prompts with nothing cached go to SDPA's fused attention; the rest to the kernel, whose work
+            # list is built here from host lists (no device->host read per layer)
+            if self.dense_prefill_tokens is not None:
+                dense = [(starts[i], n) for i, (n, end) in enumerate(zip(query_lens, seq_lens))
+                         if n == end and n >= self.dense_prefill_tokens]
+            skip = {start for start, _ in dense}
+            lens = [0 if starts[i] in skip else n for i, n in enumerate(query_lens)]
             group = self.config.n_heads // self.config.n_kv_heads
-            seqs, firsts = query_tiles(query_lens, group, tile_rows(group, max(query_lens)))
+            tiled_max = max(max(lens), 1)  # the kernel's tile size follows its longest query
+            seqs, firsts = query_tiles(lens, group, tile_rows(group, tiled_max))
             tiles = (tensor(seqs, torch.int32), tensor(firsts, torch.int32))
         batch = PagedBatch(positions=tensor(positions, torch.long), slot_mapping=tensor(slots, torch.long),
                            query_start=tensor(starts, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
                            block_tables=tensor(table, torch.int32), block_size=self.block_size, caches=self.caches,
                            fused_qkv=self.fused_qkv, query_lens=query_lens, seq_lens_host=seq_lens,
-                           max_query_len=max(query_lens), backend=self.backend, tiles=tiles)
+                           max_query_len=tiled_max, backend=self.backend, tiles=tiles, dense=dense)
         return tensor(ids, torch.long)[None], batch, tensor(rows, torch.long)
 
     # ------------------------------------------------------------------ forward

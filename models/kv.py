@@ -49,6 +49,8 @@ class PagedBatch:
     backend: str = "auto"  # "torch" (reference), "triton" (kernels/paged_attention.py), "auto"
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None  # Triton work list (sequence, first token) per
     # program, int32; None: built from query_start on the host (CUDA graphs pass static ones)
+    dense: list[tuple[int, int]] = field(default_factory=list)  # (first row, tokens) of whole new prompts that
+    # the Triton path hands to SDPA's fused causal attention (their tiles are left out of ``tiles``)
     fused_qkv: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(default_factory=dict)
     # ^ Attention module -> (wq|wk|wv weight, bias or None, split sizes), concatenated once by the runner
 
@@ -75,7 +77,7 @@ class PagedBatch:
 
         k_cache, v_cache = self.kv_cache(module)
         write_kv(k_cache, v_cache, k, v, self.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, self, backend=self.backend)
+        return paged_attention(q, k_cache, v_cache, self, backend=self.backend, k=k, v=v)
 
 
 def current() -> PagedBatch | None:
