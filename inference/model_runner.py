@@ -75,7 +75,7 @@ class ModelRunner:
     """Runs iterations of ``model`` (a :class:`pipeloom.models.Transformer`) over a paged KV cache."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, backend: str = "auto",
-                 cuda_graphs: bool = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
+                 cuda_graphs: bool | str = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
                  dense_prefill_tokens: int | None = 256):
         self.model, self.config = model, model.config
         param = next(model.parameters())
@@ -89,9 +89,12 @@ class ModelRunner:
                                     torch.zeros(shape, dtype=self.dtype, device=self.device))
                        for block in model.blocks}
         self.fused_qkv = fuse_qkv(model)
-        self.use_graphs = cuda_graphs and self.device.type == "cuda" and backend != "torch"  # graphs: Triton path
+        # graphs: on CUDA with the Triton path; "emulate" replays eager forwards over the same static buffers
+        # (CPU tests of the padding and buffer bookkeeping)
+        on_gpu = cuda_graphs is True and self.device.type == "cuda" and backend != "torch"
+        self.use_graphs = cuda_graphs == "emulate" or on_gpu
         self.graph_sizes = sorted(graph_batch_sizes)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ batch tensors
@@ -179,15 +182,21 @@ class ModelRunner:
             "tile_seq": torch.arange(n_max, dtype=torch.int32, device=dev),
             "tile_first": torch.zeros(n_max, dtype=torch.int32, device=dev),
         }
-        pool = None
+        pool, emulate = None, self.device.type != "cuda"
         for n in reversed(self.graph_sizes):
             batch = PagedBatch(positions=st["positions"][:n], slot_mapping=st["slots"][:n],
                                query_start=st["starts"][: n + 1], seq_lens=st["seq_lens"][:n],
                                block_tables=st["tables"][:n], block_size=self.block_size, caches=self.caches,
-                               fused_qkv=self.fused_qkv, max_query_len=1, backend="triton",
+                               fused_qkv=self.fused_qkv, max_query_len=1,
+                               backend=self.backend if emulate else "triton",
                                tiles=(st["tile_seq"][:n], st["tile_first"][:n]))
             rows = torch.arange(n, device=dev)
             ids = st["ids"][:n][None]
+            if emulate:
+                st[f"logits{n}"] = self.forward(ids, batch, rows)
+                self.graphs[n] = _EagerGraph(lambda n=n, ids=ids, batch=batch, rows=rows:
+                                             st[f"logits{n}"].copy_(self.forward(ids, batch, rows)))
+                continue
             with torch.inference_mode():
                 for _ in range(2):  # warm up (Triton compiles, allocator settles) outside the graph
                     self.forward(ids, batch, rows)
@@ -224,3 +233,14 @@ class ModelRunner:
         st["tables"][b:n].fill_(self.scratch_block)
         self.graphs[n].replay()
         return st[f"logits{n}"][:b].float()
+
+
+class _EagerGraph:
+    """Stands in for a captured CUDA graph where there is none: ``replay()`` reruns the forward over the same
+    static buffers, so the padding and buffer bookkeeping of the graph path is testable on CPU."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
