@@ -159,7 +159,7 @@ class LLM:
         bar = _progress(len(prompts), use_tqdm)
         try:
             while len(results) < len(ids):
-                outputs = engine.step()
+                outputs = engine.step(finished_only=True)
                 if engine.idle:
                     self._wait(engine)
                 for out in outputs:
