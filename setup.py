@@ -54,6 +54,7 @@ setup(
             "pipeloom-bubbles=pipeloom.launch.bubbles:main",
             "pipeloom-batching=pipeloom.launch.batching:main",
             "pipeloom-train=pipeloom.launch.train:main",
+            "pipeloom-generate=pipeloom.launch.generate:main",
         ]
     },
 )
