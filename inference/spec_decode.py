@@ -210,9 +210,12 @@ class SpecStats:
 
 @torch.no_grad()
 def target_logits(model: torch.nn.Module, context: Sequence[int], positions: int) -> torch.Tensor:
-    """Full-recompute forward of ``context``; the logits (positions, V) predicting its last ``positions`` slots."""
+    """Full-recompute forward of ``context`` (T tokens): the logits (positions, V) of its last ``positions``
+    positions, which predict tokens T - positions + 1 .. T (for a draft of n: the n drafts and the bonus)."""
+    if positions < 1:
+        raise ValueError(f"positions={positions} must be at least 1 (the next token's)")
     ids = torch.tensor([list(context)], dtype=torch.long, device=next(model.parameters()).device)  # (1, T)
-    return model(ids)[0, -positions - 1 : -1] if positions else model(ids)[0, :0]
+    return model(ids)[0, -positions:]  # (positions, V)
 
 
 @torch.no_grad()
