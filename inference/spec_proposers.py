@@ -21,6 +21,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sampling import Sampler, SamplingParams
@@ -78,14 +79,15 @@ class NgramProposer(Proposer):
 
     def find(self, context: Sequence[int], k: int) -> list[int]:
         """The proposed tokens (at most k) for ``context``; [] when no n-gram of the sizes recurs."""
-        ctx = list(context)
+        ctx = np.asarray(context, dtype=np.int64)
         if k <= 0:
             return []
         for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
-            pattern = ctx[-n:]
-            for start in range(len(ctx) - n):  # every earlier window, the suffix itself excluded
-                if ctx[start : start + n] == pattern:
-                    return ctx[start + n : start + n + k]
+            windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)  # (T - n, n): every earlier window
+            hits = np.flatnonzero((windows == ctx[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[0]) + n  # the earliest match
+                return ctx[start : start + k].tolist()
         return []
 
     def propose_batch(self, requests: Sequence[DraftRequest], k: int) -> list[Proposal]:

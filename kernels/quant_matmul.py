@@ -199,18 +199,22 @@ def _(x, packed, scale, offset, group_size, bias):
 # ------------------------------------------------------------------------------------------ dispatch
 
 
+_HAS_TRITON = features.has("triton")
+
+
 def kernel_usable(x: torch.Tensor) -> bool:
     """The Triton path can run on ``x``: triton present, a CUDA tensor (or CPU under TRITON_INTERPRET=1),
     few rows, a float dtype the kernels load, and kernels not switched off (``set_kernels("torch")``).
     Unlike the training kernels this stays on inside ``torch.compile`` (Inductor does not beat it here)."""
     import pipeloom.kernels as kernels
 
+    if not _HAS_TRITON or x.dtype not in kernels.TRITON_DTYPES or x.numel() > MAX_KERNEL_ROWS * x.size(-1):
+        return False
     if kernels._forced_torch or kernels._mode == "torch" or os.environ.get("PIPELOOM_KERNELS") == "torch":
         return False
-    if x.dtype not in kernels.TRITON_DTYPES or not features.triton_usable():
-        return False
-    rows = x.numel() // max(x.size(-1), 1)
-    return rows <= MAX_KERNEL_ROWS and (x.is_cuda or (x.device.type == "cpu" and interpreted()))
+    if x.is_cuda:
+        return True
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and interpreted()
 
 
 def _choose(x: torch.Tensor, backend: str) -> bool:

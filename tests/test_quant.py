@@ -261,3 +261,14 @@ def test_trained_model_validation_loss(trained):
         delta = _val_loss(quantize_model(copy.deepcopy(model), mode, g), val) - base
         print(f"  {mode:5s} g={g:3d}: {base + delta:.4f} ({delta:+.4f}; allowed +{VAL_MARGIN[mode]})")
         assert delta <= VAL_MARGIN[mode], f"{mode} g={g} raised the validation loss by {delta:.4f}"
+
+
+@pytest.mark.parametrize("mode", ["int4", "fp8"])
+def test_quantized_model_compiles_as_one_graph(mode):
+    """The engine's compiled decode step: a quantized model traces without graph breaks (fullgraph) and gives
+    the eager logits."""
+    model = quantize_model(_tiny(n_layers=1), mode, group_size=64)
+    tokens = torch.randint(0, 256, (1, 5))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-6)
