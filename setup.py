@@ -21,7 +21,8 @@ setup(
     version="0.1.0",
     description="Pipeline-parallel training and inference of transformers, with schedules as data.",
     python_requires=">=3.10",
-    packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES] + ["pipeloom.inference.quant"],
+    packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES]
+    + ["pipeloom.schedules.batching", "pipeloom.inference.quant"],
     package_dir={"pipeloom": "."},
     package_data={"pipeloom.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
@@ -54,6 +55,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pipeloom-bubbles=pipeloom.launch.bubbles:main",
+            "pipeloom-batching=pipeloom.launch.batching:main",
             "pipeloom-train=pipeloom.launch.train:main",
         ]
     },

@@ -1,5 +1,5 @@
 # pipeloom-train end to end: torchrun on 4 CPU processes per layout, kill and resume, new layouts, HF import,
-# bad configs.
+# bad configs (one error line, whichever rank exits first).
 import contextlib
 import os
 import shutil
@@ -194,24 +194,49 @@ def test_hf_gpt2_import_parity_through_the_launcher(workdir, cache):
     assert losses(run_dir)[1] == pytest.approx(expected, abs=1e-4)  # step 1's loss is before any update
 
 
+# Starts pipeloom-train, but rank 0 first sleeps (what a loaded machine may do to a rank): it is still asleep
+# when the other ranks find the bad config and exit, and torchrun stops the job. If it wakes, it leaves a mark.
+LATE_RANKS = """import os, sys, time
+rank = os.environ["RANK"]
+if rank == "0":
+    time.sleep(60)
+    open(os.path.join(os.environ["MARKS"], "rank%s-woke" % rank), "w").close()
+from pipeloom.launch.train import main
+sys.argv[0] = "pipeloom-train"
+main()
+"""
+
+
 @pytest.mark.slow
-def test_bad_config_fails_once_before_training_naming_key_and_value(workdir, cache):
-    run_dir = str(workdir / "bad-pp")
-    out = launch(run_dir, cache, "parallel.pp=3", check=False, timeout=120)
+@pytest.mark.parametrize("override", ["parallel.pp=3",  # check_config refuses it
+                                      "model=gpt-huge"])  # Hydra refuses it
+def test_bad_config_fails_with_one_line_when_rank_0_is_late(override, cache, tmp_path):
+    """Rank 0 is still asleep when ranks 1-3 refuse the config and exit (the order that used to lose the line)."""
+    script = tmp_path / "late_ranks.py"
+    script.write_text(LATE_RANKS)
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(script), *TINY,
+           f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", override]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MARKS": str(tmp_path)})
     assert out.returncode != 0
-    assert out.stderr.count("pipeloom-train: error:") == 1 and "parallel.pp=3" in out.stderr, out.stderr[-2000:]
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "pipeloom-train: error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"pipeloom-train: error: {override}: "), out.stderr[-3000:]
+    assert not list(tmp_path.glob("rank*-woke")), "rank 0 woke up: the unlucky order did not happen"
     assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,expected", [("parallel.bogus=1", "parallel.bogus"),
-                                               ("train.steps=abc", "train.steps"),
-                                               ("model=gpt-huge", "gpt-huge"),
+@pytest.mark.parametrize("override,expected", [("parallel.bogus=1", "parallel.bogus=1: "),
+                                               ("train.steps=abc", "train.steps=abc: "),
+                                               ("model=gpt-huge", "model=gpt-huge: "),
                                                # on a machine without a GPU (CI): Triton cannot run here
-                                               ("model.kernels=triton", "model.kernels='triton'")])
-def test_hydra_rejects_unknown_keys_and_wrong_types(override, expected, workdir, cache):
+                                               ("model.kernels=triton", "model.kernels='triton': ")])
+def test_one_process_refuses_bad_config_with_one_line(override, expected, workdir, cache):
     out = launch(str(workdir / "bad"), cache, override, nproc=1, check=False, timeout=120)
-    assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"pipeloom-train: error: {expected}"), out.stderr[-2000:]
 
 
 @pytest.mark.slow
