@@ -19,6 +19,7 @@ _INSTALL_HINTS = {
     "transformers": "pip install transformers safetensors",
     "tokenizers": "pip install tokenizers",
     "fastapi": "pip install 'pipeloom[serve]'",
+    "torchao": "pip install 'pipeloom[quant]' (torchao: its quantized layouts and kernels)",
 }
 
 _MODULES = {"apex": "apex.normalization"}

@@ -21,7 +21,8 @@ setup(
     version="0.1.0",
     description="Pipeline-parallel training and inference of transformers, with schedules as data.",
     python_requires=">=3.10",
-    packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES] + ["pipeloom.schedules.batching"],
+    packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES]
+    + ["pipeloom.schedules.batching", "pipeloom.inference.quant"],
     package_dir={"pipeloom": "."},
     package_data={"pipeloom.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
@@ -43,7 +44,9 @@ setup(
             "safetensors",
             "tokenizers",
             "triton",
+            "torchao",
         ],
+        "quant": ["torchao"],  # torchao's quantized layouts, compared with pipeloom's own (inference.quant)
         "wandb": ["wandb"],
         "deepspeed": ["deepspeed"],
         "triton": ["triton"],

@@ -185,9 +185,11 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections. Plain linears run as ONE matmul over their concatenated weights (one
         large GEMM instead of three, as a fused qkv layer would, while the parameters keep their names);
-        replaced modules (tensor-parallel linears, whose forward carries communication) run their own."""
+        replaced modules (tensor-parallel linears, whose forward carries communication, quantized layers) and
+        linears whose weight is a tensor subclass (torchao's quantized weights) run their own."""
         wq, wk, wv = self.wq, self.wk, self.wv
-        if not (type(wq) is type(wk) is type(wv) is nn.Linear):
+        plain = all(type(m) is nn.Linear and type(m.weight) in (torch.Tensor, nn.Parameter) for m in (wq, wk, wv))
+        if not plain:  # a tensor-subclass weight (torchao's quantized layouts) cannot be concatenated
             return wq(x), wk(x), wv(x)
         weight = torch.cat([wq.weight, wk.weight, wv.weight])  # (Hq*hd + 2*Hkv*hd, D)
         bias = None if wq.bias is None else torch.cat([wq.bias, wk.bias, wv.bias])
