@@ -181,6 +181,9 @@ class ModelRunner:
             "tables": torch.full((n_max, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev),
             "tile_seq": torch.arange(n_max, dtype=torch.int32, device=dev),
             "tile_first": torch.zeros(n_max, dtype=torch.int32, device=dev),
+            # the logits rows live here too: a graph reads the memory it was captured with, so an index
+            # tensor made per capture and then freed would be overwritten by later allocations
+            "rows": torch.arange(n_max, device=dev),
         }
         pool, emulate = None, self.device.type != "cuda"
         for n in reversed(self.graph_sizes):
@@ -190,7 +193,7 @@ class ModelRunner:
                                fused_qkv=self.fused_qkv, max_query_len=1,
                                backend=self.backend if emulate else "triton",
                                tiles=(st["tile_seq"][:n], st["tile_first"][:n]))
-            rows = torch.arange(n, device=dev)
+            rows = st["rows"][:n]
             ids = st["ids"][:n][None]
             if emulate:
                 st[f"logits{n}"] = self.forward(ids, batch, rows)
