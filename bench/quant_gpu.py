@@ -135,7 +135,8 @@ def decode(decoder, decode_one, prompt: torch.Tensor, n: int) -> tuple[list[int]
     start = time.perf_counter()
     for i in range(n):
         out.append(nxt)
-        nxt = decode_one(nxt.clone(), torch.tensor([P + i], device=dev))
+        # a CUDA-graph output is overwritten by the next replay: keep a copy (gpt-fast clones it too)
+        nxt = decode_one(nxt, torch.tensor([P + i], device=dev)).clone()
     _sync(dev)
     return [int(t) for t in torch.cat(out, 1)[0]], time.perf_counter() - start
 
