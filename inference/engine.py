@@ -174,56 +174,47 @@ class LLMEngine:
             new_tokens, logprobs = self._sample(logits, rows)
             duration = time.perf_counter() - start
             self.block_manager.mark_computed()
-            ended: dict[str, str] = {}
-            deltas: dict[str, dict[int, tuple[str, int]]] = {}
-            for seq, token, lp in zip(rows, new_tokens, logprobs):
-                seq.token_ids.append(token)
-                if lp is not None:
-                    seq.logprobs.append(lp)
-                delta = seq.detokenizer.add([token])
-                deltas.setdefault(seq.group_id, {})[seq.index] = (delta, token)
-                if seq.detokenizer.finished:
-                    ended[seq.id] = seq.detokenizer.finish_reason
-            done = self.scheduler.update(iteration, ended)
-            self.records.append(IterationRecord.from_iteration(iteration, duration))
-            self.num_preemptions += len(iteration.preempted)
-            for seq in done:
-                if not seq.detokenizer.finished:
-                    text = seq.detokenizer.finish(seq.finish_reason)
-                    old = deltas.setdefault(seq.group_id, {}).get(seq.index, ("", None))
-                    deltas[seq.group_id][seq.index] = (old[0] + text, old[1])
-                self.groups[seq.group_id].finish[seq.index] = seq.finish_reason
-            outputs = []
-            for group_id, group_deltas in deltas.items():
-                group = self.groups[group_id]
-                if finished_only and not group.finished:
-                    continue
-                outputs.append(self._output(group, group_deltas))
-                if group.finished:
-                    del self.groups[group_id]
-            return outputs
+            return self.apply(self.scheduler, iteration, new_tokens, logprobs, duration, finished_only)
+
+    def apply(self, scheduler: Scheduler, iteration, new_tokens: list[int], logprobs: list[dict | None],
+              duration: float, finished_only: bool = False) -> list[RequestOutput]:
+        """After ``iteration`` ran (on ``scheduler``, its own): append each sampled row's token, detokenize, update
+        the scheduler, record it, and build the outputs. A sequence aborted while its iteration was in flight (a
+        pipelined engine) gets nothing. Call with the engine's lock held."""
+        rows = [sl.request for sl in iteration.slices if sl.samples]
+        ended: dict[str, str] = {}
+        deltas: dict[str, dict[int, tuple[str, int]]] = {}
+        for seq, token, lp in zip(rows, new_tokens, logprobs):
+            if seq.status is RequestStatus.FINISHED:  # aborted while in flight
+                continue
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            delta = seq.detokenizer.add([token])
+            deltas.setdefault(seq.group_id, {})[seq.index] = (delta, token)
+            if seq.detokenizer.finished:
+                ended[seq.id] = seq.detokenizer.finish_reason
+        done = scheduler.update(iteration, ended)
+        self.records.append(IterationRecord.from_iteration(iteration, duration))
+        self.num_preemptions += len(iteration.preempted)
+        for seq in done:
+            if not seq.detokenizer.finished:
+                text = seq.detokenizer.finish(seq.finish_reason)
+                old = deltas.setdefault(seq.group_id, {}).get(seq.index, ("", None))
+                deltas[seq.group_id][seq.index] = (old[0] + text, old[1])
+            self.groups[seq.group_id].finish[seq.index] = seq.finish_reason
+        outputs = []
+        for group_id, group_deltas in deltas.items():
+            group = self.groups[group_id]
+            if finished_only and not group.finished:
+                continue
+            outputs.append(self._output(group, group_deltas))
+            if group.finished:
+                del self.groups[group_id]
+        return outputs
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], list[dict | None]]:
-        if not rows:
-            return [], []
-        params = [s.params for s in rows]
-        # the histories only matter to penalties and min_tokens: skip copying them otherwise
-        history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
-                      for p in params)
-        out = self.sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows] if history else None,
-                           output_ids=[s.output_ids for s in rows] if history else None,
-                           generators=[s.generator for s in rows])
-        tokens = out.token_ids.tolist()
-        logprobs: list[dict | None] = [None] * len(rows)
-        if out.logprobs is not None:
-            sampled = out.logprobs.tolist()
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in rows]
-            top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in rows]
-            for i, p in enumerate(params):
-                if p.logprobs is not None:
-                    k = p.logprobs
-                    logprobs[i] = {**dict(zip(top_ids[i][:k], top_lps[i][:k])), tokens[i]: sampled[i]}
-        return tokens, logprobs
+        return sample_rows(self.sampler, logits, rows)
 
     def _output(self, group: _Group, deltas: dict[int, tuple[str, int | None]]) -> RequestOutput:
         outputs = []
@@ -259,6 +250,32 @@ class LLMEngine:
                 "prefix_cache_hit_rate": bm.hits / bm.queries if bm.queries else 0.0, "kv_usage": bm.usage()}
 
 
+def sample_rows(sampler: Sampler, logits: torch.Tensor, rows) -> tuple[list[int], list[dict | None]]:
+    """One token per row of ``logits`` (R, V) and, for rows whose params ask, ``{token id: logprob}`` of the
+    sampled token and the top ones. ``rows``: anything with ``params``, ``generator``, ``prompt_ids`` and
+    ``output_ids`` (the engine's sequences; a pipeline's last stage passes its own records of them)."""
+    if not rows:
+        return [], []
+    params = [s.params for s in rows]
+    # the histories only matter to penalties and min_tokens: skip copying them otherwise
+    history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
+                  for p in params)
+    out = sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows] if history else None,
+                  output_ids=[s.output_ids for s in rows] if history else None,
+                  generators=[s.generator for s in rows])
+    tokens = out.token_ids.tolist()
+    logprobs: list[dict | None] = [None] * len(rows)
+    if out.logprobs is not None:
+        sampled = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in rows]
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in rows]
+        for i, p in enumerate(params):
+            if p.logprobs is not None:
+                k = p.logprobs
+                logprobs[i] = {**dict(zip(top_ids[i][:k], top_lps[i][:k])), tokens[i]: sampled[i]}
+    return tokens, logprobs
+
+
 def _make_policy(name: str, token_budget: int | None, max_num_seqs: int | None, options: dict):
     """The batching policy ``name`` with ``token_budget`` (where it takes one) and ``max_num_seqs``."""
     from pipeloom.schedules.batching.policy import batching_class
@@ -273,4 +290,4 @@ def _make_policy(name: str, token_budget: int | None, max_num_seqs: int | None, 
     return get_batching(name, **options)
 
 
-__all__ = ["LLMEngine", "RequestStatus"]
+__all__ = ["LLMEngine", "RequestStatus", "sample_rows"]

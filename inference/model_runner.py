@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 import torch
 from pipeloom.kernels.paged_attention import query_tiles, tile_rows
@@ -22,6 +23,42 @@ from pipeloom.models.kv import PagedBatch, kv_cache_shape, paged_context
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 CPU_KV_BYTES = 1 << 30  # on CPU, kv.gpu_memory_fraction is a share of this budget
+
+
+@dataclass
+class HostBatch:
+    """One iteration's ragged batch as host lists (what :meth:`ModelRunner.tensors` turns into device tensors;
+    a pipeline's driver sends it to every stage, whose caches share the driver's block tables)."""
+
+    ids: list[int]  # (N,) the new tokens of every slice, back to back
+    positions: list[int]  # (N,) their positions in their sequences
+    slots: list[int]  # (N,) the cache slot each new token writes
+    query_lens: list[int]  # (S,) new tokens per slice
+    seq_lens: list[int]  # (S,) tokens of each sequence in the cache after this iteration
+    tables: list[list[int]]  # (S, *) each sequence's blocks
+    rows: list[int]  # (R,) the last token of each slice that samples
+
+
+def host_batch(iteration, block_manager) -> HostBatch:
+    """The :class:`HostBatch` of ``iteration`` over ``block_manager``'s tables."""
+    ids, positions, slots, query_lens, seq_lens, tables, rows = [], [], [], [], [], [], []
+    for sl in iteration.slices:
+        seq, first, n = sl.request, sl.first_token, sl.n_tokens
+        ids.extend(seq.token_ids[first : first + n])
+        positions.extend(range(first, first + n))
+        slots.extend(block_manager.slots(seq.id, first, n))
+        query_lens.append(n)
+        seq_lens.append(first + n)
+        tables.append(block_manager.block_table(seq.id))
+        if sl.samples:
+            rows.append(len(ids) - 1)
+    return HostBatch(ids, positions, slots, query_lens, seq_lens, tables, rows)
+
+
+def local_kv_heads(attn: torch.nn.Module) -> int:
+    """Key/value heads ``attn`` computes here: all of them, or a tensor-parallel shard's share."""
+    wk = attn.wk
+    return getattr(wk, "local_out_features", wk.out_features) // attn.head_dim
 
 
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -84,10 +121,11 @@ class ModelRunner:
         self.dense_prefill_tokens = dense_prefill_tokens  # whole prompts at least this long: SDPA (Triton path)
         self.max_blocks_per_seq = -(-self.config.max_seq_len // block_size)
         self.scratch_block = num_blocks  # one extra block: padded graph rows write here
-        shape = kv_cache_shape(num_blocks + 1, block_size, self.config.n_kv_heads, self.config.head_dim)
-        self.caches = {block.attn: (torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                    torch.zeros(shape, dtype=self.dtype, device=self.device))
-                       for block in model.blocks}
+        self.caches = {}
+        for block in model.blocks:  # each attention's own key/value heads (a tensor-parallel shard holds some)
+            shape = kv_cache_shape(num_blocks + 1, block_size, local_kv_heads(block.attn), self.config.head_dim)
+            self.caches[block.attn] = (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                       torch.zeros(shape, dtype=self.dtype, device=self.device))
         self.fused_qkv = fuse_qkv(model)
         # graphs: on CUDA with the Triton path; "emulate" replays eager forwards over the same static buffers
         # (CPU tests of the padding and buffer bookkeeping)
@@ -101,17 +139,12 @@ class ModelRunner:
 
     def prepare(self, iteration, block_manager) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
         """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``."""
-        ids, positions, slots, query_lens, seq_lens, tables, rows = [], [], [], [], [], [], []
-        for sl in iteration.slices:
-            seq, first, n = sl.request, sl.first_token, sl.n_tokens
-            ids.extend(seq.token_ids[first : first + n])
-            positions.extend(range(first, first + n))
-            slots.extend(block_manager.slots(seq.id, first, n))
-            query_lens.append(n)
-            seq_lens.append(first + n)
-            tables.append(block_manager.block_table(seq.id))
-            if sl.samples:
-                rows.append(len(ids) - 1)
+        return self.tensors(host_batch(iteration, block_manager))
+
+    def tensors(self, host: HostBatch) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
+        """The device tensors of a :class:`HostBatch`: (input ids (1, N), the PagedBatch, logits rows (R,))."""
+        ids, positions, slots, rows = host.ids, host.positions, host.slots, host.rows
+        query_lens, seq_lens, tables = host.query_lens, host.seq_lens, host.tables
         width = max(len(t) for t in tables)
         table = [t + [0] * (width - len(t)) for t in tables]
         starts = [0]
