@@ -317,7 +317,8 @@ class PipelineEngine(LLMEngine):
         t = self.topology
         own = f"{t.describe(t.rank)} (the driver) failed in {self.heartbeat.action}: {error}"
         try:
-            self.board.error(t.rank, own if not isinstance(error, LinkError) else str(error))
+            self.board.error(t.rank, own if not isinstance(error, LinkError) else str(error),
+                             action=self.heartbeat.action, peer=getattr(error, "peer", None))
             self.board.set("stop", own)
             deadline = time.time() + 2 * self.interval + 2.0  # a dead rank's heartbeat goes stale meanwhile
             while True:

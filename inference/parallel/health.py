@@ -39,11 +39,12 @@ class Board:
 
     def __init__(self, namespace: str, store=None):
         base = store if store is not None else dist.distributed_c10d._get_default_store()
-        self.namespace = namespace
+        self.namespace, self.base = namespace, base
         self.store = dist.PrefixStore(namespace, base.clone())  # a connection of its own: waits block only it
 
     def clone(self) -> Board:
-        return Board(self.namespace, self.store)
+        """The same board over a new connection (for another thread)."""
+        return Board(self.namespace, self.base)
 
     def set(self, key: str, value) -> None:
         self.store.set(key, json.dumps(value))
@@ -53,8 +54,9 @@ class Board:
             return default
         return json.loads(self.store.get(key))
 
-    def error(self, rank: int, text: str) -> None:
-        self.set(f"error/{rank}", {"t": time.time(), "text": text})
+    def error(self, rank: int, text: str, action: str | None = None, peer: int | None = None) -> None:
+        """Why ``rank`` failed: ``text``, the ``action`` it was in, and the ``peer`` it was waiting for (if any)."""
+        self.set(f"error/{rank}", {"t": time.time(), "text": text, "action": action, "peer": peer})
 
     def wait(self, key: str, seconds: float) -> bool:
         """True once ``key`` exists; False after ``seconds`` without it."""
@@ -77,32 +79,42 @@ class Heartbeat:
 
     def __init__(self, board: Board, rank: int, interval: float):
         self.board, self.rank, self.interval = board.clone(), rank, float(interval)
+        self.main = board.clone()  # the main thread's own connection (for its occasional beats)
         self.action, self.state, self.since = "start", "idle", time.time()
+        self._last = 0.0
         self._stop = threading.Event()
-        self._beat()
+        self._beat(self.main)
         self._thread = threading.Thread(target=self._run, name=f"pipeloom-heartbeat-{rank}", daemon=True)
         self._thread.start()
 
     def doing(self, action: str, state: str = "compute") -> None:
+        """The main loop enters ``action``; at most once per interval this also writes the record at once (the
+        thread may be starved of the CPU when the main loop is busy)."""
         self.action, self.state, self.since = action, state, time.time()
+        if self.since - self._last >= self.interval:
+            try:
+                self._beat(self.main)
+            except (RuntimeError, dist.DistError):
+                pass
 
-    def _beat(self) -> None:
-        self.board.set(f"beat/{self.rank}", {"t": time.time(), "action": self.action, "state": self.state,
-                                             "since": self.since})
+    def _beat(self, board: Board) -> None:
+        self._last = time.time()
+        board.set(f"beat/{self.rank}", {"t": self._last, "action": self.action, "state": self.state,
+                                        "since": self.since})
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self._beat()
+                self._beat(self.board)
             except (RuntimeError, dist.DistError):  # the store is gone (the job is ending): stop quietly
                 return
 
     def stop(self, final: str | None = None) -> None:
         self._stop.set()
         if final is not None:
-            self.doing(final, "stopped")
+            self.action, self.state, self.since = final, "stopped", time.time()
             try:
-                self._beat()
+                self._beat(self.main)
             except (RuntimeError, dist.DistError):
                 pass
 
@@ -121,13 +133,14 @@ def diagnose(statuses: dict[int, dict], errors: dict[int, dict], world: int, *, 
             lines.append(f"{describe(r)} never reported a heartbeat (it did not start, or died at once)")
         elif s["state"] != "stopped" and now - s["t"] > stale_after:
             culprits.append(r)
+            waiting = [f"{describe(q)} was waiting for it in {e['action']}" for q, e in sorted(errors.items())
+                       if e.get("peer") == r and e.get("action")]
             lines.append(f"{describe(r)} stopped answering: no heartbeat for {now - s['t']:.1f} s (the process died "
-                         f"or is frozen); its last action was {s['action']} ({s['state']}, started "
-                         f"{now - s['since']:.1f} s ago)")
+                         f"or is frozen); its last recorded action was {s['action']} ({s['state']})"
+                         + (f"; {', '.join(waiting)}" if waiting else ""))
         elif s["state"] == "compute" and now - s["since"] > timeout:
             culprits.append(r)
-            lines.append(f"{describe(r)} is alive but stalled in {s['action']} for {now - s['since']:.1f} s "
-                         f"(timeout {timeout:g} s)")
+            lines.append(f"{describe(r)} is alive but stalled in {s['action']} for {now - s['since']:.1f} s")
     if not culprits:  # nobody died or hangs: blame the first rank whose own work failed
         own = [(e["t"], r) for r, e in errors.items() if not any(x in e["text"] for x in _CONSEQUENCES)]
         for _, r in sorted(own)[:1]:
@@ -136,4 +149,4 @@ def diagnose(statuses: dict[int, dict], errors: dict[int, dict], world: int, *, 
     if not culprits:
         lines.append("no rank could be blamed from the heartbeats")
     reports = "; ".join(f"{describe(r)}: {e['text']}" for r, e in sorted(errors.items()))
-    return culprits, " ".join(lines) + (f". Reports: {reports}" if reports else "")
+    return culprits, "; ".join(lines) + (f". Reports: {reports}" if reports else "")

@@ -55,6 +55,10 @@ class ParallelLLM(LLM):
                                "--nproc_per_node=PP*TP, then dist.init_process_group); one process: use LLM")
         if timeout <= 0 or heartbeat <= 0:
             raise ValueError(f"parallel.timeout={timeout} and heartbeat={heartbeat} must be positive seconds")
+        if isinstance(model, torch.nn.Module):  # a module keeps its own dtype (and device) unless asked otherwise
+            param = next(model.parameters())
+            device = str(param.device) if device == "auto" and param.device.type != "cpu" else device
+            dtype = str(param.dtype).removeprefix("torch.") if dtype == "auto" else dtype
         dev, dt = _device_dtype(device, dtype)
         if mesh is None:
             from pipeloom.parallel.mesh import Mesh
@@ -150,17 +154,21 @@ class ParallelLLM(LLM):
         if self.is_driver:
             self.engine.stop()
             return
-        if self.worker.failure is None:
-            try:
-                self.worker.serve(until=("stop",))
-            except RankFailure:
-                return
+        if self.worker.failure is not None:  # failed (its links are closed) or stopped already
+            return
+        try:
+            self.worker.serve(until=("stop",))
+        except RankFailure:
+            return
         self._close_worker()
 
     def _close_worker(self) -> None:
-        self.worker.heartbeat.stop("stopped")
-        self.worker.links.close()
-        self.worker.failure = self.worker.failure or "the engine was stopped"
+        try:
+            self.worker.links.drain("stop")  # the stop message passed on must reach the next rank before we close
+        finally:
+            self.worker.heartbeat.stop("stopped")
+            self.worker.links.close()
+            self.worker.failure = "the engine was stopped"
 
     def __enter__(self) -> ParallelLLM:
         return self

@@ -91,7 +91,8 @@ class StageWorker:
         t = self.topology
         self.failure = f"{t.describe(t.rank)} failed in {self.heartbeat.action}: {error}"
         try:
-            self.board.error(t.rank, str(error) if "global rank" in str(error) else self.failure)
+            self.board.error(t.rank, str(error) if "global rank" in str(error) else self.failure,
+                             action=self.heartbeat.action, peer=getattr(error, "peer", None))
         except (RuntimeError, OSError):  # the store went away with the driver: nothing left to tell
             pass
         self.heartbeat.stop("failed")
