@@ -40,6 +40,7 @@ def test_wheel_contains_only_the_pipeloom_package(tmp_path):
     assert {n.split("/")[0] for n in names} == {"pipeloom", "pipeloom-0.1.0.dist-info"}
     for module in (
         "pipeloom/schedules/ir.py",
+        "pipeloom/schedules/batching/scheduler.py",
         "pipeloom/parallel/spawn.py",
         "pipeloom/configs/bubbles.yaml",
         "pipeloom/__init__.py",
