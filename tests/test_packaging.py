@@ -43,6 +43,8 @@ def test_wheel_contains_only_the_pipeloom_package(tmp_path):
         "pipeloom/schedules/batching/scheduler.py",
         "pipeloom/parallel/spawn.py",
         "pipeloom/configs/bubbles.yaml",
+        "pipeloom/inference/engine.py",
+        "pipeloom/configs/generate.yaml",
         "pipeloom/__init__.py",
         "pipeloom/features.py",
         "pipeloom/inference/quant/apply.py",
