@@ -19,6 +19,7 @@ _INSTALL_HINTS = {
     "transformers": "pip install transformers safetensors",
     "tokenizers": "pip install tokenizers",
     "fastapi": "pip install 'pipeloom[serve]'",
+    "grpc_tools": "pip install 'pipeloom[serve]' (grpcio-tools generates the gRPC code)",
 }
 
 _MODULES = {"apex": "apex.normalization"}
