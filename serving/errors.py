@@ -62,9 +62,14 @@ def overloaded(reason: str) -> APIError:
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """One readable line from pydantic's errors, and the first bad field's dotted name."""
     parts, param = [], None
-    for err in errors[:5]:
+    for err in errors[:3]:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
-        name = ".".join(loc)
+        fields = []
+        for part in loc:  # field names, not pydantic's union member tags ("constrained-str", "list[int]")
+            if not part.isidentifier():
+                break
+            fields.append(part)
+        name = ".".join(fields)
         if err.get("type") == "json_invalid":
             parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
             continue

@@ -44,6 +44,7 @@ class JobState:
         self.error: dict | None = None
         self.finished_at: float | None = None
         self.last_polled = time.monotonic()
+        self.pollers = 0  # long polls waiting on it now (it is not idle while one waits)
         self.task: asyncio.Task | None = None
         self.changed = asyncio.Event()
 
@@ -131,15 +132,18 @@ class JobStore:
             raise bad_request(f"wait={wait} is longer than this server holds a poll "
                               f"(server.job_max_wait={self.settings.job_max_wait}); poll again instead", "wait")
         job = self.get(job_id)
-        job.last_polled = time.monotonic()
         deadline = time.monotonic() + wait
-        while not job.done and len(job.events) <= after:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(job.changed.wait(), remaining)
-        job.last_polled = time.monotonic()
+        job.pollers += 1
+        try:
+            while not job.done and len(job.events) <= after:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(job.changed.wait(), remaining)
+        finally:
+            job.pollers -= 1
+            job.last_polled = time.monotonic()
         return job.view(after)
 
     async def cancel(self, job_id: str) -> Job:
@@ -156,7 +160,8 @@ class JobStore:
         for job_id, job in list(self.jobs.items()):
             if job.done and now - job.finished_at > self.settings.job_ttl:
                 self._expire(job_id)
-            elif not job.done and now - job.last_polled > self.settings.job_idle_timeout and job.task is not None:
+            elif (not job.done and not job.pollers and now - job.last_polled > self.settings.job_idle_timeout
+                  and job.task is not None):
                 job.error = APIError(410, f"cancelled: not polled for server.job_idle_timeout="
                                           f"{self.settings.job_idle_timeout} s").body()["error"]
                 job.task.cancel()
