@@ -52,6 +52,8 @@ def _app(cfg: DictConfig) -> None:
     try:
         server = build(cfg)
         asyncio.run(server.serve(on_ready=announce))
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on, once everything is closed
+        print("pipeloom-serve: stopped", flush=True)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"pipeloom-serve: error: {err}", file=sys.__stderr__)
         sys.exit(2)

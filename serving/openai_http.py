@@ -158,7 +158,8 @@ async def _completion_events(gen, body, rid, created, ids, texts, streams) -> As
                 text, first = d.text, index not in started
                 if first and body.echo:
                     text = texts[i] + text
-                if not text and d.finish_reason is None and not (body.logprobs is not None and d.token_ids):
+                per_token = body.logprobs is not None or body.return_token_ids  # every token needs its chunk
+                if not text and d.finish_reason is None and not (per_token and d.token_ids):
                     continue
                 started.add(index)
                 logprobs = None
@@ -237,7 +238,8 @@ async def _chat_events(gen, body, rid, created, ids, stream: RequestStream, k) -
                     started.add(d.index)
                     role = ChatChunkChoice(index=d.index, delta=DeltaMessage(role="assistant", content=""))
                     yield _chat_chunk(gen, rid, created, role, usage)
-                if not d.text and d.finish_reason is None and not (k is not None and d.token_ids):
+                per_token = k is not None or body.return_token_ids  # every token needs its chunk
+                if not d.text and d.finish_reason is None and not (per_token and d.token_ids):
                     continue
                 choice = ChatChunkChoice(
                     index=d.index, delta=DeltaMessage(content=d.text if d.text or d.finish_reason is None else None),

@@ -1,5 +1,6 @@
 # The OpenAI-compatible HTTP API through the official `openai` client and raw httpx, against a real uvicorn server.
 import json
+import time
 
 import httpx
 import openai
@@ -71,8 +72,9 @@ def test_streamed_chat_equals_the_whole_one_and_the_role_comes_with_the_first_to
     prompt = "system: be brief\nuser: hello there\nassistant:"  # the default template
     assert whole.usage.prompt_tokens == len(prompt.encode()) and whole.usage.completion_tokens == 20
     # raw wire format: role chunk, then content chunks, one finish_reason, usage chunk, [DONE]
-    with http.stream("POST", "/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "temperature": 0,
-                                                          "stream": True, "stream_options": {"include_usage": True}}) as r:
+    body = {"messages": messages, "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -216,3 +218,16 @@ def test_chat_template_from_the_tokenizer_config_or_the_default(tmp_path):
     strict = ChatTemplate("{{ raise_exception('no system messages') }}")
     with pytest.raises(Exception, match="no system messages"):
         strict.render(messages)
+
+
+def test_a_client_leaving_a_whole_request_aborts_it(server, http):
+    before = server.engine.stats()["decode_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={"prompt": "z", "max_tokens": 240, "ignore_eos": True},
+                  timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 10
+    while server.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server.engine.has_unfinished() and server.engine.block_manager.usage() == 0
+    assert server.engine.stats()["decode_tokens"] - before < 200  # aborted, not run to its 240 tokens
+    assert server.generation.admission.seqs == 0

@@ -118,6 +118,13 @@ def test_every_protocol_gives_the_tokens_http_gives(server, http, stub, body):
     pb2, client = stub
     want = http_tokens(http, body)
     assert len(want) == body.get("n", 1) and all(len(t) == body["max_tokens"] for t in want.values())
+    sse: dict[int, list[int]] = {}
+    with http.stream("POST", "/v1/completions", json={**body, "return_token_ids": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    sse.setdefault(c["index"], []).extend(c["token_ids"])
+    assert sse == want
     ws_tokens, done = ws_run(server.url, body)
     assert ws_tokens == want and {c["index"]: c["token_ids"] for c in done["choices"]} == want
     assert done["usage"]["completion_tokens"] == sum(map(len, want.values()))
