@@ -24,6 +24,7 @@ class BatchingConfig:
     kv_blocks: int = 4096  # KV-cache blocks
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 256  # requests per iteration at most
+    max_num_batched_tokens: Optional[int] = 8192  # tokens per iteration at most, padding included (null: no limit)
     order: str = "fcfs"  # fcfs | priority
     preemption: str = "last-arrived"  # victim when KV runs out: last-arrived | fewest-computed
     options: dict[str, Any] = field(default_factory=dict)  # policy options, e.g. +options.batch_size=16
@@ -33,8 +34,10 @@ class BatchingConfig:
     slo_tbt: float = 0.2  # capacity: P99 time between tokens, seconds (Sarathi-Serve)
     slo_delay: float = 2.0  # capacity: median scheduling delay, seconds (Sarathi-Serve)
     capacity: bool = False  # single run: also search the capacity (multirun: always, per policy)
+    capacity_duration: float = 60.0  # seconds of arrivals in each capacity run (requests = rate x duration)
+    capacity_max_requests: int = 20000  # the search stops at the rate that would need more requests per run
     csv: Optional[str] = None  # CSV to append rows to; multirun default: <sweep dir>/batching.csv
-    picture: Optional[str] = None  # PNG/SVG: token composition per iteration over time
+    picture: Optional[str] = None  # PNG/SVG: tokens per iteration over the 2 s around the first long prompt
     cdf: Optional[str] = None  # PNG/SVG: TTFT / TBT / E2E CDFs of the runs
 
 

@@ -20,6 +20,7 @@ anything with ``id``, ``num_computed``, ``num_tokens`` and ``token_ids``.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -28,8 +29,7 @@ from pipeloom import features
 
 def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
     """64-bit chained hash of one full block: H(parent hash, token ids) (xxh64 when installed, else blake2b)."""
-    data = (b"" if parent is None else parent.to_bytes(8, "little")) + b"".join(
-        int(t).to_bytes(4, "little", signed=True) for t in tokens)
+    data = (b"" if parent is None else parent.to_bytes(8, "little")) + array("q", tokens).tobytes()
     if features.has("xxhash"):
         import xxhash
 

@@ -160,8 +160,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
 
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the outputs of the requests that got tokens or finished in it."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of the requests that got tokens or finished in it (only the
+        finished ones with ``finished_only``: offline generation skips building the running ones)."""
         with self._lock:
             iteration = self.scheduler.schedule(self.now())
             self.idle = iteration.is_empty  # nothing runnable now (callers may wait for next_wakeup)
@@ -195,6 +196,8 @@ class LLMEngine:
             outputs = []
             for group_id, group_deltas in deltas.items():
                 group = self.groups[group_id]
+                if finished_only and not group.finished:
+                    continue
                 outputs.append(self._output(group, group_deltas))
                 if group.finished:
                     del self.groups[group_id]

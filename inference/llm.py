@@ -116,6 +116,10 @@ class LLM:
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
                  cuda_graphs: bool = True, eos_token_id: int | None = None):
+        if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
+            param = next(model.parameters())
+            device = str(param.device) if device == "auto" else device
+            dtype = str(param.dtype).removeprefix("torch.") if dtype == "auto" else dtype
         dev, dt = resolve_device_dtype(device, dtype)
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
         self.engine = LLMEngine(self.model, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
@@ -155,7 +159,7 @@ class LLM:
         bar = _progress(len(prompts), use_tqdm)
         try:
             while len(results) < len(ids):
-                outputs = engine.step()
+                outputs = engine.step(finished_only=True)
                 if engine.idle:
                     self._wait(engine)
                 for out in outputs:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 
 import torch
+from pipeloom.kernels.paged_attention import query_tiles, tile_rows
 from pipeloom.models.kv import PagedBatch, kv_cache_shape, paged_context
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -35,6 +36,7 @@ def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: t
     if not 0.0 < gpu_memory_fraction <= 1.0:
         raise ValueError(f"kv.gpu_memory_fraction={gpu_memory_fraction} must be in (0, 1]")
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory the caching allocator holds but no tensor uses counts as free
         free, total = torch.cuda.mem_get_info(device)
         budget = gpu_memory_fraction * total - (total - free) - reserve_bytes
     else:
@@ -46,24 +48,53 @@ def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: t
     return blocks
 
 
+def fuse_qkv(model: torch.nn.Module) -> dict:
+    """Each attention's q/k/v weights as ONE tensor, with ``wq/wk/wv`` re-pointed at views of it (no second
+    copy): the inference forward then runs one GEMM without concatenating the weights every step (the
+    training path's ``Attention._project`` concatenates per call). Modules with other linears are skipped."""
+    fused = {}
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn
+            linears = (attn.wq, attn.wk, attn.wv)
+            if not all(type(lin) is torch.nn.Linear for lin in linears):
+                continue
+            sizes = [lin.out_features for lin in linears]
+            weight = torch.cat([lin.weight for lin in linears])  # (Hq*hd + 2*Hkv*hd, D)
+            bias = None if attn.wq.bias is None else torch.cat([lin.bias for lin in linears])
+            for lin, w in zip(linears, weight.split(sizes)):
+                lin.weight = torch.nn.Parameter(w, requires_grad=False)
+            if bias is not None:
+                for lin, b in zip(linears, bias.split(sizes)):
+                    lin.bias = torch.nn.Parameter(b, requires_grad=False)
+            fused[attn] = (weight, bias, sizes)
+    return fused
+
+
 class ModelRunner:
     """Runs iterations of ``model`` (a :class:`pipeloom.models.Transformer`) over a paged KV cache."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, backend: str = "auto",
-                 cuda_graphs: bool = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES):
+                 cuda_graphs: bool | str = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
+                 dense_prefill_tokens: int | None = 256):
         self.model, self.config = model, model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size, self.num_blocks, self.backend = block_size, num_blocks, backend
+        self.dense_prefill_tokens = dense_prefill_tokens  # whole prompts at least this long: SDPA (Triton path)
         self.max_blocks_per_seq = -(-self.config.max_seq_len // block_size)
         self.scratch_block = num_blocks  # one extra block: padded graph rows write here
         shape = kv_cache_shape(num_blocks + 1, block_size, self.config.n_kv_heads, self.config.head_dim)
         self.caches = {block.attn: (torch.zeros(shape, dtype=self.dtype, device=self.device),
                                     torch.zeros(shape, dtype=self.dtype, device=self.device))
                        for block in model.blocks}
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.fused_qkv = fuse_qkv(model)
+        # graphs: on CUDA with the Triton path; "emulate" replays eager forwards over the same static buffers
+        # (CPU tests of the padding and buffer bookkeeping)
+        on_gpu = cuda_graphs is True and self.device.type == "cuda" and backend != "torch"
+        self.use_graphs = cuda_graphs == "emulate" or on_gpu
         self.graph_sizes = sorted(graph_batch_sizes)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ batch tensors
@@ -91,11 +122,24 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
+        tiles, dense, tiled_max = None, [], max(query_lens)
+        if self.backend == "triton" or (self.backend == "auto" and self.device.type == "cuda"):
+            # long prompts with nothing cached go to SDPA's fused attention; the rest to the kernel, whose work
+            # list is built here from host lists (no device->host read per layer)
+            if self.dense_prefill_tokens is not None:
+                dense = [(starts[i], n) for i, (n, end) in enumerate(zip(query_lens, seq_lens))
+                         if n == end and n >= self.dense_prefill_tokens]
+            skip = {start for start, _ in dense}
+            lens = [0 if starts[i] in skip else n for i, n in enumerate(query_lens)]
+            group = self.config.n_heads // self.config.n_kv_heads
+            tiled_max = max(max(lens), 1)  # the kernel's tile size follows its longest query
+            seqs, firsts = query_tiles(lens, group, tile_rows(group, tiled_max))
+            tiles = (tensor(seqs, torch.int32), tensor(firsts, torch.int32))
         batch = PagedBatch(positions=tensor(positions, torch.long), slot_mapping=tensor(slots, torch.long),
                            query_start=tensor(starts, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
                            block_tables=tensor(table, torch.int32), block_size=self.block_size, caches=self.caches,
-                           query_lens=query_lens, seq_lens_host=seq_lens, max_query_len=max(query_lens),
-                           backend=self.backend)
+                           fused_qkv=self.fused_qkv, query_lens=query_lens, seq_lens_host=seq_lens,
+                           max_query_len=tiled_max, backend=self.backend, tiles=tiles, dense=dense)
         return tensor(ids, torch.long)[None], batch, tensor(rows, torch.long)
 
     # ------------------------------------------------------------------ forward
@@ -127,8 +171,6 @@ class ModelRunner:
 
     def capture(self) -> None:
         """Capture one decode graph per size in ``graph_batch_sizes`` (largest first, sharing a memory pool)."""
-        from pipeloom.kernels.paged_attention import tile_rows
-
         n_max, dev = self.graph_sizes[-1], self.device
         st = self._static = {
             "ids": torch.zeros(n_max, dtype=torch.long, device=dev),
@@ -140,17 +182,21 @@ class ModelRunner:
             "tile_seq": torch.arange(n_max, dtype=torch.int32, device=dev),
             "tile_first": torch.zeros(n_max, dtype=torch.int32, device=dev),
         }
-        group = self.config.n_heads // self.config.n_kv_heads
-        tile_rows(group, 1)  # the kernel's tile for decode (validated at import of the Triton path)
-        pool = None
+        pool, emulate = None, self.device.type != "cuda"
         for n in reversed(self.graph_sizes):
             batch = PagedBatch(positions=st["positions"][:n], slot_mapping=st["slots"][:n],
                                query_start=st["starts"][: n + 1], seq_lens=st["seq_lens"][:n],
                                block_tables=st["tables"][:n], block_size=self.block_size, caches=self.caches,
-                               max_query_len=1, backend="triton",
+                               fused_qkv=self.fused_qkv, max_query_len=1,
+                               backend=self.backend if emulate else "triton",
                                tiles=(st["tile_seq"][:n], st["tile_first"][:n]))
             rows = torch.arange(n, device=dev)
             ids = st["ids"][:n][None]
+            if emulate:
+                st[f"logits{n}"] = self.forward(ids, batch, rows)
+                self.graphs[n] = _EagerGraph(lambda n=n, ids=ids, batch=batch, rows=rows:
+                                             st[f"logits{n}"].copy_(self.forward(ids, batch, rows)))
+                continue
             with torch.inference_mode():
                 for _ in range(2):  # warm up (Triton compiles, allocator settles) outside the graph
                     self.forward(ids, batch, rows)
@@ -187,3 +233,14 @@ class ModelRunner:
         st["tables"][b:n].fill_(self.scratch_block)
         self.graphs[n].replay()
         return st[f"logits{n}"][:b].float()
+
+
+class _EagerGraph:
+    """Stands in for a captured CUDA graph where there is none: ``replay()`` reruns the forward over the same
+    static buffers, so the padding and buffer bookkeeping of the graph path is testable on CPU."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()

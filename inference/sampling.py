@@ -129,10 +129,10 @@ class SamplerOutput:
     rows that asked for fewer than K alternatives use the first ``params.logprobs`` columns of ``top_*``."""
 
     token_ids: torch.Tensor  # (N,) int64
-    logprobs: torch.Tensor | None = None  # (N,) float32, the sampled tokens' logprobs
+    logprobs: torch.Tensor | None = None  # (N,) float32 (float64 logits: float64), the sampled tokens' logprobs
     ranks: torch.Tensor | None = None  # (N,) int64, the sampled tokens' ranks (1 = most likely)
     top_ids: torch.Tensor | None = None  # (N, K) int64, K = the largest ``logprobs`` asked
-    top_logprobs: torch.Tensor | None = None  # (N, K) float32
+    top_logprobs: torch.Tensor | None = None  # (N, K), as logprobs
 
 
 # ---- the filters, vectorised over rows; each matches its Hugging Face logits processor ----
@@ -211,13 +211,15 @@ class Sampler:
         needed for penalties and ``min_tokens``; None = empty). ``generators[i]``: row i's own generator
         (``params[i].generator(device)``, kept by the caller across iterations), None for the shared one.
         """
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be (rows, vocab), got shape {tuple(logits.shape)}")
         n, vocab = logits.shape
         for name, seq in (("params", params), ("prompt_ids", prompt_ids), ("output_ids", output_ids),
                           ("generators", generators)):
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{name} has {len(seq)} entries for {n} rows of logits; pass one per row")
         device = logits.device
-        x = logits.to(torch.float32, copy=True)  # (N, V)
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)  # (N, V); float64 stays
         x = self._penalise(x, params, prompt_ids, output_ids)
         self._mask_min_tokens(x, params, output_ids)
 
@@ -241,7 +243,7 @@ class Sampler:
         out = SamplerOutput(token_ids=token_ids)
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         if wanted:
-            source = logits.float() if self.logprobs_mode == "raw" else processed
+            source = logits.to(x.dtype) if self.logprobs_mode == "raw" else processed
             lp = source.log_softmax(dim=-1)  # (N, V)
             out.logprobs = lp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
             out.ranks = (lp > out.logprobs.unsqueeze(1)).sum(dim=-1) + 1
@@ -260,15 +262,15 @@ class Sampler:
             for histories in (prompt_ids, output_ids):
                 if histories is not None:
                     seen[_occurrences(histories, rep, device)] = True
-            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
+            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=x.dtype, device=device)
             x = apply_repetition_penalty(x, seen, penalty)
         pf = [i for i, p in enumerate(params) if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
         if pf and output_ids is not None:
-            counts = torch.zeros(n, vocab, dtype=torch.float32, device=device)
+            counts = torch.zeros(n, vocab, dtype=x.dtype, device=device)
             rows, tokens = _occurrences(output_ids, pf, device)
-            counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
-            presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device)
-            frequency = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device)
+            counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=x.dtype), accumulate=True)
+            presence = torch.tensor([p.presence_penalty for p in params], dtype=x.dtype, device=device)
+            frequency = torch.tensor([p.frequency_penalty for p in params], dtype=x.dtype, device=device)
             x = apply_presence_frequency(x, counts, presence, frequency)
         return x
 
@@ -290,21 +292,22 @@ class Sampler:
     def _draw(self, x, params, generators) -> tuple[torch.Tensor, torch.Tensor]:
         """Temperature, top-k, top-p, min-p, then the exponential race; returns tokens (R,), filtered logits (R, V)."""
         device = x.device
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        temperature = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=device)
         x = x / temperature.unsqueeze(1)
         if any(p.top_k > 0 for p in params):
             x = apply_top_k(x, torch.tensor([p.top_k for p in params], dtype=torch.long, device=device))
         if any(p.top_p < 1.0 for p in params):
-            x = apply_top_p(x, torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+            x = apply_top_p(x, torch.tensor([p.top_p for p in params], dtype=x.dtype, device=device))
         if any(p.min_p > 0.0 for p in params):
-            x = apply_min_p(x, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device))
+            x = apply_min_p(x, torch.tensor([p.min_p for p in params], dtype=x.dtype, device=device))
         probs = x.softmax(dim=-1)  # (R, V)
         q = torch.empty_like(probs)
         shared = [i for i, g in enumerate(generators) if g is None]
         if len(shared) == len(generators):
             q.exponential_(generator=self.generator)
         elif shared:
-            draws = torch.empty(len(shared), probs.size(1), device=device).exponential_(generator=self.generator)
+            draws = torch.empty(len(shared), probs.size(1), dtype=probs.dtype, device=device)
+            draws.exponential_(generator=self.generator)
             q[torch.tensor(shared, dtype=torch.long, device=device)] = draws
         for i, g in enumerate(generators):
             if g is not None:

@@ -32,22 +32,38 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
-                    backend: str = "auto") -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, backend: str = "auto",
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
     """(N, Hq, hd) attention output of ``q`` over the paged cache described by ``batch`` (a
     :class:`pipeloom.models.kv.PagedBatch`). ``backend``: "torch", "triton", or "auto" (Triton where
-    :func:`pipeloom.kernels.use_triton` allows, the torch reference elsewhere)."""
+    :func:`pipeloom.kernels.use_triton` allows, the torch reference elsewhere).
+
+    On the Triton path, the sequences listed in ``batch.dense`` (long prompts with nothing cached: their
+    keys are exactly the new ``k``, ``v``) run SDPA's fused causal attention instead (FlashAttention on a GPU);
+    the kernel's work list ``batch.tiles`` then leaves them out."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend={backend!r}; choose 'auto', 'torch' or 'triton'")
     if backend == "triton" or (backend == "auto" and use_triton(q)):
-        return paged_attention_triton(q, k_cache, v_cache, batch.query_start, batch.seq_lens, batch.block_tables,
-                                      max_query_len=batch.max_query_len, tiles=batch.tiles)
+        out = torch.empty_like(q)
+        if batch.tiles is None or batch.tiles[0].numel():
+            paged_attention_triton(q, k_cache, v_cache, batch.query_start, batch.seq_lens, batch.block_tables,
+                                   max_query_len=batch.max_query_len, tiles=batch.tiles, out=out)
+        for start, n in batch.dense:
+            out[start : start + n] = dense_causal(q[start : start + n], k[start : start + n], v[start : start + n])
+        return out
     query_lens = batch.query_lens
     if query_lens is None:
         starts = batch.query_start.tolist()
         query_lens = [b - a for a, b in zip(starts, starts[1:])]
     seq_lens = batch.seq_lens_host if batch.seq_lens_host is not None else batch.seq_lens.tolist()
     return paged_attention_torch(q, k_cache, v_cache, query_lens, seq_lens, batch.block_tables)
+
+
+def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one whole new sequence: q (n, Hq, hd), k/v (n, Hkv, hd) -> (n, Hq, hd)."""
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k.to(q.dtype), v.to(q.dtype)))  # (1, H, n, hd)
+    y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=kh.size(1) != qh.size(1))
+    return y[0].transpose(0, 1)  # (n, Hq, hd)
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_lens: list[int],

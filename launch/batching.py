@@ -27,6 +27,7 @@ from pipeloom.schedules.batching import (
     BatchingError,
     PipelineCost,
     batching_class,
+    blocks_for,
     find_capacity,
     get_batching,
     get_cost_model,
@@ -46,7 +47,8 @@ register()
 
 def build_policy(cfg: DictConfig, name: str):
     """The policy ``name`` with the config's common options, token_budget where it takes one, and ``options``."""
-    opts = {"max_num_seqs": cfg.max_num_seqs, "order": cfg.order, "preemption": cfg.preemption}
+    opts = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "order": cfg.order, "preemption": cfg.preemption}
     if "token_budget" in batching_class(name).options:
         opts["token_budget"] = cfg.token_budget
     opts.update(OmegaConf.to_container(cfg.options) if cfg.options else {})
@@ -73,8 +75,21 @@ def simulate(cfg: DictConfig, name: str, rate: float):
             raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
     trace = make_trace(cfg.trace, cfg.num_requests, rate=rate, arrival=cfg.arrival, burstiness=cfg.burstiness,
                        seed=cfg.seed)
+    check_kv(cfg, trace)
     return simulate_serving(build_policy(cfg, name), trace, build_cost(cfg), kv_blocks=cfg.kv_blocks,
                             block_size=cfg.block_size)
+
+
+def check_kv(cfg: DictConfig, trace) -> None:
+    """kv_blocks must hold the trace's longest request on each pipeline engine."""
+    longest = max(trace.items, key=lambda it: it.prompt_len + it.output_len)
+    need = blocks_for(longest.prompt_len + longest.output_len - 1, cfg.block_size)
+    if need > cfg.kv_blocks // cfg.pp:
+        raise ValueError(
+            f"kv_blocks={cfg.kv_blocks} ({cfg.kv_blocks // cfg.pp} per pipeline engine, {cfg.block_size} tokens each) "
+            f"cannot hold the trace's longest request ({longest.prompt_len} prompt + {longest.output_len} output "
+            f"tokens need {need} blocks); raise kv_blocks"
+        )
 
 
 def evaluate(cfg: DictConfig, name: str) -> dict:
@@ -105,20 +120,38 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def capacity_trace(cfg: DictConfig, rate: float):
+    """The trace of one capacity run: ``capacity_duration`` seconds of arrivals at ``rate`` (a replayed file is
+    rescaled to the rate instead)."""
+    if str(cfg.trace).endswith(".jsonl"):
+        return make_trace(cfg.trace, rate=rate)
+    n = max(20, math.ceil(rate * cfg.capacity_duration))
+    return make_trace(cfg.trace, n, rate=rate, arrival=cfg.arrival, burstiness=cfg.burstiness, seed=cfg.seed)
+
+
 def capacity_table(cfg: DictConfig, names: list[tuple[str, object]]) -> str:
     """Each (policy, token_budget)'s capacity under the config's SLOs, searched by bisection."""
     slo = slo_of(cfg)
+    if not cfg.capacity_duration > 0:
+        raise ValueError(f"capacity_duration must be a positive number of seconds, got {cfg.capacity_duration!r}")
     lines = [f"capacity (Sarathi-Serve): highest rate with P99 TBT <= {slo.tbt:g}s and median scheduling delay "
-             f"<= {slo.delay:g}s ({cfg.trace}, {cfg.num_requests} requests, seed {cfg.seed})"]
+             f"<= {slo.delay:g}s ({cfg.trace}, {cfg.capacity_duration:g} s of arrivals per run, seed {cfg.seed})"]
     head = ["policy", "budget", "capacity req/s", "TBT p99 ms", "delay p50 ms", "runs"]
     body = []
+    max_rate = cfg.capacity_max_requests / cfg.capacity_duration
     for name, budget in names:
         sub = cfg.copy()
         if budget != "":
             sub.token_budget = budget
-        cap = find_capacity(lambda r, sub=sub, name=name: simulate(sub, name, r).metrics(slo), slo)
+
+        def evaluate(rate, sub=sub, name=name):
+            res = simulate_serving(build_policy(sub, name), capacity_trace(sub, rate), build_cost(sub),
+                                   kv_blocks=sub.kv_blocks, block_size=sub.block_size)
+            return res.metrics(slo)
+
+        cap = find_capacity(evaluate, slo, max_rate=max_rate)
         m = cap.metrics
-        body.append([name, budget if budget != "" else "-", f"{cap.rate:.3g}",
+        body.append([name, budget if budget != "" else "-", str(cap),
                      "-" if m is None else f"{1e3 * m.itl.p99:.1f}",
                      "-" if m is None else f"{1e3 * m.scheduling_delay.p50:.1f}", cap.evaluations])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -162,7 +195,7 @@ def run(cfg: DictConfig) -> list[dict]:
     results = {f"{r['policy']}" + (f" {r['token_budget']}" if r["token_budget"] != "" else ""): r["_result"]
                for r in rows}
     if cfg.picture:
-        print(f"picture: {plot_compositions(results, cfg.picture)}")
+        print(f"picture: {plot_compositions(results, cfg.picture, window='long-prompt')}")
     if cfg.cdf:
         print(f"cdf: {plot_latency_cdfs(results, cfg.cdf)}")
     sweep_dir = _sweep_dir()
@@ -225,12 +258,14 @@ class SweepSummary(Callback):
         png = plot_sweep(csv_path, os.path.join(config.hydra.sweep.dir, "batching.png"))
         print(f"sweep: {csv_path}\nplot:  {png}")
         groups: dict[tuple, tuple[DictConfig, list]] = {}
-        for job in self.jobs:  # one capacity search per configuration that differs in more than the rate
-            key = tuple(sorted((k, str(v)) for k, v in job.items() if k not in ("rate", "hydra", "csv", "picture",
-                                                                                   "cdf", "capacity")))
-            names = TABLE if job.policy is None else [job.policy]
-            budgets = [job.token_budget if "token_budget" in batching_class(n).options else "" for n in names]
-            groups.setdefault(key, (job, list(zip(names, budgets))))
+        skip = ("rate", "policy", "token_budget", "hydra", "csv", "picture", "cdf", "capacity", "num_requests")
+        for job in self.jobs:  # one table per configuration that differs in more than policy, budget and rate
+            key = tuple(sorted((k, str(v)) for k, v in job.items() if k not in skip))
+            first, names = groups.setdefault(key, (job, []))
+            for name in TABLE if job.policy is None else [job.policy]:
+                budget = job.token_budget if "token_budget" in batching_class(name).options else ""
+                if (name, budget) not in names:
+                    names.append((name, budget))
         for job, names in groups.values():
             print(capacity_table(job, names))
 

@@ -49,6 +49,10 @@ class PagedBatch:
     backend: str = "auto"  # "torch" (reference), "triton" (kernels/paged_attention.py), "auto"
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None  # Triton work list (sequence, first token) per
     # program, int32; None: built from query_start on the host (CUDA graphs pass static ones)
+    dense: list[tuple[int, int]] = field(default_factory=list)  # (first row, tokens) of whole new prompts that
+    # the Triton path hands to SDPA's fused causal attention (their tiles are left out of ``tiles``)
+    fused_qkv: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(default_factory=dict)
+    # ^ Attention module -> (wq|wk|wv weight, bias or None, split sizes), concatenated once by the runner
 
     def kv_cache(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The (k_cache, v_cache) bound to the Attention ``module``; a clear error when it has none."""
@@ -58,6 +62,14 @@ class PagedBatch:
             raise KeyError(f"no KV cache is bound to attention module {type(module).__name__} at {id(module):#x}; "
                            "bind every block's attention (PagedBatch.caches) before running the model") from None
 
+    def project(self, module: torch.nn.Module, x: torch.Tensor):
+        """q, k, v of ``x`` with the module's pre-fused projection, or None when it has none."""
+        fused = self.fused_qkv.get(module)
+        if fused is None:
+            return None
+        weight, bias, sizes = fused
+        return torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+
     def attend(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write the new ``k``, ``v`` (N, Hkv, hd) into ``module``'s cache, then attention of ``q`` (N, Hq, hd)
         over each sequence's cache (cached prefix + new tokens, causal): (N, Hq, hd)."""
@@ -65,7 +77,7 @@ class PagedBatch:
 
         k_cache, v_cache = self.kv_cache(module)
         write_kv(k_cache, v_cache, k, v, self.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, self, backend=self.backend)
+        return paged_attention(q, k_cache, v_cache, self, backend=self.backend, k=k, v=v)
 
 
 def current() -> PagedBatch | None:

@@ -150,7 +150,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
         hd = self.head_dim
-        q, k, v = self._project(x)
+        paged = kv.current()  # an inference batch over the paged KV cache (models/kv.py), or None
+        q, k, v = (paged is not None and paged.project(self, x)) or self._project(x)
         q = q.view(B, T, -1, hd)  # (B, T, Hq, hd), Hq local query heads
         k = k.view(B, T, -1, hd)  # (B, T, Hkv, hd)
         v = v.view(B, T, -1, hd)  # (B, T, Hkv, hd)
@@ -160,7 +161,6 @@ class Attention(nn.Module):
                 f"attention has {n_heads} query heads but {n_kv} key/value heads; "
                 "query heads must be a multiple of key/value heads"
             )
-        paged = kv.current()  # an inference batch over the paged KV cache (models/kv.py), or None
         if self.rotary:
             if paged is None:
                 cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)

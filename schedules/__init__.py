@@ -46,16 +46,21 @@ from .validate import validate
 from .batching import (
     BatchingPolicy,
     BlockCounter,
+    CostModel,
     Iteration,
+    IterationRecord,
     KVCapacity,
     Rejected,
     Request,
     RequestStatus,
     Scheduler,
     Slice,
+    fit_cost_model,
     get_batching,
     list_batching,
+    make_trace,
     register_batching,
+    simulate_serving,
 )
 
 __all__ = [
@@ -111,4 +116,9 @@ __all__ = [
     "get_batching",
     "list_batching",
     "register_batching",
+    "CostModel",
+    "IterationRecord",
+    "fit_cost_model",
+    "make_trace",
+    "simulate_serving",
 ]

@@ -174,3 +174,17 @@ def test_iterations_are_recorded_for_the_cost_model():
     assert sum(r.num_decode_seqs for r in recs) + 3 == 18 and sum(r.num_prefill_tokens for r in recs) == 47
     assert max(r.num_prefill_tokens + r.num_decode_seqs for r in recs) <= 16  # the token budget
     assert "predicted" in llm.engine.latency_report()
+
+
+def test_decode_graph_path_pads_batches_and_changes_nothing(llama):
+    """The CUDA-graph decode path's static buffers and padding (batch 3 replays the size-4 graph, its spare row
+    writing to the scratch block), emulated on CPU, give the eager path's tokens."""
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    requests = [(f"r{i}", p, greedy) for i, p in enumerate(_prompts([6, 11, 3], seed=9))]
+    eager = _run_all(LLMEngine(llama, block_size=4, num_blocks=64), requests)
+    engine = LLMEngine(llama, block_size=4, num_blocks=64)
+    engine.runner = ModelRunner(llama, 64, 4, backend="torch", cuda_graphs="emulate", graph_batch_sizes=(1, 2, 4))
+    graphed = _run_all(engine, requests)
+    assert sorted(engine.runner.graphs) == [1, 2, 4]
+    assert {k: v.outputs[0].token_ids for k, v in graphed.items()} == {k: v.outputs[0].token_ids
+                                                                       for k, v in eager.items()}

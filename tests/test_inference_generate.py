@@ -34,7 +34,13 @@ def trained_run(tmp_path_factory):
             "model=gpt-tiny", "model.n_layers=2", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000",
             f"data.cache_dir={cache}", "train.steps=2", "train.eval_every=0", "train.eval_batches=1",
             "train.timeline=false", "logger=none", "schedule.microbatches=1"])
-    run(cfg, run_dir)
+    from pipeloom.kernels import set_kernels
+
+    previous = set_kernels("auto")
+    try:
+        run(cfg, run_dir)
+    finally:
+        set_kernels(previous)  # the launcher picks the kernels' path for its process: leave ours as it was
     return run_dir
 
 

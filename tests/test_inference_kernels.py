@@ -57,9 +57,10 @@ def test_triton_engine_forward_matches_the_torch_path(device):
     model = Transformer(get_model_config("llama-tiny", n_layers=2)).to(device).eval()
     g = torch.Generator().manual_seed(3)
     logits = {}
-    for backend in ("torch", "triton"):
-        bm = BlockManager(32, 8)
-        runner = ModelRunner(model, 32, 8, backend=backend, cuda_graphs=False)
+    for backend, dense in (("torch", None), ("triton", None), ("triton-dense", 10)):  # dense: the 13 and 21
+        bm = BlockManager(32, 8)  # token prompts run SDPA, the 4-token one the kernel
+        runner = ModelRunner(model, 32, 8, backend=backend.split("-")[0], cuda_graphs=False,
+                             dense_prefill_tokens=dense)
         seqs = [types.SimpleNamespace(id=f"r{i}", token_ids=torch.randint(0, 256, (n,), generator=g).tolist(),
                                       num_computed=0, num_tokens=n) for i, n in enumerate([13, 4, 21])]
         g = torch.Generator().manual_seed(3)
@@ -69,6 +70,7 @@ def test_triton_engine_forward_matches_the_torch_path(device):
             slices.append(types.SimpleNamespace(request=s, first_token=0, n_tokens=s.num_tokens, samples=True))
         logits[backend] = runner.run(types.SimpleNamespace(slices=slices), bm)
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits["triton-dense"], logits["torch"], atol=1e-4, rtol=1e-4)
 
 
 def test_query_tiles_cover_every_token_once():

@@ -56,10 +56,11 @@ def test_each_filter_equals_its_hf_warper_row_by_row(name):
     assert (ours[0] > float("-inf")).sum() >= 1
 
 
-def test_whole_pipeline_equals_hf_processor_chain():
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_whole_pipeline_equals_hf_processor_chain(dtype, atol):
     """Processed logprobs over the full (small) vocabulary equal log_softmax of HF's chain, row by row."""
     vocab = 20
-    logits = fresh_logits(5, vocab, seed=2)
+    logits = fresh_logits(5, vocab, seed=2).to(dtype)
     params = [SamplingParams(temperature=0.7, top_k=8, top_p=0.9, min_p=0.05, repetition_penalty=1.3, logprobs=20),
               SamplingParams(temperature=1.3, top_p=0.6, logprobs=20),
               SamplingParams(temperature=0.5, repetition_penalty=0.8, min_p=0.3, logprobs=20),
@@ -70,8 +71,8 @@ def test_whole_pipeline_equals_hf_processor_chain():
     out = Sampler(logprobs_mode="processed")(logits, params, prompt_ids=prompts, output_ids=outputs)
     for i, p in enumerate(params):
         expected = hf_chain(logits[i], prompts[i] + outputs[i], p).log_softmax(-1)
-        got = torch.full((vocab,), float("nan")).scatter(0, out.top_ids[i], out.top_logprobs[i])
-        assert torch.allclose(got, expected, atol=1e-5, rtol=0, equal_nan=False), i
+        got = torch.full((vocab,), float("nan"), dtype=dtype).scatter(0, out.top_ids[i], out.top_logprobs[i])
+        assert got.dtype == dtype and torch.allclose(got, expected, atol=atol, rtol=0, equal_nan=False), i
         assert torch.isfinite(expected[out.token_ids[i]])  # the drawn token survived the filters
 
 

@@ -33,7 +33,7 @@ from .costs import (
     pipeline_cycle,
 )
 from .metrics import SLO, Capacity, Dist, ServingMetrics, find_capacity, percentile, serving_metrics
-from .pictures import plot_composition, plot_compositions, plot_latency_cdfs
+from .pictures import long_prompt_window, plot_composition, plot_compositions, plot_latency_cdfs
 from .simulator import IterationLog, RequestLog, ServingResult, simulate_serving
 from .traces import TRACES, Trace, TraceItem, arrival_times, make_trace
 
@@ -59,6 +59,7 @@ __all__ = [
     "fit_cost_model",
     "fit_error",
     "get_cost_model",
+    "long_prompt_window",
     "make_trace",
     "percentile",
     "pipeline_cycle",

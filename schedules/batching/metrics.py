@@ -144,6 +144,10 @@ class Capacity:
     rate: float  # the highest rate found that meets the SLO (0.0: not even the lowest tried)
     metrics: ServingMetrics | None  # at that rate
     evaluations: int
+    at_limit: bool = False  # the SLO still held at max_rate: the capacity is at least ``rate``
+
+    def __str__(self) -> str:
+        return (">= " if self.at_limit else "") + f"{self.rate:.3g}"
 
 
 def find_capacity(
@@ -157,7 +161,9 @@ def find_capacity(
     """The highest rate ``r`` with ``evaluate(r).meets(slo)`` (Sarathi-Serve's capacity), by search.
 
     Doubles (or halves) from ``start`` to bracket the boundary, then bisects until the bracket is within
-    ``rel_tol``. Assumes meeting the SLO is monotone in the rate (use one seed for every rate).
+    ``rel_tol``. Assumes meeting the SLO is monotone in the rate (use one seed for every rate). The delay SLO
+    detects overload only if the run is long against it: give each rate a trace of a fixed duration (requests
+    = rate x seconds), as Sarathi-Serve's long traces, not a fixed number of requests.
     """
     slo = slo or SLO()
     count = 0
@@ -174,14 +180,14 @@ def find_capacity(
     if m is not None:
         good, good_m, bad = rate, m, None
         while bad is None and rate < max_rate:
-            rate *= 2
+            rate = min(2 * rate, max_rate)
             m = ok(rate)
             if m is None:
                 bad = rate
             else:
                 good, good_m = rate, m
         if bad is None:
-            return Capacity(good, good_m, count)
+            return Capacity(good, good_m, count, at_limit=True)
     else:
         bad = rate
         while good is None:

@@ -3,7 +3,7 @@
 
 - :func:`plot_composition`: one bar per iteration, as wide as it ran, stacked prefill (blue), decode (green)
   and padded (grey) tokens - prefill-first shows tall all-prefill spikes, chunked-prefill a flat top at its
-  token budget.
+  token budget. :func:`long_prompt_window` picks the seconds around the first long prompt.
 - :func:`plot_latency_cdfs`: the cumulative distributions of TTFT, time between tokens and E2E latency, one
   line per run.
 """
@@ -24,16 +24,26 @@ def _pyplot():
     return plt
 
 
-def plot_composition(result, path: str | None = None, title: str = "", ax=None, until: float | None = None):
+def long_prompt_window(result, seconds: float = 2.0) -> tuple[float, float]:
+    """A time window of ``seconds`` starting just before the first long prompt (>= 3/4 of the longest) arrives:
+    where policies differ most."""
+    longest = max(r.prompt_len for r in result.requests)
+    first = min(r.arrival for r in result.requests if r.prompt_len >= 0.75 * longest)
+    start = max(0.0, first - 0.1 * seconds)
+    return start, start + seconds
+
+
+def plot_composition(result, path: str | None = None, title: str = "", ax=None, window=None):
     """Tokens per iteration over time (stacked prefill/decode/padded) of a ServingResult; returns ``path``.
 
-    With ``ax`` it draws there and writes nothing; ``until`` cuts the time axis (seconds).
+    With ``ax`` it draws there and writes nothing; ``window`` (start, end) limits the time axis (seconds).
     """
     plt = _pyplot()
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(10, 3.2))
-    rows = [i for i in result.iterations if until is None or i.start <= until]
+    lo, hi = window if window is not None else (-float("inf"), float("inf"))
+    rows = [i for i in result.iterations if i.end >= lo and i.start <= hi]
     left = [i.start for i in rows]
     width = [max(i.duration, 1e-9) for i in rows]
     prefill = [i.num_prefill_tokens for i in rows]
@@ -50,6 +60,8 @@ def plot_composition(result, path: str | None = None, title: str = "", ax=None, 
     ax.set_title(title or result.policy)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
+    if window is not None:
+        ax.set_xlim(*window)
     if own:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
@@ -85,12 +97,15 @@ def plot_latency_cdfs(results: Mapping[str, object], path: str) -> str:
     return path
 
 
-def plot_compositions(results: Mapping[str, object], path: str, until: float | None = None) -> str:
-    """One composition panel per labelled ServingResult, stacked, sharing the time axis."""
+def plot_compositions(results: Mapping[str, object], path: str, window=None) -> str:
+    """One composition panel per labelled ServingResult, stacked, sharing the time axis (``window``: (start, end),
+    "long-prompt" for :func:`long_prompt_window` of the first, None: the whole run)."""
+    if window == "long-prompt":
+        window = long_prompt_window(next(iter(results.values())))
     plt = _pyplot()
     fig, axes = plt.subplots(len(results), 1, figsize=(10, 2.6 * len(results)), sharex=True, squeeze=False)
     for ax, (name, res) in zip(axes[:, 0], results.items()):
-        plot_composition(res, title=name, ax=ax, until=until)
+        plot_composition(res, title=name, ax=ax, window=window)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -104,6 +104,11 @@ class Step:
         if self.seats_left < 1 or len(self.scheduler.running) >= self.scheduler.policy.max_num_seqs:
             return 0
         cached = self.capacity.cached_prefix(request) if prefix_cache else 0
+        if not 0 <= cached < request.num_tokens:
+            raise RuntimeError(
+                f"{type(self.capacity).__name__}.cached_prefix({request.id!r}) returned {cached}; it must be in "
+                f"[0, num_tokens={request.num_tokens}) so that the last token is computed and sampled from"
+            )
         rest = request.num_tokens - cached
         n = rest if limit is None else min(rest, limit)
         if n < 1 or n > self.tokens_left:

@@ -111,7 +111,7 @@ class ServingResult:
     cost: str
     requests: list[RequestLog]
     iterations: list[IterationLog]
-    stage_busy: list[float]
+    stage_busy: list[list[tuple[float, float]]]  # per pipeline stage, the (start, end) of each iteration on it
 
     @property
     def completed(self) -> list[RequestLog]:
@@ -127,11 +127,19 @@ class ServingResult:
 
     @property
     def pipeline_bubble(self) -> float:
-        """Idle share of the stages' time between the first iteration's start and the last one's end."""
-        if not self.iterations:
+        """Idle share of the stages' time while every engine still had work: from the first iteration's start
+        to the first time an engine ran out of requests (its last iteration's end). 0 for one stage."""
+        if not self.iterations or len(self.stage_busy) < 2:
             return 0.0
-        span = max(i.end for i in self.iterations) - min(i.start for i in self.iterations)
-        return 1.0 - sum(self.stage_busy) / (len(self.stage_busy) * span) if span > 0 else 0.0
+        t0 = min(i.start for i in self.iterations)
+        last: dict[int, float] = {}
+        for i in self.iterations:
+            last[i.engine] = max(last.get(i.engine, 0.0), i.end)
+        t1 = min(last.values())
+        if t1 <= t0:
+            return 0.0
+        busy = sum(max(0.0, min(e, t1) - max(s, t0)) for stage in self.stage_busy for s, e in stage)
+        return 1.0 - busy / (len(self.stage_busy) * (t1 - t0))
 
     def metrics(self, slo=None):
         from .metrics import serving_metrics
@@ -172,7 +180,7 @@ def simulate_serving(
         engines.append(Auditor(sched) if audit else sched)
     busy = [False] * engines_n
     stage_free = [0.0] * pipe.stages
-    stage_busy = [0.0] * pipe.stages
+    stage_busy: list[list[tuple[float, float]]] = [[] for _ in range(pipe.stages)]
     requests = trace.requests()
     logs = {r: RequestLog(r.id, r.arrival, r.prompt_len, r.max_tokens) for r in requests}
     iterations: list[IterationLog] = []
@@ -198,7 +206,7 @@ def simulate_serving(
             first = begin if first is None else first
             t = begin + st
             stage_free[j] = t
-            stage_busy[j] += st
+            stage_busy[j].append((begin, t))
             if j < pipe.stages - 1:
                 t += pipe.comm
         iterations.append(IterationLog(it.index, e, first, t, it.num_prefill_tokens, it.num_decode_tokens,
