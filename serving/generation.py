@@ -16,6 +16,7 @@ freed at once, or right after the step in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -48,6 +49,12 @@ def _param_of(message: str) -> str | None:
         return "prompt"
     match = re.match(r"(\w+)=", message)
     return match.group(1) if match else None
+
+
+async def _close_quietly(iterator) -> None:
+    """Finalize an async generator; one still running (its consumer is being cancelled) finishes by itself."""
+    with contextlib.suppress(RuntimeError):
+        await iterator.aclose()
 
 
 class RequestStream:
@@ -110,7 +117,7 @@ class RequestStream:
             self.gen.abort_soon(self.request_id)
         for it in (self._iterator, self.source):
             if it is not None:
-                self.gen.spawn(it.aclose())
+                self.gen.spawn(_close_quietly(it))
 
     async def aclose(self) -> None:
         self.close()

@@ -197,7 +197,7 @@ def http(server):
         yield client
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(route=ROUTES, body=BODIES, query=QUERY, job=st.sampled_from(["job-x", "", "%00", "a" * 300]))
 def test_fuzzed_requests_never_get_a_5xx(http, route, body, query, job):
     method, path = route
