@@ -234,7 +234,8 @@ class LLMEngine:
                 stop_reason=d.stop_reason, logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None))
         return RequestOutput(group.request_id, group.prompt, group.prompt_ids, outputs, finished=group.finished,
                              delta={j: t for j, (t, _) in deltas.items()},
-                             delta_token_ids={j: [tok] for j, (_, tok) in deltas.items() if tok is not None})
+                             delta_token_ids={j: [tok] for j, (_, tok) in deltas.items() if tok is not None},
+                             queue_time=_queue_time(group.seqs[0]))
 
     # ------------------------------------------------------------------ measurements
 
@@ -257,6 +258,10 @@ class LLMEngine:
         return {"iterations": len(self.records), "prefill_tokens": sum(r.num_prefill_tokens for r in self.records),
                 "decode_tokens": sum(r.num_decode_seqs for r in self.records), "preemptions": self.num_preemptions,
                 "prefix_cache_hit_rate": bm.hits / bm.queries if bm.queries else 0.0, "kv_usage": bm.usage()}
+
+
+def _queue_time(seq: Sequence) -> float | None:
+    return None if seq.first_scheduled is None else seq.first_scheduled - seq.arrival
 
 
 def _make_policy(name: str, token_budget: int | None, max_num_seqs: int | None, options: dict):
