@@ -74,6 +74,10 @@ class StageVersions:
             raise RuntimeError(f"stage {self.stage}: RELEASE@{version} of a version that is not stashed "
                                f"(stashed: {sorted(self.snapshots)})")
 
+    def held(self) -> list[int]:
+        """The versions this stage holds now: the stashed snapshots and the live (newest) parameters."""
+        return sorted(set(self.snapshots) | {self.newest})
+
     def end(self) -> None:
         """End a step: forget the snapshot of the newest version (the live parameters are it)."""
         self.snapshots.pop(self.newest, None)

@@ -94,7 +94,7 @@ def test_local_step_accumulates_the_full_batch_gradient():
 
 def _step_grads(config, plan, compile, mesh=None):
     """Loss and every local gradient of one step of a freshly built model (same seed each call)."""
-    from pipeloom.training.parts import PipelineStep
+    from pipeloom.training import PipelineStep
 
     parts = build_parts(config, plan, seed=3, mesh=mesh, compile=compile)
     g = torch.Generator().manual_seed(7)

@@ -1,4 +1,4 @@
-# This rank's share of the model: build, shard (tp), split (pp), name every parameter, and run one step.
+# This rank's share of the model: build, shard (tp), split (pp), compile, and name every parameter.
 """What the training loop holds, whatever the layout:
 
 * :func:`build_parts` builds the dense model identically on every rank (same seed), applies tensor
@@ -6,25 +6,18 @@
   layers), splits it into the plan's stages and keeps this rank's, applies recomputation, and names
   every local parameter by its name in the plain model (:class:`~pipeloom.training.checkpoint.ParamSpec`):
   checkpoints, gradient clipping and the optimizer are layout-independent through these names.
-* :class:`LocalStep` runs one training step on one pipeline rank (pp=1) by executing the plan's F and B
-  actions over the microbatches, timing each into a :class:`~pipeloom.schedules.Timeline`.
-* :class:`PipelineStep` does the same through :class:`pipeloom.parallel.runtime.PipelineRuntime` (pp>1).
 
-Both leave the averaged-over-microbatches gradients in ``.grad`` and return ``(loss, timeline)``; the
-loop then averages over dp, clips, and steps the optimizer.
+One training step over these parts is :mod:`pipeloom.training.steps` (``LocalStep``, ``PipelineStep``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
 
 import torch
 from pipeloom.models import ModelConfig, Transformer
 from pipeloom.schedules import Plan
 from pipeloom.schedules.ir import Kind
-from pipeloom.schedules.timeline import Interval, Timeline
 from torch import nn
 
 from .checkpoint import ParamSpec
@@ -174,102 +167,3 @@ def compile_blocks(modules, backend: str = "inductor", split_backward: bool = Fa
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
-
-
-class LocalStep:
-    """One training step on a single pipeline rank: the plan's F and B actions in plan order.
-
-    Each F runs the whole model on a microbatch and keeps its loss; each B back-propagates
-    ``loss / m`` (gradients accumulate to the microbatch mean). A plan that splits backward into B and
-    W runs the full backward at B; W costs nothing here.
-    """
-
-    def __init__(self, parts: ModelParts, autocast=None):
-        if parts.plan.pp != 1:
-            raise ValueError(f"LocalStep runs pp=1 plans; plan {parts.plan.name!r} has pp={parts.plan.pp}")
-        self.parts = parts
-        self.model = parts.modules[0]
-        self.autocast = autocast or contextlib.nullcontext
-        self.actions = [a for a in parts.plan.ranks[0] if a.kind.is_compute]
-        self.last_full_timeline: Timeline | None = None
-
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, Timeline]:
-        """inputs, targets (b, T) long: the mean loss over this rank's rows, and the measured timeline."""
-        m = self.parts.plan.microbatches
-        xs, ys = torch.tensor_split(inputs, m), torch.tensor_split(targets, m)  # m x (b/m, T)
-        self.model.zero_grad(set_to_none=True)
-        pending: dict[int, torch.Tensor] = {}
-        total = None  # summed on the device: one host sync per step (at the end), not one per microbatch
-        intervals = []
-        for a in self.actions:
-            start = time.perf_counter()
-            if a.kind is Kind.F:
-                with self.autocast():
-                    logits = self.model(xs[a.microbatch])  # (b/m, T, V) or (b/m, T, V/tp)
-                    loss = self.parts.loss_fn(logits, ys[a.microbatch])
-                pending[a.microbatch] = loss
-                total = loss.detach().double() if total is None else total + loss.detach().double()
-            elif a.kind is Kind.B:
-                (pending.pop(a.microbatch) / m).backward()
-            intervals.append(Interval(0, a, start, time.perf_counter()))
-        self.last_full_timeline = Timeline(tuple(intervals), pp=1, unit="s")
-        return float(total) / m, self.last_full_timeline
-
-    def timeline(self) -> Timeline:
-        """The last step's measured timeline (one rank: nothing to gather)."""
-        return self.last_full_timeline
-
-    @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """Mean loss of a batch (b, T), run in the plan's microbatches."""
-        total, rows = 0.0, 0
-        for x, y in zip(torch.tensor_split(inputs, self.parts.plan.microbatches),
-                        torch.tensor_split(targets, self.parts.plan.microbatches)):
-            if len(x):
-                with self.autocast():
-                    total += float(self.parts.loss_fn(self.model(x), y)) * len(x)
-                rows += len(x)
-        return total / rows
-
-
-class PipelineStep:
-    """One training step through the pipeline runtime (pp > 1); the optimizer stays outside it."""
-
-    def __init__(self, parts: ModelParts, mesh, autocast=None, timeout: float = 300.0):
-        from pipeloom.parallel.runtime import PipelineRuntime
-
-        self.parts, self.mesh = parts, mesh
-        self.autocast = autocast or contextlib.nullcontext
-        # No optimizer here: UPDATE leaves the gradients in .grad, so the loop can average them over dp and
-        # clip the global norm across pp and tp before its own optimizer step.
-        self.runtime = PipelineRuntime(parts.plan, parts.modules, parts.loss_fn, tied=parts.tied,
-                                       pp_group=mesh.pp_group, pp_ranks=mesh.pp_peers, timeout=timeout)
-        self._eval = None
-        self.timeout = timeout
-        self.last_full_timeline: Timeline | None = None
-
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, Timeline]:
-        """The full-batch mean loss (on every pp rank) and this rank's measured timeline."""
-        with self.autocast():
-            result = self.runtime.step(inputs, targets)
-        return result.loss, result.timeline
-
-    def timeline(self) -> Timeline:
-        """The last step's timeline of every pipeline rank (collective over the pp group)."""
-        self.last_full_timeline = self.runtime.gather_timeline()
-        return self.last_full_timeline
-
-    @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """Mean loss of a batch through the training plan's forwards only (same stage placement)."""
-        from pipeloom.parallel.runtime import PipelineRuntime
-
-        if self._eval is None:
-            plan = self.parts.plan
-            forwards = plan.replace(ranks=[[a for a in r if a.kind is Kind.F] for r in plan.ranks],
-                                    name=f"{plan.name}-forward")
-            self._eval = PipelineRuntime(forwards, self.parts.modules, self.parts.loss_fn, tied=self.parts.tied,
-                                         pp_group=self.mesh.pp_group, pp_ranks=self.mesh.pp_peers,
-                                         timeout=self.timeout)
-        with self.autocast():
-            return self._eval.step(inputs, targets).loss
