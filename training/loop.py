@@ -104,7 +104,7 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
         manifest = load_checkpoint(path, specs=parts.specs, optimizer=optimizer, tp=tp, tp_rank=tp_rank,
                                    model_config=checkpoint_meta["model_config"],
                                    tokenizer=checkpoint_meta.get("tokenizer"), verify=checkpoint["verify"],
-                                   restore_rng=True)
+                                   restore_rng=True, layout=layout, rng_streams=parts.rng_streams())
         if manifest.get("layout") != layout:  # other ranks: RNG states only match under the same layout
             torch.manual_seed(checkpoint_meta.get("seed", 0) + 1000 * manifest["step"] + rank)
         for key in ("seq_len", "batch_size", "data_seed"):
@@ -124,7 +124,7 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
     def save(step: int) -> str:
         meta = {**checkpoint_meta, "tokens_seen": step * batches.batch_size * batches.seq_len}
         return save_checkpoint(ckpt_dir, step, specs=parts.specs, optimizer=optimizer, tp_group=tp_group,
-                               meta=meta, keep=checkpoint["keep"])
+                               meta=meta, keep=checkpoint["keep"], rng_streams=parts.rng_streams())
 
     def evaluate() -> float:
         parts.train(False)

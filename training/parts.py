@@ -12,6 +12,8 @@ One training step over these parts is :mod:`pipeloom.training.steps` (``LocalSte
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +35,7 @@ class ModelParts:
     plan: Plan
     specs: list[ParamSpec] = field(default_factory=list)
     tied: list[dict[int, str]] = field(default_factory=list)  # StageSplit.tied (pp > 1)
+    step_context: Callable = contextlib.nullcontext  # entered around every training step (see compile_blocks)
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(full-model name, parameter)`` of every distinct local parameter."""
@@ -41,6 +44,12 @@ class ModelParts:
     def train(self, mode: bool = True) -> None:
         for m in self.modules.values():
             m.train(mode)
+
+    def rng_streams(self) -> dict:
+        """This rank's tensor-parallel dropout streams by name (what a checkpoint saves and restores)."""
+        from pipeloom.parallel.rng import find_streams
+
+        return find_streams(self.modules.values())
 
     @property
     def loss_fn(self):
@@ -95,7 +104,7 @@ def param_specs(modules: dict[int, nn.Module], aliases: dict[str, str], n_layers
                 shape[shard[0]] = shard[1]
             primary = canonical == name
             specs.append(ParamSpec(canonical, p, tuple(shape), None if shard is None else shard[0], primary,
-                                   counted=primary and (shard is not None or tp_rank == 0)))
+                                   counted=primary and (shard is not None or tp_rank == 0), local_name=name))
     return specs
 
 
@@ -138,15 +147,31 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
     if recompute != "none":
         for module in modules.values():
             apply_recompute(module, RecomputePolicy(recompute))
+    step_context = contextlib.nullcontext
     if compile:
-        split_backward = any(a.kind is Kind.W for actions in plan.ranks for a in actions)
-        compile_blocks(modules.values(), backend="inductor" if compile is True else compile,
-                       split_backward=split_backward)
+        compile_blocks(modules.values(), backend="inductor" if compile is True else compile)
+        if any(a.kind is Kind.W for actions in plan.ranks for a in actions):
+            step_context = no_donated_buffers
     specs = param_specs(modules, aliases, config.n_layers, staged, tp_rank=mesh.tp_rank if mesh is not None else 0)
-    return ModelParts(model=model, modules=modules, config=config, plan=plan, specs=specs, tied=tied)
+    return ModelParts(model=model, modules=modules, config=config, plan=plan, specs=specs, tied=tied,
+                      step_context=step_context)
 
 
-def compile_blocks(modules, backend: str = "inductor", split_backward: bool = False) -> int:
+def no_donated_buffers():
+    """A context in which AOTAutograd donates no saved buffers to compiled backwards, restored on exit.
+
+    A zero-bubble plan's B keeps the graph for its W (``retain_graph=True``), which a compiled backward
+    that reuses its saved tensors' memory forbids (``torch._functorch.config.donated_buffer``). The flag
+    is read where the graphs compile (lazily, in the first forward and backward) and checked when a
+    backward runs, so :class:`~pipeloom.training.steps.PipelineStep` runs every step inside this context
+    (``ModelParts.step_context``) rather than flipping it for the whole process.
+    """
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(donated_buffer=False)
+
+
+def compile_blocks(modules, backend: str = "inductor") -> int:
     """``torch.compile`` every transformer :class:`~pipeloom.models.layers.Block` in ``modules``, in place.
 
     Per block, as torchtitan does: the stage split, tensor parallelism and recomputation keep working on
@@ -154,15 +179,10 @@ def compile_blocks(modules, backend: str = "inductor", split_backward: bool = Fa
     the blocks share one compiled graph (Dynamo treats module parameters as inputs). Inside the graph the
     fused Triton kernels step aside and Inductor fuses the norms and activations itself; the embedding,
     final norm, head and loss stay eager (the fused cross-entropy runs there). Returns the block count.
-
-    ``split_backward`` (a zero-bubble plan: B keeps the graph for W): AOTAutograd's donated buffers, which
-    let a compiled backward reuse its saved tensors' memory and so forbid ``retain_graph=True``, are
-    turned off for the process (``torch._functorch.config.donated_buffer``).
+    Changes no process-wide setting: a plan that splits backward runs its steps in :func:`no_donated_buffers`.
     """
     from pipeloom.models.layers import Block
 
-    if split_backward:
-        torch._functorch.config.donated_buffer = False
     blocks = [m for module in modules for m in module.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile(backend=backend)

@@ -188,7 +188,7 @@ class PipelineStep:
         """This replica's share of the global-batch mean loss (on every pp rank) and this rank's timeline."""
         if self.update is not None:
             self.update.norms = []
-        with self.autocast():
+        with self.parts.step_context(), self.autocast():
             result = self.runtime.step(inputs, targets)
         return result.loss, result.timeline
 
