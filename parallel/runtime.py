@@ -493,7 +493,7 @@ class PipelineRuntime:
         Collective unless ``timeline`` (a gathered one) is given. ``comm`` is the latency the simulator
         adds on every cross-rank edge, in seconds; None estimates it from the run (the median time from
         a send being posted to its receive completing - clocks of one host only; pass it for several
-        hosts). Returns the ``measured`` and ``predicted`` bubble rates (Zero Bubble's r, REFERENCE.md §1),
+        hosts). Returns the ``measured`` and ``predicted`` bubble rates (Zero Bubble's r, arXiv 2401.10241 §5.3),
         both makespans (seconds), ``comm`` and the per-chunk ``costs``.
         """
         from pipeloom.schedules.simulate import Costs, simulate
