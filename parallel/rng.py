@@ -107,7 +107,9 @@ def stream_states(streams: Mapping[str, ShardedRNG]) -> dict[str, dict]:
 def set_stream_states(streams: Mapping[str, ShardedRNG], saved: Mapping[str, dict], where: str = "saved") -> None:
     """Restore :func:`stream_states` into ``streams`` by name. Raises :class:`StreamMismatch` naming the
     stream when one is missing on either side or was seeded differently (``where`` names the source)."""
-    saved = dict(saved) if isinstance(saved, Mapping) else {f"#{i}": s for i, s in enumerate(saved)}
+    if not isinstance(saved, Mapping):  # an older checkpoint's list in creation order: one stream is unambiguous
+        saved = ({next(iter(streams)): saved[0]} if len(saved) == 1 == len(streams)
+                 else {f"#{i}": s for i, s in enumerate(saved)})
     for name in sorted(set(saved) | set(streams)):
         if name not in streams:
             raise StreamMismatch(f"dropout stream {name!r} is in the {where} states but not in this model "

@@ -169,9 +169,14 @@ def _state_for_save(specs: list[ParamSpec], optimizer, tp_group) -> dict:
     return state
 
 
-def _optimizer_keys(metadata: dict, name: str) -> list[str]:
-    prefix = f"optim.{name}."
-    return [k for k in metadata if k.startswith(prefix) and "." not in k[len(prefix):]]
+def _optimizer_keys(keys) -> dict[str, list[str]]:
+    """``{parameter name: [its state keys]}`` of the ``optim.<name>.<key>`` entries among ``keys``."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        if k.startswith("optim."):
+            name, key = k[len("optim."):].rsplit(".", 1)
+            out.setdefault(name, []).append(key)
+    return out
 
 
 def _load_optimizer(specs: list[ParamSpec], optimizer, loaded: dict, tp: int, tp_rank: int) -> None:
@@ -179,15 +184,15 @@ def _load_optimizer(specs: list[ParamSpec], optimizer, loaded: dict, tp: int, tp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     tree = _param_tree(specs)
+    keys = _optimizer_keys(loaded)
     state: dict[str, dict] = {}
     for spec in specs:
-        prefix = f"optim.{spec.name}."
         entries = state.setdefault(spec.local_name, {})
-        for key, value in loaded.items():
-            if key.startswith(prefix) and "." not in key[len(prefix):]:
-                if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == spec.full_shape:
-                    value = local_slice(spec, value, tp, tp_rank).to(spec.param.device).clone()
-                entries[key[len(prefix):]] = value
+        for key in keys.get(spec.name, ()):
+            value = loaded[f"optim.{spec.name}.{key}"]
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == spec.full_shape:
+                value = local_slice(spec, value, tp, tp_rank).to(spec.param.device).clone()
+            entries[key] = value
     groups = get_optimizer_state_dict(tree, optimizer)["param_groups"]  # this run's hyperparameters
     set_optimizer_state_dict(tree, optimizer, {"state": state, "param_groups": groups})
 
@@ -255,6 +260,7 @@ def _wanted(path: str, metadata: dict, specs: list[ParamSpec], with_optim: bool)
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     wanted: dict = {}
+    optimizer_keys = _optimizer_keys(metadata) if with_optim else {}
     for spec in specs:
         key = f"model.{spec.name}"
         info = metadata.get(key)
@@ -266,10 +272,10 @@ def _wanted(path: str, metadata: dict, specs: list[ParamSpec], with_optim: bool)
         wanted[key] = torch.empty(spec.full_shape, dtype=spec.param.dtype)
         if not with_optim:
             continue
-        for key in _optimizer_keys(metadata, spec.name):  # none: the parameter had no state (never stepped)
-            info = metadata[key]
-            wanted[key] = (torch.empty(tuple(info.size), dtype=info.properties.dtype)
-                           if isinstance(info, TensorStorageMetadata) else None)
+        for key in optimizer_keys.get(spec.name, ()):  # none: the parameter had no state (never stepped)
+            info = metadata[f"optim.{spec.name}.{key}"]
+            wanted[f"optim.{spec.name}.{key}"] = (torch.empty(tuple(info.size), dtype=info.properties.dtype)
+                                                  if isinstance(info, TensorStorageMetadata) else None)
     return wanted
 
 
