@@ -27,7 +27,7 @@ setup(
     package_dir={"pipeloom": "."},
     package_data={"pipeloom.configs": ["*.yaml", "*/*.yaml"], "pipeloom.serving": ["proto/*.proto"]},
     install_requires=[
-        "torch>=2.4",  # the Makefile pins the CPU wheel (torch==2.13.0) before installing us
+        "torch>=2.4",  # the Makefile pins torch==2.13.0 before installing us (its TORCH_INDEX picks the build)
         "einops>=0.7",
         "hydra-core>=1.3",
         "omegaconf>=2.3",
