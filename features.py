@@ -20,6 +20,7 @@ _INSTALL_HINTS = {
     "tokenizers": "pip install tokenizers",
     "fastapi": "pip install 'pipeloom[serve]'",
     "torchao": "pip install 'pipeloom[quant]' (torchao: its quantized layouts and kernels)",
+    "grpc_tools": "pip install 'pipeloom[serve]' (grpcio-tools generates the gRPC code)",
 }
 
 _MODULES = {"apex": "apex.normalization"}

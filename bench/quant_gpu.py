@@ -99,8 +99,14 @@ def build_variant(base: nn.Module, variant: str, group_size: int) -> nn.Module:
         return base
     mode, _, how = variant.partition("-")
     model = copy.deepcopy(base)
-    if how == "torchao":
-        return quantize_model(model, mode, group_size, backend="torchao")
+    if how == "torchao":  # with set_inductor_config left on, torchao would change Inductor for later variants
+        import torch._inductor.config as inductor
+
+        saved = inductor.save_config()
+        try:
+            return quantize_model(model, mode, group_size, backend="torchao")
+        finally:
+            inductor.load_config(saved)
     return quantize_model(model, mode, group_size, fp8_activations=how != "wo",
                           kernels="torch" if how == "torch" else "auto")
 
@@ -201,6 +207,12 @@ def run(args) -> dict:
     base.init_weights()
     base = base.to(dtype).eval()
     prompt_ids = torch.tensor([list(PROMPT.encode())[: args.prompt_len]], device=device) % config.vocab_size
+    if args.compile != "none":  # one Inductor setting for every variant: gpt-fast's (torchao sets these too)
+        import torch._inductor.config as inductor
+
+        inductor.coordinate_descent_tuning = True
+        inductor.triton.unique_kernel_names = True
+        inductor.fx_graph_cache = True
     print(f"model {args.model if not args.quick else 'tiny'}: {base.num_params() / 1e9:.2f}B parameters, {dtype}, "
           f"{device}; prompt {prompt_ids.size(1)} tokens, {args.tokens} new tokens, compile={args.compile}")
     results, bf16_ms = {}, None

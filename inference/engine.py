@@ -225,7 +225,8 @@ class LLMEngine:
                 stop_reason=d.stop_reason, logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None))
         return RequestOutput(group.request_id, group.prompt, group.prompt_ids, outputs, finished=group.finished,
                              delta={j: t for j, (t, _) in deltas.items()},
-                             delta_token_ids={j: [tok] for j, (_, tok) in deltas.items() if tok is not None})
+                             delta_token_ids={j: [tok] for j, (_, tok) in deltas.items() if tok is not None},
+                             queue_time=_queue_time(group.seqs[0]))
 
     # ------------------------------------------------------------------ measurements
 
@@ -274,6 +275,10 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows) -> tuple[list[int]
                 k = p.logprobs
                 logprobs[i] = {**dict(zip(top_ids[i][:k], top_lps[i][:k])), tokens[i]: sampled[i]}
     return tokens, logprobs
+
+
+def _queue_time(seq: Sequence) -> float | None:
+    return None if seq.first_scheduled is None else seq.first_scheduled - seq.arrival
 
 
 def _make_policy(name: str, token_budget: int | None, max_num_seqs: int | None, options: dict):

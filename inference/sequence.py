@@ -68,3 +68,4 @@ class RequestOutput:
     finished: bool = False
     delta: dict[int, str] = field(default_factory=dict)
     delta_token_ids: dict[int, list[int]] = field(default_factory=dict)
+    queue_time: float | None = None  # seconds from arrival to the first scheduling of sample 0 (None: waiting)

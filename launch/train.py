@@ -34,12 +34,11 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     from pipeloom.parallel.mesh import Mesh
     from pipeloom.schedules import get_schedule
     from pipeloom.training import (
-        LocalStep,
         MetricsLogger,
-        PipelineStep,
         build_optimizer,
         build_parts,
         lr_at,
+        make_stepper,
         peak_flops,
         train,
     )
@@ -93,9 +92,10 @@ def run(cfg: DictConfig, run_dir: str | None = None):
                         sequence_parallel=par.sequence_parallel, recompute=cfg.model.recompute, split=par.split,
                         init_state=init_state, compile=cfg.train.compile)
     autocast = autocast_for(device, cfg.train.mixed_precision)
-    stepper = LocalStep(parts, autocast) if plan.pp == 1 else PipelineStep(parts, mesh, autocast)
     optimizer = build_optimizer(parts.named_parameters(), **cfg.optimizer)
     opt = cfg.optimizer
+    stepper = make_stepper(parts, mesh, autocast, optimizer=optimizer, grad_clip=opt.grad_clip,
+                           sequence_parallel=par.sequence_parallel)
     lr_schedule = functools.partial(lr_at, lr=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
                                     decay_steps=opt.decay_steps or max(cfg.train.steps - opt.warmup_steps, 1))
     batches = TokenBatches(data.train, seq_len, batch_size, seed=cfg.train.seed)

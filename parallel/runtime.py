@@ -100,6 +100,10 @@ class PipelineRuntime:
             members by pipeline rank (default: read from the group).
         timeout: seconds a rank waits for a peer before raising :class:`PipelineTimeout`.
         loss_weight, ignore_index: how many targets of a microbatch count (see module docstring).
+        weight_group: the data-parallel group. Given, the counts are summed over its replicas (one all-reduce
+            per step), so each microbatch is weighted by its share of the *global* batch: gradients and
+            ``StepResult.loss`` are then this replica's share, and summing them over the group (not
+            averaging) gives the global-batch mean exactly, whatever each replica's count.
         ordered_messages: receive each peer's messages in its send order with tag 0 (default: on NCCL only,
             which matches by order; True on gloo tests that path on CPU).
         shapes: ``"cached"`` (default): an activation's shape header is sent once per shape key (see the
@@ -116,7 +120,8 @@ class PipelineRuntime:
                  optimizer_factory: Callable | None = None, optimizers: Mapping | None = None,
                  tied=(), pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
-                 ordered_messages: bool | None = None, shapes: str = "cached", links: str = "directional"):
+                 ordered_messages: bool | None = None, shapes: str = "cached", links: str = "directional",
+                 weight_group=None):
         if shapes not in SHAPE_MODES:
             raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
         if links not in LINK_MODES:
@@ -139,6 +144,7 @@ class PipelineRuntime:
         self.plan = validate(lower(plan, tuple(tied_stages)))
         self.actions = self.plan.ranks[self.rank]
         self.loss_fn, self.loss_weight, self.ignore_index = loss_fn, loss_weight, ignore_index
+        self.weight_group = weight_group  # data-parallel peers whose targets share the normalisation
         if loss_fn is None and not self.plan.is_forward_only:
             raise ValueError(f"plan {plan.name!r} trains (it has backward actions): pass loss_fn")
         self.device = _device(self.modules)
@@ -444,12 +450,18 @@ class PipelineRuntime:
         return loss if has_loss else None
 
     def _loss_weights(self) -> list[tuple[float, float, float]]:
-        """Per microbatch: (its weight, its update group's weight, the whole batch's weight)."""
+        """Per microbatch: (its weight, its update group's weight, the whole batch's weight); with
+        ``weight_group``, the group's and the batch's weights are summed over every replica's batch."""
         weights = [float(self._weight_of(t)) for t in self._targets_mb]
-        total = sum(weights)
+        summed = weights
+        if self.weight_group is not None and dist.get_world_size(self.weight_group) > 1:
+            counts = torch.tensor(weights, dtype=torch.float64, device=self.device)
+            dist.all_reduce(counts, group=self.weight_group)  # one small all-reduce per step
+            summed = counts.tolist()
+        total = sum(summed)
         out = [None] * len(weights)
         for group in self.groups:
-            group_weight = sum(weights[b] for b in group)
+            group_weight = sum(summed[b] for b in group)
             for b in group:
                 out[b] = (weights[b], group_weight, total)
         return out
@@ -481,7 +493,7 @@ class PipelineRuntime:
         Collective unless ``timeline`` (a gathered one) is given. ``comm`` is the latency the simulator
         adds on every cross-rank edge, in seconds; None estimates it from the run (the median time from
         a send being posted to its receive completing - clocks of one host only; pass it for several
-        hosts). Returns the ``measured`` and ``predicted`` bubble rates (Zero Bubble's r, REFERENCE.md §1),
+        hosts). Returns the ``measured`` and ``predicted`` bubble rates (Zero Bubble's r, arXiv 2401.10241 §5.3),
         both makespans (seconds), ``comm`` and the per-chunk ``costs``.
         """
         from pipeloom.schedules.simulate import Costs, simulate
