@@ -1,13 +1,13 @@
 # Pipeline- and tensor-parallel inference on gloo ranks: token-for-token parity with one process (both policies,
 # preemption, every layout method), the measured timeline follows its plan, and a stalled or killed rank is named.
-import asyncio
+import json
 import os
 import time
 
 import pytest
 import torch
 
-from pipeloom.inference import LLM, AsyncEngine, LLMEngine, SamplingParams
+from pipeloom.inference import LLM, LLMEngine, SamplingParams
 from pipeloom.models import Transformer, get_model_config
 from pipeloom.parallel.spawn import RankDied, RankPool
 
@@ -148,14 +148,19 @@ def test_measured_timeline_follows_the_inference_plan(pool2):
 
 
 def _faulty(kind: str, victim: int, at: int, timeout: float):
-    """pp=3: ``victim`` stalls (sleeps past the timeout) or dies (os._exit) in its forward of microbatch ``at``.
-    The driver serves through AsyncEngine, as a server does."""
+    """pp=3 behind the HTTP server on the driver: ``victim`` stalls (sleeps past the timeout) or dies (os._exit) in
+    its forward of microbatch ``at`` while streamed completions are in flight."""
+    import threading
+
+    import httpx
     import torch.distributed as dist
 
+    from pipeloom.data import ByteTokenizer
     from pipeloom.inference.parallel import ParallelLLM, RankFailure
+    from pipeloom.serving import Server, ServerSettings
 
     llm = ParallelLLM(_model(), pp=3, policy="chunked-prefill", token_budget=BUDGET, block_size=BLOCK,
-                      num_blocks=ROOMY, timeout=timeout, heartbeat=0.2)
+                      num_blocks=ROOMY, timeout=timeout, heartbeat=0.2, tokenizer=ByteTokenizer())
     if dist.get_rank() == victim:
         run_stage = llm.worker.runner.run_stage
 
@@ -174,28 +179,27 @@ def _faulty(kind: str, victim: int, at: int, timeout: float):
         except RankFailure as failure:
             return {"error": str(failure), "seconds": time.time() - start}
         return {"error": None}
+    server = Server(llm.engine, ServerSettings(port=0), model_name="tiny").start_in_thread()
+    answers = [None] * len(_prompts())
 
-    async def clients():
-        engine = AsyncEngine(llm.engine)
-        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-        streams = [await engine.add_request(f"r{i}", p, params) for i, p in enumerate(_prompts())]
+    def client(i: int, prompt: list[int]) -> None:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        last = events[-2] if len(events) > 1 else "{}"
+        answers[i] = "finished" if '"error"' not in last else last
 
-        async def consume(stream):
-            try:
-                async for _ in stream:
-                    pass
-                return "finished"
-            except RankFailure as failure:
-                return str(failure)
-
-        answers = await asyncio.gather(*(consume(s) for s in streams))
-        errors = list(engine.errors)
-        await engine.close()
-        return answers, errors
-
-    answers, errors = asyncio.run(clients())
-    return {"answers": answers, "errors": [str(e) for e in errors], "healthy": llm.engine.healthy,
-            "seconds": time.time() - start}
+    try:
+        clients = [threading.Thread(target=client, args=(i, p)) for i, p in enumerate(_prompts())]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(120)
+        health = httpx.get(f"{server.url}/health", timeout=30)
+    finally:
+        server.stop()
+    return {"answers": answers, "health": health.status_code, "health_text": health.text,
+            "healthy": llm.engine.healthy, "seconds": time.time() - start}
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +216,11 @@ def test_a_stalled_or_killed_rank_is_named_and_its_requests_fail(pool3, kind):
     results = pool3.run(_faulty, kind, 1, 5, timeout, timeout=300, expect_deaths=True)
     driver = results[0]
     assert driver["healthy"] is False
-    assert driver["errors"], "the AsyncEngine recorded no failed step (a server would still report healthy)"
+    assert driver["health"] == 503, driver["health_text"]  # the server reports the engine dead
     failed = [a for a in driver["answers"] if a != "finished"]
-    assert failed, "no request failed although a rank went away mid-run"
-    message = failed[0]
+    assert failed, "no streamed request failed although a rank went away mid-run"
+    message = json.loads(failed[0])["error"]["message"]
+    assert "parallel engine failed" in driver["health_text"]
     assert "global rank 1 (stage 1" in message.split(". Reports:")[0], message
     if kind == "stall":
         assert "stalled in 1F5" in message, message

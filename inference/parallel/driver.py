@@ -126,6 +126,7 @@ class PipelineEngine(LLMEngine):
         self.mirror, self.recorder, self.timeout, self.interval = mirror, recorder, timeout, interval
         self.lanes_of: list[int] = []  # lane of every microbatch dispatched (the plan's lanes)
         self.failure: str | None = None
+        self.stop_error: str | None = None  # what went wrong while stopping, if anything
         self._flight: deque[_InFlight] = deque()
         self._local: dict[int, tuple[list, list]] = {}  # pp == 1: the driver samples its own microbatches
         self._known: set[str] = set()  # sequences whose params the sampling rank has
@@ -279,6 +280,8 @@ class PipelineEngine(LLMEngine):
                     self._wake()
                 self._control("stop")
                 self.links.drain("stop")
+            except (LinkError, RuntimeError) as error:  # a rank went first (torchrun stops them all at once)
+                self.stop_error = str(error)
             finally:
                 self.failure = "the engine was stopped"
                 self.heartbeat.stop("stopped")

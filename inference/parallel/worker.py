@@ -86,6 +86,9 @@ class StageWorker:
         except Exception as error:  # every failure is reported on the board and ends this rank's part
             self.fail(error)
             raise RankFailure(self.failure) from error
+        except BaseException as stop:  # KeyboardInterrupt / SystemExit mid-message: close, so peers do not wait
+            self.fail(stop)
+            raise
 
     def fail(self, error: BaseException) -> None:
         t = self.topology
