@@ -55,15 +55,15 @@ def _generate(family, pp, tp, cases):
     return out
 
 
-_REFERENCE: dict = {}
+_ONE_PROCESS: dict = {}
 
 
 def _reference(family: str, policy: str, num_blocks: int) -> list:
     key = (family, policy, num_blocks)
-    if key not in _REFERENCE:
+    if key not in _ONE_PROCESS:
         llm = LLM(_model(family), policy=policy, token_budget=BUDGET, block_size=BLOCK, num_blocks=num_blocks)
-        _REFERENCE[key] = _summary(llm.generate(_prompts(), _params(), use_tqdm=False))
-    return _REFERENCE[key]
+        _ONE_PROCESS[key] = _summary(llm.generate(_prompts(), _params(), use_tqdm=False))
+    return _ONE_PROCESS[key]
 
 
 # every layout method turns up in every layout of ranks: uniform, parameters, time (profiled), explicit counts

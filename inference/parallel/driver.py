@@ -183,16 +183,18 @@ class PipelineEngine(LLMEngine):
         busy = {e.lane for e in self._flight}
         for lane, sched in enumerate(self.scheduler.lanes):
             if lane not in busy:
+                mark, start = self.recorder.mark(), time.perf_counter()
                 iteration = sched.schedule(self.now())
                 if not iteration.is_empty:
-                    self._dispatch(lane, iteration)
+                    self._dispatch(lane, iteration, mark, start)
 
-    def _dispatch(self, lane: int, iteration: Iteration) -> None:
+    def _dispatch(self, lane: int, iteration: Iteration, mark, start: float) -> None:
+        """Send microbatch ``k`` down the pipeline and run the first stage on it; its forward in the timeline
+        covers the driver's work for it from scheduling on (rank 0 can do nothing else meanwhile)."""
         t = self.topology
         if self._idle_sent:
             self._wake()
         k = len(self.lanes_of)
-        start = time.perf_counter()
         host = host_batch(iteration, self.block_manager)
         self.block_manager.mark_computed()  # every later microbatch runs after this one on every stage
         release, self._release = self._release, []
@@ -204,7 +206,6 @@ class PipelineEngine(LLMEngine):
             raw = self.links.encode(run)
             for dst in t.downstream:
                 self.links.send_raw(dst, raw)
-        mark = self.recorder.mark()
         out = self.runner.run_stage(host)
         if t.is_last:  # one stage (tensor parallel only): the driver samples
             self._local[k] = self.mirror.sample(out, run.spec, release)
@@ -323,6 +324,7 @@ class PipelineEngine(LLMEngine):
             self.board.error(t.rank, own if not isinstance(error, LinkError) else str(error),
                              action=self.heartbeat.action, peer=getattr(error, "peer", None))
             self.board.set("stop", own)
+            self.board.set(f"wake/{self._idle_round}", 1)  # idle workers wake, read the stop, and fail
             deadline = time.time() + 2 * self.interval + 2.0  # a dead rank's heartbeat goes stale meanwhile
             while True:
                 culprits, text = diagnose(self.board.statuses(t.pp * t.tp), self.board.errors(t.pp * t.tp),

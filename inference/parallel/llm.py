@@ -115,7 +115,7 @@ class ParallelLLM(LLM):
                 timeout=timeout, interval=heartbeat)
         else:
             self.worker = StageWorker(topo, runner, links, board, beat, mirror, hidden_dim=config.dim, dtype=dt,
-                                      recorder=recorder, poll=min(1.0, max(0.05, heartbeat)), interval=heartbeat)
+                                      recorder=recorder, poll=timeout, interval=heartbeat)
         self.num_blocks, self.mesh = num_blocks, mesh
         self._ids = itertools.count()
         self.last_run: dict[str, float] = {}

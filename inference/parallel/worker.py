@@ -152,13 +152,17 @@ class StageWorker:
         return "run"
 
     def _idle(self, n: int) -> None:
-        """Wait on the store until the driver sets ``wake/<n>``; fail if the driver stops answering meanwhile."""
+        """Wait on the store until the driver sets ``wake/<n>`` (it does so on failure too); between waits of
+        ``poll`` seconds, fail if the driver stopped answering."""
         t = self.topology
         self.heartbeat.doing(f"idle (waiting for wake/{n})", "idle")
-        while not self.board.wait(f"wake/{n}", self.poll):
+        while True:
+            woke = self.board.wait(f"wake/{n}", self.poll)
             stop = self.board.get("stop")
             if stop is not None:
                 raise RankFailure(f"{t.describe(t.rank)} was idle when the driver failed: {stop}")
+            if woke:
+                return
             beat = self.board.get(f"beat/{t.driver}")
             if beat is not None and beat["state"] != "stopped" and time.time() - beat["t"] > 2 * self.interval + 0.5:
                 raise RankFailure(f"{t.describe(t.rank)} was idle, waiting for the driver, but the driver "
