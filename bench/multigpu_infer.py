@@ -9,7 +9,8 @@
 
 The workload is ``bench/infer_gpu.py``'s offline one (``--requests`` prompts of random token ids, prompt and output
 lengths each uniform in ``--lengths``, ignore_eos, greedy), all queued at once, on its random-weight Llama
-(``--size 1b``: 22 layers, d 2048, GQA 32/4; bf16 on GPU). Per layout and policy (``--policies``):
+(``--size 1b``: 22 layers, d 2048, GQA 32/4; bf16 on GPU); ``--workload mixed`` takes the lengths of the batching
+simulator's mixed long/short trace instead (times ``--scale``). Per layout and policy (``--policies``):
 
 * output tokens/s (and the ratio to the one-GPU engine, layout 1x1, with CUDA graphs), TTFT p50/p99, TPOT p50 and
   E2E p50 measured from the moment everything was queued;
@@ -60,7 +61,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--layouts", default="1x1,2x1,4x1,1x2,1x4", help="pp x tp, comma separated")
     p.add_argument("--layout", default=None, help=argparse.SUPPRESS)  # a child: run this one layout
     p.add_argument("--policies", default="chunked-prefill,prefill-first")
-    p.add_argument("--size", default="1b", help="bench/infer_gpu.py's model size")
+    p.add_argument("--size", default="1b", help="bench/infer_gpu.py's model size, or cpu-small")
+    p.add_argument("--workload", default="offline", choices=["offline", "mixed"],
+                   help="offline: infer_gpu's uniform lengths; mixed: the batching simulator's long/short mix "
+                        "(all queued at once), lengths times --scale")
+    p.add_argument("--scale", type=float, default=1.0, help="mixed workload: length multiplier")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--lengths", type=int, nargs=2, default=[100, 1024], help="uniform prompt and output lengths")
     p.add_argument("--token-budget", type=int, default=512, help="chunked-prefill's tokens per microbatch")
@@ -81,18 +86,47 @@ def parse(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- one run
 
 
+CPU_SMALL = dict(family="llama", vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=704)
+
+
+def _size(name: str) -> dict:
+    return dict(CPU_SMALL) if name == "cpu-small" else dict(_infer_gpu().SIZES[name])
+
+
+def workload(args) -> tuple[list[list[int]], list[int]]:
+    """(prompts of random token ids, output lengths): infer_gpu's offline workload, or the mixed long/short trace."""
+    vocab = _size(args.size)["vocab_size"]
+    if args.workload == "offline":
+        return _infer_gpu().workload(args, vocab)
+    import math
+    import random
+
+    from pipeloom.schedules.batching import make_trace
+
+    rng = random.Random(0)
+    items = make_trace("mixed", args.requests, rate=math.inf, seed=0).items
+    prompts = [[rng.randrange(1, vocab) for _ in range(max(1, round(it.prompt_len * args.scale)))] for it in items]
+    return prompts, [max(2, round(it.output_len * args.scale)) for it in items]
+
+
 def _model(args, device, dtype):
     from pipeloom.models import ModelConfig, Transformer
 
-    sizes = dict(_infer_gpu().SIZES[args.size])
+    sizes = _size(args.size)
     if args.smoke:
         sizes.update(n_layers=4)  # room for pp=4 (embed, 4 blocks, head)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(ModelConfig(**sizes, max_seq_len=2 * args.lengths[1] + 16))
+        model = Transformer(ModelConfig(**sizes, max_seq_len=_context(args)))
     model = model.to(dtype)
     model.init_buffers()
     return model
+
+
+def _context(args) -> int:
+    if args.workload == "mixed":  # the mixed trace's longest: 4096 + 128 tokens
+        return int(4096 * args.scale + 128 * args.scale) + 16
+    return 2 * args.lengths[1] + 16
 
 
 def drive(engine, prompts, outs) -> dict:
@@ -170,6 +204,9 @@ def picture(timeline, predicted, path: str, title: str, window: int) -> None:
     render_timeline(first(timeline), "", title=f"{title}: measured", ax=axes[0])
     render_timeline(Timeline(first(predicted).intervals, timeline.pp, "s"), "", title="predicted (plan, measured "
                     "forwards)", ax=axes[1])
+    right = max(axes[0].get_xlim()[1], axes[1].get_xlim()[1])
+    for ax in axes:  # one time scale for both
+        ax.set_xlim(0, right)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -186,7 +223,7 @@ def run_layout(layout: str, args) -> list[dict]:
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    prompts, outs = _infer_gpu().workload(args, _infer_gpu().SIZES[args.size]["vocab_size"])
+    prompts, outs = workload(args)
     rows = []
     for policy in args.policies.split(","):
         options = dict(policy=policy, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
@@ -296,14 +333,15 @@ def main(argv=None) -> list[dict]:
             dist.destroy_process_group()
         return rows
     os.makedirs(args.out, exist_ok=True)
-    if args.smoke:
-        torch.set_num_threads(1)  # like the children: one thread per process on a shared CPU
+    if args.smoke or not torch.cuda.is_available():
+        torch.set_num_threads(1)  # like the children: one thread per process (a 1x1 row then uses one core)
     rows = []
     for layout in args.layouts.split(","):
         rows += run_layout(layout, args) if layout == "1x1" else launch(layout, args, argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU (gloo)"
+    lengths = f"lengths {args.lengths}" if args.workload == "offline" else f"mixed long/short x {args.scale:g}"
     text = (f"multigpu_infer {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {device}, torch "
-            f"{torch.__version__}, model {args.size}, {args.requests} requests, lengths {args.lengths}, token budget "
+            f"{torch.__version__}, model {args.size}, {args.requests} requests, {lengths}, token budget "
             f"{args.token_budget}\ncommand: python bench/multigpu_infer.py {' '.join(argv)}\n\n" + table(rows))
     print(text, flush=True)
     with open(os.path.join(args.out, "multigpu_infer.md"), "w") as f:
