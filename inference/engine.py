@@ -207,8 +207,12 @@ class LLMEngine:
         if not rows:
             return [], []
         params = [s.params for s in rows]
-        out = self.sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows],
-                           output_ids=[s.output_ids for s in rows], generators=[s.generator for s in rows])
+        # the histories only matter to penalties and min_tokens: skip copying them otherwise
+        history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
+                      for p in params)
+        out = self.sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows] if history else None,
+                           output_ids=[s.output_ids for s in rows] if history else None,
+                           generators=[s.generator for s in rows])
         tokens = out.token_ids.tolist()
         logprobs: list[dict | None] = [None] * len(rows)
         if out.logprobs is not None:

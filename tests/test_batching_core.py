@@ -212,6 +212,15 @@ def test_prefix_cache_hit_starts_at_the_cached_tokens():
     assert a.num_cached == 8
 
 
+def test_the_batching_package_imports_neither_torch_nor_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeloom.schedules.batching; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
 def test_iteration_counts_and_str():
     a, b = Request("a", 10, 2), Request("b", 3, 2)
     from pipeloom.schedules.batching import Slice

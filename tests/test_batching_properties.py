@@ -11,17 +11,19 @@ POLICIES = ["static", "dynamic", "continuous", "prefill-first", "chunked-prefill
 def serving_case(draw):
     n = draw(st.integers(1, 14))
     gaps = draw(st.lists(st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.5, 7.0]), min_size=n, max_size=n))
-    lengths = draw(st.lists(st.tuples(st.integers(1, 48), st.integers(1, 12)), min_size=n, max_size=n))
+    lengths = draw(st.lists(st.tuples(st.integers(1, 48), st.integers(1, 12), st.integers(0, 2)), min_size=n,
+                            max_size=n))
     t, items = 0.0, []
-    for gap, (p, o) in zip(gaps, lengths):
+    for gap, (p, o, prio) in zip(gaps, lengths):
         t += gap
-        items.append(TraceItem(t, p, o))
+        items.append(TraceItem(t, p, o, prio))
     block_size = draw(st.sampled_from([1, 4, 16]))
     need = max(blocks_for(it.prompt_len + it.output_len - 1, block_size) for it in items)
     kv_blocks = need + draw(st.integers(0, 3 * need))  # from "one request at a time" to roomy
     policy = draw(st.sampled_from(POLICIES))
     seats = draw(st.integers(1, 6))
-    opts = {"max_num_seqs": seats, "preemption": draw(st.sampled_from(["last-arrived", "fewest-computed"]))}
+    opts = {"max_num_seqs": seats, "preemption": draw(st.sampled_from(["last-arrived", "fewest-computed"])),
+            "order": draw(st.sampled_from(["fcfs", "priority"]))}
     if policy in ("chunked-prefill", "splitfuse"):
         opts["token_budget"] = draw(st.integers(seats, 40))
     elif policy == "static":
@@ -41,7 +43,8 @@ def test_every_policy_keeps_the_invariants_and_finishes_every_request(case):
     hit = (lambda r: r.prompt_len // 2) if prefix == "half" and policy not in ("static", "dynamic") else None
     # audit=True checks, every iteration: seat and token limits, free blocks >= 0, each request's tokens
     # contiguous from its admission (0 or its prefix hit) and none twice, preempted ones restarting from
-    # scratch, admissions in queue order, and (for all but prefill-first) no decode left out
+    # scratch, admissions from the queue's head in order (arrival, or priority then arrival), and (for all
+    # but prefill-first) no decode left out
     res = simulate_serving(policy, trace, cost="unit", kv_blocks=kv_blocks, block_size=block_size, prefix=hit,
                            options=opts, audit=True, max_iterations=20_000)
     for log, item in zip(res.requests, trace.items):

@@ -188,3 +188,19 @@ def test_decode_graph_path_pads_batches_and_changes_nothing(llama):
     assert sorted(engine.runner.graphs) == [1, 2, 4]
     assert {k: v.outputs[0].token_ids for k, v in graphed.items()} == {k: v.outputs[0].token_ids
                                                                        for k, v in eager.items()}
+
+
+def test_penalties_see_the_prompt_and_output_histories(llama):
+    """Repetition/frequency penalties and min_tokens through the engine equal the sampler fed by hand."""
+    from pipeloom.inference import Sampler
+
+    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.6, frequency_penalty=0.7,
+                            min_tokens=4, ignore_eos=True)
+    prompt = _prompts([9], seed=4)[0]
+    got = _run_all(LLMEngine(llama, block_size=4, num_blocks=64), [("p", prompt, params)])["p"].outputs[0].token_ids
+    ids, sampler = list(prompt), Sampler()
+    with torch.no_grad():
+        for _ in range(12):
+            logits = llama(torch.tensor([ids]))[0, -1:]  # (1, V)
+            ids.append(int(sampler(logits, [params], prompt_ids=[prompt], output_ids=[ids[9:]]).token_ids[0]))
+    assert got == ids[9:]

@@ -129,3 +129,22 @@ def test_n_samples_share_the_prompt_blocks(case):
     # samples 1 and 2 found the full prompt blocks of sample 0 in the cache: 2 * (full blocks) per prompt
     full = sum(2 * ((len(p) - 1) // 4) * 4 for p in prompts[-2:])
     assert llm.engine.block_manager.hits >= full
+
+
+def test_hf_folder_with_its_tokenizer_takes_text(tmp_path):
+    pytest.importorskip("tokenizers")
+    from pipeloom.data import train_bpe
+
+    corpus = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "héllo wörld ünïcode\n"] * 20
+    train_bpe(corpus, 300, str(tmp_path / "tokenizer.json"))
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=300, max_position_embeddings=64,
+                                      bos_token_id=0, eos_token_id=299)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="float64", device="cpu", block_size=4, num_blocks=64)
+    assert llm.tokenizer is not None and llm.engine.eos_token_id == 299
+    text = "def f(a):\n    return"
+    by_text, by_ids = llm.generate([text, llm.tokenizer.encode(text)], _greedy(ignore_eos=True), use_tqdm=False)
+    assert by_text.prompt == text and by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    assert by_text.outputs[0].text == llm.tokenizer.decode(by_text.outputs[0].token_ids)

@@ -40,8 +40,11 @@ def test_wheel_contains_only_the_pipeloom_package(tmp_path):
     assert {n.split("/")[0] for n in names} == {"pipeloom", "pipeloom-0.1.0.dist-info"}
     for module in (
         "pipeloom/schedules/ir.py",
+        "pipeloom/schedules/batching/scheduler.py",
         "pipeloom/parallel/spawn.py",
         "pipeloom/configs/bubbles.yaml",
+        "pipeloom/inference/engine.py",
+        "pipeloom/configs/generate.yaml",
         "pipeloom/__init__.py",
         "pipeloom/features.py",
         "pipeloom/serving/proto/pipeloom_serving.proto",  # gRPC code is generated from it at first use

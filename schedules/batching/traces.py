@@ -14,7 +14,8 @@ Built-in length mixes (``make_trace(name, ...)``):
   stalls everyone's decodes (Sarathi-Serve, arXiv 2403.02310 §3.3).
 - ``fixed``: every request ``prompt_len`` / ``output_len`` (closed forms).
 
-``Trace.from_jsonl(path)`` replays a file of ``{"arrival": s, "prompt_len": n, "output_len": m}`` lines.
+``Trace.from_jsonl(path)`` replays a file of ``{"arrival": s, "prompt_len": n, "output_len": m}`` lines (and an
+optional ``"priority"``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TraceItem:
     arrival: float  # seconds from the trace's start
     prompt_len: int
     output_len: int
+    priority: int = 0  # lower is served first under order="priority"
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class Trace:
 
     def requests(self) -> list[Request]:
         """Fresh Request objects (ids r0, r1, ... in arrival order)."""
-        return [Request(f"r{i}", it.prompt_len, it.output_len, arrival=it.arrival) for i, it in enumerate(self.items)]
+        return [Request(f"r{i}", it.prompt_len, it.output_len, arrival=it.arrival, priority=it.priority)
+                for i, it in enumerate(self.items)]
 
     @property
     def rate(self) -> float:
@@ -65,16 +68,18 @@ class Trace:
         """The same requests with arrival times scaled to mean ``rate`` requests/s."""
         check_rate(rate)
         if math.isinf(rate) or math.isinf(self.rate):
-            items = [TraceItem(0.0, it.prompt_len, it.output_len) for it in self.items]
+            items = [TraceItem(0.0, it.prompt_len, it.output_len, it.priority) for it in self.items]
         else:
             start, k = self.items[0].arrival, self.rate / rate
-            items = [TraceItem((it.arrival - start) * k, it.prompt_len, it.output_len) for it in self.items]
+            items = [TraceItem((it.arrival - start) * k, it.prompt_len, it.output_len, it.priority)
+                     for it in self.items]
         return Trace(tuple(items), self.name)
 
     def to_jsonl(self, path: str) -> str:
         with open(path, "w") as f:
             for it in self.items:
-                f.write(json.dumps({"arrival": it.arrival, "prompt_len": it.prompt_len, "output_len": it.output_len}))
+                row = {"arrival": it.arrival, "prompt_len": it.prompt_len, "output_len": it.output_len}
+                f.write(json.dumps({**row, "priority": it.priority} if it.priority else row))
                 f.write("\n")
         return path
 
@@ -87,7 +92,8 @@ class Trace:
                     continue
                 try:
                     row = json.loads(line)
-                    items.append(TraceItem(float(row["arrival"]), int(row["prompt_len"]), int(row["output_len"])))
+                    items.append(TraceItem(float(row["arrival"]), int(row["prompt_len"]), int(row["output_len"]),
+                                           int(row.get("priority", 0))))
                 except (ValueError, KeyError, TypeError) as err:
                     raise ValueError(
                         f"{path}:{n}: expected {{\"arrival\": s, \"prompt_len\": n, \"output_len\": m}}, "
