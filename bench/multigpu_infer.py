@@ -66,7 +66,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="offline: infer_gpu's uniform lengths; mixed: the batching simulator's long/short mix "
                         "(all queued at once), lengths times --scale")
     p.add_argument("--scale", type=float, default=1.0, help="mixed workload: length multiplier")
-    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--requests", type=int, default=None, help="requests queued at once (256; --smoke: 8)")
     p.add_argument("--lengths", type=int, nargs=2, default=[100, 1024], help="uniform prompt and output lengths")
     p.add_argument("--token-budget", type=int, default=512, help="chunked-prefill's tokens per microbatch")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -78,8 +78,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/multigpu-infer")
     args = p.parse_args(argv)
     if args.smoke:
-        args.size, args.requests, args.lengths = "tiny", 8, [8, 24]
+        args.size, args.lengths = "tiny", [8, 24]
         args.token_budget, args.max_num_seqs, args.num_blocks = 16, 16, 256
+    if args.requests is None:
+        args.requests = 8 if args.smoke else 256
+    if args.requests < 1 or args.scale <= 0:
+        p.error(f"--requests must be >= 1 and --scale > 0, got --requests {args.requests} --scale {args.scale}")
     return args
 
 

@@ -83,7 +83,6 @@ def test_greedy_and_seeded_outputs_equal_one_process(name, pool2, pool4):
              zip([(p, b) for p in ("chunked-prefill", "prefill-first") for b in (ROOMY, TINY)], layouts)]
     pool = pool2 if pp * tp == 2 else pool4
     driver = pool.run(_generate, family, pp, tp, cases, timeout=600)[0]
-    preempted = 0
     for (policy, blocks, layout), got in zip(cases, driver):
         want = _reference(family, policy, blocks)
         for i, ((tokens, logprobs), (want_tokens, want_logprobs)) in enumerate(zip(got["summary"], want)):
@@ -96,8 +95,8 @@ def test_greedy_and_seeded_outputs_equal_one_process(name, pool2, pool4):
         assert len(got["layout"]) == pp and sum(got["layout"]) == 4 + 2
         if not isinstance(layout, str):
             assert got["layout"] == layout
-        preempted += got["stats"]["preemptions"]
-    assert preempted > 0, "the tiny block pools should have preempted somebody"
+        if blocks == TINY:  # every policy's tiny pool preempts (and the outputs above still equal one process)
+            assert got["stats"]["preemptions"] > 0, f"{name} {policy}: the tiny block pool preempted nobody"
     missing = set(vars(LLMEngine(_model(family), num_blocks=8, block_size=BLOCK))) - set(driver[0]["attributes"])
     assert not missing, f"PipelineEngine lacks LLMEngine attributes {missing}"
 
