@@ -73,7 +73,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-fraction", type=float, default=0.9)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: what memory holds)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits for another")
-    p.add_argument("--picture-mb", type=int, default=48, help="microbatches drawn per timeline picture")
+    p.add_argument("--picture-mb", type=int, default=48, help="microbatches drawn per timeline picture (0: none)")
     p.add_argument("--smoke", action="store_true", help="tiny model and workload on CPU ranks (gloo)")
     p.add_argument("--out", default="runs/multigpu-infer")
     args = p.parse_args(argv)
@@ -257,9 +257,10 @@ def run_layout(layout: str, args) -> list[dict]:
             if pp > 1:
                 timeline, lanes = llm.timeline()
                 row.update(bubbles(llm.engine, timeline, lanes, first_record, prompts, outs))
-                picture(timeline, row.pop("_predicted").timeline,
-                        os.path.join(args.out, "timelines", f"{layout}_{policy}.png"), f"{layout} {policy}",
-                        args.picture_mb)
+                predicted = row.pop("_predicted")
+                if args.picture_mb > 0:
+                    picture(timeline, predicted.timeline, os.path.join(args.out, "timelines", f"{layout}_{policy}.png"),
+                            f"{layout} {policy}", args.picture_mb)
             rows.append(row)
         else:
             llm.generate(None)  # the warm-up

@@ -47,14 +47,15 @@ def _bench():
 def _mixed_rows(out: str):
     """On every rank of a pool: the bench's pp=2 layout on the mixed long/short trace, both policies."""
     bench = _bench()
-    args = bench.parse(["--smoke", "--workload", "mixed", "--scale", "0.05", "--requests", "12", "--out", out])
+    args = bench.parse(["--smoke", "--workload", "mixed", "--scale", "0.03", "--requests", "12",
+                        "--picture-mb", "0", "--out", out])
     return bench.run_layout("2x1", args), bench.workload(args)
 
 
 @pytest.mark.slow
 def test_mixed_trace_bubbles_measured_beside_the_plan_and_the_serving_simulator(pool2, tmp_path):
     """p = 2 stages, 2 microbatches in flight, the batching simulator's mixed long/short trace (one long prompt
-    among chat-sized ones, lengths x 0.05): per policy the measured pipeline bubble, the plan's prediction from the
+    among chat-sized ones, lengths x 0.03): per policy the measured pipeline bubble, the plan's prediction from the
     measured forwards and the serving simulator's with a cost model fitted on the run; their prefill-first /
     chunked-prefill ratios printed beside Sarathi's."""
     bench = _bench()
