@@ -83,6 +83,11 @@ class BlockManager:
         attached (their counts raised) before fresh blocks are taken.
         """
         table = self.tables.get(request.id)
+        if table is not None:  # a decode step (or chunk) inside the blocks it holds, filling none: nothing to do
+            end, bs = request.num_computed + num_new_tokens, self.block_size
+            if end <= len(table) * bs and (end // bs <= len(self._hashes.get(request.id, ()))
+                                           or not self.enable_prefix_caching or not hasattr(request, "token_ids")):
+                return True
         hit_blocks: list[int] = []
         if table is None:
             if request.num_computed:

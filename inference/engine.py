@@ -26,7 +26,7 @@ from pipeloom.schedules.batching import (IterationRecord, RequestStatus, Schedul
 
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
-from .model_runner import ModelRunner, num_blocks_for_budget
+from .model_runner import DEFAULT_GRAPH_SIZES, ModelRunner, num_blocks_for_budget
 from .sampling import Sampler, SamplingParams
 from .sequence import CompletionOutput, RequestOutput, Sequence
 from .validate import validate_request
@@ -50,14 +50,15 @@ class LLMEngine:
     ``policy`` and ``policy_options``: a registered batching policy (``list_batching()``) and its options;
     ``token_budget`` goes to the policies that take one (chunked-prefill, splitfuse), others ignore it.
     KV cache: ``block_size`` tokens per block, ``num_blocks`` blocks or, when None, as many as
-    ``gpu_memory_fraction`` of the device memory holds.
+    ``gpu_memory_fraction`` of the device memory holds. ``cuda_graphs`` and ``compile`` (False, True or a
+    ``torch.compile`` mode): how decode steps run (:class:`~pipeloom.inference.model_runner.ModelRunner`).
     """
 
     def __init__(self, model: torch.nn.Module, *, tokenizer=None, eos_token_id: int | None = None,
                  policy: str = "chunked-prefill", token_budget: int | None = None, max_num_seqs: int | None = None,
                  policy_options: dict | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, seed: int = 0):
+                 cuda_graphs: bool = True, compile: bool | str = False, seed: int = 0):
         self.model = model.eval()
         self.config = model.config
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
@@ -68,7 +69,8 @@ class LLMEngine:
         self.policy = _make_policy(policy, token_budget, max_num_seqs, policy_options or {})
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.policy, self.block_manager)
-        self.runner = ModelRunner(model, num_blocks, block_size, backend=attention, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(model, num_blocks, block_size, backend=attention, cuda_graphs=cuda_graphs,
+                                  graph_batch_sizes=graph_sizes(self.policy.max_num_seqs), compile=compile)
         shared = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=shared)
         self.records: list[IterationRecord] = []  # one per iteration run: composition and measured seconds
@@ -118,7 +120,7 @@ class LLMEngine:
             seqs.append(Sequence(id=request_id if j == 0 else f"{request_id}#{j}", prompt_len=len(ids),
                                  max_tokens=max_tokens, arrival=now, priority=priority, token_ids=list(ids),
                                  params=p, group_id=request_id, index=j, generator=p.generator(self.device),
-                                 detokenizer=detok))
+                                 detokenizer=detok, argmax_only=argmax_only(p)))
         for seq in seqs[:1]:  # the policy's own refusal (e.g. more KV blocks than the cache has), before queueing
             self.policy.check_request(seq, self.block_manager)
         return _Group(request_id, text, ids, seqs)
@@ -149,6 +151,7 @@ class LLMEngine:
                     self.scheduler.abort(seq.id)
                     seq.detokenizer.finish("abort")
                     group.finish[seq.index] = "abort"
+                self.runner.forget(seq.id)
             return self._output(group, {})
 
     def has_unfinished(self) -> bool:
@@ -162,7 +165,8 @@ class LLMEngine:
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one iteration; return the outputs of the requests that got tokens or finished in it (only the
-        finished ones with ``finished_only``: offline generation skips building the running ones)."""
+        finished ones with ``finished_only``: offline generation skips building the running ones, and their
+        text is decoded once at the end rather than token by token, unless stop strings need it now)."""
         with self._lock:
             iteration = self.scheduler.schedule(self.now())
             self.idle = iteration.is_empty  # nothing runnable now (callers may wait for next_wakeup)
@@ -180,15 +184,22 @@ class LLMEngine:
                 seq.token_ids.append(token)
                 if lp is not None:
                     seq.logprobs.append(lp)
-                delta = seq.detokenizer.add([token])
-                deltas.setdefault(seq.group_id, {})[seq.index] = (delta, token)
-                if seq.detokenizer.finished:
-                    ended[seq.id] = seq.detokenizer.finish_reason
+                detok = seq.detokenizer
+                if finished_only:
+                    detok.push(token)  # stop ids and length now; the text when it is read
+                else:
+                    deltas.setdefault(seq.group_id, {})[seq.index] = (detok.add([token]), token)
+                if detok.finished:
+                    ended[seq.id] = detok.finish_reason
             done = self.scheduler.update(iteration, ended)
             self.records.append(IterationRecord.from_iteration(iteration, duration))
             self.num_preemptions += len(iteration.preempted)
             for seq in done:
-                if not seq.detokenizer.finished:
+                self.runner.forget(seq.id)
+                if finished_only:  # nothing of it was reported yet: all of its text is new
+                    seq.detokenizer.finish(seq.finish_reason)
+                    deltas.setdefault(seq.group_id, {})[seq.index] = (seq.detokenizer.text, seq.token_ids[-1])
+                elif not seq.detokenizer.finished:
                     text = seq.detokenizer.finish(seq.finish_reason)
                     old = deltas.setdefault(seq.group_id, {}).get(seq.index, ("", None))
                     deltas[seq.group_id][seq.index] = (old[0] + text, old[1])
@@ -206,6 +217,8 @@ class LLMEngine:
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         if not rows:
             return [], []
+        if all(s.argmax_only for s in rows):  # plain greedy rows: one argmax, one device->host copy
+            return logits.argmax(dim=-1).tolist(), [None] * len(rows)
         params = [s.params for s in rows]
         # the histories only matter to penalties and min_tokens: skip copying them otherwise
         history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
@@ -258,6 +271,21 @@ class LLMEngine:
         return {"iterations": len(self.records), "prefill_tokens": sum(r.num_prefill_tokens for r in self.records),
                 "decode_tokens": sum(r.num_decode_seqs for r in self.records), "preemptions": self.num_preemptions,
                 "prefix_cache_hit_rate": bm.hits / bm.queries if bm.queries else 0.0, "kv_usage": bm.usage()}
+
+
+def argmax_only(params: SamplingParams) -> bool:
+    """Greedy with nothing that changes the argmax or needs more than the token: no penalties, min_tokens or
+    logprobs (the Sampler would give exactly ``logits.argmax``)."""
+    return (params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
+            and not params.frequency_penalty and not params.min_tokens and params.logprobs is None)
+
+
+def graph_sizes(max_num_seqs: int, sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES) -> tuple[int, ...]:
+    """The decode graph sizes an engine of ``max_num_seqs`` seats can use: those below it and the first at or
+    above it (every size is captured, so fewer sizes mean less capture time and memory)."""
+    below = tuple(n for n in sizes if n < max_num_seqs)
+    above = [n for n in sizes if n >= max_num_seqs]
+    return below + (above[0],) if above else below
 
 
 def _queue_time(seq: Sequence) -> float | None:
