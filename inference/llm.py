@@ -63,6 +63,12 @@ def load_model(model: str | torch.nn.Module, *, device: torch.device, dtype: tor
         eos = eos[0] if isinstance(eos, list) else eos
         if tokenizer is None and os.path.isfile(os.path.join(model, "tokenizer.json")):
             tokenizer = HFTokenizer(os.path.join(model, "tokenizer.json"))
+    elif os.path.isfile(model):  # a quantized model written by pipeloom.inference.quant.save_quantized
+        from pipeloom.inference.quant import load_quantized
+
+        net = load_quantized(model, device=device)
+        if tokenizer is None and net.config.vocab_size == 256:
+            tokenizer = ByteTokenizer()
     elif os.path.isdir(model):
         net, spec = _load_pipeloom_checkpoint(model)
         if tokenizer is None:
@@ -71,11 +77,42 @@ def load_model(model: str | torch.nn.Module, *, device: torch.device, dtype: tor
         from pipeloom.models import model_config_names
 
         raise ValueError(f"model={model!r} is neither a registered config ({', '.join(model_config_names())}) nor "
-                         "a directory (a Hugging Face folder with config.json, or a pipeloom-train run/checkpoint)")
+                         "a directory (a Hugging Face folder with config.json, or a pipeloom-train run/checkpoint) "
+                         "nor a file written by pipeloom.inference.quant.save_quantized")
     net = net.to(device=device, dtype=dtype).eval()
     if hasattr(net, "init_buffers"):
         net.init_buffers()  # rotary tables back in float32 precision after the dtype cast
     return net, tokenizer, eos
+
+
+def check_quantization(mode: str, group_size: int = 128) -> None:
+    """A ValueError naming ``inference.quantization`` / ``inference.quant_group_size`` when they are not valid."""
+    from pipeloom.inference.quant import MODES
+    from pipeloom.inference.quant.formats import GROUP_SIZES
+
+    if mode not in MODES:
+        raise ValueError(f"inference.quantization={mode!r}; choose one of {', '.join(MODES)}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"inference.quant_group_size={group_size}; choose one of {GROUP_SIZES}")
+
+
+def apply_quantization(model: torch.nn.Module, mode: str = "none", group_size: int = 128) -> torch.nn.Module:
+    """``model`` with its linears quantized to ``mode`` (``inference.quantization``: none | int8 | int4 | fp8), in
+    place, before the engine captures graphs or compiles. A model loaded quantized keeps its own recipe (asking
+    for another mode is an error). fp8 runs rowwise-scaled ``torch._scaled_mm`` on Hopper-class GPUs (compute
+    capability 8.9+) and its float32 emulation elsewhere (CPU included: the reference path, not fast)."""
+    from pipeloom.inference.quant import quantize_model
+
+    check_quantization(mode, group_size)
+    loaded = getattr(model, "quant_config", None)
+    if loaded is not None and loaded.mode != "none":
+        if mode not in ("none", loaded.mode):
+            raise ValueError(f"inference.quantization={mode!r} but the model was loaded quantized as "
+                             f"{loaded.mode!r}; load its float checkpoint to quantize it another way")
+        return model
+    if mode != "none" and next(model.parameters()).dtype == torch.float64:
+        raise ValueError(f"inference.quantization={mode!r} needs a float32/bfloat16/float16 model, not float64")
+    return quantize_model(model, mode, group_size)
 
 
 def _load_pipeloom_checkpoint(path: str):
@@ -110,19 +147,25 @@ class LLM:
     ``gpu_memory_fraction`` for the KV cache; ``dtype``, ``device``; ``seed`` (random weights of a named config
     and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``; ``compile``
     (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start).
+    ``quantization``: none | int8 | int4 | fp8 weights (:func:`apply_quantization`; ``quant_group_size`` columns
+    per int4 scale), applied to the loaded float model before the engine is built. ``model`` may also be a file
+    written by ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
                  seed: int = 0, policy: str = "chunked-prefill", token_budget: int | None = 512,
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | str = False, eos_token_id: int | None = None):
+                 cuda_graphs: bool = True, compile: bool | str = False, eos_token_id: int | None = None,
+                 quantization: str = "none", quant_group_size: int = 128):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
             dtype = str(param.dtype).removeprefix("torch.") if dtype == "auto" else dtype
         dev, dt = resolve_device_dtype(device, dtype)
+        check_quantization(quantization, quant_group_size)  # before loading: a bad value costs nothing
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
+        self.model = apply_quantization(self.model, quantization, quant_group_size)
         self.engine = LLMEngine(self.model, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
                                 policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                 block_size=block_size, num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
