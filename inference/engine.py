@@ -24,6 +24,8 @@ import torch
 from pipeloom.schedules.batching import (IterationRecord, RequestStatus, Scheduler, fit_cost_model, fit_error,
                                          get_batching)
 
+from pipeloom.kernels.kv_fp8 import check_kv_cache_dtype
+
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .model_runner import DEFAULT_GRAPH_SIZES, ModelRunner, num_blocks_for_budget
@@ -52,25 +54,30 @@ class LLMEngine:
     KV cache: ``block_size`` tokens per block, ``num_blocks`` blocks or, when None, as many as
     ``gpu_memory_fraction`` of the device memory holds. ``cuda_graphs`` and ``compile`` (False, True or a
     ``torch.compile`` mode): how decode steps run (:class:`~pipeloom.inference.model_runner.ModelRunner`).
+    ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 with a scale per token and head: about twice
+    the tokens in the same memory).
     """
 
     def __init__(self, model: torch.nn.Module, *, tokenizer=None, eos_token_id: int | None = None,
                  policy: str = "chunked-prefill", token_budget: int | None = None, max_num_seqs: int | None = None,
                  policy_options: dict | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | str = False, seed: int = 0):
+                 cuda_graphs: bool = True, compile: bool | str = False, seed: int = 0, kv_cache_dtype: str = "auto"):
         self.model = model.eval()
         self.config = model.config
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
         if num_blocks is None:
-            num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device, gpu_memory_fraction)
+            num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device, gpu_memory_fraction,
+                                               kv_cache_dtype=kv_cache_dtype)
         self.policy = _make_policy(policy, token_budget, max_num_seqs, policy_options or {})
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.policy, self.block_manager)
         self.runner = ModelRunner(model, num_blocks, block_size, backend=attention, cuda_graphs=cuda_graphs,
-                                  graph_batch_sizes=graph_sizes(self.policy.max_num_seqs), compile=compile)
+                                  graph_batch_sizes=graph_sizes(self.policy.max_num_seqs), compile=compile,
+                                  kv_cache_dtype=kv_cache_dtype)
         shared = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=shared)
         self.records: list[IterationRecord] = []  # one per iteration run: composition and measured seconds

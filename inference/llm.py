@@ -150,6 +150,7 @@ class LLM:
     ``quantization``: none | int8 | int4 | fp8 weights (:func:`apply_quantization`; ``quant_group_size`` columns
     per int4 scale), applied to the loaded float model before the engine is built. ``model`` may also be a file
     written by ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
+    ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 KV cache: about twice the tokens per byte).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
@@ -157,7 +158,7 @@ class LLM:
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
                  cuda_graphs: bool = True, compile: bool | str = False, eos_token_id: int | None = None,
-                 quantization: str = "none", quant_group_size: int = 128):
+                 quantization: str = "none", quant_group_size: int = 128, kv_cache_dtype: str = "auto"):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
@@ -170,7 +171,7 @@ class LLM:
                                 policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                 block_size=block_size, num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
                                 enable_prefix_caching=enable_prefix_caching, attention=attention,
-                                cuda_graphs=cuda_graphs, compile=compile, seed=seed)
+                                cuda_graphs=cuda_graphs, compile=compile, seed=seed, kv_cache_dtype=kv_cache_dtype)
         self._ids = itertools.count()
         self.last_run: dict[str, float] = {}
 

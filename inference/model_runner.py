@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pipeloom.kernels.kv_fp8 import bytes_per_token_head, cache_dtype, check_kv_cache_dtype, row_width
 from pipeloom.kernels.paged_attention import tile_rows
 from pipeloom.kernels.paged_decode import decode_splits, num_sms
 from pipeloom.models.kv import PagedBatch, kv_cache_shape, paged_context
@@ -34,15 +35,19 @@ DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 2
 CPU_KV_BYTES = 1 << 30  # on CPU, kv.gpu_memory_fraction is a share of this budget
 
 
-def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes over all layers, keys and values: 2 L block_size Hkv hd element_size."""
-    return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one block takes over all layers, keys and values: 2 L block_size Hkv hd element_size, or with an
+    fp8 cache 2 L block_size Hkv (hd + 4) (e4m3 codes and a float32 scale per row: kernels/kv_fp8.py)."""
+    per_row = bytes_per_token_head(config.head_dim, dtype, kv_cache_dtype)
+    return 2 * config.n_layers * block_size * config.n_kv_heads * per_row
 
 
 def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: torch.device,
-                          gpu_memory_fraction: float = 0.9, reserve_bytes: int = 1 << 30) -> int:
+                          gpu_memory_fraction: float = 0.9, reserve_bytes: int = 1 << 30,
+                          kv_cache_dtype: str = "auto") -> int:
     """Blocks that fit in ``gpu_memory_fraction`` of the device memory, less what is allocated already and
-    ``reserve_bytes`` for activations (on CPU: the fraction of a fixed 1 GiB budget)."""
+    ``reserve_bytes`` for activations (on CPU: the fraction of a fixed 1 GiB budget); an fp8 cache
+    (``kv_cache_dtype="fp8"``) fits about twice the blocks of a bfloat16 one."""
     if not 0.0 < gpu_memory_fraction <= 1.0:
         raise ValueError(f"kv.gpu_memory_fraction={gpu_memory_fraction} must be in (0, 1]")
     if device.type == "cuda":
@@ -51,10 +56,11 @@ def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: t
         budget = gpu_memory_fraction * total - (total - free) - reserve_bytes
     else:
         budget = gpu_memory_fraction * CPU_KV_BYTES
-    blocks = int(budget // kv_bytes_per_block(config, block_size, dtype))
+    per_block = kv_bytes_per_block(config, block_size, dtype, kv_cache_dtype)
+    blocks = int(budget // per_block)
     if blocks < 1:
         raise ValueError(f"kv.gpu_memory_fraction={gpu_memory_fraction} leaves no room for a KV block "
-                         f"({kv_bytes_per_block(config, block_size, dtype)} bytes); raise it or set kv.num_blocks")
+                         f"({per_block} bytes); raise it or set kv.num_blocks")
     return blocks
 
 
@@ -86,12 +92,13 @@ class ModelRunner:
 
     ``compile``: False, or True / a ``torch.compile`` mode ("default", "max-autotune-no-cudagraphs") for the
     decode forward over the decode graphs' static buffers (captured in CUDA graphs on a GPU, replayed
-    uncaptured elsewhere).
+    uncaptured elsewhere). ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 rows with a scale each,
+    :mod:`pipeloom.kernels.kv_fp8`).
     """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, backend: str = "auto",
                  cuda_graphs: bool | str = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
-                 dense_prefill_tokens: int | None = 256, compile: bool | str = False):
+                 dense_prefill_tokens: int | None = 256, compile: bool | str = False, kv_cache_dtype: str = "auto"):
         self.model, self.config = model, model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -99,9 +106,13 @@ class ModelRunner:
         self.dense_prefill_tokens = dense_prefill_tokens  # whole prompts at least this long: SDPA (Triton path)
         self.max_blocks_per_seq = -(-self.config.max_seq_len // block_size)
         self.scratch_block = num_blocks  # one extra block: padded graph rows write here
-        shape = kv_cache_shape(num_blocks + 1, block_size, self.config.n_kv_heads, self.config.head_dim)
-        self.caches = {block.attn: (torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                    torch.zeros(shape, dtype=self.dtype, device=self.device))
+        check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
+        self.kv_cache_dtype = kv_cache_dtype
+        shape = kv_cache_shape(num_blocks + 1, block_size, self.config.n_kv_heads,
+                               row_width(self.config.head_dim, kv_cache_dtype))
+        store = cache_dtype(self.dtype, kv_cache_dtype)
+        self.caches = {block.attn: (torch.zeros(shape, dtype=store, device=self.device),
+                                    torch.zeros(shape, dtype=store, device=self.device))
                        for block in model.blocks}
         self.fused_qkv = fuse_qkv(model)
         self.triton_path = backend == "triton" or (backend == "auto" and self.device.type == "cuda")

@@ -40,7 +40,8 @@ def run(cfg: DictConfig) -> list[dict]:
               token_budget=inf.token_budget, max_num_seqs=inf.max_num_seqs, block_size=kv.block_size,
               num_blocks=kv.num_blocks, gpu_memory_fraction=kv.gpu_memory_fraction,
               enable_prefix_caching=inf.prefix_caching, attention=inf.attention, cuda_graphs=inf.cuda_graphs,
-              quantization=inf.quantization, quant_group_size=inf.quant_group_size)
+              quantization=inf.quantization, quant_group_size=inf.quant_group_size,
+              kv_cache_dtype=inf.kv_cache_dtype)
     results = llm.generate(prompts, params, use_tqdm=cfg.progress)
     records = []
     for prompt, result in zip(prompts, results):
