@@ -47,6 +47,8 @@ class InferenceSection:
     quantization: str = "none"  # weights: none | int8 (per channel) | int4 (group-wise) | fp8 (e4m3, per row)
     quant_group_size: int = 128  # int4: input columns per scale (32, 64, 128 or 256)
     kv_cache_dtype: str = "auto"  # KV cache: auto (the model's dtype) | fp8 (e4m3 + a scale per token and head)
+    speculative: str = "none"  # speculative decoding: none | ngram (prompt lookup, verified exactly)
+    num_speculative_tokens: int = 4  # guesses per decode step and sequence (speculative=ngram)
 
 
 @dataclass

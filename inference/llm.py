@@ -26,6 +26,7 @@ import torch
 from .engine import LLMEngine
 from .sampling import SamplingParams
 from .sequence import RequestOutput
+from .speculative_engine import SPECULATIVE_METHODS, SpeculativeEngine
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -151,6 +152,8 @@ class LLM:
     per int4 scale), applied to the loaded float model before the engine is built. ``model`` may also be a file
     written by ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 KV cache: about twice the tokens per byte).
+    ``speculative``: "none" or "ngram" (prompt lookup: ``num_speculative_tokens`` guesses per decode, verified
+    in the iteration's forward; :class:`~pipeloom.inference.speculative_engine.SpeculativeEngine`).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
@@ -158,16 +161,21 @@ class LLM:
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
                  cuda_graphs: bool = True, compile: bool | str = False, eos_token_id: int | None = None,
-                 quantization: str = "none", quant_group_size: int = 128, kv_cache_dtype: str = "auto"):
+                 quantization: str = "none", quant_group_size: int = 128, kv_cache_dtype: str = "auto",
+                 speculative: str = "none", num_speculative_tokens: int = 4):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
             dtype = str(param.dtype).removeprefix("torch.") if dtype == "auto" else dtype
         dev, dt = resolve_device_dtype(device, dtype)
         check_quantization(quantization, quant_group_size)  # before loading: a bad value costs nothing
+        if speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"inference.speculative={speculative!r}; choose one of {', '.join(SPECULATIVE_METHODS)}")
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
         self.model = apply_quantization(self.model, quantization, quant_group_size)
-        self.engine = LLMEngine(self.model, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
+        spec = {} if speculative == "none" else {"num_speculative_tokens": num_speculative_tokens}
+        engine_class = LLMEngine if speculative == "none" else SpeculativeEngine
+        self.engine = engine_class(self.model, **spec, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
                                 policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                 block_size=block_size, num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
                                 enable_prefix_caching=enable_prefix_caching, attention=attention,

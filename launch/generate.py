@@ -41,7 +41,8 @@ def run(cfg: DictConfig) -> list[dict]:
               num_blocks=kv.num_blocks, gpu_memory_fraction=kv.gpu_memory_fraction,
               enable_prefix_caching=inf.prefix_caching, attention=inf.attention, cuda_graphs=inf.cuda_graphs,
               quantization=inf.quantization, quant_group_size=inf.quant_group_size,
-              kv_cache_dtype=inf.kv_cache_dtype)
+              kv_cache_dtype=inf.kv_cache_dtype, speculative=inf.speculative,
+              num_speculative_tokens=inf.num_speculative_tokens)
     results = llm.generate(prompts, params, use_tqdm=cfg.progress)
     records = []
     for prompt, result in zip(prompts, results):

@@ -36,7 +36,8 @@ def build(cfg: DictConfig):
               num_blocks=kv.num_blocks, gpu_memory_fraction=kv.gpu_memory_fraction,
               enable_prefix_caching=inf.prefix_caching, attention=inf.attention, cuda_graphs=inf.cuda_graphs,
               quantization=inf.quantization, quant_group_size=inf.quant_group_size,
-              kv_cache_dtype=inf.kv_cache_dtype)
+              kv_cache_dtype=inf.kv_cache_dtype, speculative=inf.speculative,
+              num_speculative_tokens=inf.num_speculative_tokens)
     template = ChatTemplate.for_model(cfg.model, settings.chat_template)
     return Server(llm.engine, settings, model_name=settings.model_name or cfg.model, chat_template=template)
 
