@@ -251,11 +251,15 @@ def run(args) -> dict:
             spec_ms = statistics.median(spec_times) / args.tokens * 1e3
             row["prompt_lookup"] = {"k": args.k, "ms_per_token": spec_ms, "tokens_per_s": 1e3 / spec_ms,
                                     "speedup_vs_plain": ms / spec_ms, "acceptance_rate": stats.acceptance_rate,
+                                    "proposed": stats.proposed, "accepted": stats.accepted,
+                                    "first_difference": next((i for i, (a, b) in enumerate(zip(spec_tokens, tokens))
+                                                              if a != b), None),
                                     "tokens_per_step": stats.tokens_per_step,
                                     "same_tokens_as_plain": spec_tokens == tokens}
             print(f"  + prompt lookup k={args.k}: {spec_ms:.3f} ms/token, {1e3 / spec_ms:.1f} tok/s, "
                   f"{ms / spec_ms:.2f}x plain; acceptance {stats.acceptance_rate:.3f}, "
-                  f"{stats.tokens_per_step:.2f} tokens/step; same tokens as plain: {spec_tokens == tokens}")
+                  f"{stats.tokens_per_step:.2f} tokens/step ({stats.proposed} proposed); same tokens as plain: "
+                  f"{spec_tokens == tokens} (first difference at {row['prompt_lookup']['first_difference']})")
         results[variant] = row
         del decoder, decode_one, verify
         if model is not base:
