@@ -14,6 +14,7 @@ with the bf16 cache. Also ``--speculative`` runs prompt lookup through the engin
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -74,6 +75,7 @@ def decode_at_context(model, args, kv_cache_dtype: str, prompt: list[int], specu
     if speculative:
         row["spec"] = str(engine.spec_stats)
     del engine
+    gc.collect()  # the engine's parts refer to each other: free its pool now, before the next engine sizes its own
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
