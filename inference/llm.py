@@ -109,25 +109,28 @@ class LLM:
     Options: ``policy`` (a batching policy name) and ``token_budget``; ``block_size``, ``num_blocks`` or
     ``gpu_memory_fraction`` for the KV cache; ``dtype``, ``device``; ``seed`` (random weights of a named config
     and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``; ``compile``
-    (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start).
+    (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start);
+    ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
                  seed: int = 0, policy: str = "chunked-prefill", token_budget: int | None = 512,
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | str = False, eos_token_id: int | None = None):
+                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool = True,
+                 eos_token_id: int | None = None):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
             dtype = str(param.dtype).removeprefix("torch.") if dtype == "auto" else dtype
         dev, dt = resolve_device_dtype(device, dtype)
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
-        self.engine = LLMEngine(self.model, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
+        eos = eos if eos_token_id is None else eos_token_id  # an explicit id wins, 0 included
+        self.engine = LLMEngine(self.model, tokenizer=self.tokenizer, eos_token_id=eos,
                                 policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                 block_size=block_size, num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
                                 enable_prefix_caching=enable_prefix_caching, attention=attention,
-                                cuda_graphs=cuda_graphs, compile=compile, seed=seed)
+                                cuda_graphs=cuda_graphs, compile=compile, overlap=overlap, seed=seed)
         self._ids = itertools.count()
         self.last_run: dict[str, float] = {}
 

@@ -108,6 +108,7 @@ class ModelRunner:
         self.tables = BlockTables(self.max_blocks_per_seq)  # host block tables, appended to step by step
         self._stage_long = Staging(self.device, torch.long)
         self._stage_int = Staging(self.device, torch.int32)
+        self._stage_pending = Staging(self.device, torch.long)
         self.compiled = bool(compile)
         forward = compile_decode(self.graph_forward, compile) if compile else self.graph_forward
         # graphs: on CUDA with the Triton path; "emulate" (and compile without graphs) replays the forward over
@@ -128,8 +129,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ batch tensors
 
-    def prepare(self, iteration, block_manager) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
-        """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``."""
+    def prepare(self, iteration, block_manager, pending=None) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
+        """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``; ``pending``: see
+        :meth:`run`."""
         host = ragged_inputs(iteration, block_manager, self.tables)
         query_lens = np.diff(host.query_start)
         dense, tiled_max, splits, extra = [], int(query_lens.max()), None, []
@@ -148,6 +150,8 @@ class ModelRunner:
             tiled_max = max(int(lens.max()), 1)  # the kernel's tile size follows its longest query
             extra = list(query_tiles_np(lens, group, tile_rows(group, tiled_max)))
         ids, positions, slots, rows = self._stage_long.to_device(host.ids, host.positions, host.slots, host.rows)
+        if host.missing:
+            self._fill_missing(pending, ids, host.missing)
         starts, seq_lens, tables, *tile_tensors = self._stage_int.to_device(
             host.query_start, host.seq_lens, host.tables, *extra)
         batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=starts, seq_lens=seq_lens,
@@ -185,15 +189,29 @@ class ModelRunner:
         return self.decode_forward(*DecodeGraphs.unpack(index, small, n, self.max_blocks_per_seq))
 
     @torch.inference_mode()
-    def run(self, iteration, block_manager) -> torch.Tensor:
+    def run(self, iteration, block_manager, pending: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
         """Logits (R, V) of the slices with ``samples``, in order (R may be 0); float32, or float64 for a
-        float64 model."""
+        float64 model. ``pending``: (token ids (R',) on the device, request id -> row) sampled by the previous
+        iteration and not yet appended on the host (the engine's overlapped steps): the ids of the slices that
+        start at such a token are taken from there on the device."""
+        def fill(ids, missing):
+            self._fill_missing(pending, ids, missing)
+
         if self.use_graphs and DecodeGraphs.graphable(iteration, self.graph_sizes[-1]):
-            logits = self.decode_graphs.replay(iteration, block_manager, self.tables)
+            logits = self.decode_graphs.replay(iteration, block_manager, self.tables, fill)
         else:
-            input_ids, batch, rows = self.prepare(iteration, block_manager)
+            input_ids, batch, rows = self.prepare(iteration, block_manager, pending)
             logits = self.forward(input_ids, batch, rows)
         return logits if logits.dtype == torch.float64 else logits.float()
+
+    def _fill_missing(self, pending, ids: torch.Tensor, missing: list[tuple[int, str]]) -> None:
+        if pending is None:
+            raise RuntimeError(f"the token ids of {[sid for _, sid in missing]} are not known: pass the pending "
+                               "tokens of the iteration in flight to ModelRunner.run")
+        tokens, row_of = pending
+        dst, src = self._stage_pending.to_device(np.array([row for row, _ in missing], dtype=np.int64),
+                                                 np.array([row_of[sid] for _, sid in missing], dtype=np.int64))
+        ids[dst] = tokens[src]
 
     def capture(self) -> None:
         """Capture the decode graph of every size in ``graph_batch_sizes`` now (otherwise each on first use)."""
