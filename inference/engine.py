@@ -54,14 +54,16 @@ class LLMEngine:
     ``gpu_memory_fraction`` of the device memory holds. ``cuda_graphs`` and ``compile`` (False, True or a
     ``torch.compile`` mode): how decode steps run (:class:`~pipeloom.inference.model_runner.ModelRunner`).
     ``overlap``: offline steps (``step(finished_only=True)``) of plain greedy sequences prepare the next
-    iteration while the device runs the current one (:mod:`.overlap`).
+    iteration while the device runs the current one (:mod:`.overlap`); "auto" (the default): on CUDA only (on
+    the CPU the forward is synchronous, so there is nothing to hide), True: also elsewhere (tests).
     """
 
     def __init__(self, model: torch.nn.Module, *, tokenizer=None, eos_token_id: int | None = None,
                  policy: str = "chunked-prefill", token_budget: int | None = None, max_num_seqs: int | None = None,
                  policy_options: dict | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool = True, seed: int = 0):
+                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
+                 seed: int = 0):
         self.model = model.eval()
         self.config = model.config
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
@@ -83,7 +85,9 @@ class LLMEngine:
         self._t0 = time.perf_counter()
         self.max_model_len = self.config.max_seq_len
         self.idle = False
-        self.overlap = overlap
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap={overlap!r}; choose True, False or 'auto'")
+        self.overlap = self.device.type == "cuda" if overlap == "auto" else overlap
         self._overlap = Overlap(self)
         self._needs_tokens: set[str] = set()  # live sequences whose token values decide something (no overlap)
 

@@ -116,13 +116,13 @@ def slice_arrays(iteration) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
 def decode_ids(requests: list, firsts: list[int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Token ``firsts[s]`` of each request (one per sequence) and the (row, request id) of those not known on
     the host yet: sampled by the iteration in flight (the engine's overlapped steps), their ids left 0."""
-    try:
-        return np.fromiter((r.token_ids[f] for r, f in zip(requests, firsts)), dtype=INDEX,
-                           count=len(firsts)), []
-    except IndexError:
-        known = [f < len(r.token_ids) for r, f in zip(requests, firsts)]
-        ids = np.array([r.token_ids[f] if k else 0 for r, f, k in zip(requests, firsts, known)], dtype=INDEX)
-        return ids, [(i, r.id) for i, (r, k) in enumerate(zip(requests, known)) if not k]
+    ids = np.fromiter((t[f] if f < len(t) else -1 for t, f in zip((r.token_ids for r in requests), firsts)),
+                      dtype=INDEX, count=len(firsts))  # -1: not known yet (token ids are >= 0)
+    unknown = np.flatnonzero(ids < 0)
+    if not len(unknown):
+        return ids, []
+    ids[unknown] = 0
+    return ids, [(int(i), requests[i].id) for i in unknown]
 
 
 def ragged_inputs(iteration, block_manager, tables: BlockTables) -> RaggedInputs:

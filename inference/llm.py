@@ -110,14 +110,15 @@ class LLM:
     ``gpu_memory_fraction`` for the KV cache; ``dtype``, ``device``; ``seed`` (random weights of a named config
     and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``; ``compile``
     (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start);
-    ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests).
+    ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests; "auto": on
+    CUDA).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
                  seed: int = 0, policy: str = "chunked-prefill", token_budget: int | None = 512,
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool = True,
+                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
                  eos_token_id: int | None = None):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())

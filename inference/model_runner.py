@@ -62,23 +62,34 @@ def fuse_qkv(model: torch.nn.Module) -> dict:
     """Each attention's q/k/v weights as ONE tensor, with ``wq/wk/wv`` re-pointed at views of it (no second
     copy): the inference forward then runs one GEMM without concatenating the weights every step (the
     training path's ``Attention._project`` concatenates per call). Modules with other linears are skipped."""
-    fused = {}
+    return {block.attn: fused for block in model.blocks
+            if (fused := _fuse_linears((block.attn.wq, block.attn.wk, block.attn.wv))) is not None}
+
+
+def fuse_gate_up(model: torch.nn.Module) -> dict:
+    """Each SwiGLU's gate and up weights (``w1``, ``w3``) as ONE tensor, the linears re-pointed at views of it:
+    one GEMM of ``2F`` outputs per MLP instead of two (at batch 1 each is a weight-streaming GEMV, and a
+    launch). GPT MLPs, and SwiGLUs with other linears, are skipped."""
+    return {block.mlp: fused for block in model.blocks
+            if hasattr(block.mlp, "w3") and (fused := _fuse_linears((block.mlp.w1, block.mlp.w3))) is not None}
+
+
+def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+    """(concatenated weight, bias or None, output sizes) of plain ``nn.Linear``s over one input, each linear's
+    parameters re-pointed at views of the concatenation; None when any is not a plain Linear."""
+    if not all(type(lin) is torch.nn.Linear and type(lin.weight) in (torch.Tensor, torch.nn.Parameter)
+               for lin in linears):
+        return None
+    sizes = [lin.out_features for lin in linears]
     with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn
-            linears = (attn.wq, attn.wk, attn.wv)
-            if not all(type(lin) is torch.nn.Linear for lin in linears):
-                continue
-            sizes = [lin.out_features for lin in linears]
-            weight = torch.cat([lin.weight for lin in linears])  # (Hq*hd + 2*Hkv*hd, D)
-            bias = None if attn.wq.bias is None else torch.cat([lin.bias for lin in linears])
-            for lin, w in zip(linears, weight.split(sizes)):
-                lin.weight = torch.nn.Parameter(w, requires_grad=False)
-            if bias is not None:
-                for lin, b in zip(linears, bias.split(sizes)):
-                    lin.bias = torch.nn.Parameter(b, requires_grad=False)
-            fused[attn] = (weight, bias, sizes)
-    return fused
+        weight = torch.cat([lin.weight for lin in linears])  # (sum of outputs, D)
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        for lin, w in zip(linears, weight.split(sizes)):
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            for lin, b in zip(linears, bias.split(sizes)):
+                lin.bias = torch.nn.Parameter(b, requires_grad=False)
+    return weight, bias, sizes
 
 
 class ModelRunner:
@@ -103,7 +114,7 @@ class ModelRunner:
         self.caches = {block.attn: (torch.zeros(shape, dtype=self.dtype, device=self.device),
                                     torch.zeros(shape, dtype=self.dtype, device=self.device))
                        for block in model.blocks}
-        self.fused_qkv = fuse_qkv(model)
+        self.fused = {**fuse_qkv(model), **fuse_gate_up(model)}  # module -> one GEMM's weights
         self.triton_path = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         self.tables = BlockTables(self.max_blocks_per_seq)  # host block tables, appended to step by step
         self._stage_long = Staging(self.device, torch.long)
@@ -156,7 +167,7 @@ class ModelRunner:
             host.query_start, host.seq_lens, host.tables, *extra)
         batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=starts, seq_lens=seq_lens,
                            block_tables=tables, block_size=self.block_size, caches=self.caches,
-                           fused_qkv=self.fused_qkv, query_lens=query_lens.tolist(),
+                           fused=self.fused, query_lens=query_lens.tolist(),
                            seq_lens_host=host.seq_lens.tolist(), max_query_len=tiled_max, backend=self.backend,
                            tiles=tuple(tile_tensors) if tile_tensors else None, dense=dense, decode_splits=splits)
         return ids[None], batch, rows
@@ -180,7 +191,7 @@ class ModelRunner:
         kernel is a custom op)."""
         batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=None, seq_lens=seq_lens,
                            block_tables=tables, block_size=self.block_size, caches=self.caches,
-                           fused_qkv=self.fused_qkv, backend="triton" if self.triton_path else "torch",
+                           fused=self.fused, backend="triton" if self.triton_path else "torch",
                            decode_splits=splits)
         return self.forward(ids[None], batch, None)
 
@@ -229,5 +240,5 @@ def compile_decode(fn, mode: bool | str):
     return torch.compile(fn, fullgraph=True, dynamic=True, mode=mode)
 
 
-__all__ = ["DEFAULT_GRAPH_SIZES", "ModelRunner", "compile_decode", "fuse_qkv", "kv_bytes_per_block",
+__all__ = ["DEFAULT_GRAPH_SIZES", "ModelRunner", "compile_decode", "fuse_gate_up", "fuse_qkv", "kv_bytes_per_block",
            "num_blocks_for_budget"]
