@@ -185,6 +185,7 @@ class BlockManager:
             return
         hashes = self._hashes.setdefault(request.id, [])
         table, bs, tokens = self.tables[request.id], self.block_size, request.token_ids
+        end = min(end, len(tokens))  # a token still being sampled (an overlapped step): its block is keyed later
         for i in range(len(hashes), end // bs):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])
             key = block_hash(hashes[-1] if hashes else None, chunk)

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import bisect
 
-import numpy as np
 import torch
 
-from .host_inputs import INDEX, SMALL, BlockTables, slice_arrays
+from .host_inputs import INDEX, SMALL, BlockTables, decode_ids, slice_arrays
 
 
 class DecodeGraphs:
@@ -100,8 +99,9 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ replay
 
-    def replay(self, iteration, block_manager, tables: BlockTables) -> torch.Tensor:
-        """Logits (b, V) of a decode-only ``iteration`` of b sequences."""
+    def replay(self, iteration, block_manager, tables: BlockTables, fill_missing=None) -> torch.Tensor:
+        """Logits (b, V) of a decode-only ``iteration`` of b sequences. ``fill_missing(ids, missing)`` writes
+        on the device the ids the host does not know yet (sampled by a step in flight)."""
         requests, firsts, _, _ = slice_arrays(iteration)
         b = len(requests)
         n = self.size_for(b)
@@ -111,7 +111,7 @@ class DecodeGraphs:
         bs, m, mb = block_manager.block_size, self.n_max, self.max_blocks
         index_host, small_host = self._host()
         index_np, small_np = index_host.numpy(), small_host.numpy()
-        index_np[:b] = np.fromiter((r.token_ids[f] for r, f in zip(requests, firsts.tolist())), dtype=INDEX, count=b)
+        index_np[:b], missing = decode_ids(requests, firsts.tolist())
         index_np[m : m + b] = firsts
         block = tables.array[rows, firsts // bs].astype(INDEX)
         index_np[2 * m : 2 * m + b] = block * bs + firsts % bs
@@ -127,6 +127,8 @@ class DecodeGraphs:
         self.index.copy_(index_host, non_blocking=True)
         self.small[:used].copy_(small_host[:used], non_blocking=True)
         self._record()
+        if missing:
+            fill_missing(self.index, missing)
         self.graphs[n].replay()
         return self.logits[n][:b]
 

@@ -29,6 +29,7 @@ from pipeloom.kernels.kv_fp8 import check_kv_cache_dtype
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .model_runner import DEFAULT_GRAPH_SIZES, ModelRunner, num_blocks_for_budget
+from .overlap import Overlap
 from .sampling import Sampler, SamplingParams
 from .sequence import CompletionOutput, RequestOutput, Sequence
 from .validate import validate_request
@@ -54,6 +55,9 @@ class LLMEngine:
     KV cache: ``block_size`` tokens per block, ``num_blocks`` blocks or, when None, as many as
     ``gpu_memory_fraction`` of the device memory holds. ``cuda_graphs`` and ``compile`` (False, True or a
     ``torch.compile`` mode): how decode steps run (:class:`~pipeloom.inference.model_runner.ModelRunner`).
+    ``overlap``: offline steps (``step(finished_only=True)``) of plain greedy sequences prepare the next
+    iteration while the device runs the current one (:mod:`.overlap`); "auto" (the default): on CUDA only (on
+    the CPU the forward is synchronous, so there is nothing to hide), True: also elsewhere (tests).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 with a scale per token and head: about twice
     the tokens in the same memory).
     """
@@ -62,7 +66,8 @@ class LLMEngine:
                  policy: str = "chunked-prefill", token_budget: int | None = None, max_num_seqs: int | None = None,
                  policy_options: dict | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | str = False, seed: int = 0, kv_cache_dtype: str = "auto"):
+                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
+                 seed: int = 0, kv_cache_dtype: str = "auto"):
         self.model = model.eval()
         self.config = model.config
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
@@ -87,6 +92,11 @@ class LLMEngine:
         self._t0 = time.perf_counter()
         self.max_model_len = self.config.max_seq_len
         self.idle = False
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap={overlap!r}; choose True, False or 'auto'")
+        self.overlap = self.device.type == "cuda" if overlap == "auto" else overlap
+        self._overlap = Overlap(self)
+        self._needs_tokens: set[str] = set()  # live sequences whose token values decide something (no overlap)
 
     # ------------------------------------------------------------------ requests
 
@@ -146,6 +156,7 @@ class LLMEngine:
                 self.scheduler.abort(seq.id)
             raise
         self.groups[group.request_id] = group
+        self._needs_tokens.update(seq.id for seq in group.seqs if not ends_by_length_only(seq))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now: its blocks are freed at once; returns its final output (None if unknown)."""
@@ -159,10 +170,11 @@ class LLMEngine:
                     seq.detokenizer.finish("abort")
                     group.finish[seq.index] = "abort"
                 self.runner.forget(seq.id)
+                self._needs_tokens.discard(seq.id)
             return self._output(group, {})
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._overlap.flight is not None
 
     def now(self) -> float:
         """Seconds since the engine started (the scheduler's clock)."""
@@ -173,53 +185,75 @@ class LLMEngine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one iteration; return the outputs of the requests that got tokens or finished in it (only the
         finished ones with ``finished_only``: offline generation skips building the running ones, and their
-        text is decoded once at the end rather than token by token, unless stop strings need it now)."""
+        text is decoded once at the end rather than token by token, unless stop strings need it now).
+
+        With ``finished_only`` and ``overlap``, while no sequence needs its tokens' values to decide anything
+        (:mod:`.overlap`), the step launches the next iteration before it waits for the previous one's tokens:
+        outputs then come one call later."""
         with self._lock:
+            if finished_only and self.overlap and not self._needs_tokens:
+                return self._overlap.step()
+            landed = self._overlap.land()  # an overlapped iteration still in flight finishes first
             iteration = self.scheduler.schedule(self.now())
-            self.idle = iteration.is_empty  # nothing runnable now (callers may wait for next_wakeup)
+            self.idle = iteration.is_empty and not landed  # nothing runnable now (callers may wait for next_wakeup)
             if iteration.is_empty:
-                return []
+                return landed
             start = time.perf_counter()
             logits = self.runner.run(iteration, self.block_manager)  # (R, V)
             rows = [sl.request for sl in iteration.slices if sl.samples]
             new_tokens, logprobs = self._sample(logits, rows)
-            duration = time.perf_counter() - start
             self.block_manager.mark_computed()
-            ended: dict[str, str] = {}
-            deltas: dict[str, dict[int, tuple[str, int]]] = {}
-            for seq, token, lp in zip(rows, new_tokens, logprobs):
-                seq.token_ids.append(token)
-                if lp is not None:
-                    seq.logprobs.append(lp)
-                detok = seq.detokenizer
-                if finished_only:
-                    detok.push(token)  # stop ids and length now; the text when it is read
-                else:
-                    deltas.setdefault(seq.group_id, {})[seq.index] = (detok.add([token]), token)
-                if detok.finished:
-                    ended[seq.id] = detok.finish_reason
+            return landed + self.apply(iteration, rows, new_tokens, logprobs, time.perf_counter() - start,
+                                       finished_only)
+
+    def apply(self, iteration, rows: list[Sequence], new_tokens: list[int], logprobs: list[dict | None],
+              duration: float, finished_only: bool = False, done: list | None = None) -> list[RequestOutput]:
+        """After ``iteration`` ran: append each sampled row's token, detokenize, update the scheduler (``done``:
+        it was updated already, these finished), record it, and build the outputs. A sequence aborted while its
+        iteration was in flight gets nothing. Call with the engine's lock held."""
+        ended: dict[str, str] = {}
+        deltas: dict[str, dict[int, tuple[str, int]]] = {}
+        groups = self.groups
+        for seq, token, lp in zip(rows, new_tokens, logprobs):
+            if seq.group_id not in groups:  # aborted while in flight
+                continue
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            detok = seq.detokenizer
+            if finished_only:
+                detok.push(token)  # stop ids and length now; the text when it is read
+            else:
+                deltas.setdefault(seq.group_id, {})[seq.index] = (detok.add([token]), token)
+            if detok.finished:
+                ended[seq.id] = detok.finish_reason
+        if done is None:
             done = self.scheduler.update(iteration, ended)
-            self.records.append(IterationRecord.from_iteration(iteration, duration))
-            self.num_preemptions += len(iteration.preempted)
-            for seq in done:
-                self.runner.forget(seq.id)
-                if finished_only:  # nothing of it was reported yet: all of its text is new
-                    seq.detokenizer.finish(seq.finish_reason)
-                    deltas.setdefault(seq.group_id, {})[seq.index] = (seq.detokenizer.text, seq.token_ids[-1])
-                elif not seq.detokenizer.finished:
-                    text = seq.detokenizer.finish(seq.finish_reason)
-                    old = deltas.setdefault(seq.group_id, {}).get(seq.index, ("", None))
-                    deltas[seq.group_id][seq.index] = (old[0] + text, old[1])
-                self.groups[seq.group_id].finish[seq.index] = seq.finish_reason
-            outputs = []
-            for group_id, group_deltas in deltas.items():
-                group = self.groups[group_id]
-                if finished_only and not group.finished:
-                    continue
-                outputs.append(self._output(group, group_deltas))
-                if group.finished:
-                    del self.groups[group_id]
-            return outputs
+        elif any(ended.get(seq.id) not in (None, seq.finish_reason) for seq in done) or len(ended) > len(done):
+            raise RuntimeError(f"sequences {sorted(ended)} ended by token value in an overlapped step; only "
+                               "sequences that end by length may overlap")
+        self.records.append(IterationRecord.from_iteration(iteration, duration))
+        self.num_preemptions += len(iteration.preempted)
+        for seq in done:
+            self.runner.forget(seq.id)
+            self._needs_tokens.discard(seq.id)
+            if finished_only:  # nothing of it was reported yet: all of its text is new
+                seq.detokenizer.finish(seq.finish_reason)
+                deltas.setdefault(seq.group_id, {})[seq.index] = (seq.detokenizer.text, seq.token_ids[-1])
+            elif not seq.detokenizer.finished:
+                text = seq.detokenizer.finish(seq.finish_reason)
+                old = deltas.setdefault(seq.group_id, {}).get(seq.index, ("", None))
+                deltas[seq.group_id][seq.index] = (old[0] + text, old[1])
+            groups[seq.group_id].finish[seq.index] = seq.finish_reason
+        outputs = []
+        for group_id, group_deltas in deltas.items():
+            group = groups[group_id]
+            if finished_only and not group.finished:
+                continue
+            outputs.append(self._output(group, group_deltas))
+            if group.finished:
+                del groups[group_id]
+        return outputs
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         if not rows:
@@ -277,7 +311,8 @@ class LLMEngine:
         bm = self.block_manager
         return {"iterations": len(self.records), "prefill_tokens": sum(r.num_prefill_tokens for r in self.records),
                 "decode_tokens": sum(r.num_decode_seqs for r in self.records), "preemptions": self.num_preemptions,
-                "prefix_cache_hit_rate": bm.hits / bm.queries if bm.queries else 0.0, "kv_usage": bm.usage()}
+                "prefix_cache_hit_rate": bm.hits / bm.queries if bm.queries else 0.0, "kv_usage": bm.usage(),
+                "overlapped_iterations": self._overlap.overlapped}
 
 
 def argmax_only(params: SamplingParams) -> bool:
@@ -285,6 +320,12 @@ def argmax_only(params: SamplingParams) -> bool:
     logprobs (the Sampler would give exactly ``logits.argmax``)."""
     return (params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
             and not params.frequency_penalty and not params.min_tokens and params.logprobs is None)
+
+
+def ends_by_length_only(seq: Sequence) -> bool:
+    """Sampled by one argmax, and no token value can end it (no stop strings, stop ids or EOS): nothing the
+    scheduler decides depends on its tokens' values."""
+    return seq.argmax_only and not seq.params.stop and not seq.detokenizer.stop_ids
 
 
 def graph_sizes(max_num_seqs: int, sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES) -> tuple[int, ...]:

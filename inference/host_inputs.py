@@ -92,13 +92,14 @@ class BlockTables:
 class RaggedInputs:
     """One ragged forward's host arrays (S sequences, N new tokens, R sampled rows)."""
 
-    ids: np.ndarray  # (N,) int64 token ids
+    ids: np.ndarray  # (N,) int64 token ids (0 where ``missing``)
     positions: np.ndarray  # (N,) int64
     slots: np.ndarray  # (N,) int64 cache slot of each new token
     query_start: np.ndarray  # (S + 1,) int32
     seq_lens: np.ndarray  # (S,) int32 tokens in the cache after the step
     tables: np.ndarray  # (S, W) int32 block tables, W = blocks of the longest sequence, zero padded
     rows: np.ndarray  # (R,) int64 logits rows: the last token of each slice that samples
+    missing: list[tuple[int, str]]  # (row in ids, request id) of tokens sampled by a step still in flight
 
 
 def slice_arrays(iteration) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
@@ -112,6 +113,18 @@ def slice_arrays(iteration) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
     return requests, firsts, counts, samples
 
 
+def decode_ids(requests: list, firsts: list[int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Token ``firsts[s]`` of each request (one per sequence) and the (row, request id) of those not known on
+    the host yet: sampled by the iteration in flight (the engine's overlapped steps), their ids left 0."""
+    ids = np.fromiter((t[f] if f < len(t) else -1 for t, f in zip((r.token_ids for r in requests), firsts)),
+                      dtype=INDEX, count=len(firsts))  # -1: not known yet (token ids are >= 0)
+    unknown = np.flatnonzero(ids < 0)
+    if not len(unknown):
+        return ids, []
+    ids[unknown] = 0
+    return ids, [(int(i), requests[i].id) for i in unknown]
+
+
 def ragged_inputs(iteration, block_manager, tables: BlockTables) -> RaggedInputs:
     """The :class:`RaggedInputs` of ``iteration`` (vectorised; equal to building them token by token)."""
     requests, firsts, counts, samples = slice_arrays(iteration)
@@ -120,12 +133,21 @@ def ragged_inputs(iteration, block_manager, tables: BlockTables) -> RaggedInputs
     np.cumsum(counts, out=starts[1:])
     n = int(starts[-1])
     if bool((counts == 1).all()):  # decodes (and one-token chunks): no per-token spans to concatenate
-        ids = np.fromiter((r.token_ids[f] for r, f in zip(requests, firsts.tolist())), dtype=INDEX, count=n)
+        ids, missing = decode_ids(requests, firsts.tolist())
         positions = firsts
         seq_of_token = np.arange(len(requests))
     else:
         spans = [r.token_ids[f : f + c] for r, f, c in zip(requests, firsts.tolist(), counts.tolist())]
-        ids = np.fromiter((t for span in spans for t in span), dtype=INDEX, count=n)
+        # a span is one short when its last token is still being sampled (an overlapped step): left 0
+        missing = [(int(starts[i + 1]) - 1, r.id) for i, (r, span, c) in enumerate(zip(requests, spans,
+                                                                                      counts.tolist()))
+                   if len(span) < c]
+        ids = np.fromiter((t for span in spans for t in span), dtype=INDEX, count=n - len(missing))
+        if missing:
+            known = np.ones(n, dtype=bool)
+            known[[row for row, _ in missing]] = False
+            ids, given = np.zeros(n, dtype=INDEX), ids
+            ids[known] = given
         seq_of_token = np.repeat(np.arange(len(requests)), counts)  # (N,)
         positions = np.arange(n, dtype=INDEX) - (starts[:-1] - firsts)[seq_of_token]
     rows = tables.rows([r.id for r in requests], block_manager)  # (S,)
@@ -134,7 +156,7 @@ def ragged_inputs(iteration, block_manager, tables: BlockTables) -> RaggedInputs
     block_of_token = tables.array[rows[seq_of_token], positions // bs].astype(INDEX)
     return RaggedInputs(ids=ids, positions=positions, slots=block_of_token * bs + positions % bs,
                         query_start=starts.astype(SMALL), seq_lens=seq_lens.astype(SMALL),
-                        tables=tables.array[rows, :width], rows=(starts[1:] - 1)[samples])
+                        tables=tables.array[rows, :width], rows=(starts[1:] - 1)[samples], missing=missing)
 
 
 def query_tiles_np(query_lens: np.ndarray, group: int, block_m: int) -> tuple[np.ndarray, np.ndarray]:

@@ -147,8 +147,9 @@ class LLM:
     Options: ``policy`` (a batching policy name) and ``token_budget``; ``block_size``, ``num_blocks`` or
     ``gpu_memory_fraction`` for the KV cache; ``dtype``, ``device``; ``seed`` (random weights of a named config
     and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``; ``compile``
-    (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start).
-    ``quantization``: none | int8 | int4 | fp8 weights (:func:`apply_quantization`; ``quant_group_size`` columns
+    (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start);
+    ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests; "auto": on
+    CUDA). ``quantization``: none | int8 | int4 | fp8 weights (:func:`apply_quantization`; ``quant_group_size`` columns
     per int4 scale), applied to the loaded float model before the engine is built. ``model`` may also be a file
     written by ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 KV cache: about twice the tokens per byte).
@@ -160,9 +161,9 @@ class LLM:
                  seed: int = 0, policy: str = "chunked-prefill", token_budget: int | None = 512,
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, compile: bool | str = False, eos_token_id: int | None = None,
-                 quantization: str = "none", quant_group_size: int = 128, kv_cache_dtype: str = "auto",
-                 speculative: str = "none", num_speculative_tokens: int = 4):
+                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
+                 eos_token_id: int | None = None, quantization: str = "none", quant_group_size: int = 128,
+                 kv_cache_dtype: str = "auto", speculative: str = "none", num_speculative_tokens: int = 4):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
@@ -173,13 +174,15 @@ class LLM:
             raise ValueError(f"inference.speculative={speculative!r}; choose one of {', '.join(SPECULATIVE_METHODS)}")
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
         self.model = apply_quantization(self.model, quantization, quant_group_size)
+        eos = eos if eos_token_id is None else eos_token_id  # an explicit id wins, 0 included
         spec = {} if speculative == "none" else {"num_speculative_tokens": num_speculative_tokens}
         engine_class = LLMEngine if speculative == "none" else SpeculativeEngine
-        self.engine = engine_class(self.model, **spec, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
-                                policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
-                                block_size=block_size, num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
-                                enable_prefix_caching=enable_prefix_caching, attention=attention,
-                                cuda_graphs=cuda_graphs, compile=compile, seed=seed, kv_cache_dtype=kv_cache_dtype)
+        self.engine = engine_class(self.model, **spec, tokenizer=self.tokenizer, eos_token_id=eos,
+                                   policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
+                                   block_size=block_size, num_blocks=num_blocks,
+                                   gpu_memory_fraction=gpu_memory_fraction, enable_prefix_caching=enable_prefix_caching,
+                                   attention=attention, cuda_graphs=cuda_graphs, compile=compile, overlap=overlap,
+                                   seed=seed, kv_cache_dtype=kv_cache_dtype)
         self._ids = itertools.count()
         self.last_run: dict[str, float] = {}
 

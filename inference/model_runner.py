@@ -68,23 +68,34 @@ def fuse_qkv(model: torch.nn.Module) -> dict:
     """Each attention's q/k/v weights as ONE tensor, with ``wq/wk/wv`` re-pointed at views of it (no second
     copy): the inference forward then runs one GEMM without concatenating the weights every step (the
     training path's ``Attention._project`` concatenates per call). Modules with other linears are skipped."""
-    fused = {}
+    return {block.attn: fused for block in model.blocks
+            if (fused := _fuse_linears((block.attn.wq, block.attn.wk, block.attn.wv))) is not None}
+
+
+def fuse_gate_up(model: torch.nn.Module) -> dict:
+    """Each SwiGLU's gate and up weights (``w1``, ``w3``) as ONE tensor, the linears re-pointed at views of it:
+    one GEMM of ``2F`` outputs per MLP instead of two (at batch 1 each is a weight-streaming GEMV, and a
+    launch). GPT MLPs, and SwiGLUs with other linears, are skipped."""
+    return {block.mlp: fused for block in model.blocks
+            if hasattr(block.mlp, "w3") and (fused := _fuse_linears((block.mlp.w1, block.mlp.w3))) is not None}
+
+
+def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+    """(concatenated weight, bias or None, output sizes) of plain ``nn.Linear``s over one input, each linear's
+    parameters re-pointed at views of the concatenation; None when any is not a plain Linear."""
+    if not all(type(lin) is torch.nn.Linear and type(lin.weight) in (torch.Tensor, torch.nn.Parameter)
+               for lin in linears):
+        return None
+    sizes = [lin.out_features for lin in linears]
     with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn
-            linears = (attn.wq, attn.wk, attn.wv)
-            if not all(type(lin) is torch.nn.Linear for lin in linears):
-                continue
-            sizes = [lin.out_features for lin in linears]
-            weight = torch.cat([lin.weight for lin in linears])  # (Hq*hd + 2*Hkv*hd, D)
-            bias = None if attn.wq.bias is None else torch.cat([lin.bias for lin in linears])
-            for lin, w in zip(linears, weight.split(sizes)):
-                lin.weight = torch.nn.Parameter(w, requires_grad=False)
-            if bias is not None:
-                for lin, b in zip(linears, bias.split(sizes)):
-                    lin.bias = torch.nn.Parameter(b, requires_grad=False)
-            fused[attn] = (weight, bias, sizes)
-    return fused
+        weight = torch.cat([lin.weight for lin in linears])  # (sum of outputs, D)
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        for lin, w in zip(linears, weight.split(sizes)):
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            for lin, b in zip(linears, bias.split(sizes)):
+                lin.bias = torch.nn.Parameter(b, requires_grad=False)
+    return weight, bias, sizes
 
 
 class ModelRunner:
@@ -114,11 +125,12 @@ class ModelRunner:
         self.caches = {block.attn: (torch.zeros(shape, dtype=store, device=self.device),
                                     torch.zeros(shape, dtype=store, device=self.device))
                        for block in model.blocks}
-        self.fused_qkv = fuse_qkv(model)
+        self.fused = {**fuse_qkv(model), **fuse_gate_up(model)}  # module -> one GEMM's weights
         self.triton_path = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         self.tables = BlockTables(self.max_blocks_per_seq)  # host block tables, appended to step by step
         self._stage_long = Staging(self.device, torch.long)
         self._stage_int = Staging(self.device, torch.int32)
+        self._stage_pending = Staging(self.device, torch.long)
         self.compiled = bool(compile)
         forward = compile_decode(self.graph_forward, compile) if compile else self.graph_forward
         # graphs: on CUDA with the Triton path; "emulate" (and compile without graphs) replays the forward over
@@ -139,8 +151,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ batch tensors
 
-    def prepare(self, iteration, block_manager) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
-        """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``."""
+    def prepare(self, iteration, block_manager, pending=None) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
+        """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``; ``pending``: see
+        :meth:`run`."""
         host = ragged_inputs(iteration, block_manager, self.tables)
         query_lens = np.diff(host.query_start)
         dense, tiled_max, splits, extra = [], int(query_lens.max()), None, []
@@ -159,11 +172,13 @@ class ModelRunner:
             tiled_max = max(int(lens.max()), 1)  # the kernel's tile size follows its longest query
             extra = list(query_tiles_np(lens, group, tile_rows(group, tiled_max)))
         ids, positions, slots, rows = self._stage_long.to_device(host.ids, host.positions, host.slots, host.rows)
+        if host.missing:
+            self._fill_missing(pending, ids, host.missing)
         starts, seq_lens, tables, *tile_tensors = self._stage_int.to_device(
             host.query_start, host.seq_lens, host.tables, *extra)
         batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=starts, seq_lens=seq_lens,
                            block_tables=tables, block_size=self.block_size, caches=self.caches,
-                           fused_qkv=self.fused_qkv, query_lens=query_lens.tolist(),
+                           fused=self.fused, query_lens=query_lens.tolist(),
                            seq_lens_host=host.seq_lens.tolist(), max_query_len=tiled_max, backend=self.backend,
                            tiles=tuple(tile_tensors) if tile_tensors else None, dense=dense, decode_splits=splits)
         return ids[None], batch, rows
@@ -187,7 +202,7 @@ class ModelRunner:
         kernel is a custom op)."""
         batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=None, seq_lens=seq_lens,
                            block_tables=tables, block_size=self.block_size, caches=self.caches,
-                           fused_qkv=self.fused_qkv, backend="triton" if self.triton_path else "torch",
+                           fused=self.fused, backend="triton" if self.triton_path else "torch",
                            decode_splits=splits)
         return self.forward(ids[None], batch, None)
 
@@ -196,15 +211,29 @@ class ModelRunner:
         return self.decode_forward(*DecodeGraphs.unpack(index, small, n, self.max_blocks_per_seq))
 
     @torch.inference_mode()
-    def run(self, iteration, block_manager) -> torch.Tensor:
+    def run(self, iteration, block_manager, pending: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
         """Logits (R, V) of the slices with ``samples``, in order (R may be 0); float32, or float64 for a
-        float64 model."""
+        float64 model. ``pending``: (token ids (R',) on the device, request id -> row) sampled by the previous
+        iteration and not yet appended on the host (the engine's overlapped steps): the ids of the slices that
+        start at such a token are taken from there on the device."""
+        def fill(ids, missing):
+            self._fill_missing(pending, ids, missing)
+
         if self.use_graphs and DecodeGraphs.graphable(iteration, self.graph_sizes[-1]):
-            logits = self.decode_graphs.replay(iteration, block_manager, self.tables)
+            logits = self.decode_graphs.replay(iteration, block_manager, self.tables, fill)
         else:
-            input_ids, batch, rows = self.prepare(iteration, block_manager)
+            input_ids, batch, rows = self.prepare(iteration, block_manager, pending)
             logits = self.forward(input_ids, batch, rows)
         return logits if logits.dtype == torch.float64 else logits.float()
+
+    def _fill_missing(self, pending, ids: torch.Tensor, missing: list[tuple[int, str]]) -> None:
+        if pending is None:
+            raise RuntimeError(f"the token ids of {[sid for _, sid in missing]} are not known: pass the pending "
+                               "tokens of the iteration in flight to ModelRunner.run")
+        tokens, row_of = pending
+        dst, src = self._stage_pending.to_device(np.array([row for row, _ in missing], dtype=np.int64),
+                                                 np.array([row_of[sid] for _, sid in missing], dtype=np.int64))
+        ids[dst] = tokens[src]
 
     def capture(self) -> None:
         """Capture the decode graph of every size in ``graph_batch_sizes`` now (otherwise each on first use)."""
@@ -222,5 +251,5 @@ def compile_decode(fn, mode: bool | str):
     return torch.compile(fn, fullgraph=True, dynamic=True, mode=mode)
 
 
-__all__ = ["DEFAULT_GRAPH_SIZES", "ModelRunner", "compile_decode", "fuse_qkv", "kv_bytes_per_block",
+__all__ = ["DEFAULT_GRAPH_SIZES", "ModelRunner", "compile_decode", "fuse_gate_up", "fuse_qkv", "kv_bytes_per_block",
            "num_blocks_for_budget"]

@@ -55,7 +55,8 @@ class SpeculativeEngine(LLMEngine):
                  ngram_min: int = 1, ngram_max: int = 3, **engine_options):
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"inference.num_speculative_tokens={num_speculative_tokens!r} must be an integer >= 1")
-        super().__init__(model, **engine_options)
+        # no overlapped steps: which drafts are proposed and kept depends on every token's value
+        super().__init__(model, **{**engine_options, "overlap": False})
         self.k = num_speculative_tokens
         self.proposer = proposer if proposer is not None else NgramProposer(ngram_min, ngram_max)
         self.spec_stats = SpecStats()
@@ -120,6 +121,7 @@ class SpeculativeEngine(LLMEngine):
         """Finish the ended sequences and build the outputs (as ``LLMEngine.step`` does)."""
         for seq in done:
             self.runner.forget(seq.id)
+            self._needs_tokens.discard(seq.id)
             if finished_only:
                 seq.detokenizer.finish(seq.finish_reason)
                 deltas.setdefault(seq.group_id, {})[seq.index] = (seq.detokenizer.text, seq.token_ids[-1])

@@ -52,8 +52,9 @@ class PagedBatch:
     # program, int32; None: built from query_start on the host (CUDA graphs pass static ones)
     dense: list[tuple[int, int]] = field(default_factory=list)  # (first row, tokens) of whole new prompts that
     # the Triton path hands to SDPA's fused causal attention (their tiles are left out of ``tiles``)
-    fused_qkv: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(default_factory=dict)
-    # ^ Attention module -> (wq|wk|wv weight, bias or None, split sizes), concatenated once by the runner
+    fused: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(default_factory=dict)
+    # ^ Attention -> (wq|wk|wv weight, bias or None, split sizes); SwiGLU -> (w1|w3 ...): concatenated once by
+    # the runner, so each is one GEMM
     decode_splits: int | None = None  # a decode batch (ONE new token per sequence): attention and the cache
     # write run as the split-K decode kernel (kernels/paged_decode.py) with this many splits; None: the general path
 
@@ -66,8 +67,9 @@ class PagedBatch:
                            "bind every block's attention (PagedBatch.caches) before running the model") from None
 
     def project(self, module: torch.nn.Module, x: torch.Tensor):
-        """q, k, v of ``x`` with the module's pre-fused projection, or None when it has none."""
-        fused = self.fused_qkv.get(module)
+        """The outputs of ``module``'s pre-fused projection of ``x`` (q, k, v of an Attention; gate, up of a
+        SwiGLU), or None when it has none."""
+        fused = self.fused.get(module)
         if fused is None:
             return None
         weight, bias, sizes = fused

@@ -63,7 +63,7 @@ class Metrics:
         self.prompt_tokens = Counter("pipeloom:prompt_tokens", "Prompt tokens of finished requests.", label,
                                      registry=reg)
         self.generation_tokens = Counter("pipeloom:generation_tokens", "Generated tokens.", label, registry=reg)
-        self.request_success = Counter("pipeloom:request_success", "Finished requests by finish reason.",
+        self.request_success = Counter("pipeloom:request_success", "Finished sequences (samples) by finish reason.",
                                        label + ["finished_reason"], registry=reg)
         self.rejected = Counter("pipeloom:num_requests_rejected", "Requests refused by admission control (429).",
                                 label, registry=reg)

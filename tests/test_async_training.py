@@ -55,12 +55,23 @@ def test_versioned_training_with_dp_matches_one_process(pool2):
         assert r["held"] == [{0: [2]}, {0: [2]}], r  # between steps: one version (the live weights)
 
 
+@pytest.fixture
+def kernels_restored():
+    """run() chooses the kernels' path for the process (pipeloom.kernels.set_kernels): put it back after."""
+    from pipeloom.kernels import set_kernels
+
+    previous = set_kernels("auto")
+    set_kernels(previous)
+    yield
+    set_kernels(previous)
+
+
 def _compose(*overrides):
     with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 
-def test_2bw_through_the_launcher_resumes_exactly(tmp_path, tmp_path_factory):
+def test_2bw_through_the_launcher_resumes_exactly(tmp_path, tmp_path_factory, kernels_restored):
     common = ["model=llama-tiny", "model.n_layers=2", "model.dim=32", "data.seq_len=32", "data.batch_size=8",
               "train.eval_batches=1", "train.timeline=false", "optimizer.warmup_steps=1", "train.eval_every=0",
               "schedule.name=pipedream-2bw", "schedule.microbatches=4", "+schedule.options.update_every=2",

@@ -25,9 +25,13 @@ register()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compose_serve(*overrides):
+def compose_serve(model: str, *overrides):
+    """The serve config for ``model``; set after composing, since pipeloom-train's ``model`` config group (in
+    the same process's ConfigStore once its tests ran) would take ``model=...`` as a group choice."""
     with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
-        return compose(config_name="serve", overrides=list(overrides))
+        cfg = compose(config_name="serve", overrides=list(overrides))
+    cfg.model = model
+    return cfg
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +54,7 @@ def test_bad_server_values_are_named_before_anything_loads():
     for override, field in (("server.port=70000", "server.port=70000"), ("server.max_n=500", "server.max_n=500"),
                             ("server.job_ttl=0", "server.job_ttl=0")):
         with pytest.raises(ValueError, match=re.escape(field)):
-            build(compose_serve("model=gpt-tiny", override))
+            build(compose_serve("gpt-tiny", override))
 
 
 def test_console_app_prints_its_address_serves_grpc_from_a_fresh_cache_and_stops_on_sigint(tmp_path):
@@ -92,7 +96,7 @@ def test_an_hf_folder_is_served_with_its_own_chat_template(tmp_path):
     save_hf_checkpoint(Transformer(get_model_config("gpt-tiny", vocab_size=vocab, n_layers=2)), None, tmp_path)
     template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    srv = build(compose_serve(f"model={tmp_path}", "device=cpu", "dtype=float32", "kv.num_blocks=32",
+    srv = build(compose_serve(str(tmp_path), "device=cpu", "dtype=float32", "kv.num_blocks=32",
                               "server.port=0", "server.model_name=tiny-hf"))
     srv.start_in_thread()
     try:
