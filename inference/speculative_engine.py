@@ -4,7 +4,8 @@
 Per iteration (the batching policy schedules exactly what it would without speculation):
 
 1. every decode slice of a request without logprobs asks the proposer (prompt lookup by default,
-   :class:`~pipeloom.inference.spec_proposers.NgramProposer`) for up to ``k`` tokens that follow its context,
+   :class:`~pipeloom.inference.spec_proposers.NgramProposer`; or a draft model, whose distributions ``q`` the
+   acceptance rule then uses) for up to ``k`` tokens that follow its context,
    never more than its ``max_tokens`` leave; the cache slots for them are taken from the block manager with a
    request that carries no token ids (nothing is keyed for the prefix cache, the tokens are guesses); a request
    the pool cannot extend gets no drafts;
@@ -60,6 +61,7 @@ class SpeculativeEngine(LLMEngine):
         self.k = num_speculative_tokens
         self.proposer = proposer if proposer is not None else NgramProposer(ngram_min, ngram_max)
         self.spec_stats = SpecStats()
+        self._draft_probs: dict[int, torch.Tensor] = {}  # slice index -> the draft model's q (d, V), this step
 
     # ------------------------------------------------------------------ the loop
 
@@ -109,6 +111,11 @@ class SpeculativeEngine(LLMEngine):
                     ended[seq.id] = "length"
             self.block_manager.mark_computed()
             done = self.scheduler.update(iteration, ended)
+            for seq in rows:
+                if seq.id in drafted:  # a cached draft keeps the accepted prefix (spec_proposers' contract)
+                    self.proposer.commit(seq.id, len(seq.token_ids))
+            for seq in list(done) + list(iteration.preempted):
+                self.proposer.release(seq.id)
             for seq in rows:  # the scheduler advanced one token; the accepted drafts are the rest
                 if seq.id in extra and not seq.is_finished:
                     seq.num_computed += extra[seq.id]
@@ -143,7 +150,8 @@ class SpeculativeEngine(LLMEngine):
     # ------------------------------------------------------------------ drafts
 
     def _propose(self, iteration) -> dict[int, list[int]]:
-        """Drafts for the iteration's decode slices, their cache slots allocated; {slice index: tokens}."""
+        """Drafts for the iteration's decode slices, their cache slots allocated; {slice index: tokens}. A draft
+        model's distributions (``Proposal.probs``) are kept in ``self._draft_probs`` for the acceptance rule."""
         wanted, requests = [], []
         for i, sl in enumerate(iteration.slices):
             seq = sl.request
@@ -154,12 +162,14 @@ class SpeculativeEngine(LLMEngine):
         if not wanted:
             return {}
         proposals = self.proposer.propose_batch(requests, self.k)
-        drafts = {}
+        drafts, self._draft_probs = {}, {}
         for (i, budget), proposal in zip(wanted, proposals):
             draft = list(proposal.token_ids)[:budget]
             seq = iteration.slices[i].request
             if draft and self.block_manager.allocate(_KeylessRequest(seq), 1 + len(draft)):
                 drafts[i] = draft
+                if proposal.probs is not None:
+                    self._draft_probs[i] = proposal.probs[: len(draft)]  # (d, V)
         return drafts
 
     # ------------------------------------------------------------------ verification
@@ -220,6 +230,9 @@ class SpeculativeEngine(LLMEngine):
         V = logits.size(1)
         target = torch.zeros(len(spec), k + 1, V, dtype=logits.dtype, device=logits.device)  # (B, k+1, V)
         draft_ids = torch.full((len(spec), k), -1, dtype=torch.long, device=logits.device)  # (B, k)
+        q = None  # deterministic proposals (prompt lookup); a draft model's distributions otherwise
+        if self._draft_probs:
+            q = torch.full((len(spec), k, V), 1.0 / V, dtype=logits.dtype, device=logits.device)  # (B, k, V)
         counts = []
         for b, (s, i, first) in enumerate(spec):
             seq, draft = seqs[s], drafts[i]
@@ -228,8 +241,10 @@ class SpeculativeEngine(LLMEngine):
                 logits[first : first + n + 1], [seq.params] * (n + 1), prompt_ids=[seq.prompt_ids] * (n + 1),
                 output_ids=position_histories(seq.output_ids, draft), sampler=self.sampler)
             draft_ids[b, :n] = torch.tensor(draft, dtype=torch.long)
+            if q is not None:
+                q[b, :n] = self._draft_probs[i].to(q)
             counts.append(n)
-        result = rejection_sample(draft_ids, counts, target, None, greedy=[seqs[s].params.greedy for s, _, _ in spec],
+        result = rejection_sample(draft_ids, counts, target, q, greedy=[seqs[s].params.greedy for s, _, _ in spec],
                                   generators=[seqs[s].generator for s, _, _ in spec],
                                   shared_generator=self.sampler.generator)
         for n, a in zip(counts, result.num_accepted.tolist()):
