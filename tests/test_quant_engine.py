@@ -135,7 +135,7 @@ def test_bad_quantization_values_are_named():
         LLM(model="llama-tiny", device="cpu", num_blocks=16, quantization="int4", quant_group_size=48)
 
 
-def test_generate_config_selects_quantization(tmp_path):
+def test_generate_config_selects_quantization_fp8_kv_and_speculation(tmp_path):
     from pipeloom.configs.generate import register
     from pipeloom.launch.generate import run
 
@@ -144,6 +144,7 @@ def test_generate_config_selects_quantization(tmp_path):
         cfg = compose(config_name="generate", overrides=[
             "model=llama-tiny", "prompts=[[1,2,3,4,5]]", "sampling.max_tokens=5", "sampling.temperature=0",
             "sampling.ignore_eos=true", "inference.quantization=int8", "inference.token_budget=64", "kv.num_blocks=32",
+            "inference.kv_cache_dtype=fp8", "inference.speculative=ngram", "inference.num_speculative_tokens=2",
             "device=cpu", "progress=false"])
         bad = compose(config_name="generate", overrides=["model=llama-tiny", "inference.quantization=fp4",
                                                          "device=cpu", "progress=false"])
