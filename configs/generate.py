@@ -37,7 +37,7 @@ class SamplingSection:
 
 @dataclass
 class InferenceSection:
-    """The engine: batching policy and attention path."""
+    """The engine: batching policy, attention path, weight quantization."""
 
     policy: str = "chunked-prefill"  # a batching policy (pipeloom.schedules.batching.list_batching())
     token_budget: int = 512  # tokens per iteration, for the policies that take one (chunked-prefill, splitfuse)
@@ -45,6 +45,11 @@ class InferenceSection:
     attention: str = "auto"  # auto (Triton on a GPU, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # capture the decode step as CUDA graphs (on a GPU)
     prefix_caching: bool = True  # share full KV blocks of equal prefixes
+    quantization: str = "none"  # weights: none | int8 (per channel) | int4 (group-wise) | fp8 (e4m3, per row)
+    quant_group_size: int = 128  # int4: input columns per scale (32, 64, 128 or 256)
+    kv_cache_dtype: str = "auto"  # KV cache: auto (the model's dtype) | fp8 (e4m3 + a scale per token and head)
+    speculative: str = "none"  # speculative decoding: none | ngram (prompt lookup, verified exactly)
+    num_speculative_tokens: int = 4  # guesses per decode step and sequence (speculative=ngram)
 
 
 @dataclass

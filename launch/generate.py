@@ -84,8 +84,15 @@ def build_llm(cfg: DictConfig):
                    gpu_memory_fraction=kv.gpu_memory_fraction, enable_prefix_caching=inf.prefix_caching,
                    attention=inf.attention)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    single = dict(cuda_graphs=inf.cuda_graphs, quantization=inf.quantization, quant_group_size=inf.quant_group_size,
+                  kv_cache_dtype=inf.kv_cache_dtype, speculative=inf.speculative,
+                  num_speculative_tokens=inf.num_speculative_tokens)
     if par.pp * par.tp == 1 and world == 1:
-        return LLM(model=cfg.model, cuda_graphs=inf.cuda_graphs, **options)
+        return LLM(model=cfg.model, **single, **options)
+    for key, off in (("quantization", "none"), ("kv_cache_dtype", "auto"), ("speculative", "none")):
+        if inf[key] != off:  # the parallel engine's stages run float weights, model-dtype caches, no drafts
+            raise ValueError(f"inference.{key}={inf[key]!r} is not supported with parallel.pp={par.pp} x "
+                             f"parallel.tp={par.tp}; use inference.{key}={off!r} or one process")
     for name in ("pp", "tp"):
         value = par[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

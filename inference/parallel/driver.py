@@ -34,6 +34,7 @@ from pipeloom.schedules.timeline import Timeline
 from ..block_manager import BlockManager
 from ..engine import LLMEngine, _make_policy
 from ..model_runner import host_batch
+from ..overlap import Overlap
 from .health import Board, Heartbeat, RankFailure, diagnose
 from .links import LinkError, Links, Topology
 from .stage import Control, Result, Run, SamplingMirror, StageRunner, needs_history
@@ -117,6 +118,7 @@ class PipelineEngine(LLMEngine):
         self.records = []
         self.num_preemptions = 0
         self.groups = {}
+        self.overlap, self._overlap, self._needs_tokens = False, Overlap(self), set()  # microbatches overlap instead
         self._lock = threading.RLock()
         self._t0 = time.perf_counter()
         self.max_model_len = config.max_seq_len
