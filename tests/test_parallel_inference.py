@@ -166,6 +166,9 @@ def _faulty(kind: str, victim: int, at: int, timeout: float):
         def faulty_stage(host, hidden=None):
             if llm.worker.k_next == at:
                 if kind == "kill":
+                    # the previous microbatch's send completes first (on a loaded CPU its isend can still be in
+                    # flight at os._exit): the next rank then waits for this one, in RECV_F<at>
+                    llm.worker.links.drain()
                     os._exit(17)
                 time.sleep(2.5 * timeout)
             return run_stage(host, hidden)

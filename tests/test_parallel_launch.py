@@ -41,8 +41,12 @@ def test_torchrun_pipeline_writes_the_one_process_output(tmp_path):
     from pipeloom.launch.generate import run
 
     single, parallel = tmp_path / "single.jsonl", tmp_path / "pp2.jsonl"
+    # model set after composing: pipeloom-train's ``model`` config group, in this process's ConfigStore once its
+    # tests ran, would take ``model=...`` as a group choice
     with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
-        run(compose(config_name="generate", overrides=COMMON + [f"output={single}"]))
+        cfg = compose(config_name="generate", overrides=COMMON[1:] + [f"output={single}"])
+    cfg.model = COMMON[0].split("=", 1)[1]
+    run(cfg)
     done = _torchrun(2, *COMMON, "parallel.pp=2", "parallel.layout=[3,3]", f"output={parallel}")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert done.stdout.count("generated ") == 1, done.stdout  # the driver prints, once
