@@ -140,14 +140,16 @@ def test_generate_config_selects_quantization_fp8_kv_and_speculation(tmp_path):
     from pipeloom.launch.generate import run
 
     register()
+    # model set after composing: pipeloom-train's ``model`` config group, in this process's ConfigStore once its
+    # tests ran, would take ``model=...`` as a group choice
     with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
         cfg = compose(config_name="generate", overrides=[
-            "model=llama-tiny", "prompts=[[1,2,3,4,5]]", "sampling.max_tokens=5", "sampling.temperature=0",
+            "prompts=[[1,2,3,4,5]]", "sampling.max_tokens=5", "sampling.temperature=0",
             "sampling.ignore_eos=true", "inference.quantization=int8", "inference.token_budget=64", "kv.num_blocks=32",
             "inference.kv_cache_dtype=fp8", "inference.speculative=ngram", "inference.num_speculative_tokens=2",
             "device=cpu", "progress=false"])
-        bad = compose(config_name="generate", overrides=["model=llama-tiny", "inference.quantization=fp4",
-                                                         "device=cpu", "progress=false"])
+        bad = compose(config_name="generate", overrides=["inference.quantization=fp4", "device=cpu", "progress=false"])
+    cfg.model = bad.model = "llama-tiny"
     records = run(cfg)
     assert len(records[0]["token_ids"]) == 5
     with pytest.raises(ValueError, match="inference.quantization='fp4'"):
