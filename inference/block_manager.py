@@ -198,6 +198,30 @@ class BlockManager:
             self.block_tokens[b] = chunk
             self._pending.add(b)
 
+    def truncate(self, request, num_tokens: int) -> None:
+        """Keep only the blocks that tokens [0, num_tokens) of ``request`` occupy and release the rest: the slots
+        of speculative decoding's rejected draft tokens (their keys and values are stale). A released block that
+        was keyed loses its key."""
+        table = self.tables.get(request.id)
+        if table is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        for b in reversed(table[keep:]):
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                if b in self.block_key:
+                    self._unkey(b)
+                self.free_list.append(b)
+        del table[keep:]
+        hashes = self._hashes.get(request.id)
+        if hashes is not None:
+            del hashes[num_tokens // self.block_size :]
+
+    def key_computed(self, request, num_tokens: int) -> None:
+        """Key the full blocks of tokens [0, num_tokens) of ``request`` for the prefix cache (after its tokens were
+        allocated with a request that carries no ``token_ids``: speculative decoding's drafts, unknown then)."""
+        self._key_full_blocks(request, num_tokens)
+
     def check(self) -> None:
         """Assert the pool's invariants (tests): counts equal table references, every block in one place."""
         counts = [0] * self.num_blocks

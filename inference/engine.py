@@ -24,6 +24,8 @@ import torch
 from pipeloom.schedules.batching import (IterationRecord, RequestStatus, Scheduler, fit_cost_model, fit_error,
                                          get_batching)
 
+from pipeloom.kernels.kv_fp8 import check_kv_cache_dtype
+
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .model_runner import DEFAULT_GRAPH_SIZES, ModelRunner, num_blocks_for_budget
@@ -56,6 +58,8 @@ class LLMEngine:
     ``overlap``: offline steps (``step(finished_only=True)``) of plain greedy sequences prepare the next
     iteration while the device runs the current one (:mod:`.overlap`); "auto" (the default): on CUDA only (on
     the CPU the forward is synchronous, so there is nothing to hide), True: also elsewhere (tests).
+    ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 with a scale per token and head: about twice
+    the tokens in the same memory).
     """
 
     def __init__(self, model: torch.nn.Module, *, tokenizer=None, eos_token_id: int | None = None,
@@ -63,19 +67,22 @@ class LLMEngine:
                  policy_options: dict | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
                  cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
-                 seed: int = 0):
+                 seed: int = 0, kv_cache_dtype: str = "auto"):
         self.model = model.eval()
         self.config = model.config
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
         if num_blocks is None:
-            num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device, gpu_memory_fraction)
+            num_blocks = num_blocks_for_budget(self.config, block_size, self.dtype, self.device, gpu_memory_fraction,
+                                               kv_cache_dtype=kv_cache_dtype)
         self.policy = _make_policy(policy, token_budget, max_num_seqs, policy_options or {})
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.policy, self.block_manager)
         self.runner = ModelRunner(model, num_blocks, block_size, backend=attention, cuda_graphs=cuda_graphs,
-                                  graph_batch_sizes=graph_sizes(self.policy.max_num_seqs), compile=compile)
+                                  graph_batch_sizes=graph_sizes(self.policy.max_num_seqs), compile=compile,
+                                  kv_cache_dtype=kv_cache_dtype)
         shared = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=shared)
         self.records: list[IterationRecord] = []  # one per iteration run: composition and measured seconds
@@ -196,14 +203,18 @@ class LLMEngine:
             rows = [sl.request for sl in iteration.slices if sl.samples]
             new_tokens, logprobs = self._sample(logits, rows)
             self.block_manager.mark_computed()
-            return landed + self.apply(iteration, rows, new_tokens, logprobs, time.perf_counter() - start,
-                                       finished_only)
+            return landed + self.apply(self.scheduler, iteration, new_tokens, logprobs, time.perf_counter() - start,
+                                       finished_only, rows=rows)
 
-    def apply(self, iteration, rows: list[Sequence], new_tokens: list[int], logprobs: list[dict | None],
-              duration: float, finished_only: bool = False, done: list | None = None) -> list[RequestOutput]:
-        """After ``iteration`` ran: append each sampled row's token, detokenize, update the scheduler (``done``:
-        it was updated already, these finished), record it, and build the outputs. A sequence aborted while its
-        iteration was in flight gets nothing. Call with the engine's lock held."""
+    def apply(self, scheduler: Scheduler, iteration, new_tokens: list[int], logprobs: list[dict | None],
+              duration: float, finished_only: bool = False, done: list | None = None,
+              rows: list[Sequence] | None = None) -> list[RequestOutput]:
+        """After ``iteration`` ran (on ``scheduler``: the engine's, or a pipeline lane's): append each sampled
+        row's token, detokenize, update the scheduler (``done``: it was updated already, these finished), record
+        it, and build the outputs. ``rows``: the iteration's sampling sequences, when the caller has them. A
+        sequence aborted while its iteration was in flight gets nothing. Call with the engine's lock held."""
+        if rows is None:
+            rows = [sl.request for sl in iteration.slices if sl.samples]
         ended: dict[str, str] = {}
         deltas: dict[str, dict[int, tuple[str, int]]] = {}
         groups = self.groups
@@ -221,7 +232,7 @@ class LLMEngine:
             if detok.finished:
                 ended[seq.id] = detok.finish_reason
         if done is None:
-            done = self.scheduler.update(iteration, ended)
+            done = scheduler.update(iteration, ended)
         elif any(ended.get(seq.id) not in (None, seq.finish_reason) for seq in done) or len(ended) > len(done):
             raise RuntimeError(f"sequences {sorted(ended)} ended by token value in an overlapped step; only "
                                "sequences that end by length may overlap")
@@ -253,24 +264,7 @@ class LLMEngine:
             return [], []
         if all(s.argmax_only for s in rows):  # plain greedy rows: one argmax, one device->host copy
             return logits.argmax(dim=-1).tolist(), [None] * len(rows)
-        params = [s.params for s in rows]
-        # the histories only matter to penalties and min_tokens: skip copying them otherwise
-        history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
-                      for p in params)
-        out = self.sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows] if history else None,
-                           output_ids=[s.output_ids for s in rows] if history else None,
-                           generators=[s.generator for s in rows])
-        tokens = out.token_ids.tolist()
-        logprobs: list[dict | None] = [None] * len(rows)
-        if out.logprobs is not None:
-            sampled = out.logprobs.tolist()
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in rows]
-            top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in rows]
-            for i, p in enumerate(params):
-                if p.logprobs is not None:
-                    k = p.logprobs
-                    logprobs[i] = {**dict(zip(top_ids[i][:k], top_lps[i][:k])), tokens[i]: sampled[i]}
-        return tokens, logprobs
+        return sample_rows(self.sampler, logits, rows)
 
     def _output(self, group: _Group, deltas: dict[int, tuple[str, int | None]]) -> RequestOutput:
         outputs = []
@@ -329,6 +323,32 @@ def graph_sizes(max_num_seqs: int, sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES)
     return below + (above[0],) if above else below
 
 
+def sample_rows(sampler: Sampler, logits: torch.Tensor, rows) -> tuple[list[int], list[dict | None]]:
+    """One token per row of ``logits`` (R, V) and, for rows whose params ask, ``{token id: logprob}`` of the
+    sampled token and the top ones. ``rows``: anything with ``params``, ``generator``, ``prompt_ids`` and
+    ``output_ids`` (the engine's sequences; a pipeline's last stage passes its own records of them)."""
+    if not rows:
+        return [], []
+    params = [s.params for s in rows]
+    # the histories only matter to penalties and min_tokens: skip copying them otherwise
+    history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
+                  for p in params)
+    out = sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows] if history else None,
+                  output_ids=[s.output_ids for s in rows] if history else None,
+                  generators=[s.generator for s in rows])
+    tokens = out.token_ids.tolist()
+    logprobs: list[dict | None] = [None] * len(rows)
+    if out.logprobs is not None:
+        sampled = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in rows]
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in rows]
+        for i, p in enumerate(params):
+            if p.logprobs is not None:
+                k = p.logprobs
+                logprobs[i] = {**dict(zip(top_ids[i][:k], top_lps[i][:k])), tokens[i]: sampled[i]}
+    return tokens, logprobs
+
+
 def _queue_time(seq: Sequence) -> float | None:
     return None if seq.first_scheduled is None else seq.first_scheduled - seq.arrival
 
@@ -347,4 +367,4 @@ def _make_policy(name: str, token_budget: int | None, max_num_seqs: int | None, 
     return get_batching(name, **options)
 
 
-__all__ = ["LLMEngine", "RequestStatus"]
+__all__ = ["LLMEngine", "RequestStatus", "sample_rows"]

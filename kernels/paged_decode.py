@@ -15,6 +15,10 @@ graphs capture it): a split whose share is empty writes an empty partial. The ne
 stored into the cache by the program that covers its position, which takes them from registers rather than
 reading the slot back, so the write costs no extra kernel and needs no ordering inside the program.
 
+An fp8 cache (``kernels/kv_fp8.py``: uint8 rows of e4m3 codes and a float32 scale) is read dequantized; the new
+token's key and value are quantized in registers, stored, and used in their dequantized form, so the kernel
+attends over exactly the values the torch reference reads back from the cache.
+
 :func:`paged_decode` is the entry point (``backend`` "torch", "triton" or "auto"). Under ``torch.compile`` it
 is the custom op ``torch.ops.pipeloom.paged_decode`` (a fake implementation gives its output shape), so a
 compiled decode forward keeps the kernel inside one graph with no graph break; the op declares that it writes
@@ -27,6 +31,8 @@ import math
 
 import torch
 from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, round_e4m3, write_rows
+from pipeloom.kernels.paged_attention import _load_rows
 
 MAX_SPLITS = 16  # the reduce kernel merges at most this many (a power of two)
 
@@ -36,14 +42,14 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
                        block_tables: torch.Tensor) -> torch.Tensor:
     """The reference, vectorised over sequences (no host reads): write k/v, gather each sequence's blocks, mask
     positions past its length, softmax in float32 (float64 stays). q (B, Hq, hd) -> (B, Hq, hd)."""
-    nb, bs, n_kv, hd = k_cache.shape
-    k_cache.view(nb * bs, n_kv, hd).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, n_kv, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-    b, n_heads, _ = q.shape
+    _, _, n_kv, width = k_cache.shape
+    write_rows(k_cache, k, slot_mapping)
+    write_rows(v_cache, v, slot_mapping)
+    b, n_heads, hd = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     blocks = block_tables.long()  # (B, W)
-    keys = k_cache[blocks].reshape(b, -1, n_kv, hd).to(dtype)  # (B, W*bs, Hkv, hd)
-    values = v_cache[blocks].reshape(b, -1, n_kv, hd).to(dtype)
+    keys = read_rows(k_cache[blocks].reshape(b, -1, n_kv, width), dtype)  # (B, W*bs, Hkv, hd)
+    values = read_rows(v_cache[blocks].reshape(b, -1, n_kv, width), dtype)
     qg = q.to(dtype).view(b, n_kv, n_heads // n_kv, hd)  # (B, Hkv, G, hd)
     scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) / math.sqrt(hd)  # (B, Hkv, G, L)
     visible = torch.arange(keys.size(1), device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
@@ -59,7 +65,7 @@ def _decode_split_kernel(
     stride_kb, stride_ks, stride_kh, stride_bt, stride_on, stride_oh,
     N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):
     # Program (sequence s, kv head, split): the GROUP query heads of `kvh` over one share of s's keys.
     s = tl.program_id(0)
@@ -81,11 +87,26 @@ def _decode_split_kernel(
     v_new = tl.load(V_NEW + s * stride_vn + kvh * stride_vh_new + dims, mask=d_ok, other=0.0)
     if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
         q = q.to(tl.float32)
+    if FP8:  # e4m3 codes and one float32 scale per row (kernels/kv_fp8.py); attend over the dequantized values
+        k_scale = tl.max(tl.abs(k_new.to(tl.float32)), 0) / 448.0  # e4m3fn's largest finite value (FP8_MAX)
+        k_scale = tl.where(k_scale > 0, k_scale, 1.0)
+        v_scale = tl.max(tl.abs(v_new.to(tl.float32)), 0) / 448.0
+        v_scale = tl.where(v_scale > 0, v_scale, 1.0)
+        k_code = round_e4m3(tl.clamp(k_new.to(tl.float32) / k_scale, -448.0, 448.0)).to(tl.float8e4nv)
+        v_code = round_e4m3(tl.clamp(v_new.to(tl.float32) / v_scale, -448.0, 448.0)).to(tl.float8e4nv)
+        k_new = k_code.to(tl.float32) * k_scale
+        v_new = v_code.to(tl.float32) * v_scale
     if (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
         slot = tl.load(SLOTS + s).to(tl.int64)
-        dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh + dims
-        tl.store(K + dst, k_new.to(K.dtype.element_ty), mask=d_ok)
-        tl.store(V + dst, v_new.to(V.dtype.element_ty), mask=d_ok)
+        row = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        if FP8:
+            tl.store(K + row + dims, k_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            tl.store(V + row + dims, v_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            tl.store((K + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), k_scale)
+            tl.store((V + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), v_scale)
+        else:
+            tl.store(K + row + dims, k_new.to(K.dtype.element_ty), mask=d_ok)
+            tl.store(V + row + dims, v_new.to(V.dtype.element_ty), mask=d_ok)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -96,7 +117,7 @@ def _decode_split_kernel(
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
         is_new = (kpos == last)[:, None]
-        k = tl.load(K + off[:, None] + dims[None, :], mask=cached[:, None] & d_ok[None, :], other=0.0)
+        k = _load_rows(K, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
         k = tl.where(is_new, k_new[None, :].to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
         if UPCAST:
             k = k.to(tl.float32)
@@ -106,10 +127,12 @@ def _decode_split_kernel(
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + off[:, None] + dims[None, :], mask=cached[:, None] & d_ok[None, :], other=0.0)
+        v = _load_rows(V, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
         v = tl.where(is_new, v_new[None, :].to(v.dtype), v)
         if UPCAST:
             v = v.to(tl.float32)
+        elif FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
     if SPLITS == 1:
@@ -184,7 +207,7 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1),
         N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu",
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
     )
     if splits > 1:
         _decode_merge_kernel[(b, n_heads)](part_o, part_ml, out, out.stride(0), out.stride(1), N_HEADS=n_heads,
