@@ -47,6 +47,9 @@ class _Group:
         return len(self.finish) == len(self.seqs)
 
 
+AUTO_OVERLAP_SEQS = 8  # overlap="auto": overlapped steps only while at most this many sequences run
+
+
 class LLMEngine:
     """Continuous-batching engine over one :class:`pipeloom.models.Transformer` (see the module docstring).
 
@@ -56,8 +59,10 @@ class LLMEngine:
     ``gpu_memory_fraction`` of the device memory holds. ``cuda_graphs`` and ``compile`` (False, True or a
     ``torch.compile`` mode): how decode steps run (:class:`~pipeloom.inference.model_runner.ModelRunner`).
     ``overlap``: offline steps (``step(finished_only=True)``) of plain greedy sequences prepare the next
-    iteration while the device runs the current one (:mod:`.overlap`); "auto" (the default): on CUDA only (on
-    the CPU the forward is synchronous, so there is nothing to hide), True: also elsewhere (tests).
+    iteration while the device runs the current one (:mod:`.overlap`); True: whenever they can (also on CPU:
+    tests); "auto" (the default): on CUDA while at most ``AUTO_OVERLAP_SEQS`` sequences run (on the H200 it
+    made batch-1 decode 0.2-0.4 ms/token faster but the 256-request offline workload 3x slower, 21.6 against
+    7.2 ms per iteration, not yet diagnosed; bench/RESULTS.md); on the CPU the forward is synchronous anyway.
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 with a scale per token and head: about twice
     the tokens in the same memory).
     """
@@ -94,7 +99,7 @@ class LLMEngine:
         self.idle = False
         if overlap not in (True, False, "auto"):
             raise ValueError(f"overlap={overlap!r}; choose True, False or 'auto'")
-        self.overlap = self.device.type == "cuda" if overlap == "auto" else overlap
+        self.overlap = overlap
         self._overlap = Overlap(self)
         self._needs_tokens: set[str] = set()  # live sequences whose token values decide something (no overlap)
 
@@ -191,7 +196,7 @@ class LLMEngine:
         (:mod:`.overlap`), the step launches the next iteration before it waits for the previous one's tokens:
         outputs then come one call later."""
         with self._lock:
-            if finished_only and self.overlap and not self._needs_tokens:
+            if finished_only and self._overlapping():
                 return self._overlap.step()
             landed = self._overlap.land()  # an overlapped iteration still in flight finishes first
             iteration = self.scheduler.schedule(self.now())
@@ -205,6 +210,14 @@ class LLMEngine:
             self.block_manager.mark_computed()
             return landed + self.apply(self.scheduler, iteration, new_tokens, logprobs, time.perf_counter() - start,
                                        finished_only, rows=rows)
+
+    def _overlapping(self) -> bool:
+        """Whether this offline step may overlap (see ``overlap`` in the class docstring)."""
+        if not self.overlap or self._needs_tokens:
+            return False
+        if self.overlap == "auto":
+            return self.device.type == "cuda" and len(self.scheduler.running) <= AUTO_OVERLAP_SEQS
+        return True
 
     def apply(self, scheduler: Scheduler, iteration, new_tokens: list[int], logprobs: list[dict | None],
               duration: float, finished_only: bool = False, done: list | None = None,
