@@ -47,9 +47,6 @@ class _Group:
         return len(self.finish) == len(self.seqs)
 
 
-AUTO_OVERLAP_SEQS = 8  # overlap="auto": overlapped steps only while at most this many sequences run
-
-
 class LLMEngine:
     """Continuous-batching engine over one :class:`pipeloom.models.Transformer` (see the module docstring).
 
@@ -59,10 +56,9 @@ class LLMEngine:
     ``gpu_memory_fraction`` of the device memory holds. ``cuda_graphs`` and ``compile`` (False, True or a
     ``torch.compile`` mode): how decode steps run (:class:`~pipeloom.inference.model_runner.ModelRunner`).
     ``overlap``: offline steps (``step(finished_only=True)``) of plain greedy sequences prepare the next
-    iteration while the device runs the current one (:mod:`.overlap`); True: whenever they can (also on CPU:
-    tests); "auto" (the default): on CUDA while at most ``AUTO_OVERLAP_SEQS`` sequences run (on the H200 it
-    made batch-1 decode 0.2-0.4 ms/token faster but the 256-request offline workload 3x slower, 21.6 against
-    7.2 ms per iteration, not yet diagnosed; bench/RESULTS.md); on the CPU the forward is synchronous anyway.
+    iteration while the device runs the current one (:mod:`.overlap`); "auto" (the default): on CUDA (on the
+    H200: +27% offline throughput, 4.64 against 5.8-6.0 ms per iteration, and 0.2-0.4 ms/token at batch 1;
+    bench/RESULTS.md), not on the CPU (a synchronous forward hides nothing); True: also there (tests).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 with a scale per token and head: about twice
     the tokens in the same memory).
     """
@@ -215,9 +211,7 @@ class LLMEngine:
         """Whether this offline step may overlap (see ``overlap`` in the class docstring)."""
         if not self.overlap or self._needs_tokens:
             return False
-        if self.overlap == "auto":
-            return self.device.type == "cuda" and len(self.scheduler.running) <= AUTO_OVERLAP_SEQS
-        return True
+        return self.overlap is True or self.device.type == "cuda"  # "auto": on CUDA
 
     def apply(self, scheduler: Scheduler, iteration, new_tokens: list[int], logprobs: list[dict | None],
               duration: float, finished_only: bool = False, done: list | None = None,

@@ -149,7 +149,7 @@ class LLM:
     and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``; ``compile``
     (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start);
     ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests; "auto": on
-    CUDA while at most 8 sequences run). ``quantization``: none | int8 | int4 | fp8 weights
+    CUDA). ``quantization``: none | int8 | int4 | fp8 weights
     (:func:`apply_quantization`; ``quant_group_size`` columns per int4 scale), applied to the loaded float
     model before the engine is built. ``model`` may also be a file written by
     ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).

@@ -165,9 +165,9 @@ def test_abort_while_an_iteration_is_in_flight(llama):
     assert outs[True] == outs[False]
 
 
-def test_auto_overlaps_only_small_batches_on_cuda(llama):
-    """``overlap="auto"`` (the default): never on the CPU (a synchronous forward hides nothing); a bad value is
-    named."""
+def test_auto_does_not_overlap_on_the_cpu(llama):
+    """``overlap="auto"`` (the default) overlaps on CUDA only (a synchronous CPU forward hides nothing); a bad
+    value is named."""
     engine = LLMEngine(llama, block_size=4, num_blocks=64)
     assert engine.overlap == "auto"
     for i, p in enumerate(_prompts([4, 6], seed=7)):
