@@ -103,8 +103,8 @@ def decode_paths(size: str, args, env, rows: list) -> None:
                 ms = statistics.median(got[overlap]) * 1e3
                 rows.append((label, f"overlap {'on' if overlap else 'off'}", f"{ms:.3f} ms/token",
                              f"floor {floor * 1e3:.3f} ms ({floor * 1e3 / ms:.0%})",
-                             "; ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in
-                                       extra.items()) + f"; setup {setup:.0f} s"))
+                             "; ".join([f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in extra.items()] + [f"setup {setup:.0f} s"])))
                 print(" | ".join(rows[-1]), flush=True)
             del llm
         except Exception as err:
