@@ -3,6 +3,7 @@
 
     pipeloom-generate model=llama-tiny prompts='[def f(, import os]' sampling.max_tokens=64 sampling.temperature=0 \
         inference.policy=chunked-prefill inference.token_budget=512 kv.block_size=16 output=out.jsonl
+    torchrun --nproc_per_node=4 -m pipeloom.launch.generate model=llama-tiny parallel.pp=2 parallel.tp=2 ...
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ class KVSection:
 
 
 @dataclass
+class ParallelSection:
+    """Several ranks under torchrun (pipeloom.inference.parallel.ParallelLLM); pp = tp = 1 is the one-process engine."""
+
+    pp: int = 1  # pipeline stages; torchrun's --nproc_per_node must be pp * tp
+    tp: int = 1  # tensor-parallel ranks per stage (divides the heads, key/value heads and MLP width)
+    layout: Any = "uniform"  # the stage split: uniform | parameters | time | a list of layers per stage
+    microbatches: Optional[int] = None  # microbatches (scheduler lanes) in flight; None: pp
+    timeout: float = 120.0  # seconds a rank waits for another before the engine fails, naming the rank
+
+
+@dataclass
 class GenerateConfig:
     """Everything ``pipeloom-generate`` needs."""
 
@@ -75,6 +87,7 @@ class GenerateConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     kv: KVSection = field(default_factory=KVSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
 
 def register() -> None:

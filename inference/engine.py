@@ -56,8 +56,9 @@ class LLMEngine:
     ``gpu_memory_fraction`` of the device memory holds. ``cuda_graphs`` and ``compile`` (False, True or a
     ``torch.compile`` mode): how decode steps run (:class:`~pipeloom.inference.model_runner.ModelRunner`).
     ``overlap``: offline steps (``step(finished_only=True)``) of plain greedy sequences prepare the next
-    iteration while the device runs the current one (:mod:`.overlap`); "auto" (the default): on CUDA only (on
-    the CPU the forward is synchronous, so there is nothing to hide), True: also elsewhere (tests).
+    iteration while the device runs the current one (:mod:`.overlap`); "auto" (the default): on CUDA (on the
+    H200: +27% offline throughput, 4.64 against 5.8-6.0 ms per iteration, and 0.2-0.4 ms/token at batch 1;
+    bench/RESULTS.md), not on the CPU (a synchronous forward hides nothing); True: also there (tests).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 with a scale per token and head: about twice
     the tokens in the same memory).
     """
@@ -94,7 +95,7 @@ class LLMEngine:
         self.idle = False
         if overlap not in (True, False, "auto"):
             raise ValueError(f"overlap={overlap!r}; choose True, False or 'auto'")
-        self.overlap = self.device.type == "cuda" if overlap == "auto" else overlap
+        self.overlap = overlap
         self._overlap = Overlap(self)
         self._needs_tokens: set[str] = set()  # live sequences whose token values decide something (no overlap)
 
@@ -191,7 +192,7 @@ class LLMEngine:
         (:mod:`.overlap`), the step launches the next iteration before it waits for the previous one's tokens:
         outputs then come one call later."""
         with self._lock:
-            if finished_only and self.overlap and not self._needs_tokens:
+            if finished_only and self._overlapping():
                 return self._overlap.step()
             landed = self._overlap.land()  # an overlapped iteration still in flight finishes first
             iteration = self.scheduler.schedule(self.now())
@@ -203,14 +204,24 @@ class LLMEngine:
             rows = [sl.request for sl in iteration.slices if sl.samples]
             new_tokens, logprobs = self._sample(logits, rows)
             self.block_manager.mark_computed()
-            return landed + self.apply(iteration, rows, new_tokens, logprobs, time.perf_counter() - start,
-                                       finished_only)
+            return landed + self.apply(self.scheduler, iteration, new_tokens, logprobs, time.perf_counter() - start,
+                                       finished_only, rows=rows)
 
-    def apply(self, iteration, rows: list[Sequence], new_tokens: list[int], logprobs: list[dict | None],
-              duration: float, finished_only: bool = False, done: list | None = None) -> list[RequestOutput]:
-        """After ``iteration`` ran: append each sampled row's token, detokenize, update the scheduler (``done``:
-        it was updated already, these finished), record it, and build the outputs. A sequence aborted while its
-        iteration was in flight gets nothing. Call with the engine's lock held."""
+    def _overlapping(self) -> bool:
+        """Whether this offline step may overlap (see ``overlap`` in the class docstring)."""
+        if not self.overlap or self._needs_tokens:
+            return False
+        return self.overlap is True or self.device.type == "cuda"  # "auto": on CUDA
+
+    def apply(self, scheduler: Scheduler, iteration, new_tokens: list[int], logprobs: list[dict | None],
+              duration: float, finished_only: bool = False, done: list | None = None,
+              rows: list[Sequence] | None = None) -> list[RequestOutput]:
+        """After ``iteration`` ran (on ``scheduler``: the engine's, or a pipeline lane's): append each sampled
+        row's token, detokenize, update the scheduler (``done``: it was updated already, these finished), record
+        it, and build the outputs. ``rows``: the iteration's sampling sequences, when the caller has them. A
+        sequence aborted while its iteration was in flight gets nothing. Call with the engine's lock held."""
+        if rows is None:
+            rows = [sl.request for sl in iteration.slices if sl.samples]
         ended: dict[str, str] = {}
         deltas: dict[str, dict[int, tuple[str, int]]] = {}
         groups = self.groups
@@ -228,7 +239,7 @@ class LLMEngine:
             if detok.finished:
                 ended[seq.id] = detok.finish_reason
         if done is None:
-            done = self.scheduler.update(iteration, ended)
+            done = scheduler.update(iteration, ended)
         elif any(ended.get(seq.id) not in (None, seq.finish_reason) for seq in done) or len(ended) > len(done):
             raise RuntimeError(f"sequences {sorted(ended)} ended by token value in an overlapped step; only "
                                "sequences that end by length may overlap")
@@ -260,24 +271,7 @@ class LLMEngine:
             return [], []
         if all(s.argmax_only for s in rows):  # plain greedy rows: one argmax, one device->host copy
             return logits.argmax(dim=-1).tolist(), [None] * len(rows)
-        params = [s.params for s in rows]
-        # the histories only matter to penalties and min_tokens: skip copying them otherwise
-        history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
-                      for p in params)
-        out = self.sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows] if history else None,
-                           output_ids=[s.output_ids for s in rows] if history else None,
-                           generators=[s.generator for s in rows])
-        tokens = out.token_ids.tolist()
-        logprobs: list[dict | None] = [None] * len(rows)
-        if out.logprobs is not None:
-            sampled = out.logprobs.tolist()
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in rows]
-            top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in rows]
-            for i, p in enumerate(params):
-                if p.logprobs is not None:
-                    k = p.logprobs
-                    logprobs[i] = {**dict(zip(top_ids[i][:k], top_lps[i][:k])), tokens[i]: sampled[i]}
-        return tokens, logprobs
+        return sample_rows(self.sampler, logits, rows)
 
     def _output(self, group: _Group, deltas: dict[int, tuple[str, int | None]]) -> RequestOutput:
         outputs = []
@@ -336,6 +330,32 @@ def graph_sizes(max_num_seqs: int, sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES)
     return below + (above[0],) if above else below
 
 
+def sample_rows(sampler: Sampler, logits: torch.Tensor, rows) -> tuple[list[int], list[dict | None]]:
+    """One token per row of ``logits`` (R, V) and, for rows whose params ask, ``{token id: logprob}`` of the
+    sampled token and the top ones. ``rows``: anything with ``params``, ``generator``, ``prompt_ids`` and
+    ``output_ids`` (the engine's sequences; a pipeline's last stage passes its own records of them)."""
+    if not rows:
+        return [], []
+    params = [s.params for s in rows]
+    # the histories only matter to penalties and min_tokens: skip copying them otherwise
+    history = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
+                  for p in params)
+    out = sampler(logits, params, prompt_ids=[s.prompt_ids for s in rows] if history else None,
+                  output_ids=[s.output_ids for s in rows] if history else None,
+                  generators=[s.generator for s in rows])
+    tokens = out.token_ids.tolist()
+    logprobs: list[dict | None] = [None] * len(rows)
+    if out.logprobs is not None:
+        sampled = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in rows]
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in rows]
+        for i, p in enumerate(params):
+            if p.logprobs is not None:
+                k = p.logprobs
+                logprobs[i] = {**dict(zip(top_ids[i][:k], top_lps[i][:k])), tokens[i]: sampled[i]}
+    return tokens, logprobs
+
+
 def _queue_time(seq: Sequence) -> float | None:
     return None if seq.first_scheduled is None else seq.first_scheduled - seq.arrival
 
@@ -354,4 +374,4 @@ def _make_policy(name: str, token_budget: int | None, max_num_seqs: int | None, 
     return get_batching(name, **options)
 
 
-__all__ = ["LLMEngine", "RequestStatus"]
+__all__ = ["LLMEngine", "RequestStatus", "sample_rows"]

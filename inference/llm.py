@@ -149,9 +149,10 @@ class LLM:
     and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``; ``compile``
     (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start);
     ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests; "auto": on
-    CUDA). ``quantization``: none | int8 | int4 | fp8 weights (:func:`apply_quantization`; ``quant_group_size`` columns
-    per int4 scale), applied to the loaded float model before the engine is built. ``model`` may also be a file
-    written by ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
+    CUDA). ``quantization``: none | int8 | int4 | fp8 weights
+    (:func:`apply_quantization`; ``quant_group_size`` columns per int4 scale), applied to the loaded float
+    model before the engine is built. ``model`` may also be a file written by
+    ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 KV cache: about twice the tokens per byte).
     ``speculative``: "none" or "ngram" (prompt lookup: ``num_speculative_tokens`` guesses per decode, verified
     in the iteration's forward; :class:`~pipeloom.inference.speculative_engine.SpeculativeEngine`).

@@ -21,6 +21,8 @@ incremental block tables, one host-to-device copy per dtype).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from pipeloom.kernels.kv_fp8 import bytes_per_token_head, cache_dtype, check_kv_cache_dtype, row_width
@@ -29,10 +31,58 @@ from pipeloom.kernels.paged_decode import decode_splits, num_sms
 from pipeloom.models.kv import PagedBatch, kv_cache_shape, paged_context
 
 from .decode_graphs import DecodeGraphs
-from .host_inputs import BlockTables, Staging, query_tiles_np, ragged_inputs
+from .host_inputs import INDEX, SMALL, BlockTables, RaggedInputs, Staging, query_tiles_np, ragged_inputs
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 CPU_KV_BYTES = 1 << 30  # on CPU, kv.gpu_memory_fraction is a share of this budget
+
+
+@dataclass
+class HostBatch:
+    """One iteration's ragged batch as host lists (what :meth:`ModelRunner.tensors` turns into device tensors;
+    a pipeline's driver sends it to every stage, whose caches share the driver's block tables)."""
+
+    ids: list[int]  # (N,) the new tokens of every slice, back to back
+    positions: list[int]  # (N,) their positions in their sequences
+    slots: list[int]  # (N,) the cache slot each new token writes
+    query_lens: list[int]  # (S,) new tokens per slice
+    seq_lens: list[int]  # (S,) tokens of each sequence in the cache after this iteration
+    tables: list[list[int]]  # (S, *) each sequence's blocks
+    rows: list[int]  # (R,) the last token of each slice that samples
+
+    def ragged(self) -> RaggedInputs:
+        """The same batch as the numpy arrays :meth:`ModelRunner.tensors` reads."""
+        width = max(len(t) for t in self.tables)
+        tables = np.zeros((len(self.tables), width), dtype=SMALL)
+        for i, t in enumerate(self.tables):
+            tables[i, : len(t)] = t
+        query_start = np.zeros(len(self.query_lens) + 1, dtype=SMALL)
+        np.cumsum(self.query_lens, out=query_start[1:])
+        return RaggedInputs(np.asarray(self.ids, dtype=INDEX), np.asarray(self.positions, dtype=INDEX),
+                            np.asarray(self.slots, dtype=INDEX), query_start,
+                            np.asarray(self.seq_lens, dtype=SMALL), tables, np.asarray(self.rows, dtype=INDEX), [])
+
+
+def host_batch(iteration, block_manager) -> HostBatch:
+    """The :class:`HostBatch` of ``iteration`` over ``block_manager``'s tables."""
+    ids, positions, slots, query_lens, seq_lens, tables, rows = [], [], [], [], [], [], []
+    for sl in iteration.slices:
+        seq, first, n = sl.request, sl.first_token, sl.n_tokens
+        ids.extend(seq.token_ids[first : first + n])
+        positions.extend(range(first, first + n))
+        slots.extend(block_manager.slots(seq.id, first, n))
+        query_lens.append(n)
+        seq_lens.append(first + n)
+        tables.append(block_manager.block_table(seq.id))
+        if sl.samples:
+            rows.append(len(ids) - 1)
+    return HostBatch(ids, positions, slots, query_lens, seq_lens, tables, rows)
+
+
+def local_kv_heads(attn: torch.nn.Module) -> int:
+    """Key/value heads ``attn`` computes here: all of them, or a tensor-parallel shard's share."""
+    wk = attn.wk
+    return getattr(wk, "local_out_features", wk.out_features) // attn.head_dim
 
 
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -119,12 +169,13 @@ class ModelRunner:
         self.scratch_block = num_blocks  # one extra block: padded graph rows write here
         check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
         self.kv_cache_dtype = kv_cache_dtype
-        shape = kv_cache_shape(num_blocks + 1, block_size, self.config.n_kv_heads,
-                               row_width(self.config.head_dim, kv_cache_dtype))
-        store = cache_dtype(self.dtype, kv_cache_dtype)
-        self.caches = {block.attn: (torch.zeros(shape, dtype=store, device=self.device),
-                                    torch.zeros(shape, dtype=store, device=self.device))
-                       for block in model.blocks}
+        store, width = cache_dtype(self.dtype, kv_cache_dtype), row_width(self.config.head_dim, kv_cache_dtype)
+        self.caches = {}
+        for block in model.blocks:  # each attention's own key/value heads (a tensor-parallel shard holds some)
+            shape = kv_cache_shape(num_blocks + 1, block_size, local_kv_heads(block.attn), width)
+            self.caches[block.attn] = (torch.zeros(shape, dtype=store, device=self.device),
+                                       torch.zeros(shape, dtype=store, device=self.device))
+        self.kv_heads = local_kv_heads(model.blocks[0].attn) if len(model.blocks) else self.config.n_kv_heads
         self.fused = {**fuse_qkv(model), **fuse_gate_up(model)}  # module -> one GEMM's weights
         self.triton_path = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         self.tables = BlockTables(self.max_blocks_per_seq)  # host block tables, appended to step by step
@@ -154,11 +205,17 @@ class ModelRunner:
     def prepare(self, iteration, block_manager, pending=None) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
         """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``; ``pending``: see
         :meth:`run`."""
-        host = ragged_inputs(iteration, block_manager, self.tables)
+        return self.tensors(ragged_inputs(iteration, block_manager, self.tables), pending)
+
+    def tensors(self, host: RaggedInputs | HostBatch, pending=None) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
+        """The device tensors of one ragged batch: (input ids (1, N), the PagedBatch, logits rows (R,)). A
+        pipeline's stages get a :class:`HostBatch` from the driver, whose block tables their caches share."""
+        if isinstance(host, HostBatch):
+            host = host.ragged()
         query_lens = np.diff(host.query_start)
         dense, tiled_max, splits, extra = [], int(query_lens.max()), None, []
         if self.triton_path and tiled_max == 1:  # a decode batch: the split-K decode kernel writes and attends
-            splits = decode_splits(len(query_lens), self.config.n_kv_heads, int(host.seq_lens.max()),
+            splits = decode_splits(len(query_lens), self.kv_heads, int(host.seq_lens.max()),
                                    num_sms(self.device))
         elif self.triton_path:
             # long prompts with nothing cached go to SDPA's fused attention; the rest to the kernel, whose work

@@ -88,5 +88,5 @@ class Overlap:
         duration = now - max(prev.start, self._last or prev.start)  # this iteration's share of the device time
         self._last = now
         tokens = prev.host.tolist()
-        return self.engine.apply(prev.iteration, prev.rows, tokens, [None] * len(tokens), duration,
-                                 finished_only=True, done=done)
+        return self.engine.apply(self.engine.scheduler, prev.iteration, tokens, [None] * len(tokens), duration,
+                                 finished_only=True, done=done, rows=prev.rows)

@@ -40,8 +40,8 @@ def test_engine_speed_quick_run_prints_the_table(capsys):
         rows = bench.main(["--quick", "--device", "cpu", "--paths", "graphs", "--parts", "decode-1b,throughput"])
     finally:
         torch.set_num_threads(threads)
-    assert [r[:2] for r in rows] == [("decode tiny graphs", "overlap on"), ("decode tiny graphs", "overlap off"),
-                                     ("throughput tiny graphs", "overlap on"),
-                                     ("throughput tiny graphs", "overlap off")]
+    assert [r[:2] for r in rows[:2]] == [("decode tiny graphs", "overlap on"), ("decode tiny graphs", "overlap off")]
+    throughput = [r[1] for r in rows[2:] if r[0] == "throughput tiny graphs"]
+    assert sorted(set(throughput)) == ["overlap off", "overlap on"] and len(throughput) == len(rows) - 2
     assert all("error" not in r[1] and float(r[2].split()[0].replace(",", "")) > 0 for r in rows)
     assert "| what | setting |" in capsys.readouterr().out

@@ -163,3 +163,17 @@ def test_abort_while_an_iteration_is_in_flight(llama):
         assert engine.block_manager.num_free_blocks() == engine.block_manager.num_total_blocks()
         outs[overlap] = {k: v.outputs[0].token_ids for k, v in done.items()}
     assert outs[True] == outs[False]
+
+
+def test_auto_does_not_overlap_on_the_cpu(llama):
+    """``overlap="auto"`` (the default) overlaps on CUDA only (a synchronous CPU forward hides nothing); a bad
+    value is named."""
+    engine = LLMEngine(llama, block_size=4, num_blocks=64)
+    assert engine.overlap == "auto"
+    for i, p in enumerate(_prompts([4, 6], seed=7)):
+        engine.add_request(f"r{i}", p, _greedy(5))
+    while engine.has_unfinished():
+        engine.step(finished_only=True)
+    assert engine.stats()["overlapped_iterations"] == 0
+    with pytest.raises(ValueError, match="overlap='yes'"):
+        LLMEngine(llama, block_size=4, num_blocks=64, overlap="yes")
