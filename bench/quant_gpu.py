@@ -31,8 +31,8 @@ where the speculative tokens first differ from plain decoding: a random model's 
 bfloat16 the k+1-token verification and the 1-token decode (GEMMs of other shapes, rounded differently) can
 pick different argmaxes, after which the two continuations part and a random continuation rarely repeats the
 prompt (on CPU, a random 1.1B Llama in bf16: first difference at token 22 of 48, acceptance 0.125; smaller
-random models, in bf16 and float32, reproduce plain decoding exactly, with acceptance 0.3-1.0). ``bench/kv_fp8_gpu.py --speculative`` runs prompt
-lookup through the engine instead.
+random models, in bf16 and float32, reproduce plain decoding exactly, with acceptance 0.3-1.0).
+``bench/kv_fp8_gpu.py --speculative`` runs prompt lookup through the engine instead.
 """
 
 from __future__ import annotations
