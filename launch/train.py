@@ -30,7 +30,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     from pipeloom import features
     from pipeloom.data import TokenBatches, eval_batches, prepare_data
     from pipeloom.kernels import MIN_FUSED_ELEMENTS, set_kernels
-    from pipeloom.models import Transformer, load_hf_checkpoint
+    from pipeloom.models import Transformer
+    from pipeloom.models.hf import read_hf_config, read_hf_tensors
     from pipeloom.parallel.mesh import Mesh
     from pipeloom.schedules import get_schedule
     from pipeloom.training import (
@@ -69,10 +70,9 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     data_cfg = OmegaConf.to_container(cfg.data)
     batch_size, seq_len = data_cfg.pop("batch_size"), data_cfg.pop("seq_len")
     init_state, model_config = None, resolved["model_config"]
-    if cfg.model.hf_checkpoint:
-        imported, model_config = load_hf_checkpoint(cfg.model.hf_checkpoint, dtype=torch.float32,
-                                                    dropout=cfg.model.dropout)
-        init_state = imported.state_dict()
+    if cfg.model.hf_checkpoint:  # each rank reads only its own stages' tensors (build_parts asks for them)
+        model_config = read_hf_config(cfg.model.hf_checkpoint, dropout=cfg.model.dropout)
+        init_state = functools.partial(read_hf_tensors, cfg.model.hf_checkpoint, model_config)
         if data_cfg["tokenizer"] == "hf" and not data_cfg["tokenizer_path"]:
             data_cfg["tokenizer_path"] = os.path.join(cfg.model.hf_checkpoint, "tokenizer.json")
     if rank == 0:  # rank 0 tokenizes (once, cached); the others open its files

@@ -288,6 +288,15 @@ def _safetensors_files(folder: Path) -> list[str]:
     return files
 
 
+def read_hf_config(folder: str | Path, **overrides: Any) -> ModelConfig:
+    """Our ModelConfig for a Hugging Face folder's ``config.json`` (no weights read); ``overrides`` as in
+    :func:`load_hf_checkpoint`."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: a Hugging Face model folder needs config.json")
+    return config_from_hf(json.loads(config_path.read_text()), **overrides)
+
+
 def load_hf_checkpoint(
     folder: str | Path,
     *,
@@ -302,10 +311,7 @@ def load_hf_checkpoint(
     Returns ``(model, config)``; the model is in eval mode.
     """
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: a Hugging Face model folder needs config.json")
-    config = config_from_hf(json.loads(config_path.read_text()), **overrides)
+    config = read_hf_config(folder, **overrides)
     tensors = read_safetensors(folder)
     if dtype is None:
         dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
