@@ -92,10 +92,13 @@ def run(cfg: DictConfig, run_dir: str | None = None):
                         sequence_parallel=par.sequence_parallel, recompute=cfg.model.recompute, split=par.split,
                         init_state=init_state, compile=cfg.train.compile)
     autocast = autocast_for(device, cfg.train.mixed_precision)
-    optimizer = build_optimizer(parts.named_parameters(), **cfg.optimizer)
     opt = cfg.optimizer
+    zero_group = mesh.dp_group if opt.zero and mesh is not None and dp > 1 else None
+    optimizer = build_optimizer(parts.named_parameters(), **{k: v for k, v in opt.items() if k != "zero"},
+                                zero_group=zero_group)
     stepper = make_stepper(parts, mesh, autocast, optimizer=optimizer, grad_clip=opt.grad_clip,
-                           sequence_parallel=par.sequence_parallel)
+                           sequence_parallel=par.sequence_parallel, dp_overlap=par.dp_overlap,
+                           bucket_mb=par.dp_bucket_mb)
     lr_schedule = functools.partial(lr_at, lr=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
                                     decay_steps=opt.decay_steps or max(cfg.train.steps - opt.warmup_steps, 1))
     batches = TokenBatches(data.train, seq_len, batch_size, seed=cfg.train.seed)
@@ -113,6 +116,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
               f" parameters (this rank: {sum(s.param.numel() for s in parts.specs):,}); layout dp={dp} pp={par.pp} "
               f"tp={par.tp}, schedule {plan.name} (vpp={plan.vpp}, {plan.microbatches} microbatches); "
               f"kernels: {kernel_path}; torch.compile: {'each block' if cfg.train.compile else 'off'}; "
+              f"dp all-reduce: {'overlapped with backward' if par.dp_overlap and dp > 1 else 'after backward'}"
+              f"{', ZeRO-1 optimizer' if zero_group is not None else ''}; "
               f"run dir {run_dir}")
     try:
         result = train(parts=parts, stepper=stepper, optimizer=optimizer, batches=batches, val_batches=val, mesh=mesh,
