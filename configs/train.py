@@ -108,6 +108,8 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 autocast on GPU, none on CPU) | bf16 | none
     compile: bool = False  # torch.compile each transformer block (Inductor; the first steps pay the compile time)
+    float8: str = "off"  # float8 linears through torchao: off | tensorwise | rowwise (training/float8.py)
+    float8_min_dim: Optional[int] = None  # convert linears with in and out features >= this; None: torchao's table
     timeline: bool = True  # at the end, draw the measured timeline of the last step next to the simulated one
     sample_tokens: int = 0  # at the end, print this many tokens sampled from the final checkpoint (any layout)
     stop_after: Optional[int] = None  # stop (as if killed) after this step, without a final save; for tests
@@ -206,10 +208,18 @@ def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
                "model.kernels": (mdl.kernels, ("auto", "triton", "torch")),
                "parallel.split": (par.split, ("uniform", "parameters")),
                "train.device": (tr.device, ("auto", "cpu", "cuda")),
-               "train.mixed_precision": (tr.mixed_precision, ("auto", "bf16", "none"))}
+               "train.mixed_precision": (tr.mixed_precision, ("auto", "bf16", "none")),
+               "train.float8": (tr.float8, ("off", "tensorwise", "rowwise"))}
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(key, value, f"valid choices: {', '.join(valid)}")
+    _positive("train.float8_min_dim", tr.float8_min_dim)
+    if tr.float8 != "off":
+        from pipeloom import features
+
+        if not features.has("torchao"):
+            raise ConfigError("train.float8", tr.float8, "needs the optional package 'torchao' (pip install "
+                              "'pipeloom[quant]'); or use train.float8=off")
     if lg.kind == "wandb":
         from pipeloom import features
 

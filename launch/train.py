@@ -62,6 +62,12 @@ def run(cfg: DictConfig, run_dir: str | None = None):
         raise ConfigError("model.kernels", cfg.model.kernels, str(err)) from None
     kernel_path = (f"Triton for tensors of >= {MIN_FUSED_ELEMENTS:,} elements, torch below"
                    if kernel_mode != "torch" and features.triton_usable() else "torch")
+    if cfg.train.float8 != "off":
+        from pipeloom.training.float8 import check_float8_device
+
+        why = check_float8_device(device)
+        if why:
+            raise ConfigError("train.float8", cfg.train.float8, why)
     distributed = init_distributed(device)
     par, dp = cfg.parallel, resolved["dp"]
     mesh = Mesh.build(dp=dp, pp=par.pp, tp=par.tp, device_type=device.type) if distributed else None
@@ -90,7 +96,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
                         **(cfg.schedule.options or {}))
     parts = build_parts(model_config, plan, mesh=mesh, seed=cfg.train.seed, device=device,
                         sequence_parallel=par.sequence_parallel, recompute=cfg.model.recompute, split=par.split,
-                        init_state=init_state, compile=cfg.train.compile)
+                        init_state=init_state, compile=cfg.train.compile, float8=cfg.train.float8,
+                        float8_min_dim=cfg.train.float8_min_dim)
     autocast = autocast_for(device, cfg.train.mixed_precision)
     opt = cfg.optimizer
     zero_group = mesh.dp_group if opt.zero and mesh is not None and dp > 1 else None
@@ -119,13 +126,15 @@ def run(cfg: DictConfig, run_dir: str | None = None):
               f"dp all-reduce: {'overlapped with backward' if par.dp_overlap and dp > 1 else 'after backward'}"
               f"{', ZeRO-1 optimizer' if zero_group is not None else ''}; "
               f"run dir {run_dir}")
+        if parts.float8 is not None:
+            print(parts.float8.summary() + (" (rank 0's stages)" if par.pp > 1 else ""))
     try:
         result = train(parts=parts, stepper=stepper, optimizer=optimizer, batches=batches, val_batches=val, mesh=mesh,
                        lr_schedule=lr_schedule, grad_clip=opt.grad_clip, logger=logger, run_dir=run_dir,
                        checkpoint=OmegaConf.to_container(cfg.checkpoint), checkpoint_meta=meta, device=device,
                        flops_per_token=flops, peak_flops=peak and peak * world,
                        sequence_parallel=par.sequence_parallel,
-                       **{k: v for k, v in cfg.train.items() if k not in ("device", "compile")})
+                       **{k: v for k, v in cfg.train.items() if k not in _BUILD_KEYS})
     finally:
         if logger is not None:
             logger.close()
@@ -142,6 +151,9 @@ def run(cfg: DictConfig, run_dir: str | None = None):
 
             print(generate(load_dense(result.checkpoint)[0], data.tokenizer, "def ", cfg.train.sample_tokens))
     return result
+
+
+_BUILD_KEYS = ("device", "compile", "float8", "float8_min_dim")  # train.* read by the build, not by the loop
 
 
 def _run_dir() -> str:

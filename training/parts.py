@@ -38,6 +38,7 @@ class ModelParts:
     specs: list[ParamSpec] = field(default_factory=list)
     tied: list[dict[int, str]] = field(default_factory=list)  # StageSplit.tied (pp > 1)
     step_context: Callable = contextlib.nullcontext  # entered around every training step (see compile_blocks)
+    float8: object = None  # training.float8.Float8Report when the linears were converted to float8
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(full-model name, parameter)`` of every distinct local parameter."""
@@ -112,7 +113,8 @@ def param_specs(modules: dict[int, nn.Module], aliases: dict[str, str], n_layers
 
 def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, device: str | torch.device = "cpu",
                 sequence_parallel: bool = False, recompute: str = "none", split: str = "uniform",
-                init_state: StateSource | None = None, compile: bool | str = False) -> ModelParts:
+                init_state: StateSource | None = None, compile: bool | str = False, float8: str = "off",
+                float8_min_dim: int | None = None) -> ModelParts:
     """Build this rank's part of the model (see the module docstring).
 
     Per-stage: the model is built on the meta device and split into the plan's stages there; only the
@@ -124,7 +126,10 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
     folder, config)`` reads only those from a Hugging Face folder). The layers are split on their dense
     shapes (before tensor parallelism), so a layout method gives the same stages whatever tp.
     ``compile``: :func:`compile_blocks` this rank's transformer blocks (True: Inductor; a string names
-    another ``torch.compile`` backend). Leaves the default generator where the dense build leaves it
+    another ``torch.compile`` backend). ``float8``: ``"tensorwise"`` or ``"rowwise"`` converts this rank's
+    large enough linears to torchao's float8 training layers after tensor parallelism, before compiling
+    (:func:`~pipeloom.training.float8.apply_float8`; ``float8_min_dim`` its size threshold; the report is
+    ``ModelParts.float8``). Leaves the default generator where the dense build leaves it
     (seeded with ``seed``, then one draw), whatever the layout.
     """
     from pipeloom.parallel.apply import RecomputePolicy, apply_recompute, apply_tp
@@ -155,6 +160,12 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
     if tp > 1:
         with forked_rng(device):  # the layers' constructors draw before the dense weights are copied in
             apply_tp(model, mesh, sequence_parallel=sequence_parallel)  # other stages' layers: meta shards
+    report = None
+    if float8 != "off":
+        from .float8 import apply_float8
+
+        report = apply_float8(modules, float8, min_dim=float8_min_dim,
+                              name_of=(lambda fqn: _stage_to_model_name(fqn, config.n_layers)) if staged else str)
     if recompute != "none":
         for module in modules.values():
             apply_recompute(module, RecomputePolicy(recompute))
@@ -165,7 +176,7 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
             step_context = no_donated_buffers
     specs = param_specs(modules, aliases, config.n_layers, staged, tp_rank=mesh.tp_rank if mesh is not None else 0)
     return ModelParts(model=model, modules=modules, config=config, plan=plan, specs=specs, tied=tied,
-                      step_context=step_context)
+                      step_context=step_context, float8=report)
 
 
 def no_donated_buffers():
