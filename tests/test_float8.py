@@ -121,3 +121,14 @@ def test_bad_float8_values_name_the_key(overrides, key, value):
     with pytest.raises(ConfigError) as info:
         check_config(_compose(*overrides), 1)
     assert (info.value.key, info.value.value) == (key, value) and str(info.value).startswith(f"{key}={value!r}: ")
+
+
+def test_a_gpu_without_float8_matmuls_is_refused(monkeypatch):
+    from pipeloom.training.float8 import check_float8_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    why = check_float8_device(torch.device("cuda"))
+    assert "compute capability 8.9" in why and "A100" in why and "train.float8=off" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert check_float8_device(torch.device("cuda")) is None and check_float8_device(torch.device("cpu")) is None
