@@ -53,7 +53,7 @@ def test_overlap_and_zero1_train_like_plain_dp_and_resume_under_other_layouts(po
     for step, loss in flat.items():  # LocalStep's path: dp=4, every rank owns a quarter of the AdamW state
         assert loss == pytest.approx(plain[step], abs=2e-4), (step, loss, plain[step])
     saved = str(tmp_path / "both" / "checkpoints")  # step 2: ZeRO-1 over dp=2 with pp=2
-    for layout, options in ((_layout(4, 1, 1), OPTIONS), (_layout(1, 2, 2), []), (_layout(2, 1, 2), OPTIONS[2:])):
+    for layout, options in ((_layout(4, 1, 1), OPTIONS), (_layout(1, 2, 2), [])):  # ZeRO over 4; plain AdamW, tp
         name = "x".join(o.split("=")[1] for o in layout)
         ck = tmp_path / f"ck-{name}"
         shutil.copytree(f"{saved}/step_2", ck / "step_2")

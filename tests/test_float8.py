@@ -72,7 +72,7 @@ def _compose(*overrides):
 
 COMMON = ["model=gpt-tiny", "model.n_layers=2", "model.dim=32", "data.seq_len=32", "data.batch_size=8",
           "train.eval_batches=1", "train.eval_every=0", "train.timeline=false", "optimizer.warmup_steps=1",
-          "train.steps=4", "checkpoint.save_final=false", "data.max_bytes=400000", "schedule.microbatches=2",
+          "train.steps=3", "checkpoint.save_final=false", "data.max_bytes=400000", "schedule.microbatches=2",
           "train.float8_min_dim=16"]
 
 
@@ -103,7 +103,7 @@ def test_float8_on_cpu_trains_like_bf16_in_pipeline_stages_and_leaves_tp_shards_
     off = _launch(str(tmp_path / "off"), cache)
     on = _launch(str(tmp_path / "on"), cache, "train.float8=tensorwise")
     assert "float8 tensorwise: 12 linears converted, 1 kept in high precision: head.out" in capsys.readouterr().out
-    assert on[4] < on[1] - 0.1 and on != off  # float8 runs here (torch emulates the scaled matmuls) and learns
+    assert on[3] < on[1] - 0.1 and on != off  # float8 runs here (torch emulates the scaled matmuls) and learns
     assert all(abs(on[s] - off[s]) < 0.02 * off[s] for s in off), (on, off)
     staged = pool2.run(_launch, str(tmp_path / "pp2"), cache, "train.float8=rowwise", "parallel.pp=2",
                        timeout=180)[0]

@@ -31,7 +31,18 @@ def test_a_float8_variant_trains_a_step(capsys):
     assert "float8 tensorwise: 12 linears converted" in capsys.readouterr().out
 
 
-def test_curve_mode_runs_both_and_plots(tmp_path):
+@pytest.fixture
+def kernels_restored():
+    """run() chooses the kernels' path for the process (pipeloom.kernels.set_kernels): put it back after."""
+    from pipeloom.kernels import set_kernels
+
+    previous = set_kernels("auto")
+    set_kernels(previous)
+    yield
+    set_kernels(previous)
+
+
+def test_curve_mode_runs_both_and_plots(tmp_path, kernels_restored):
     sys.path.insert(0, BENCH)
     try:
         curve = _load("train_curve")
