@@ -8,12 +8,13 @@ from torch import nn
 
 pytest.importorskip("torchao")
 
-from pipeloom.configs.train import ConfigError, check_config  # noqa: E402 - after importorskip
+from pipeloom.configs.train import ConfigError, check_config, register  # noqa: E402 - after importorskip
 from pipeloom.models import Transformer, get_model_config  # noqa: E402
 from pipeloom.schedules import get_schedule  # noqa: E402
 from pipeloom.training import build_parts  # noqa: E402
 from pipeloom.training.float8 import apply_float8, too_small  # noqa: E402
 
+register()  # the train config's groups in Hydra's ConfigStore (this file may run alone)
 LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.fc", "mlp.proj")
 
 
