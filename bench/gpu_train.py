@@ -8,7 +8,19 @@
 Variants: ``baseline-eager``, ``baseline-compile``, ``pipeloom-eager``, ``pipeloom-compile``; pipeloom's model
 runs its fused Triton kernels (LayerNorm, cross-entropy) on the GPU, as the training launcher does by
 default; ``-torchkernels`` in a pipeloom variant's name switches them off (``set_kernels("torch")``),
-``-fused`` uses the chunked linear + cross-entropy head, ``-cudnn`` asks SDPA for cuDNN attention.
+``-fused`` uses the chunked linear + cross-entropy head, ``-cudnn`` asks SDPA for cuDNN attention,
+``-float8-tensorwise`` / ``-float8-rowwise`` converts the linears to torchao's float8 training layers
+(``pipeloom.training.float8``: torchao's per-recipe size thresholds, or ``-minN`` for one threshold N).
+
+    python bench/gpu_train.py --size 1.3b --variants baseline-compile,pipeloom-compile,\
+        pipeloom-compile-float8-tensorwise,pipeloom-compile-float8-rowwise
+
+``--curve STEPS`` trains the same model twice through ``pipeloom-train`` (``launch.train.run``) on the
+Python standard library corpus (byte tokens), bf16 then float8 (``--curve-float8``), from the same init on
+the same batches, and writes both loss curves (``curve.json``, ``curve.png`` when matplotlib is there; else
+``--plot-from DIR`` draws it later) and the final losses (mean of the last 10% of steps) compared:
+
+    python bench/gpu_train.py --curve 300 --curve-size 1.3b --curve-float8 tensorwise --out runs/f8curve
 
 Every variant: bf16 autocast, fused AdamW, random tokens (vocab 50304), warm-up steps then the median
 step time of the timed steps (CUDA events). MFU = (6 N + 12 L D T) tokens/s over the 989 TFLOP/s bf16
@@ -20,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -117,6 +131,11 @@ def build(variant: str, size: str, device: str):
         config = get_model_config("gpt-small", n_layers=layers, dim=d, n_heads=h, max_seq_len=T, vocab_size=VOCAB,
                                   dropout=0.0)
         model = PipeloomLoss(Transformer(config).to(device), fused_head="fused" in variant)
+        if "float8" in variant:
+            from pipeloom.training.float8 import apply_float8
+
+            recipe, min_dim = float8_of(variant)
+            print(f"  {variant}: {apply_float8({0: model.model}, recipe, min_dim=min_dim).summary()}", flush=True)
     compiled = "compile" in variant or "best" in variant
     if isinstance(model, PipeloomLoss):
         model._trunk = torch.compile(model.trunk) if compiled else model.trunk
@@ -125,6 +144,15 @@ def build(variant: str, size: str, device: str):
         step_fn = torch.compile(model) if compiled else model
     n_params = sum(p.numel() for p in model.parameters())
     return model, step_fn, n_params, (layers, d, B, T)
+
+
+def float8_of(variant: str) -> tuple[str, int | None]:
+    """``(recipe, min_dim)`` of a variant name like ``pipeloom-compile-float8-rowwise-min1024``."""
+    words = variant.split("float8-", 1)[1].split("-")
+    if words[0] not in ("tensorwise", "rowwise"):
+        raise ValueError(f"variant {variant!r}: float8 needs -float8-tensorwise or -float8-rowwise")
+    minimum = next((int(w[3:]) for w in words[1:] if w.startswith("min") and w[3:].isdigit()), None)
+    return words[0], minimum
 
 
 def run_variant(variant: str, size: str, steps: int, warmup: int, device: str, profile: bool = False) -> dict:
@@ -226,7 +254,27 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (top CUDA kernels)")
     parser.add_argument("--variants", default="baseline-eager,baseline-compile,pipeloom-eager,pipeloom-compile,"
                                               "pipeloom-compile-fused,pipeloom-best-fused-cudnn")
+    parser.add_argument("--curve", type=int, default=0, help="STEPS: the bf16 vs float8 loss-curve run instead")
+    parser.add_argument("--curve-size", choices=sorted(SIZES), default="1.3b")
+    parser.add_argument("--curve-float8", default="tensorwise", help="tensorwise | rowwise (comma: both)")
+    parser.add_argument("--curve-seq", type=int, default=0, help="sequence length of the curve run (0: the size's)")
+    parser.add_argument("--curve-batch", type=int, default=0, help="sequences per step of the curve run (0: size)")
+    parser.add_argument("--curve-min-dim", type=int, default=None, help="train.float8_min_dim (default: table)")
+    parser.add_argument("--no-compile", action="store_true", help="curve run without torch.compile (CPU smoke)")
+    parser.add_argument("--out", default="runs/gpu_train_curve", help="folder of the curve run")
+    parser.add_argument("--plot-from", default="", help="draw curve.png from DIR/curve.json and exit")
     args = parser.parse_args()
+    if args.plot_from or args.curve:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from train_curve import plot_curves, run_curves  # bench/train_curve.py, beside this file
+
+        if args.plot_from:
+            print(plot_curves(args.plot_from))
+            return
+        run_curves(args.out, size=SIZES[args.curve_size], steps=args.curve, recipes=args.curve_float8.split(","),
+                   seq=args.curve_seq, batch=args.curve_batch, compile=not args.no_compile,
+                   min_dim=args.curve_min_dim)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rate = matmul_rate(device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

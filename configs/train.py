@@ -51,6 +51,8 @@ class ParallelSection:
     vpp: Optional[int] = None  # model chunks per pipeline rank; None: the schedule's default
     sequence_parallel: bool = False  # shard norms/dropout activations along the sequence (needs tp > 1)
     split: str = "uniform"  # how layers are cut into stages: uniform | parameters
+    dp_overlap: bool = False  # launch the dp gradient all-reduce in buckets during backward (synchronous schedules)
+    dp_bucket_mb: float = 25.0  # size of one dp all-reduce bucket, MiB
 
 
 @dataclass
@@ -76,6 +78,7 @@ class OptimizerSection:
     weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms, biases)
     grad_clip: float = 1.0  # clip the global gradient norm (across pp and tp ranks) to this; 0: off
     fused: Optional[bool] = None  # fused AdamW kernel; None: where available (CUDA)
+    zero: int = 0  # ZeRO stage: 0 (off) | 1 (AdamW state sharded over the dp replicas)
 
 
 @dataclass
@@ -105,6 +108,8 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 autocast on GPU, none on CPU) | bf16 | none
     compile: bool = False  # torch.compile each transformer block (Inductor; the first steps pay the compile time)
+    float8: str = "off"  # float8 linears through torchao: off | tensorwise | rowwise (training/float8.py)
+    float8_min_dim: Optional[int] = None  # convert linears with in and out features >= this; None: torchao's table
     timeline: bool = True  # at the end, draw the measured timeline of the last step next to the simulated one
     sample_tokens: int = 0  # at the end, print this many tokens sampled from the final checkpoint (any layout)
     stop_after: Optional[int] = None  # stop (as if killed) after this step, without a final save; for tests
@@ -203,10 +208,18 @@ def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
                "model.kernels": (mdl.kernels, ("auto", "triton", "torch")),
                "parallel.split": (par.split, ("uniform", "parameters")),
                "train.device": (tr.device, ("auto", "cpu", "cuda")),
-               "train.mixed_precision": (tr.mixed_precision, ("auto", "bf16", "none"))}
+               "train.mixed_precision": (tr.mixed_precision, ("auto", "bf16", "none")),
+               "train.float8": (tr.float8, ("off", "tensorwise", "rowwise"))}
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(key, value, f"valid choices: {', '.join(valid)}")
+    _positive("train.float8_min_dim", tr.float8_min_dim)
+    if tr.float8 != "off":
+        from pipeloom import features
+
+        if not features.has("torchao"):
+            raise ConfigError("train.float8", tr.float8, "needs the optional package 'torchao' (pip install "
+                              "'pipeloom[quant]'); or use train.float8=off")
     if lg.kind == "wandb":
         from pipeloom import features
 
@@ -233,6 +246,14 @@ def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
             ("schedule.options", options) if "option" in text else
             ("parallel.vpp", par.vpp) if "vpp" in text else ("schedule.microbatches", sch.microbatches))
         raise ConfigError(key, value, text) from None
+    if opt.zero not in (0, 1):
+        raise ConfigError("optimizer.zero", opt.zero, "valid: 0 (off) or 1 (optimizer state sharded over dp); "
+                          "ZeRO-2/3 are not implemented")
+    _positive("parallel.dp_bucket_mb", par.dp_bucket_mb)
+    if plan.is_versioned and (par.dp_overlap or opt.zero):
+        key, value = ("parallel.dp_overlap", par.dp_overlap) if par.dp_overlap else ("optimizer.zero", opt.zero)
+        raise ConfigError(key, value, f"schedule {sch.name} updates weights inside the step, where each update "
+                          "reduces its own gradients; use it with a synchronous schedule (gpipe, 1f1b, zb-*, ...)")
     if plan.is_forward_only:
         raise ConfigError("schedule.name", sch.name, "is forward-only (inference); training needs backward actions")
     if mdl.hf_checkpoint is None:

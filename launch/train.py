@@ -30,7 +30,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     from pipeloom import features
     from pipeloom.data import TokenBatches, eval_batches, prepare_data
     from pipeloom.kernels import MIN_FUSED_ELEMENTS, set_kernels
-    from pipeloom.models import Transformer, load_hf_checkpoint
+    from pipeloom.models import Transformer
+    from pipeloom.models.hf import read_hf_config, read_hf_tensors
     from pipeloom.parallel.mesh import Mesh
     from pipeloom.schedules import get_schedule
     from pipeloom.training import (
@@ -61,6 +62,12 @@ def run(cfg: DictConfig, run_dir: str | None = None):
         raise ConfigError("model.kernels", cfg.model.kernels, str(err)) from None
     kernel_path = (f"Triton for tensors of >= {MIN_FUSED_ELEMENTS:,} elements, torch below"
                    if kernel_mode != "torch" and features.triton_usable() else "torch")
+    if cfg.train.float8 != "off":
+        from pipeloom.training.float8 import check_float8_device
+
+        why = check_float8_device(device)
+        if why:
+            raise ConfigError("train.float8", cfg.train.float8, why)
     distributed = init_distributed(device)
     par, dp = cfg.parallel, resolved["dp"]
     mesh = Mesh.build(dp=dp, pp=par.pp, tp=par.tp, device_type=device.type) if distributed else None
@@ -69,10 +76,9 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     data_cfg = OmegaConf.to_container(cfg.data)
     batch_size, seq_len = data_cfg.pop("batch_size"), data_cfg.pop("seq_len")
     init_state, model_config = None, resolved["model_config"]
-    if cfg.model.hf_checkpoint:
-        imported, model_config = load_hf_checkpoint(cfg.model.hf_checkpoint, dtype=torch.float32,
-                                                    dropout=cfg.model.dropout)
-        init_state = imported.state_dict()
+    if cfg.model.hf_checkpoint:  # each rank reads only its own stages' tensors (build_parts asks for them)
+        model_config = read_hf_config(cfg.model.hf_checkpoint, dropout=cfg.model.dropout)
+        init_state = functools.partial(read_hf_tensors, cfg.model.hf_checkpoint, model_config)
         if data_cfg["tokenizer"] == "hf" and not data_cfg["tokenizer_path"]:
             data_cfg["tokenizer_path"] = os.path.join(cfg.model.hf_checkpoint, "tokenizer.json")
     if rank == 0:  # rank 0 tokenizes (once, cached); the others open its files
@@ -90,12 +96,16 @@ def run(cfg: DictConfig, run_dir: str | None = None):
                         **(cfg.schedule.options or {}))
     parts = build_parts(model_config, plan, mesh=mesh, seed=cfg.train.seed, device=device,
                         sequence_parallel=par.sequence_parallel, recompute=cfg.model.recompute, split=par.split,
-                        init_state=init_state, compile=cfg.train.compile)
+                        init_state=init_state, compile=cfg.train.compile, float8=cfg.train.float8,
+                        float8_min_dim=cfg.train.float8_min_dim)
     autocast = autocast_for(device, cfg.train.mixed_precision)
-    optimizer = build_optimizer(parts.named_parameters(), **cfg.optimizer)
     opt = cfg.optimizer
+    zero_group = mesh.dp_group if opt.zero and mesh is not None and dp > 1 else None
+    optimizer = build_optimizer(parts.named_parameters(), **{k: v for k, v in opt.items() if k != "zero"},
+                                zero_group=zero_group)
     stepper = make_stepper(parts, mesh, autocast, optimizer=optimizer, grad_clip=opt.grad_clip,
-                           sequence_parallel=par.sequence_parallel)
+                           sequence_parallel=par.sequence_parallel, dp_overlap=par.dp_overlap,
+                           bucket_mb=par.dp_bucket_mb)
     lr_schedule = functools.partial(lr_at, lr=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
                                     decay_steps=opt.decay_steps or max(cfg.train.steps - opt.warmup_steps, 1))
     batches = TokenBatches(data.train, seq_len, batch_size, seed=cfg.train.seed)
@@ -113,14 +123,18 @@ def run(cfg: DictConfig, run_dir: str | None = None):
               f" parameters (this rank: {sum(s.param.numel() for s in parts.specs):,}); layout dp={dp} pp={par.pp} "
               f"tp={par.tp}, schedule {plan.name} (vpp={plan.vpp}, {plan.microbatches} microbatches); "
               f"kernels: {kernel_path}; torch.compile: {'each block' if cfg.train.compile else 'off'}; "
+              f"dp all-reduce: {'overlapped with backward' if par.dp_overlap and dp > 1 else 'after backward'}"
+              f"{', ZeRO-1 optimizer' if zero_group is not None else ''}; "
               f"run dir {run_dir}")
+        if parts.float8 is not None:
+            print(parts.float8.summary() + (" (rank 0's stages)" if par.pp > 1 else ""))
     try:
         result = train(parts=parts, stepper=stepper, optimizer=optimizer, batches=batches, val_batches=val, mesh=mesh,
                        lr_schedule=lr_schedule, grad_clip=opt.grad_clip, logger=logger, run_dir=run_dir,
                        checkpoint=OmegaConf.to_container(cfg.checkpoint), checkpoint_meta=meta, device=device,
                        flops_per_token=flops, peak_flops=peak and peak * world,
                        sequence_parallel=par.sequence_parallel,
-                       **{k: v for k, v in cfg.train.items() if k not in ("device", "compile")})
+                       **{k: v for k, v in cfg.train.items() if k not in _BUILD_KEYS})
     finally:
         if logger is not None:
             logger.close()
@@ -137,6 +151,9 @@ def run(cfg: DictConfig, run_dir: str | None = None):
 
             print(generate(load_dense(result.checkpoint)[0], data.tokenizer, "def ", cfg.train.sample_tokens))
     return result
+
+
+_BUILD_KEYS = ("device", "compile", "float8", "float8_min_dim")  # train.* read by the build, not by the loop
 
 
 def _run_dir() -> str:

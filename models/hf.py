@@ -9,6 +9,7 @@ Needs ``safetensors`` (imported here); ``transformers`` is not needed. Config tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -84,64 +85,131 @@ def _llama_names(config: ModelConfig) -> list[tuple[str, str]]:
     return names
 
 
+def _sources(config: ModelConfig) -> dict[str, tuple[str, Any]]:
+    """``{our name: (HF name, how)}`` for every tensor of our state dict; ``how`` is None (as stored), "t" (a
+    Conv1D weight, transposed) or ``("qkv", j)`` (part j of GPT-2's fused c_attn). HF names carry no
+    ``transformer.`` prefix. A tied head reads the embedding's tensor."""
+    out: dict[str, tuple[str, Any]] = {}
+    if config.family == "gpt":
+        for ours, theirs, transposed in _gpt2_names(config):
+            out[ours] = (theirs, "t" if transposed else None)
+        for i in range(config.n_layers):
+            for j, proj in enumerate(("wq", "wk", "wv")):
+                for suffix in ("weight", "bias"):
+                    out[f"blocks.{i}.attn.{proj}.{suffix}"] = (f"h.{i}.attn.c_attn.{suffix}", ("qkv", j))
+        embedding = "wte.weight"
+    else:
+        out.update((ours, (theirs, None)) for ours, theirs in _llama_names(config))
+        embedding = "model.embed_tokens.weight"
+    if config.tie_embeddings:
+        out["head.out.weight"] = (embedding, None)
+    return out
+
+
+def _convert(tensor: torch.Tensor, how: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
+    """A stored tensor in our layout (see :func:`_sources`)."""
+    if how == "t":
+        return tensor.t().contiguous()
+    if how is None:
+        return tensor
+    D = config.dim
+    if tensor.shape[-1] != 3 * D:  # c_attn: weight (D, 3D) as Conv1D, bias (3D,)
+        raise ValueError(
+            f"shape mismatch for checkpoint tensor {hf_name!r}: got {tuple(tensor.shape)}, "
+            f"last dimension should be 3*dim={3 * D}"
+        )
+    part = tensor.split(D, dim=-1)[how[1]]
+    return part.t().contiguous() if tensor.dim() == 2 else part
+
+
+def _unexpected(stored, config: ModelConfig) -> list[str]:
+    """Stored tensor names (``transformer.`` prefix removed) that no tensor of ``config`` reads."""
+    used = {theirs for theirs, _ in _sources(config).values()}
+    if config.tie_embeddings:
+        used.add("lm_head.weight")  # some checkpoints store the tied copy
+    return sorted(k for k in stored if k not in used and not _IGNORED.search(k))
+
+
+def _unexpected_error(unexpected: list[str], config: ModelConfig) -> ValueError:
+    return ValueError(
+        f"checkpoint has {len(unexpected)} tensor(s) this {config.family} config does not use: "
+        f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+    )
+
+
+def _read(names, sources, fetch, shapes: dict[str, tuple], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our tensors ``names`` from ``fetch(hf_name)``, each checked against ``shapes`` (our name -> shape)."""
+    out = {}
+    for ours in names:
+        theirs, how = sources[ours]
+        tensor = _convert(fetch(theirs), how, theirs, config)
+        if tuple(tensor.shape) != tuple(shapes[ours]):
+            raise ValueError(
+                f"shape mismatch for checkpoint tensor {theirs!r} (-> {ours!r}): got "
+                f"{tuple(tensor.shape)} after conversion, the config needs {tuple(shapes[ours])}"
+            )
+        out[ours] = tensor
+    return out
+
+
+def _missing(hf_name: str) -> KeyError:
+    return KeyError(f"checkpoint is missing tensor {hf_name!r}")
+
+
 def hf_to_state_dict(hf: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
     """Our state dict from Hugging Face tensors, checking every shape against ``model``.
 
     Errors name the checkpoint tensor that is missing, extra, or of the wrong shape.
     """
-    config, expected = model.config, model.state_dict()
-    hf = dict(hf)
-    out: dict[str, torch.Tensor] = {}
+    config = model.config
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()} if config.family == "gpt" else dict(hf)
 
-    def take(hf_name: str) -> torch.Tensor:
-        if hf_name not in hf:
-            raise KeyError(f"checkpoint is missing tensor {hf_name!r}")
-        return hf.pop(hf_name)
+    def fetch(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise _missing(name)
+        return hf[name]
 
-    def put(ours: str, tensor: torch.Tensor, hf_name: str) -> None:
-        if tensor.shape != expected[ours].shape:
-            raise ValueError(
-                f"shape mismatch for checkpoint tensor {hf_name!r} (-> {ours!r}): got "
-                f"{tuple(tensor.shape)} after conversion, the config needs {tuple(expected[ours].shape)}"
-            )
-        out[ours] = tensor
-
-    if config.family == "gpt":
-        hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
-        for ours, theirs, transposed in _gpt2_names(config):
-            put(ours, _maybe_t(take(theirs), transposed), theirs)
-        D = config.dim
-        for i in range(config.n_layers):
-            for suffix in ("weight", "bias"):
-                name = f"h.{i}.attn.c_attn.{suffix}"
-                qkv = take(name)  # weight (D, 3D) as Conv1D, bias (3D,)
-                if qkv.shape[-1] != 3 * D:
-                    raise ValueError(
-                        f"shape mismatch for checkpoint tensor {name!r}: got {tuple(qkv.shape)}, "
-                        f"last dimension should be 3*dim={3 * D}"
-                    )
-                for part, proj in zip(qkv.split(D, dim=-1), ("wq", "wk", "wv")):
-                    put(
-                        f"blocks.{i}.attn.{proj}.{suffix}",
-                        part.t().contiguous() if suffix == "weight" else part,
-                        name,
-                    )
-        if config.tie_embeddings:
-            hf.pop("lm_head.weight", None)  # some checkpoints store the tied copy
-            out["head.out.weight"] = out["embed.tok.weight"]
-    else:
-        for ours, theirs in _llama_names(config):
-            put(ours, take(theirs), theirs)
-        if config.tie_embeddings:
-            hf.pop("lm_head.weight", None)
-            out["head.out.weight"] = out["embed.tok.weight"]
-    unexpected = sorted(k for k in hf if not _IGNORED.search(k))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    out = _read(list(_sources(config)), _sources(config), fetch, shapes, config)
+    unexpected = _unexpected(hf, config)
     if unexpected:
-        raise ValueError(
-            f"checkpoint has {len(unexpected)} tensor(s) this {config.family} config does not use: "
-            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
+        raise _unexpected_error(unexpected, config)
     return out
+
+
+def read_hf_tensors(folder: str | Path, config: ModelConfig, names) -> dict[str, torch.Tensor]:
+    """Our tensors ``names`` (e.g. one pipeline stage's ``blocks.3.attn.wq.weight``...) from a Hugging Face
+    folder, reading from its safetensors files only the stored tensors they come from (the files' headers
+    are read whole, to refuse tensors this config does not use). Same checks and errors as
+    :func:`hf_to_state_dict`; tensors keep the stored dtype."""
+    features.require("safetensors", "Hugging Face checkpoint import")
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
+    sources = _sources(config)
+    unknown = sorted(set(names) - set(sources))
+    if unknown:
+        raise KeyError(f"{config.family} models have no tensor(s) {unknown[:8]}")
+    handles = {}
+    stored: dict[str, tuple[str, str]] = {}  # name without "transformer." -> (file, stored name)
+    with contextlib.ExitStack() as stack:
+        for file in _safetensors_files(folder):
+            handles[file] = stack.enter_context(safe_open(str(folder / file), framework="pt"))
+            for key in handles[file].keys():
+                stored[key.removeprefix("transformer.") if config.family == "gpt" else key] = (file, key)
+        unexpected = _unexpected(stored, config)
+        if unexpected:
+            raise _unexpected_error(unexpected, config)
+
+        def fetch(name: str) -> torch.Tensor:
+            if name not in stored:
+                raise _missing(name)
+            file, key = stored[name]
+            return handles[file].get_tensor(key)
+
+        return _read(list(names), sources, fetch, shapes, config)
 
 
 def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
@@ -191,6 +259,14 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in _safetensors_files(folder):
+        tensors.update(load_file(str(folder / name)))
+    return tensors
+
+
+def _safetensors_files(folder: Path) -> list[str]:
+    """The safetensors files of a folder: ``model.safetensors``, or the shards its index lists (all there)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -206,13 +282,19 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
             else ""
         )
         raise FileNotFoundError(f"no *.safetensors weights in {folder}{hint}")
-    tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        path = folder / name
-        if not path.exists():
+        if not (folder / name).exists():
             raise FileNotFoundError(f"shard {name} listed in {index} is missing from {folder}")
-        tensors.update(load_file(str(path)))
-    return tensors
+    return files
+
+
+def read_hf_config(folder: str | Path, **overrides: Any) -> ModelConfig:
+    """Our ModelConfig for a Hugging Face folder's ``config.json`` (no weights read); ``overrides`` as in
+    :func:`load_hf_checkpoint`."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: a Hugging Face model folder needs config.json")
+    return config_from_hf(json.loads(config_path.read_text()), **overrides)
 
 
 def load_hf_checkpoint(
@@ -229,10 +311,7 @@ def load_hf_checkpoint(
     Returns ``(model, config)``; the model is in eval mode.
     """
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: a Hugging Face model folder needs config.json")
-    config = config_from_hf(json.loads(config_path.read_text()), **overrides)
+    config = read_hf_config(folder, **overrides)
     tensors = read_safetensors(folder)
     if dtype is None:
         dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)

@@ -196,7 +196,7 @@ class Attention(nn.Module):
         sizes = [wq.out_features, wk.out_features, wv.out_features]
         return F.linear(x, weight, bias).split(sizes, dim=-1)  # (B, T, Hq*hd), (B, T, Hkv*hd) x 2
 
-    def init_weights(self, init_std: float, residual_std: float) -> None:
+    def init_weights(self, init_std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std) on q/k/v, Normal(0, residual_std) on the output projection, zero biases."""
         for linear, std in (
             (self.wq, init_std),
@@ -204,7 +204,7 @@ class Attention(nn.Module):
             (self.wv, init_std),
             (self.wo, residual_std),
         ):
-            _init_linear(linear, std)
+            _init_linear(linear, std, generator)
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -232,9 +232,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, D) -> (B, T, F) -> (B, T, D)
 
-    def init_weights(self, init_std: float, residual_std: float) -> None:
-        _init_linear(self.fc, init_std)
-        _init_linear(self.proj, residual_std)
+    def init_weights(self, init_std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
+        _init_linear(self.fc, init_std, generator)
+        _init_linear(self.proj, residual_std, generator)
 
 
 class SwiGLU(nn.Module):
@@ -253,10 +253,10 @@ class SwiGLU(nn.Module):
         hidden = fused_swiglu(gate, up) if kernels.worth_fusing(gate) else F.silu(gate) * up
         return self.dropout(self.w2(hidden))  # (B, T, F) -> (B, T, D)
 
-    def init_weights(self, init_std: float, residual_std: float) -> None:
-        _init_linear(self.w1, init_std)
-        _init_linear(self.w3, init_std)
-        _init_linear(self.w2, residual_std)
+    def init_weights(self, init_std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
+        _init_linear(self.w1, init_std, generator)
+        _init_linear(self.w3, init_std, generator)
+        _init_linear(self.w2, residual_std, generator)
 
 
 # ----------------------------------------------------------------------------- block
@@ -277,15 +277,18 @@ class Block(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))  # (B, T, D)
         return x
 
-    def init_weights(self, init_std: float, residual_std: float) -> None:
-        """GPT-2 init: norms to identity, linears Normal(0, init_std), residual projections residual_std."""
+    def init_weights(self, init_std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
+        """GPT-2 init: norms to identity, linears Normal(0, init_std), residual projections residual_std.
+
+        ``generator``: where the random draws come from (None: the default generator of the weights' device).
+        """
         self.attn_norm.reset_parameters()
         self.mlp_norm.reset_parameters()
-        self.attn.init_weights(init_std, residual_std)
-        self.mlp.init_weights(init_std, residual_std)
+        self.attn.init_weights(init_std, residual_std, generator)
+        self.mlp.init_weights(init_std, residual_std, generator)
 
 
-def _init_linear(linear: nn.Module, std: float) -> None:
-    nn.init.normal_(linear.weight, mean=0.0, std=std)
+def _init_linear(linear: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std, generator=generator)
     if getattr(linear, "bias", None) is not None:
         nn.init.zeros_(linear.bias)

@@ -14,6 +14,7 @@ With ``tie_embeddings``, ``head.out.weight`` is the very Parameter ``embed.tok.w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,10 @@ class Embedding(nn.Module):
             x = x + self.pos(pos)  # (T, D) broadcast over B
         return self.dropout(x)
 
-    def init_weights(self, init_std: float) -> None:
-        nn.init.normal_(self.tok.weight, mean=0.0, std=init_std)
+    def init_weights(self, init_std: float, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.tok.weight, mean=0.0, std=init_std, generator=generator)  # the first draw
         if self.pos is not None:
-            nn.init.normal_(self.pos.weight, mean=0.0, std=init_std)
+            nn.init.normal_(self.pos.weight, mean=0.0, std=init_std, generator=generator)
 
 
 class Head(nn.Module):
@@ -69,17 +70,18 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(x))  # (B, T, D) -> (B, T, V)
 
-    def init_weights(self, init_std: float, init_out: bool = True) -> None:
+    def init_weights(self, init_std: float, init_out: bool = True, generator: torch.Generator | None = None) -> None:
         self.norm.reset_parameters()
         if init_out:
-            nn.init.normal_(self.out.weight, mean=0.0, std=init_std)
+            nn.init.normal_(self.out.weight, mean=0.0, std=init_std, generator=generator)
 
 
 class Transformer(nn.Module):
     """GPT-2 (LayerNorm, learned positions, GELU, tied head) or Llama (RMSNorm, RoPE, SwiGLU, GQA) model.
 
     Weights are initialised as GPT-2 (Normal(0, 0.02); residual projections ``wo`` and ``proj``/``w2``
-    scaled by 1/sqrt(2 L)), deterministic given ``torch.manual_seed``.
+    scaled by 1/sqrt(2 L)), deterministic given ``torch.manual_seed``, layer by layer (see :meth:`init_weights`),
+    so a pipeline rank can build only its own layers and hold the dense model's numbers.
     """
 
     def __init__(self, config: ModelConfig):
@@ -103,22 +105,59 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         """Make ``head.out.weight`` the same Parameter as ``embed.tok.weight`` when the config ties them.
 
-        Call again after anything that re-creates parameters (e.g. ``to_empty`` from the meta device).
+        Call again after anything that re-creates parameters (e.g. ``to_empty`` from the meta device). When
+        only one of the two is materialised (a pipeline rank holding the embedding or the head, the other
+        left on the meta device) they stay apart: that rank's head keeps its own copy (see :meth:`init_weights`).
         """
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.embed.tok.weight.is_meta == self.head.out.weight.is_meta:
             self.head.out.weight = self.embed.tok.weight
 
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and the rotary buffers, GPT-2 style (arXiv 2005.14165 / nanoGPT).
+    def materialize(self, layers: Iterable[int], device: str | torch.device) -> None:
+        """Allocate the pipeline layers ``layers`` (indices into :meth:`pipeline_layers`) of a model built on the
+        meta device on ``device``, uninitialised; every other layer stays on the meta device (no memory).
+        Then :meth:`init_weights` (or load weights) for the same layers."""
+        pipeline = self.pipeline_layers()
+        for i in sorted(set(layers)):
+            pipeline[i].to_empty(device=device)
+        self.tie_weights()
 
+    def init_weights(self, layers: Iterable[int] | None = None, seed: int | None = None) -> int:
+        """(Re)initialise pipeline layers GPT-2 style (arXiv 2005.14165 / nanoGPT), and the rotary buffers.
+
+        ``layers``: indices into :meth:`pipeline_layers` (0 the embedding, 1..L the blocks, L+1 the head);
+        None: every layer not on the meta device. Layer ``i`` draws from its own generator seeded from
+        ``(seed, i)``, and ``seed`` (None: one draw from the default CPU generator, which
+        ``torch.manual_seed`` controls) is the only thing taken from the caller's stream. So a layer's
+        values depend on the seed and its index alone, and a pipeline rank that materialises only its
+        stages' layers (:meth:`materialize`) holds exactly the numbers of the dense model built from the same
+        seed, and leaves the default generator where the dense build leaves it. A tied head held without the
+        embedding gets the embedding's values (the first draw of layer 0's generator). Returns ``seed``.
         Works after ``model.to_empty(device=...)`` on a model built under ``torch.device("meta")``.
         """
         self.tie_weights()
+        if seed is None:
+            seed = draw_init_seed()
         residual_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
-        self.embed.init_weights(INIT_STD)
-        for block in self.blocks:
-            block.init_weights(INIT_STD, residual_std)
-        self.head.init_weights(INIT_STD, init_out=not self.config.tie_embeddings)
+        pipeline = self.pipeline_layers()
+        chosen = range(len(pipeline)) if layers is None else sorted(set(layers))
+        for i in chosen:
+            layer = pipeline[i]
+            if _on_meta(layer):
+                if layers is None:
+                    continue
+                raise ValueError(f"pipeline layer {i} is on the meta device; materialize it first")
+            generator = _layer_generator(seed, i, layer)
+            if i == 0:
+                self.embed.init_weights(INIT_STD, generator)
+            elif i <= self.config.n_layers:
+                layer.init_weights(INIT_STD, residual_std, generator)
+            else:
+                own_copy = self.config.tie_embeddings and self.head.out.weight is not self.embed.tok.weight
+                self.head.init_weights(INIT_STD, init_out=not self.config.tie_embeddings, generator=generator)
+                if own_copy:  # the embedding's table, as layer 0 draws it first
+                    nn.init.normal_(self.head.out.weight, mean=0.0, std=INIT_STD,
+                                    generator=_layer_generator(seed, 0, layer))
+        return seed
 
     def init_buffers(self) -> None:
         """Recompute non-persistent buffers (rotary tables) only, e.g. after loading weights onto meta."""
@@ -184,3 +223,15 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def _on_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
+
+
+def draw_init_seed() -> int:
+    """The one draw :meth:`Transformer.init_weights` takes from the default CPU generator (its layers' seed)."""
+    return int(torch.randint(0, 2**62, (), device="cpu"))
+
+
+def _layer_generator(seed: int, index: int, layer: nn.Module) -> torch.Generator:
+    """The generator pipeline layer ``index`` initialises from, on its parameters' device."""
+    device = next(layer.parameters()).device
+    mixed = (seed + (index + 1) * 0x9E3779B97F4A7C15) % 2**64  # golden-ratio stride: far-apart seeds per layer
+    return torch.Generator(device=device).manual_seed(mixed)

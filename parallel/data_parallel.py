@@ -127,11 +127,31 @@ class GradSync:
         finally:
             self._sync = previous
 
+    @contextlib.contextmanager
+    def synced(self):
+        """Backward inside launches buckets as their gradients complete (undoes an enclosing :meth:`no_sync`)."""
+        previous, self._sync = self._sync, True
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def mark_ready(self, params: Iterable[nn.Parameter]) -> None:
+        """Declare these parameters' gradients final for the step (e.g. accumulated by hand, where no hook
+        fires), launching every bucket that is now complete, in bucket order. Others are ignored."""
+        for p in params:
+            if id(p) in self._bucket_of:
+                self._ready[self._bucket_of[id(p)]].add(id(p))
+        self._launch_ready()
+
     def _on_grad(self, p: nn.Parameter) -> None:
         if not self._sync:
             return
         i = self._bucket_of[id(p)]
         self._ready[i].add(id(p))
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next]):
             self._launch(self._next)
             self._next += 1

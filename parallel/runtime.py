@@ -46,6 +46,8 @@ timed (``time.perf_counter`` on CPU, CUDA events on GPU) into a :class:`~pipeloo
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -114,6 +116,8 @@ class PipelineRuntime:
             behind this rank's receives; building the runtime is then collective over the whole world (every
             rank builds its runtime; groups are created once per pipeline group and reused). ``"shared"``:
             every transfer on ``pp_group`` - no world collective, safe only where sends are buffered (gloo).
+        around_action: ``f(action) -> context manager`` entered around every compute action this rank runs
+            (e.g. to launch a stage's data-parallel gradient all-reduce during its last backward).
     """
 
     def __init__(self, plan: Plan, modules, loss_fn: Callable | None = None, *,
@@ -121,12 +125,13 @@ class PipelineRuntime:
                  tied=(), pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
                  ordered_messages: bool | None = None, shapes: str = "cached", links: str = "directional",
-                 weight_group=None):
+                 weight_group=None, around_action: Callable | None = None):
         if shapes not in SHAPE_MODES:
             raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
         if links not in LINK_MODES:
             raise ValueError(f"links={links!r}; choose one of {LINK_MODES}")
         self.shapes = shapes
+        self.around_action = around_action
         self.timeout = float(timeout)
         self.pp_group, self.pp_ranks, self.rank = _pipeline_group(plan, pp_group, pp_ranks)
         if hasattr(modules, "for_rank"):
@@ -239,7 +244,7 @@ class PipelineRuntime:
                 i = j
                 continue
             start = clock.mark()
-            with torch.set_grad_enabled(training):
+            with torch.set_grad_enabled(training), (self.around_action(a) if self.around_action else _nothing()):
                 self._run(a)
             records.append((a, start, clock.mark(), False))
             i += 1
@@ -590,6 +595,9 @@ def _stage_params(modules: Mapping[int, nn.Module]):
         owned[s] = [p for p in used[s] if id(p) not in seen]
         seen.update(id(p) for p in used[s])
     return used, owned
+
+
+_nothing = contextlib.nullcontext
 
 
 def _accumulate(params, grads) -> None:

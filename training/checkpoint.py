@@ -18,7 +18,9 @@ Optimizer state, whatever the optimizer: DCP's ``get_optimizer_state_dict`` / ``
 (``torch.distributed.checkpoint.state_dict``) map it to and from parameter names, and every entry is
 stored as ``optim.<parameter name>.<key>`` (AdamW's ``exp_avg``, ``exp_avg_sq``, ``step``; SGD's
 ``momentum_buffer``; ...): a tensor shaped like its parameter whole, like the parameter, anything else as
-it is. The hyperparameters (``param_groups``) come from the run's config, not the checkpoint.
+it is. The hyperparameters (``param_groups``) come from the run's config, not the checkpoint. Under ZeRO-1
+(``optimizer.zero=1``) each dp rank saves and loads the entries of the parameters it owns, under the same
+names, so a checkpoint moves freely between ZeRO and plain AdamW and between dp degrees.
 
 Atomicity (:mod:`pipeloom.training.checkpoint_files`). Everything is written to ``step_N.tmp/``; each rank
 hashes its own files, rank 0 writes the manifest last and renames the folder into place after every rank
@@ -57,7 +59,7 @@ from .checkpoint_files import (
 )
 
 __all__ = ["CheckpointError", "ParamSpec", "checkpoint_steps", "gather_full", "latest_checkpoint", "load_checkpoint",
-           "local_slice", "read_manifest", "save_checkpoint", "MANIFEST", "FORMAT"]
+           "local_slice", "optimizer_class_name", "read_manifest", "save_checkpoint", "MANIFEST", "FORMAT"]
 
 
 @dataclass
@@ -141,10 +143,33 @@ def _param_tree(specs: list[ParamSpec]) -> nn.Module:
     return root
 
 
+def _owned(specs: list[ParamSpec], optimizer) -> tuple[list[ParamSpec], object]:
+    """The specs whose optimizer state this rank holds, and the optimizer holding it: all of them and
+    ``optimizer`` itself, or under ZeRO-1 those of the parameters this dp rank owns and its inner optimizer.
+    (ZeRO partitions by parameter sizes, so the tp peers of one replica own the same names, and the
+    tensor-parallel gathers of their state below stay matched.)"""
+    from .optim import local_optimizer
+
+    local = local_optimizer(optimizer)
+    if local is optimizer:
+        return specs, optimizer
+    held = {id(p) for group in local.param_groups for p in group["params"]}
+    return [s for s in specs if id(s.param) in held], local
+
+
+def optimizer_class_name(optimizer) -> str:
+    """The optimizer class a checkpoint records: AdamW whether or not ZeRO-1 shards it (same entries)."""
+    from .optim import local_optimizer
+
+    return type(local_optimizer(optimizer)).__name__
+
+
 def _optimizer_state(specs: list[ParamSpec], optimizer) -> dict[str, dict]:
-    """``{local_name: {key: value}}`` of ``optimizer`` (``get_optimizer_state_dict``)."""
+    """``{local_name: {key: value}}`` of ``optimizer`` (``get_optimizer_state_dict``); under ZeRO-1 only the
+    parameters this rank owns."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    specs, optimizer = _owned(specs, optimizer)
     return get_optimizer_state_dict(_param_tree(specs), optimizer)["state"]
 
 
@@ -183,6 +208,7 @@ def _load_optimizer(specs: list[ParamSpec], optimizer, loaded: dict, tp: int, tp
     """Put the loaded ``optim.*`` entries into ``optimizer`` (``set_optimizer_state_dict``)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    specs, optimizer = _owned(specs, optimizer)
     tree = _param_tree(specs)
     keys = _optimizer_keys(loaded)
     state: dict[str, dict] = {}
@@ -238,7 +264,7 @@ def save_checkpoint(directory: str, step: int, *, specs: list[ParamSpec], optimi
     _barrier()  # every rank's files are complete: each hashes its own, at the same time
     files = gather_file_lists(describe_own_files(tmp))
     if _rank() == 0:
-        optimizer_class = type(optimizer).__name__ if optimizer is not None else None
+        optimizer_class = optimizer_class_name(optimizer) if optimizer is not None else None
         write_manifest(tmp, {"format": FORMAT, "step": step, "files": files, "optimizer": optimizer_class, **meta})
         replace_folder(tmp, final)
         for _, old in checkpoint_steps(directory)[:-keep]:
@@ -255,12 +281,14 @@ def _quiet_single_process():
         yield
 
 
-def _wanted(path: str, metadata: dict, specs: list[ParamSpec], with_optim: bool) -> dict:
-    """The entries this rank loads: its parameters' full tensors and, ``with_optim``, their optimizer state."""
+def _wanted(path: str, metadata: dict, specs: list[ParamSpec], optim_specs: list[ParamSpec]) -> dict:
+    """The entries this rank loads: its parameters' full tensors and the optimizer state of ``optim_specs``
+    (all of them; under ZeRO-1 those this rank owns; none without an optimizer)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     wanted: dict = {}
-    optimizer_keys = _optimizer_keys(metadata) if with_optim else {}
+    optimizer_keys = _optimizer_keys(metadata)
+    with_optim = {id(s) for s in optim_specs}
     for spec in specs:
         key = f"model.{spec.name}"
         info = metadata.get(key)
@@ -270,7 +298,7 @@ def _wanted(path: str, metadata: dict, specs: list[ParamSpec], with_optim: bool)
             raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(info.size)}, this model needs "
                                   f"{spec.full_shape}")
         wanted[key] = torch.empty(spec.full_shape, dtype=spec.param.dtype)
-        if not with_optim:
+        if id(spec) not in with_optim:
             continue
         for key in optimizer_keys.get(spec.name, ()):  # none: the parameter had no state (never stepped)
             info = metadata[f"optim.{spec.name}.{key}"]
@@ -299,10 +327,10 @@ def load_checkpoint(path: str, *, specs: list[ParamSpec], optimizer, tp: int = 1
         verify_files(path, manifest, [".metadata"])
     metadata = FileSystemReader(path).read_metadata()
     with_optim = optimizer is not None and any(k.startswith("optim.") for k in metadata.state_dict_metadata)
-    if with_optim and manifest.get("optimizer") not in (None, type(optimizer).__name__):
+    if with_optim and manifest.get("optimizer") not in (None, optimizer_class_name(optimizer)):
         raise CheckpointError(f"checkpoint {path} holds {manifest['optimizer']} state; this run's optimizer is "
-                              f"{type(optimizer).__name__}")
-    wanted = _wanted(path, metadata.state_dict_metadata, specs, with_optim)
+                              f"{optimizer_class_name(optimizer)}")
+    wanted = _wanted(path, metadata.state_dict_metadata, specs, _owned(specs, optimizer)[0] if with_optim else [])
     rng_file = f"rng_rank{_rank()}.pt"
     restore_rng = restore_rng and (layout is None or manifest.get("layout") == layout)
     if verify:  # the files this rank reads, and only those

@@ -92,7 +92,6 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
     tp_group = mesh.tp_group if mesh is not None and mesh.tp > 1 else None
     pp_group = mesh.pp_group if mesh is not None and mesh.pp > 1 else None
     tp, tp_rank = (mesh.tp, mesh.tp_rank) if mesh is not None else (1, 0)
-    params = [p for _, p in parts.named_parameters()]
     norm_params = [(s.param, s.counted) for s in parts.specs]
     ckpt_dir = checkpoint["dir"] or os.path.join(run_dir, "checkpoints")
     layout = checkpoint_meta.get("layout")
@@ -149,10 +148,7 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
         if stepper.updates_weights:  # the optimizer ran at every UPDATE of the step
             norm = stepper.grad_norm
         else:
-            if dp_group is not None:
-                from pipeloom.parallel.data_parallel import allreduce_gradients
-
-                allreduce_gradients(params, dp_group, op="sum")  # shares of the global-batch mean
+            stepper.reduce_gradients()  # shares of the global-batch mean, summed over dp (maybe launched already)
             if sequence_parallel and tp_group is not None:
                 from pipeloom.parallel.tensor_parallel import sync_sequence_parallel_grads
 

@@ -1,5 +1,6 @@
 # Optimizer pieces of the training loop: AdamW groups, warmup + cosine learning rate, global-norm clipping.
-"""* :func:`build_optimizer` - AdamW (fused kernel where available) with weight decay on matrices only.
+"""* :func:`build_optimizer` - AdamW (fused kernel where available) with weight decay on matrices only,
+  optionally ZeRO-1 sharded over the dp group.
 * :func:`lr_at` - linear warmup then cosine decay to ``min_lr`` (arXiv 1608.03983; GPT-3's recipe,
   arXiv 2005.14165 App. B).
 * :func:`clip_grad_norm` - the global gradient norm over every rank holding a different part of the
@@ -33,11 +34,15 @@ def fused_available(params: list[nn.Parameter]) -> bool:
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, beta1: float = 0.9,
                     beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1, fused: bool | None = None,
-                    **_unused) -> torch.optim.AdamW:
+                    zero_group=None, **_unused) -> torch.optim.Optimizer:
     """AdamW over ``named_params`` (unique, trainable): decay on >= 2-D weights, none on norms and biases.
 
     ``fused=None`` picks the fused kernel where available. Parameter groups are ``[decay, no_decay]``
     (their order and contents depend only on names, so a resumed optimizer maps state one to one).
+    ``zero_group``: the data-parallel group to shard the AdamW state over (ZeRO stage 1, arXiv 1910.02054
+    §5.1, through torch's ``ZeroRedundancyOptimizer``: each replica keeps the moments of about 1/dp of the
+    parameters, steps those and broadcasts them). The gradients must be summed over the group first, as
+    the training loop does. Checkpoints store the same entries either way (:mod:`.checkpoint`).
     """
     seen, decay, no_decay = set(), [], []
     for _, p in named_params:
@@ -49,7 +54,20 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: flo
     if fused is None:
         fused = fused_available(params)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if zero_group is not None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=zero_group, lr=lr,
+                                       betas=(beta1, beta2), eps=eps, fused=fused or None)
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, fused=fused or None)
+
+
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state: a ZeRO-1 optimizer's inner one (over the parameters
+    this rank owns), else ``optimizer`` itself."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,10 +1,11 @@
 # This rank's share of the model: build, shard (tp), split (pp), compile, and name every parameter.
 """What the training loop holds, whatever the layout:
 
-* :func:`build_parts` builds the dense model identically on every rank (same seed), applies tensor
-  parallelism (``apply_tp`` on the whole model, so the pipeline stages cut next hold the sharded
-  layers), splits it into the plan's stages and keeps this rank's, applies recomputation, and names
-  every local parameter by its name in the plain model (:class:`~pipeloom.training.checkpoint.ParamSpec`):
+* :func:`build_parts` builds the model on the meta device, splits it into the plan's stages, allocates
+  and initialises (or loads) only the layers of this rank's stages - number for number the dense model's
+  (:mod:`pipeloom.training.build`) - applies tensor parallelism (``apply_tp`` on the whole model: the
+  other stages' layers become meta shards), recomputation and compilation, and names every local
+  parameter by its name in the plain model (:class:`~pipeloom.training.checkpoint.ParamSpec`):
   checkpoints, gradient clipping and the optimizer are layout-independent through these names.
 
 One training step over these parts is :mod:`pipeloom.training.steps` (``LocalStep``, ``PipelineStep``).
@@ -22,6 +23,7 @@ from pipeloom.schedules import Plan
 from pipeloom.schedules.ir import Kind
 from torch import nn
 
+from .build import StateSource
 from .checkpoint import ParamSpec
 
 
@@ -29,13 +31,14 @@ from .checkpoint import ParamSpec
 class ModelParts:
     """The modules this rank runs (``{stage: module}``; pp=1: ``{0: the model}``) and their parameters."""
 
-    model: Transformer  # the full model object every rank built (only this rank's stages are used)
+    model: Transformer  # the model object; only this rank's stages' layers are off the meta device
     modules: dict[int, nn.Module]
     config: ModelConfig
     plan: Plan
     specs: list[ParamSpec] = field(default_factory=list)
     tied: list[dict[int, str]] = field(default_factory=list)  # StageSplit.tied (pp > 1)
     step_context: Callable = contextlib.nullcontext  # entered around every training step (see compile_blocks)
+    float8: object = None  # training.float8.Float8Report when the linears were converted to float8
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(full-model name, parameter)`` of every distinct local parameter."""
@@ -110,40 +113,59 @@ def param_specs(modules: dict[int, nn.Module], aliases: dict[str, str], n_layers
 
 def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, device: str | torch.device = "cpu",
                 sequence_parallel: bool = False, recompute: str = "none", split: str = "uniform",
-                init_state: dict[str, torch.Tensor] | None = None, compile: bool | str = False) -> ModelParts:
-    """Build the model and keep this rank's part of it (see the module docstring).
+                init_state: StateSource | None = None, compile: bool | str = False, float8: str = "off",
+                float8_min_dim: int | None = None) -> ModelParts:
+    """Build this rank's part of the model (see the module docstring).
 
-    ``init_state``: a state dict of the plain model (e.g. an imported Hugging Face checkpoint) loaded
-    before sharding. Every rank must call this with the same arguments (the dense init uses ``seed``).
+    Per-stage: the model is built on the meta device and split into the plan's stages there; only the
+    pipeline layers of this rank's stages are allocated on ``device`` and initialised exactly as the
+    dense model built after ``torch.manual_seed(seed)`` (:func:`~pipeloom.training.build.fill_layers`), so
+    a run is reproducible whatever the layout, and a pp=4 rank allocates about a quarter of the parameters.
+    ``init_state``: the initial weights instead of the init - a state dict of the plain model, or a
+    function from this rank's parameter names to their tensors (``functools.partial(read_hf_tensors,
+    folder, config)`` reads only those from a Hugging Face folder). The layers are split on their dense
+    shapes (before tensor parallelism), so a layout method gives the same stages whatever tp.
     ``compile``: :func:`compile_blocks` this rank's transformer blocks (True: Inductor; a string names
-    another ``torch.compile`` backend).
+    another ``torch.compile`` backend). ``float8``: ``"tensorwise"`` or ``"rowwise"`` converts this rank's
+    large enough linears to torchao's float8 training layers after tensor parallelism, before compiling
+    (:func:`~pipeloom.training.float8.apply_float8`; ``float8_min_dim`` its size threshold; the report is
+    ``ModelParts.float8``). Leaves the default generator where the dense build leaves it
+    (seeded with ``seed``, then one draw), whatever the layout.
     """
     from pipeloom.parallel.apply import RecomputePolicy, apply_recompute, apply_tp
 
+    from .build import fill_layers, forked_rng
+
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device("meta"):
         model = Transformer(config)
-    if init_state is not None:
-        model.load_state_dict(init_state, strict=True)
     aliases = {}
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases[name] = first.setdefault(id(p), name)
-    tp = mesh.tp if mesh is not None else 1
-    if tp > 1:
-        apply_tp(model, mesh, sequence_parallel=sequence_parallel)
     tied: list[dict[int, str]] = []
     if plan.pp == 1 and plan.num_stages == 1:
         modules: dict[int, nn.Module] = {0: model}
-        staged = False
+        staged, layers = False, range(config.n_layers + 2)
     else:
         from pipeloom.parallel.stage import split_stages
 
-        stage_split = split_stages(model, plan.num_stages, method=split)
+        stage_split = split_stages(model, plan.num_stages, method=split)  # on the meta model: no memory
         rank = mesh.pp_rank if mesh is not None else 0
         modules = stage_split.for_rank(plan, rank)
         tied = stage_split.tied
-        staged = True
+        staged, layers = True, [i for module in modules.values() for i in module.layer_ids]
+    fill_layers(model, layers, device, init_state)
+    tp = mesh.tp if mesh is not None else 1
+    if tp > 1:
+        with forked_rng(device):  # the layers' constructors draw before the dense weights are copied in
+            apply_tp(model, mesh, sequence_parallel=sequence_parallel)  # other stages' layers: meta shards
+    report = None
+    if float8 != "off":
+        from .float8 import apply_float8
+
+        report = apply_float8(modules, float8, min_dim=float8_min_dim,
+                              name_of=(lambda fqn: _stage_to_model_name(fqn, config.n_layers)) if staged else str)
     if recompute != "none":
         for module in modules.values():
             apply_recompute(module, RecomputePolicy(recompute))
@@ -154,7 +176,7 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
             step_context = no_donated_buffers
     specs = param_specs(modules, aliases, config.n_layers, staged, tp_rank=mesh.tp_rank if mesh is not None else 0)
     return ModelParts(model=model, modules=modules, config=config, plan=plan, specs=specs, tied=tied,
-                      step_context=step_context)
+                      step_context=step_context, float8=report)
 
 
 def no_donated_buffers():

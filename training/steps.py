@@ -27,6 +27,7 @@ import torch.distributed as dist
 from pipeloom.schedules.ir import Kind
 from pipeloom.schedules.timeline import Interval, Timeline
 
+from .grads import GradReducer
 from .optim import clip_grad_norm
 from .parts import ModelParts
 
@@ -63,7 +64,7 @@ class LocalStep:
 
     updates_weights = False  # the loop reduces, clips and steps the optimizer after the step
 
-    def __init__(self, parts: ModelParts, autocast=None, dp_group=None):
+    def __init__(self, parts: ModelParts, autocast=None, dp_group=None, grads: GradReducer | None = None):
         if parts.plan.pp != 1 or parts.plan.is_versioned:
             raise ValueError(f"LocalStep runs synchronous pp=1 plans; plan {parts.plan.name!r} has pp={parts.plan.pp}"
                              f"{' and weight versions' if parts.plan.is_versioned else ''}: use PipelineStep")
@@ -72,7 +73,12 @@ class LocalStep:
         self.autocast = autocast or contextlib.nullcontext
         self.dp_group = dp_group
         self.actions = [a for a in parts.plan.ranks[0] if a.kind.is_compute]
+        self.grads = grads or GradReducer(parts, dp_group, self.actions)
         self.last_full_timeline: Timeline | None = None
+
+    def reduce_gradients(self) -> None:
+        """Sum this step's gradient shares over the dp group (:class:`~pipeloom.training.grads.GradReducer`)."""
+        self.grads.finish()
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, Timeline]:
         """inputs, targets (b, T) long: this replica's share of the global-batch mean loss, and the timeline."""
@@ -86,23 +92,30 @@ class LocalStep:
         intervals = []
         for a in self.actions:
             start = time.perf_counter()
-            if a.kind is Kind.F:
-                with self.autocast():
-                    logits = self.model(xs[a.microbatch])  # (b/m, T, V) or (b/m, T, V/tp)
-                    if counts[a.microbatch] == 0:
-                        loss, value = _zero_loss(logits), None
-                    else:
-                        mean = self.parts.loss_fn(logits, ys[a.microbatch])
-                        loss = mean * (counts[a.microbatch] / total)
-                        value = mean.detach().double() * (counts[a.microbatch] / total)
-                pending[a.microbatch] = loss
-                if value is not None:
-                    share = value if share is None else share + value
-            elif a.kind is Kind.B:
-                pending.pop(a.microbatch).backward()
+            with self.grads.around(a):
+                self._run(a, xs, ys, counts, total, pending)
+            value = pending.pop(("value", a.microbatch), None) if a.kind is Kind.F else None
+            if value is not None:
+                share = value if share is None else share + value
             intervals.append(Interval(0, a, start, time.perf_counter()))
         self.last_full_timeline = Timeline(tuple(intervals), pp=1, unit="s")
         return (0.0 if share is None else float(share)), self.last_full_timeline
+
+    def _run(self, a, xs, ys, counts, total, pending) -> None:
+        """One F (the microbatch's loss, and its share as ``("value", mb)``, into ``pending``) or B (its backward)."""
+        if a.kind is Kind.F:
+            with self.autocast():
+                logits = self.model(xs[a.microbatch])  # (b/m, T, V) or (b/m, T, V/tp)
+                if counts[a.microbatch] == 0:
+                    loss, value = _zero_loss(logits), None
+                else:
+                    mean = self.parts.loss_fn(logits, ys[a.microbatch])
+                    loss = mean * (counts[a.microbatch] / total)
+                    value = mean.detach().double() * (counts[a.microbatch] / total)
+            pending[a.microbatch] = loss
+            pending[("value", a.microbatch)] = value
+        elif a.kind is Kind.B:
+            pending.pop(a.microbatch).backward()
 
     def timeline(self) -> Timeline:
         """The last step's measured timeline (one rank: nothing to gather)."""
@@ -161,7 +174,7 @@ class PipelineStep:
     """
 
     def __init__(self, parts: ModelParts, mesh, autocast=None, timeout: float = 300.0, dp_group=None,
-                 update: StageUpdate | None = None):
+                 update: StageUpdate | None = None, grads: GradReducer | None = None):
         from pipeloom.parallel.runtime import PipelineRuntime
 
         self.parts, self.mesh = parts, mesh
@@ -173,11 +186,18 @@ class PipelineStep:
         optimizers = {s: update for s in parts.modules} if self.updates_weights else None
         self._groups = dict(pp_group=mesh.pp_group if mesh is not None else None,
                             pp_ranks=mesh.pp_peers if mesh is not None else None)
+        rank = mesh.pp_rank if mesh is not None else 0
+        self.grads = grads or GradReducer(parts, dp_group, parts.plan.ranks[rank])
         self.runtime = PipelineRuntime(parts.plan, parts.modules, parts.loss_fn, tied=parts.tied, timeout=timeout,
-                                       optimizers=optimizers, weight_group=dp_group, **self._groups)
+                                       optimizers=optimizers, weight_group=dp_group, around_action=self.grads.around,
+                                       **self._groups)
         self._eval = None
         self.timeout = timeout
         self.last_full_timeline: Timeline | None = None
+
+    def reduce_gradients(self) -> None:
+        """Sum this step's gradient shares over the dp group (:class:`~pipeloom.training.grads.GradReducer`)."""
+        self.grads.finish()
 
     @property
     def grad_norm(self) -> float:
@@ -217,16 +237,24 @@ class PipelineStep:
 
 
 def make_stepper(parts: ModelParts, mesh=None, autocast=None, *, optimizer=None, grad_clip: float = 0.0,
-                 sequence_parallel: bool = False, timeout: float = 300.0):
+                 sequence_parallel: bool = False, timeout: float = 300.0, dp_overlap: bool = False,
+                 bucket_mb: float = 25.0):
     """The step for this layout and plan: LocalStep (synchronous, pp=1) or PipelineStep (pp > 1, or a
     weight-versioned plan, which needs ``optimizer``, ``grad_clip`` and ``sequence_parallel`` here since
-    it steps the optimizer itself)."""
+    it steps the optimizer itself). ``dp_overlap``: the synchronous steps launch the data-parallel
+    gradient all-reduce during backward (:class:`~pipeloom.training.grads.GradReducer`), in buckets of
+    ``bucket_mb`` MiB; the loop calls ``stepper.reduce_gradients()`` after the step either way."""
     dp_group = mesh.dp_group if mesh is not None and mesh.dp > 1 else None
     plan = parts.plan
     if not plan.is_versioned:
+        rank = mesh.pp_rank if mesh is not None else 0
+        grads = GradReducer(parts, dp_group, plan.ranks[rank], overlap=dp_overlap, bucket_mb=bucket_mb)
         if plan.pp == 1:
-            return LocalStep(parts, autocast, dp_group=dp_group)
-        return PipelineStep(parts, mesh, autocast, timeout=timeout, dp_group=dp_group)
+            return LocalStep(parts, autocast, dp_group=dp_group, grads=grads)
+        return PipelineStep(parts, mesh, autocast, timeout=timeout, dp_group=dp_group, grads=grads)
+    if dp_overlap:
+        raise ValueError(f"plan {plan.name!r} updates weights inside the step, where StageUpdate reduces each "
+                         "update's gradients itself: dp_overlap applies to synchronous plans")
     if optimizer is None:
         raise ValueError(f"plan {plan.name!r} updates weights during the step: pass the optimizer")
     if len(parts.modules) != 1:
