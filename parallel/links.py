@@ -1,0 +1,170 @@
+# Per-direction p2p groups of the pipeline links (owned by a Mesh or the caller) and NCCL's rules replayed.
+"""One process group per direction of each pipeline link, and who owns them.
+
+On NCCL every batched p2p call of a process group runs on one stream, in posting order, and a send
+completes only when its receive has been posted; a call that mixes directions or peers can therefore
+wait on a peer that waits on this rank (found as a ZB-V deadlock on two H100s). On a link's own group
+the sender only sends and the receiver only receives, in the same order, so a send never waits behind
+anything but earlier sends on that link and a rank's receives never hold up its sends: the pipeline
+behaves as if sends were buffered, the semantics its plans are validated under
+(:func:`~pipeloom.parallel.p2p.check_rendezvous` models the NCCL rules).
+
+:class:`PipelineLinks` owns such groups. A :class:`~pipeloom.parallel.mesh.Mesh` holds one
+(``mesh.links``), a caller may pass one to several runtimes, and a runtime given neither makes its own;
+nothing is kept in module globals. Groups are created with the runtime's timeout, which is then the
+deadline of every wait on them (the runtime waits without a timeout of its own, see
+:mod:`pipeloom.parallel.p2p`). An owner that outlives ``destroy_process_group`` notices the new default
+group and creates its links again instead of handing out dead ones.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import PipelineCommError, PipelineTimeout
+
+
+class PipelineLinks:
+    """The link groups of every pipeline of one world: ``(pp group, src, dst global ranks, timeout) -> group``.
+
+    :meth:`groups` is collective over the whole world (``new_group`` is): every rank calls it, with its
+    own pipeline group. The pairs of all ranks are gathered through the rendezvous store (so a rank that
+    never arrives is named after ``timeout`` seconds), every link some rank lacks is created on every
+    rank in one sorted order, and each new link carries one small message at once, in that order: NCCL
+    creates a communicator at its first use and blocks both ends until the other arrives, which inside a
+    step could stall a sender until its receiver reaches the link.
+    """
+
+    def __init__(self):
+        self._groups: dict[tuple, object] = {}
+        self._world = None  # weak reference to the default group the cached links belong to
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def _current(self) -> dict[tuple, object]:
+        world = dist.group.WORLD
+        if self._world is None or self._world() is not world:  # first use, or torch.distributed re-initialised
+            self._groups = {}
+            self._world = weakref.ref(world)
+        return self._groups
+
+    def groups(self, group, ranks: Sequence[int], pairs, device=None,
+               timeout: float = 300.0) -> dict[tuple[int, int], object]:
+        """``{(src, dst) pipeline ranks: link group}`` for ``pairs`` of the pipeline ``group`` whose members are
+        ``ranks`` (global, by pipeline rank). Collective over the world; see the class docstring."""
+        cache = self._current()
+        seconds = float(timeout)
+        mine = sorted({(group.group_name, ranks[a], ranks[b], seconds) for a, b in set(pairs)})
+        missing = [key for key in mine if key not in cache]
+        gathered = _gather_over_store({"missing": missing}, timeout)
+        create = sorted({tuple(key) for part in gathered for key in part["missing"]})
+        backend, me = dist.get_backend(group), dist.get_rank()
+        for key in create:
+            name, src, dst, seconds_ = key
+            cache[key] = link = dist.new_group(sorted((src, dst)), backend=backend, timeout=timedelta(seconds=seconds_))
+            if me in (src, dst):
+                probe = torch.ones(1, device=device) if me == src else torch.zeros(1, device=device)
+                op = dist.P2POp(dist.isend if me == src else dist.irecv, probe, dst if me == src else src,
+                                group=link)
+                for work in dist.batch_isend_irecv([op]):
+                    work.wait()
+        return {(a, b): cache[(group.group_name, ranks[a], ranks[b], seconds)] for a, b in set(pairs)}
+
+
+def _gather_over_store(value, timeout: float) -> list:
+    """Every world rank's ``value`` (JSON), through the default store; a rank that does not arrive
+    within ``timeout`` seconds is named in a :class:`PipelineTimeout` instead of a silent hang.
+
+    Rounds are counted in the store itself (each rank counts its own calls there), so the n-th call of
+    every rank meets the n-th call of the others whichever object asked, and a re-initialised world
+    (a new store) starts again at round 1."""
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store of init_process_group
+    world, me = dist.get_world_size(), dist.get_rank()
+    round_ = store.add(f"pipeloom/links/calls/{me}", 1)
+    keys = [f"pipeloom/links/{round_}/{r}" for r in range(world)]
+    store.set(keys[me], json.dumps(value))
+    try:
+        store.wait(keys, timedelta(seconds=timeout))
+    except Exception as error:  # DistStoreError on timeout (its class moved between torch versions)
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise PipelineTimeout(
+            f"global rank {me} waited {timeout:g} s for every rank to build its PipelineRuntime (links="
+            f'"directional" creates p2p groups, a collective over the whole world); global ranks {missing} did '
+            f"not. Build the runtime on every rank, or use links=\"shared\" (gloo only)") from error
+    return [json.loads(store.get(key)) for key in keys]
+
+
+def check_rendezvous(logs: dict[int, list]) -> None:
+    """Replay the calls and waits the ranks' :class:`P2P` recorded (``p2p.log``) under NCCL's rules and
+    raise :class:`PipelineCommError` if they would deadlock or pair mismatched tensors.
+
+    The rules, stricter than gloo's: a process group's calls on a rank run one after another, in posting
+    order, each finishing when all its operations have; a send and its receive (matched per group and
+    direction by order, tags ignored) both progress only while both their calls are running - no send
+    is buffered; a rank stops at a wait until the call it waits on has finished.
+    """
+    pos = dict.fromkeys(logs, 0)
+    streams: dict[tuple, list] = {}  # (rank, group) -> its posted, unfinished calls in order
+    left: dict[tuple, set] = {}  # (rank, call) -> its unmatched operations
+    where: dict[tuple, tuple] = {}  # (rank, call) -> its stream
+    sides: dict[tuple, dict] = {}  # (group, src, dst, n) -> {"send"/"recv": ((rank, call), shape, dtype)}
+    count: Counter = Counter()
+    finished: set = set()
+
+    def advance(rank: int) -> bool:
+        moved, events = False, logs[rank]
+        while pos[rank] < len(events):
+            event = events[pos[rank]]
+            if event[0] == "wait" and (rank, event[1]) not in finished:
+                break
+            if event[0] == "post":
+                _, call, stream, ops = event
+                streams.setdefault(stream, []).append((rank, call))
+                where[(rank, call)] = stream
+                left[(rank, call)] = set()
+                for send, link, shape, dtype in ops:
+                    side = "send" if send else "recv"
+                    n = count[(link, side)]
+                    count[(link, side)] += 1
+                    sides.setdefault((*link, n), {})[side] = ((rank, call), shape, dtype)
+                    left[(rank, call)].add((*link, n))
+            pos[rank] += 1
+            moved = True
+        return moved
+
+    while True:
+        moved = any([advance(rank) for rank in logs])
+        running = {stream[0] for stream in streams.values() if stream}
+        for op, ends in sides.items():
+            if len(ends) == 2 and ends["send"][0] in running and ends["recv"][0] in running and op in left[
+                    ends["send"][0]]:
+                if ends["send"][1:] != ends["recv"][1:]:
+                    raise PipelineCommError(f"message {op} (group, src, dst, index): rank {ends['send'][0][0]} "
+                                            f"sends {ends['send'][1:]} but rank {ends['recv'][0][0]} receives into "
+                                            f"{ends['recv'][1:]}")
+                left[ends["send"][0]].discard(op)
+                left[ends["recv"][0]].discard(op)
+                moved = True
+        for stream in streams.values():
+            while stream and not left[stream[0]]:
+                finished.add(stream.pop(0))
+                moved = True
+        if not moved:
+            break
+    stuck = {rank: logs[rank][pos[rank]] for rank in logs if pos[rank] < len(logs[rank])}
+    unfinished = [stream for stream in streams.values() if stream]
+    if stuck or unfinished:
+        lines = [f"rank {rank} waits for its call {event[1]}" for rank, event in sorted(stuck.items())]
+        for stream in unfinished:
+            rank, call = stream[0]
+            lines.append(f"rank {rank}'s call {call} on group {where[(rank, call)][1]} cannot finish: it still "
+                         f"needs {sorted(left[(rank, call)])}, and {len(stream) - 1} later calls queue behind it")
+        raise PipelineCommError("the recorded p2p calls deadlock under NCCL's rules:\n  " + "\n  ".join(lines))
