@@ -242,8 +242,8 @@ class PipelineStep:
         self.autocast = autocast or contextlib.nullcontext
         # No optimizer here: UPDATE leaves the gradients in .grad, so the loop can average them over dp and
         # clip the global norm across pp and tp before its own optimizer step.
-        self.runtime = PipelineRuntime(parts.plan, parts.modules, parts.loss_fn, tied=parts.tied,
-                                       pp_group=mesh.pp_group, pp_ranks=mesh.pp_peers, timeout=timeout)
+        self.runtime = PipelineRuntime(parts.plan, parts.modules, parts.loss_fn, tied=parts.tied, mesh=mesh,
+                                       timeout=timeout)
         self._eval = None
         self.timeout = timeout
         self.last_full_timeline: Timeline | None = None
@@ -269,7 +269,6 @@ class PipelineStep:
             forwards = plan.replace(ranks=[[a for a in r if a.kind is Kind.F] for r in plan.ranks],
                                     name=f"{plan.name}-forward")
             self._eval = PipelineRuntime(forwards, self.parts.modules, self.parts.loss_fn, tied=self.parts.tied,
-                                         pp_group=self.mesh.pp_group, pp_ranks=self.mesh.pp_peers,
-                                         timeout=self.timeout)
+                                         mesh=self.mesh, timeout=self.timeout)  # the mesh's link groups, shared
         with self.autocast():
             return self._eval.step(inputs, targets).loss
