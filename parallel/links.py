@@ -1,5 +1,6 @@
-# Per-direction p2p groups of the pipeline links (owned by a Mesh or the caller) and NCCL's rules replayed.
-"""One process group per direction of each pipeline link, and who owns them.
+# Pipeline links: per-direction p2p groups (owned by a Mesh or the caller), the hang watch, NCCL's rules.
+"""One process group per direction of each pipeline link and who owns them; naming a hang without waiting
+on it; NCCL's matching rules replayed on recorded calls.
 
 On NCCL every batched p2p call of a process group runs on one stream, in posting order, and a send
 completes only when its receive has been posted; a call that mixes directions or peers can therefore
@@ -15,20 +16,30 @@ nothing is kept in module globals. Groups are created with the runtime's timeout
 deadline of every wait on them (the runtime waits without a timeout of its own, see
 :mod:`pipeloom.parallel.p2p`). An owner that outlives ``destroy_process_group`` notices the new default
 group and creates its links again instead of handing out dead ones.
+
+:class:`HangWatch` names the receive a rank is stuck on where waits do not block the host (NCCL), and
+:func:`check_rendezvous` replays a run's recorded p2p calls under NCCL's rules, so CPU tests catch the
+deadlocks that only unbuffered sends have.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from .errors import PipelineCommError, PipelineTimeout
+
+log = logging.getLogger("pipeloom")
 
 
 class PipelineLinks:
@@ -100,6 +111,59 @@ def _gather_over_store(value, timeout: float) -> list:
             f'"directional" creates p2p groups, a collective over the whole world); global ranks {missing} did '
             f"not. Build the runtime on every rank, or use links=\"shared\" (gloo only)") from error
     return [json.loads(store.get(key)) for key in keys]
+
+
+class HangWatch:
+    """Names a receive that stays open past the deadline, without ever waiting on it.
+
+    On NCCL a wait does not block the host, so a hang surfaces far from the action that caused it and
+    NCCL's watchdog reports it only as a sequence number. This daemon thread sleeps ``interval`` seconds
+    at a time, asks each open receive's work whether it completed (``is_completed``, which never blocks),
+    and logs (``logging.getLogger("pipeloom")``) and keeps in :attr:`hang` the rank, action and peer of
+    the oldest one open for more than the P2P's timeout.
+    """
+
+    def __init__(self, p2p, interval: float | None = None):
+        self.interval = interval if interval is not None else min(1.0, p2p.timeout / 4)
+        self.timeout = p2p.timeout
+        self.hang: str | None = None
+        self._open: dict[int, tuple] = {}  # id(work) -> (work, action, peer, posted at)
+        self._p2p = weakref.ref(p2p)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeloom-hang-watch", daemon=True)
+        self._thread.start()
+
+    def opened(self, work, t) -> None:
+        """A receive was posted (only what names it is kept, not its tensors)."""
+        self._open.setdefault(id(work), (work, _Named(t.action, t.send, t.peer), time.monotonic()))
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            p2p = self._p2p()
+            if p2p is None:
+                return
+            now, oldest = time.monotonic(), None
+            for key, (work, t, since) in list(self._open.items()):
+                if work.is_completed():
+                    self._open.pop(key, None)
+                elif now - since > self.timeout and (oldest is None or since < oldest[1]):
+                    oldest = (t, since)
+            if oldest is not None and self.hang is None:
+                t, since = oldest
+                self.hang = p2p.describe(t, f"timed out after {now - since:.1f} s (timeout={self.timeout:g} s)")
+                log.error("PipelineTimeout: %s", self.hang)
+            del p2p
+
+
+class _Named(NamedTuple):
+    """What names a transfer in a message: its action, direction and peer."""
+
+    action: object
+    send: bool
+    peer: int
 
 
 def check_rendezvous(logs: dict[int, list]) -> None:

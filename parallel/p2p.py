@@ -48,10 +48,7 @@ replays the calls a run recorded (``P2P.log``) under NCCL's rules, so CPU tests 
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import PipelineCommError, PipelineTimeout
-from .links import check_rendezvous
+from .links import HangWatch, check_rendezvous
 
 __all__ = ["P2P", "PipelineCommError", "PipelineTimeout", "TensorSpec", "Transfer", "check_rendezvous",
            "inbound_messages"]
@@ -70,7 +67,6 @@ HEADER_LEN = 64  # int64 slots; holds e.g. 8 tensors of up to 5 dims
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128]
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
-log = logging.getLogger("pipeloom")
 
 
 @dataclass(frozen=True)
@@ -473,50 +469,6 @@ class P2P:
         pending, self.pending = self.pending, []
         for work, t in pending:
             self.wait(work, t)
-
-
-class HangWatch:
-    """Names a receive that stays open past the deadline, without ever waiting on it.
-
-    On NCCL a wait does not block the host, so a hang surfaces far from the action that caused it and
-    NCCL's watchdog reports it only as a sequence number. This daemon thread sleeps ``interval`` seconds
-    at a time, asks each open receive's work whether it completed (``is_completed``, which never blocks),
-    and logs (``logging.getLogger("pipeloom")``) and keeps in :attr:`hang` the rank, action and peer of
-    the oldest one open for more than the P2P's timeout.
-    """
-
-    def __init__(self, p2p: P2P, interval: float | None = None):
-        self.interval = interval if interval is not None else min(1.0, p2p.timeout / 4)
-        self.timeout = p2p.timeout
-        self.hang: str | None = None
-        self._open: dict[int, tuple] = {}  # id(work) -> (work, action, peer, posted at)
-        self._p2p = weakref.ref(p2p)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pipeloom-hang-watch", daemon=True)
-        self._thread.start()
-
-    def opened(self, work, t: Transfer) -> None:
-        self._open.setdefault(id(work), (work, t, time.monotonic()))
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            p2p = self._p2p()
-            if p2p is None:
-                return
-            now, oldest = time.monotonic(), None
-            for key, (work, t, since) in list(self._open.items()):
-                if work.is_completed():
-                    self._open.pop(key, None)
-                elif now - since > self.timeout and (oldest is None or since < oldest[1]):
-                    oldest = (t, since)
-            if oldest is not None and self.hang is None:
-                t, since = oldest
-                self.hang = p2p.describe(t, f"timed out after {now - since:.1f} s (timeout={self.timeout:g} s)")
-                log.error("PipelineTimeout: %s", self.hang)
-            del p2p
 
 
 def inbound_messages(plan, rank: int) -> dict[int, list[tuple]]:

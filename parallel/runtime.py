@@ -70,6 +70,8 @@ from .measure import ActionClock, estimate_comm
 from .microbatch import batch_size, check_chunk_specs, split_batch, split_extras
 from .p2p import P2P, PipelineCommError, PipelineTimeout, inbound_messages
 from .program import Program
+from .runtime_setup import (device_of, forward_orders, link_pairs, pipeline_group, signature, stage_params,
+                            update_average_group)
 from .tied import TiedParameters
 from .versions import StageVersions, update_groups
 
@@ -191,7 +193,7 @@ class PipelineRuntime:
             pp_group = mesh.pp_group if pp_group is None else pp_group
             pp_ranks = mesh.pp_peers if pp_ranks is None else pp_ranks
         self.mesh = mesh
-        self.pp_group, self.pp_ranks, self.rank = _pipeline_group(plan, pp_group, pp_ranks)
+        self.pp_group, self.pp_ranks, self.rank = pipeline_group(plan, pp_group, pp_ranks)
         if hasattr(modules, "for_rank"):
             modules = modules.for_rank(plan, self.rank)
         self.modules: dict[int, nn.Module] = dict(sorted(modules.items()))
@@ -211,10 +213,10 @@ class PipelineRuntime:
         self.loss_fn, self.loss_weight, self.ignore_index = loss_fn, loss_weight, ignore_index
         if loss_fn is None and self.training:
             raise ValueError(f"plan {plan.name!r} trains (it has backward actions): pass loss_fn")
-        self.device = _device(self.modules)
+        self.device = device_of(self.modules)
         self.groups = update_groups(self.plan)
         self.last_stage = self.plan.num_stages - 1
-        self.params, self.owned = _stage_params(self.modules)
+        self.params, self.owned = stage_params(self.modules)
         if optimizers is not None:
             self.optimizers = dict(optimizers)
         elif optimizer_factory is not None:
@@ -223,13 +225,13 @@ class PipelineRuntime:
             self.optimizers = {}
         if versioned and not all(self.optimizers.get(s) for s in self.modules):
             raise ValueError(f"plan {plan.name!r} updates weights during the step: pass optimizer_factory")
-        self.dp_group = _dp_group(mesh, self.pp_group, bool(self.optimizers))
+        self.dp_group = update_average_group(mesh, self.pp_group, bool(self.optimizers))
         self.versions = ({s: StageVersions(s, m, self.actions) for s, m in self.modules.items()}
                          if versioned else {})
         self.p2p, self.links = None, None
         if self.plan.pp > 1:
             self.p2p = self._build_p2p(ordered_messages, links)
-        self._boundaries = _forward_orders(self.plan, self.rank, self.p2p is not None and self.p2p.inbound is not None)
+        self._boundaries = forward_orders(self.plan, self.rank, self.p2p is not None and self.p2p.inbound is not None)
         self._known_shapes: set[tuple] = set()  # shape keys whose header went (or was planned) in earlier steps
         self._steady: dict[tuple, dict] = {}  # input signatures -> the step's forward messages, once all known
         self.tied = TiedParameters(self.tied_groups, self.plan, self.rank, self.modules, self.p2p,
@@ -257,7 +259,7 @@ class PipelineRuntime:
             self.links = owner
             # NCCL's watchdog enforces the groups' deadline; it comes a little after the HangWatch names the hang.
             deadline = self.timeout if backend == "gloo" else self.timeout + max(5.0, 0.1 * self.timeout)
-            link_groups = owner.groups(self.pp_group, self.pp_ranks, _link_pairs(self.plan, self.tied_groups),
+            link_groups = owner.groups(self.pp_group, self.pp_ranks, link_pairs(self.plan, self.tied_groups),
                                        self.device, deadline)
         return P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout, inbound=inbound,
                    links=link_groups)
@@ -357,7 +359,7 @@ class PipelineRuntime:
             return out
         device = self.device.type  # autocast changes output dtypes: its state is part of the key
         amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        signatures = tuple((amp, *_signature(x, extras)) for x, extras in zip(inputs_mb, extras_mb))
+        signatures = tuple((amp, *signature(x, extras)) for x, extras in zip(inputs_mb, extras_mb))
         steady = self._steady.get(signatures)
         if steady is not None:  # the same shapes as an earlier step: every key known, no header
             return steady
@@ -441,104 +443,3 @@ class PipelineRuntime:
         return {"measured": timeline.bubble_rate(), "predicted": sim.bubble_rate,
                 "measured_makespan": timeline.makespan, "predicted_makespan": sim.makespan, "comm": comm,
                 "costs": costs}
-
-
-# ----- helpers -----------------------------------------------------------------------------------------
-
-
-def _pipeline_group(plan: Plan, pp_group, pp_ranks):
-    """(group, global ranks by pipeline rank, this process's pipeline rank), checked against the plan."""
-    if not dist.is_available() or not dist.is_initialized():
-        if plan.pp != 1:
-            raise RuntimeError(f"plan {plan.name!r} is for {plan.pp} pipeline ranks but torch.distributed is not "
-                               f"initialised; launch {plan.pp} processes (torchrun --nproc_per_node={plan.pp}) "
-                               f"and call dist.init_process_group first")
-        if pp_ranks not in (None, [0], (0,)):
-            raise ValueError(f"pp_ranks={pp_ranks} without torch.distributed; a single process is pp_ranks=[0]")
-        return None, [0], 0
-    group = pp_group if pp_group is not None else dist.group.WORLD
-    members = dist.get_process_group_ranks(group)
-    size = len(members)
-    if plan.pp != size:
-        raise ValueError(f"plan {plan.name!r} is for {plan.pp} pipeline ranks, but the pipeline group has {size} "
-                         f"(world size {dist.get_world_size()}); build the plan with pp={size} or launch "
-                         f"{plan.pp} ranks per pipeline")
-    if pp_ranks is not None and list(pp_ranks) != members:
-        raise ValueError(f"pp_ranks={list(pp_ranks)} does not match the pipeline group's members {members} "
-                         f"(global ranks ordered by pipeline rank)")
-    me = dist.get_rank()
-    if me not in members:
-        raise ValueError(f"global rank {me} is not a member of the pipeline group {members}")
-    return group, members, members.index(me)
-
-
-def _dp_group(mesh, pp_group, owns_optimizers: bool):
-    """The group UPDATE averages gradients over before stepping: the mesh's dp group when dp > 1."""
-    if mesh is not None:
-        return mesh.dp_group if mesh.dp > 1 else None
-    if owns_optimizers and pp_group is not None and dist.get_world_size(pp_group) < dist.get_world_size():
-        raise ValueError(
-            f"this runtime steps the optimizer (optimizer_factory/optimizers) on a pipeline group of "
-            f"{dist.get_world_size(pp_group)} of the world's {dist.get_world_size()} ranks, but cannot see whether "
-            f"the other ranks are data-parallel replicas, whose gradients must be averaged before the step or the "
-            f"replicas drift apart. Pass mesh=Mesh.build(dp=..., pp=..., tp=...) (the runtime then averages over "
-            f"its dp group first), or build the runtime without an optimizer and step it yourself after averaging")
-    return None
-
-
-def _link_pairs(plan: Plan, tied_groups) -> set[tuple[int, int]]:
-    """The (sender, receiver) pipeline-rank pairs a lowered plan's messages and tied groups use."""
-    pairs = {(peer, rank) for rank in range(plan.pp) for peer in inbound_messages(plan, rank)}
-    for group in tied_groups:
-        holders = sorted({plan.rank_of(s) for s in group})
-        pairs.update((a, b) for a in holders for b in holders if a != b)
-    return pairs
-
-
-def _forward_orders(plan: Plan, rank: int, ordered: bool) -> dict[int, list[int]]:
-    """Per stage boundary s -> s+1 between this rank and another: its microbatches in the order the
-    receiver takes them (the sender's SEND_F order when ``ordered``, else the receiver's RECV_F order)."""
-    from pipeloom.schedules.ir import Kind
-
-    orders = {}
-    for s in range(plan.num_stages - 1):
-        src, dst = plan.rank_of(s), plan.rank_of(s + 1)
-        if src == dst or rank not in (src, dst):
-            continue
-        if ordered:
-            orders[s] = [a.microbatch for a in plan.ranks[src] if a.kind is Kind.SEND_F and a.stage == s]
-        else:
-            orders[s] = [a.microbatch for a in plan.ranks[dst] if a.kind is Kind.RECV_F and a.stage == s + 1]
-    return orders
-
-
-def _signature(inputs, extras: Mapping) -> tuple:
-    """A microbatch's input signature: what its activations' shapes may follow from (shapes, dtypes)."""
-    parts = inputs if isinstance(inputs, tuple) else (inputs,)
-    return tuple(_describe(x) for x in parts), tuple((name, _describe(v)) for name, v in sorted(extras.items()))
-
-
-def _describe(x):
-    if torch.is_tensor(x):
-        return tuple(x.shape), x.dtype
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return type(x).__qualname__
-
-
-def _device(modules: Mapping[int, nn.Module]) -> torch.device:
-    devices = {p.device for m in modules.values() for p in m.parameters()}
-    if len(devices) > 1:
-        raise ValueError(f"this rank's stages have parameters on several devices {sorted(map(str, devices))}; "
-                         f"move each rank's stages to one device")
-    return devices.pop() if devices else torch.device("cpu")
-
-
-def _stage_params(modules: Mapping[int, nn.Module]):
-    """Per stage: every trainable parameter it uses, and the ones its optimizer owns (shared once)."""
-    used, owned, seen = {}, {}, set()
-    for s, module in modules.items():
-        used[s] = [p for p in module.parameters() if p.requires_grad]
-        owned[s] = [p for p in used[s] if id(p) not in seen]
-        seen.update(id(p) for p in used[s])
-    return used, owned

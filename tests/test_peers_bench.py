@@ -1,4 +1,4 @@
-# bench/peers_cpu.py end to end in smoke mode on 4 CPU ranks; DeepSpeed's column skipped when it is absent.
+# bench/peers_cpu.py end to end in smoke mode on 4 CPU ranks (DeepSpeed skipped when absent); bench/host_syncs.py runs.
 import importlib.util
 import re
 import subprocess
@@ -67,3 +67,15 @@ def test_unknown_names_and_bad_sizes_are_refused():
         bench.config(bench.parse(["--shapes", "huge"]))
     with pytest.raises(SystemExit, match="multiple of 8"):
         bench.config(bench.parse(["--layers", "12"]))
+
+
+@pytest.mark.slow
+def test_host_sync_count_runs_and_finds_no_timed_waits():
+    """bench/host_syncs.py on 2 CPU ranks: the runtime's p2p waits pass no timeout (NCCL would poll)."""
+    script = REPO / "bench" / "host_syncs.py"
+    done = subprocess.run([sys.executable, str(script), "--steps", "2", "--warmup", "1", "--microbatches", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert "untimed waits" in rows and "timed waits" not in rows, done.stdout
+    assert "tensor reads (cpu tensor, in _target_weights)" in rows, done.stdout  # one read of the target counts
