@@ -233,7 +233,7 @@ class PipelineRuntime:
             self.p2p = self._build_p2p(ordered_messages, links)
         self._boundaries = forward_orders(self.plan, self.rank, self.p2p is not None and self.p2p.inbound is not None)
         self._known_shapes: set[tuple] = set()  # shape keys whose header went (or was planned) in earlier steps
-        self._steady: dict[tuple, dict] = {}  # input signatures -> the step's forward messages, once all known
+        self._steady: dict[tuple, dict] = {}  # batch signature -> the step's forward messages, all keys known
         self.tied = TiedParameters(self.tied_groups, self.plan, self.rank, self.modules, self.p2p,
                                    tag_base=2 + 2 * self.plan.num_stages * self.plan.microbatches)
         self.tied.make_identical()
@@ -302,7 +302,7 @@ class PipelineRuntime:
             versions.begin()
         self.tied.begin()
         if self.p2p is not None:
-            self.p2p.reset(self._forward_messages(inputs_mb if cached else None, extras_mb))
+            self.p2p.reset(self._forward_messages(inputs_mb if cached else None, extras_mb, (inputs, extras)))
         self.program.begin(inputs_mb if holds_first else None, targets_mb, extras_mb, weights, outputs)
         timed = self.timeline_every > 0 and self.steps % self.timeline_every == 0
         clock = ActionClock(self.device) if timed else None
@@ -346,7 +346,7 @@ class PipelineRuntime:
         self.versions[a.stage].update(a.version, step)
 
     # ----- communication and losses --------------------------------------------------------------
-    def _forward_messages(self, inputs_mb, extras_mb) -> dict[tuple, tuple]:
+    def _forward_messages(self, inputs_mb, extras_mb, batch) -> dict[tuple, tuple]:
         """Per forward message ``(True, sending stage, mb)`` this rank sends or receives this step: (shape
         key, header?). Cached (``inputs_mb`` given): the key is (sending stage, the microbatch's input
         signature) and a header goes with the first message of a key not seen in an earlier step, in the
@@ -359,18 +359,21 @@ class PipelineRuntime:
             return out
         device = self.device.type  # autocast changes output dtypes: its state is part of the key
         amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        signatures = tuple((amp, *signature(x, extras)) for x, extras in zip(inputs_mb, extras_mb))
-        steady = self._steady.get(signatures)
-        if steady is not None:  # the same shapes as an earlier step: every key known, no header
+        # The microbatches' signatures follow from the whole batch's (tensor_split and the chunk specs are
+        # fixed): a batch shaped like an earlier one has every key known, so no header goes.
+        whole = (amp, signature(batch[0], batch[1] or {}))
+        steady = self._steady.get(whole)
+        if steady is not None:
             return steady
         if len(self._steady) > 64:  # shapes change every step (variable lengths): keep the memo small
             self._steady.clear()
+        signatures = tuple((amp, *signature(x, extras)) for x, extras in zip(inputs_mb, extras_mb))
         for s, order in self._boundaries.items():
             for mb in order:
                 key = (s, signatures[mb])
                 out[(True, s, mb)] = (key, key not in self._known_shapes)
                 self._known_shapes.add(key)
-        self._steady[signatures] = {k: (key, False) for k, (key, _) in out.items()}
+        self._steady[whole] = {k: (key, False) for k, (key, _) in out.items()}
         return out
 
     def _broadcast_loss(self):

@@ -79,8 +79,8 @@ def forward_orders(plan: Plan, rank: int, ordered: bool) -> dict[int, list[int]]
 
 
 def signature(inputs, extras: Mapping) -> tuple:
-    """A microbatch's input signature: what its activations' shapes may follow from (shapes, dtypes)."""
-    parts = inputs if isinstance(inputs, tuple) else (inputs,)
+    """A (micro)batch's input signature: what its activations' shapes may follow from (shapes, dtypes)."""
+    parts = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     return tuple(_describe(x) for x in parts), tuple((name, _describe(v)) for name, v in sorted(extras.items()))
 
 
