@@ -79,9 +79,10 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared")  # pipeloom variants that test an explanation
+DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-late-receives")  # variants testing an explanation
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
-          "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group"}
+          "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group",
+          "pipeloom-late-receives": "pipeloom, receives at their action"}
 # schedule -> (chunks per rank, torch.distributed.pipelining class, DeepSpeed schedule or None)
 SCHEDULES = {
     "gpipe": (1, "ScheduleGPipe", "gpipe"),
@@ -158,7 +159,8 @@ class Engine:
 
 
 # ----- the three engines -------------------------------------------------------------------------------
-def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "directional") -> Engine:
+def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "directional",
+                   early_receives: bool = True) -> Engine:
     from pipeloom.parallel import PipelineRuntime, split_stages
     from pipeloom.schedules import get_schedule
 
@@ -170,7 +172,7 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", 
     layers = build_layers(cfg["layers"], cfg["dim"])
     split = split_stages(nn.Sequential(*layers), plan.num_stages, method="uniform")
     runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer,
-                              shapes=shapes, links=links)
+                              shapes=shapes, links=links, early_receives=early_receives)
 
     def step(x, y):
         return runtime.step(x, y).loss
@@ -196,6 +198,12 @@ def build_pipeloom_shared(schedule: str, cfg: dict, rank: int) -> Engine:
     transfers went out as one call; now it goes out as one call per link direction.
     """
     return build_pipeloom(schedule, cfg, rank, links="shared")
+
+
+def build_pipeloom_late_receives(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom posting each receive at its own action (``early_receives=False``), not with the
+    run of transfers before it."""
+    return build_pipeloom(schedule, cfg, rank, early_receives=False)
 
 
 def build_torch(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -305,7 +313,8 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
-            "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared}
+            "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared,
+            "pipeloom-late-receives": build_pipeloom_late_receives}
 
 
 # ----- checks and timing -------------------------------------------------------------------------------

@@ -77,10 +77,11 @@ class Run(NamedTuple):
 class Program:
     """A rank's compiled actions and the state of the step being run; the runtime owns one."""
 
-    def __init__(self, rt, actions):
+    def __init__(self, rt, actions, early_receives: bool = True):
         self.rt = rt
         self.training = not rt.plan.is_forward_only
         self.p2p = rt.p2p
+        self.early_receives = early_receives
         self.ops = self._compile(list(actions))
 
     # ----- compile ----------------------------------------------------------------------------------
@@ -114,7 +115,8 @@ class Program:
             i += 1
         msgs = [tuple(self._msg(a) for a in run) for _, run in runs]
         for n, (k, run) in enumerate(runs):
-            ahead = tuple(m for m in msgs[n + 1] if m.kind in (Kind.RECV_F, Kind.RECV_B)) if n + 1 < len(runs) else ()
+            later = msgs[n + 1] if n + 1 < len(runs) and self.early_receives else ()
+            ahead = tuple(m for m in later if m.kind in (Kind.RECV_F, Kind.RECV_B))
             ops[k] = (self._comm, Run(run, msgs[n], ahead), None)  # no action: a run records its transfers
         return ops
 
@@ -283,7 +285,7 @@ class Program:
     def _comm(self, run: Run) -> None:
         start = time.perf_counter()
         transfers = [self._transfer(m) for m in run.msgs]
-        ahead = [t for t in (self._receive(m) for m in run.ahead) if t is not None]
+        ahead = [t for t in (self._receive(m) for m in run.ahead) if t is not None] if run.ahead else ()
         self.p2p.exchange(transfers, ahead)
         for m, t in zip(run.msgs, transfers):
             if m.kind is Kind.RECV_F:

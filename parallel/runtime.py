@@ -173,6 +173,9 @@ class PipelineRuntime:
         extras_chunks: ``{extra name: chunk spec}``, how :meth:`step` cuts each extra into microbatches
             (:func:`~pipeloom.parallel.microbatch.split_extras`: ``"split"`` or a dim, ``"replicate"``).
         timeline_every: time every n-th step's actions (the first step always); 0 never.
+        early_receives: post the receives of the next run of transfers with this one (per-direction links
+            only), so messages land while this rank computes; False posts each receive at its own action
+            (its buffer is then allocated one compute action later).
     """
 
     def __init__(self, plan: Plan, modules, loss_fn: Callable | None = None, *,
@@ -180,7 +183,7 @@ class PipelineRuntime:
                  tied=(), mesh=None, pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
                  ordered_messages: bool | None = None, shapes: str = "cached", links="directional",
-                 extras_chunks: Mapping | None = None, timeline_every: int = 10):
+                 extras_chunks: Mapping | None = None, timeline_every: int = 10, early_receives: bool = True):
         if shapes not in SHAPE_MODES:
             raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
         if not isinstance(links, PipelineLinks) and links not in LINK_MODES:
@@ -237,7 +240,7 @@ class PipelineRuntime:
         self.tied = TiedParameters(self.tied_groups, self.plan, self.rank, self.modules, self.p2p,
                                    tag_base=2 + 2 * self.plan.num_stages * self.plan.microbatches)
         self.tied.make_identical()
-        self.program = Program(self, self.actions)
+        self.program = Program(self, self.actions, early_receives)
         if self.p2p is not None:
             self.p2p.spec_of = self.program.gradient_specs
         self.steps = 0
