@@ -59,7 +59,8 @@ CPU-time table (summed over the ranks, barriers excluded) is the steadier of the
 splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
 ``--frameworks pipeloom,pipeloom-per-message,torch`` measures what the shape-header cache saves (the
 runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before);
-``--frameworks pipeloom,pipeloom-shared,torch`` what the per-direction p2p groups cost on gloo.
+``--frameworks pipeloom,pipeloom-shared,torch`` what the per-direction p2p groups cost on gloo;
+``--frameworks pipeloom,pipeloom-early-receives,torch`` what posting receives a run early changes.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-late-receives")  # variants testing an explanation
+DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-early-receives")  # variants testing an explanation
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
           "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group",
-          "pipeloom-late-receives": "pipeloom, receives at their action"}
+          "pipeloom-early-receives": "pipeloom, receives a run early"}
 # schedule -> (chunks per rank, torch.distributed.pipelining class, DeepSpeed schedule or None)
 SCHEDULES = {
     "gpipe": (1, "ScheduleGPipe", "gpipe"),
@@ -160,7 +161,7 @@ class Engine:
 
 # ----- the three engines -------------------------------------------------------------------------------
 def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "directional",
-                   early_receives: bool = True) -> Engine:
+                   early_receives: bool = False) -> Engine:
     from pipeloom.parallel import PipelineRuntime, split_stages
     from pipeloom.schedules import get_schedule
 
@@ -200,10 +201,10 @@ def build_pipeloom_shared(schedule: str, cfg: dict, rank: int) -> Engine:
     return build_pipeloom(schedule, cfg, rank, links="shared")
 
 
-def build_pipeloom_late_receives(schedule: str, cfg: dict, rank: int) -> Engine:
-    """Diagnostic: pipeloom posting each receive at its own action (``early_receives=False``), not with the
-    run of transfers before it."""
-    return build_pipeloom(schedule, cfg, rank, early_receives=False)
+def build_pipeloom_early_receives(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom also posting the receives of the next run of transfers with each run
+    (``early_receives=True``) instead of each receive at its own action."""
+    return build_pipeloom(schedule, cfg, rank, early_receives=True)
 
 
 def build_torch(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -314,7 +315,7 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
             "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared,
-            "pipeloom-late-receives": build_pipeloom_late_receives}
+            "pipeloom-early-receives": build_pipeloom_early_receives}
 
 
 # ----- checks and timing -------------------------------------------------------------------------------

@@ -152,8 +152,8 @@ class P2P:
     cache); :meth:`reset` takes, per forward message of the step, its shape key and whether it carries a
     header. ``counts`` (reset each step): ``calls`` (one per process group per posting), ``ops``
     (isend/irecv posted), ``headers`` (header ops, sent or received), ``waits`` (all waits, drained sends
-    included), ``timed_waits`` (those given a timeout) and ``forward_waits`` (waits for receiving forward
-    messages, headers included).
+    included), ``timed_waits`` (those given a timeout), ``forward_waits`` (waits for receiving forward
+    messages, headers included) and ``early_receives`` (receives posted before their own exchange).
     """
 
     def __init__(self, group, ranks: Sequence[int], rank: int, device: torch.device, timeout: float,
@@ -351,6 +351,7 @@ class P2P:
         Only safe on per-direction links: on NCCL a posted receive blocks its group's stream until matched,
         so on a group that also carries this rank's sends it would hold up sends the peer needs first."""
         batch: list = []
+        before = len(self.open)
         for t in receives:
             if t.key in self.open:
                 continue
@@ -362,6 +363,7 @@ class P2P:
                 continue
             self._post_receive(t, batch)
             self.open[t.key] = t
+        self.counts["early_receives"] += len(self.open) - before
         self._flush(batch)
 
     # ----- one run of transfers -----------------------------------------------------------------------

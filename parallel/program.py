@@ -5,9 +5,9 @@ Reading a plan action by action costs Python time on the critical path of every 
 it is, which stage holds the input, which rank and tag a message goes to, whether the plan trains. All
 of that is fixed by the plan, so it is worked out once, when the runtime is built: each action becomes
 an ``(operation, info)`` pair whose info holds the module, the neighbours, the tags and flags, and each
-run of consecutive sends and receives becomes one operation that also knows the receives of the *next*
-run (posted early while this rank computes, :meth:`~pipeloom.parallel.p2p.P2P.exchange`). A step then is
-a loop over that list. Per step and microbatch the state lives in :class:`Slot` objects (one per local
+run of consecutive sends and receives becomes one operation (which, with ``early_receives``, also posts
+the receives of the *next* run, :meth:`~pipeloom.parallel.p2p.P2P.exchange`). A step then is a loop over
+that list. Per step and microbatch the state lives in :class:`Slot` objects (one per local
 stage and microbatch) instead of a dict keyed by tuples.
 """
 
@@ -77,7 +77,7 @@ class Run(NamedTuple):
 class Program:
     """A rank's compiled actions and the state of the step being run; the runtime owns one."""
 
-    def __init__(self, rt, actions, early_receives: bool = True):
+    def __init__(self, rt, actions, early_receives: bool = False):
         self.rt = rt
         self.training = not rt.plan.is_forward_only
         self.p2p = rt.p2p

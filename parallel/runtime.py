@@ -20,8 +20,8 @@ built, into a flat list of operations (:mod:`pipeloom.parallel.program`); a step
   :mod:`pipeloom.parallel.backward`) or the full backward; ``W`` the parameter gradients.
 * ``SEND_*``/``RECV_*`` runs of consecutive actions are posted together as non-blocking p2p (one call per
   process group; each direction of each link has its own, ``links="directional"``, so NCCL's unbuffered
-  sends never queue behind a receive, :mod:`pipeloom.parallel.links`), and the receives of the next run
-  are posted at the same time, so a message lands while this rank computes. Gradients never carry a shape
+  sends never queue behind a receive, :mod:`pipeloom.parallel.links`; ``early_receives=True`` also posts
+  the receives of the next run). Gradients never carry a shape
   header (their shapes are those of the activation sent forward). Activations, with ``shapes="cached"``
   (the default), carry one only the first time their *shape key* appears: (sending stage, the
   microbatch's input signature - shapes and dtypes of its inputs and extras, and the autocast state - so
@@ -173,9 +173,10 @@ class PipelineRuntime:
         extras_chunks: ``{extra name: chunk spec}``, how :meth:`step` cuts each extra into microbatches
             (:func:`~pipeloom.parallel.microbatch.split_extras`: ``"split"`` or a dim, ``"replicate"``).
         timeline_every: time every n-th step's actions (the first step always); 0 never.
-        early_receives: post the receives of the next run of transfers with this one (per-direction links
-            only), so messages land while this rank computes; False posts each receive at its own action
-            (its buffer is then allocated one compute action later).
+        early_receives: also post the receives of the next run of transfers with this one (per-direction
+            links only), so messages can land while this rank computes. Off by default: on the shared 2-core
+            box it bought nothing (gloo then wakes its I/O thread in the middle of compute; bench/RESULTS.md),
+            and on NCCL an early receive kernel would hold GPU resources through the compute in between.
     """
 
     def __init__(self, plan: Plan, modules, loss_fn: Callable | None = None, *,
@@ -183,7 +184,7 @@ class PipelineRuntime:
                  tied=(), mesh=None, pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
                  ordered_messages: bool | None = None, shapes: str = "cached", links="directional",
-                 extras_chunks: Mapping | None = None, timeline_every: int = 10, early_receives: bool = True):
+                 extras_chunks: Mapping | None = None, timeline_every: int = 10, early_receives: bool = False):
         if shapes not in SHAPE_MODES:
             raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
         if not isinstance(links, PipelineLinks) and links not in LINK_MODES:

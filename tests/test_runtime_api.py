@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pipeloom.parallel.mesh import Mesh
 from pipeloom.parallel.microbatch import check_chunk_specs, split_extras
-from pipeloom.parallel.p2p import P2P, PipelineTimeout, TensorSpec, Transfer
+from pipeloom.parallel.p2p import P2P, PipelineTimeout, TensorSpec, Transfer, check_rendezvous
 from pipeloom.parallel.runtime import PipelineRuntime
 from pipeloom.parallel.stage import split_stages
 from pipeloom.schedules import get_schedule
@@ -236,6 +236,30 @@ def hang_watch_worker(group_timeout: float, deadline: float):
     return {"hang": p2p.watch.hang, "raised": raised, "waited": time.monotonic() - start}
 
 
+def early_receives_worker(names: list) -> dict:
+    """Each schedule with receives posted at their action and a run early (NCCL-style ordered matching):
+    the same losses and gradients, bitwise; the early run's recorded calls, for NCCL's rules."""
+    out = {}
+    g = torch.Generator().manual_seed(11)
+    x, y = randn(g, 9, 2, D), randn(g, 9, 2, D)
+    for name in names:
+        plan = get_schedule(name, pp=4, microbatches=8)
+        runs = {}
+        for early in (False, True):
+            layers = build(8, seed=12)
+            runtime = PipelineRuntime(plan, split_stages(layers, plan.num_stages), mse, timeout=60,
+                                      optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                      ordered_messages=True, early_receives=early)
+            runtime.p2p.log = [] if early else None
+            losses = [runtime.step(x[: 8 + step], y[: 8 + step]).loss for step in range(2)]
+            grads = [p.grad.clone() for m in runtime.modules.values() for p in m.parameters()]
+            runs[early] = (losses, grads, runtime.p2p.counts["early_receives"], runtime.p2p.log)
+        (late_losses, late_grads, none, _), (losses, grads, early, log) = runs[False], runs[True]
+        out[name] = {"same": late_losses == losses and all(torch.equal(a, b) for a, b in zip(late_grads, grads)),
+                     "early": early, "late": none, "log": log}
+    return out
+
+
 # ----- tests ------------------------------------------------------------------------------------------------
 def test_dp_replicas_stay_bitwise_equal_with_the_optimizer_in_the_runtime(pool4):
     results = pool4.run(dp_worker, 3, timeout=240)
@@ -265,3 +289,13 @@ def test_hang_watch_names_the_receive_without_a_timed_wait(pool2):
     assert result["hang"] is not None and "pipeline rank 1" in result["hang"] and "1RECV_F0" in result["hang"], result
     assert "pipeline rank 0" in result["hang"], result
     assert "1RECV_F0" in result["raised"] and result["waited"] >= 5.0, result  # the group's own deadline ended it
+
+
+def test_early_receives_change_nothing_but_when_receives_are_posted(pool4):
+    names = ["1f1b", "interleaved-1f1b", "zb-v"]
+    results = pool4.run(early_receives_worker, names, timeout=240)
+    for name in names:
+        for rank, r in enumerate(results):
+            assert r[name]["same"] and r[name]["late"] == 0, (name, rank)
+        assert sum(r[name]["early"] for r in results) > 0, name
+        check_rendezvous({rank: r[name]["log"] for rank, r in enumerate(results)})  # NCCL's rules still hold
