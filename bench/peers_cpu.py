@@ -59,7 +59,8 @@ CPU-time table (summed over the ranks, barriers excluded) is the steadier of the
 splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
 ``--frameworks pipeloom,pipeloom-per-message,torch`` measures what the shape-header cache saves (the
 runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before);
-``--frameworks pipeloom,pipeloom-shared,torch`` what the per-direction p2p groups cost on gloo;
+``--frameworks pipeloom,pipeloom-directional,torch`` what per-direction p2p groups (NCCL's layout) cost on
+gloo, ``pipeloom-shared`` what one group for every link does;
 ``--frameworks pipeloom,pipeloom-early-receives,torch`` what posting receives a run early changes.
 """
 
@@ -80,10 +81,11 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-early-receives")  # variants testing an explanation
+DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-directional", "pipeloom-early-receives")
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
           "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group",
-          "pipeloom-early-receives": "pipeloom, receives a run early"}
+          "pipeloom-directional": "pipeloom, a p2p group per direction", "pipeloom-early-receives":
+          "pipeloom, receives a run early"}
 # schedule -> (chunks per rank, torch.distributed.pipelining class, DeepSpeed schedule or None)
 SCHEDULES = {
     "gpipe": (1, "ScheduleGPipe", "gpipe"),
@@ -160,7 +162,7 @@ class Engine:
 
 
 # ----- the three engines -------------------------------------------------------------------------------
-def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "directional",
+def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "auto",
                    early_receives: bool = False) -> Engine:
     from pipeloom.parallel import PipelineRuntime, split_stages
     from pipeloom.schedules import get_schedule
@@ -199,6 +201,12 @@ def build_pipeloom_shared(schedule: str, cfg: dict, rank: int) -> Engine:
     transfers went out as one call; now it goes out as one call per link direction.
     """
     return build_pipeloom(schedule, cfg, rank, links="shared")
+
+
+def build_pipeloom_directional(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom with a p2p group per direction of each link (``links="directional"``), the
+    layout NCCL needs, instead of one group for the pipeline's p2p (the default on gloo)."""
+    return build_pipeloom(schedule, cfg, rank, links="directional")
 
 
 def build_pipeloom_early_receives(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -315,6 +323,7 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
             "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared,
+            "pipeloom-directional": build_pipeloom_directional,
             "pipeloom-early-receives": build_pipeloom_early_receives}
 
 

@@ -1,6 +1,6 @@
 # Pipeline links: per-direction p2p groups (owned by a Mesh or the caller), the hang watch, NCCL's rules.
-"""One process group per direction of each pipeline link and who owns them; naming a hang without waiting
-on it; NCCL's matching rules replayed on recorded calls.
+"""One process group per direction of each pipeline link (on gloo one for the whole pipeline) and who owns
+them; naming a hang without waiting on it; NCCL's matching rules replayed on recorded calls.
 
 On NCCL every batched p2p call of a process group runs on one stream, in posting order, and a send
 completes only when its receive has been posted; a call that mixes directions or peers can therefore
@@ -43,7 +43,8 @@ log = logging.getLogger("pipeloom")
 
 
 class PipelineLinks:
-    """The link groups of every pipeline of one world: ``(pp group, src, dst global ranks, timeout) -> group``.
+    """The p2p groups of every pipeline of one world: ``(pp group, "link", src, dst, timeout)`` (a direction
+    of a link) or ``(pp group, "pipeline", *members, timeout)`` (all of a pipeline's links) ``-> group``.
 
     :meth:`groups` is collective over the whole world (``new_group`` is): every rank calls it, with its
     own pipeline group. The pairs of all ranks are gathered through the rendezvous store (so a rank that
@@ -67,27 +68,35 @@ class PipelineLinks:
             self._world = weakref.ref(world)
         return self._groups
 
-    def groups(self, group, ranks: Sequence[int], pairs, device=None,
-               timeout: float = 300.0) -> dict[tuple[int, int], object]:
+    def groups(self, group, ranks: Sequence[int], pairs, device=None, timeout: float = 300.0,
+               per_direction: bool = True) -> dict[tuple[int, int], object]:
         """``{(src, dst) pipeline ranks: link group}`` for ``pairs`` of the pipeline ``group`` whose members are
-        ``ranks`` (global, by pipeline rank). Collective over the world; see the class docstring."""
+        ``ranks`` (global, by pipeline rank). ``per_direction=False`` puts every link of the pipeline on one
+        group of its own (enough where sends are buffered, gloo; see the runtime's ``links``). Collective
+        over the world; see the class docstring."""
         cache = self._current()
         seconds = float(timeout)
-        mine = sorted({(group.group_name, ranks[a], ranks[b], seconds) for a, b in set(pairs)})
-        missing = [key for key in mine if key not in cache]
+
+        def key(a: int, b: int) -> tuple:  # flat (it travels as JSON); the kind keeps pp=2's two layouts apart
+            return (group.group_name, "link", ranks[a], ranks[b], seconds) if per_direction else \
+                (group.group_name, "pipeline", *sorted(ranks), seconds)
+
+        mine = sorted({key(a, b) for a, b in set(pairs)})
+        missing = [k for k in mine if k not in cache]
         gathered = _gather_over_store({"missing": missing}, timeout)
-        create = sorted({tuple(key) for part in gathered for key in part["missing"]})
+        create = sorted({tuple(k) for part in gathered for k in part["missing"]}, key=lambda k: (len(k), k))
         backend, me = dist.get_backend(group), dist.get_rank()
-        for key in create:
-            name, src, dst, seconds_ = key
-            cache[key] = link = dist.new_group(sorted((src, dst)), backend=backend, timeout=timedelta(seconds=seconds_))
-            if me in (src, dst):
+        for k in create:
+            members, seconds_ = sorted(k[2:-1]), k[-1]
+            cache[k] = link = dist.new_group(members, backend=backend, timeout=timedelta(seconds=seconds_))
+            if me in members and k[1] == "link":  # a new link: one message at once (NCCL's communicator)
+                src, dst = k[2:4]
                 probe = torch.ones(1, device=device) if me == src else torch.zeros(1, device=device)
                 op = dist.P2POp(dist.isend if me == src else dist.irecv, probe, dst if me == src else src,
                                 group=link)
                 for work in dist.batch_isend_irecv([op]):
                     work.wait()
-        return {(a, b): cache[(group.group_name, ranks[a], ranks[b], seconds)] for a, b in set(pairs)}
+        return {(a, b): cache[key(a, b)] for a, b in set(pairs)}
 
 
 def _gather_over_store(value, timeout: float) -> list:
@@ -107,8 +116,8 @@ def _gather_over_store(value, timeout: float) -> list:
     except Exception as error:  # DistStoreError on timeout (its class moved between torch versions)
         missing = [r for r, key in enumerate(keys) if not store.check([key])]
         raise PipelineTimeout(
-            f"global rank {me} waited {timeout:g} s for every rank to build its PipelineRuntime (links="
-            f'"directional" creates p2p groups, a collective over the whole world); global ranks {missing} did '
+            f"global rank {me} waited {timeout:g} s for every rank to build its PipelineRuntime (its link groups "
+            f"are created by a collective over the whole world); global ranks {missing} did "
             f"not. Build the runtime on every rank, or use links=\"shared\" (gloo only)") from error
     return [json.loads(store.get(key)) for key in keys]
 

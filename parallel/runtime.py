@@ -19,9 +19,9 @@ built, into a flat list of operations (:mod:`pipeloom.parallel.program`); a step
   it, with the graph kept, when the plan has a ``W`` for that microbatch - see
   :mod:`pipeloom.parallel.backward`) or the full backward; ``W`` the parameter gradients.
 * ``SEND_*``/``RECV_*`` runs of consecutive actions are posted together as non-blocking p2p (one call per
-  process group; each direction of each link has its own, ``links="directional"``, so NCCL's unbuffered
-  sends never queue behind a receive, :mod:`pipeloom.parallel.links`; ``early_receives=True`` also posts
-  the receives of the next run). Gradients never carry a shape
+  process group; on NCCL each direction of each link has its own, so its unbuffered sends never queue
+  behind a receive, :mod:`pipeloom.parallel.links`; ``early_receives=True`` also posts the receives of
+  the next run). Gradients never carry a shape
   header (their shapes are those of the activation sent forward). Activations, with ``shapes="cached"``
   (the default), carry one only the first time their *shape key* appears: (sending stage, the
   microbatch's input signature - shapes and dtypes of its inputs and extras, and the autocast state - so
@@ -78,7 +78,7 @@ from .versions import StageVersions, update_groups
 __all__ = ["PipelineCommError", "PipelineRuntime", "PipelineTimeout", "StepResult"]
 
 SHAPE_MODES = ("cached", "per-message")  # PipelineRuntime(shapes=...): how activations' shapes travel
-LINK_MODES = ("directional", "shared")  # PipelineRuntime(links=...): which process groups carry the p2p
+LINK_MODES = ("auto", "directional", "pipeline", "shared")  # PipelineRuntime(links=...): the p2p groups
 
 
 class StepResult:
@@ -165,11 +165,16 @@ class PipelineRuntime:
         shapes: ``"cached"`` (default): an activation's shape header is sent once per shape key (see the
             module docstring); every rank must be given the inputs. ``"per-message"``: a header before
             every activation, for stages whose output shapes depend on the data.
-        links: ``"directional"`` (default): every direction of every pipeline link gets its own process
-            group, owned by the mesh (or made for this runtime); building the runtime is then collective
-            over the whole world. A :class:`~pipeloom.parallel.links.PipelineLinks` to share one owner
-            between runtimes. ``"shared"``: every transfer on ``pp_group`` - no world collective, safe only
-            where sends are buffered (gloo).
+        links: which process groups carry the p2p; the runtime's own are owned by the mesh (or made for this
+            runtime), and building the runtime is then collective over the whole world. ``"directional"``:
+            every direction of every pipeline link gets its own group, so NCCL's unbuffered sends cannot wait
+            behind this rank's receives. ``"pipeline"``: one group of its own for all of the pipeline's p2p
+            (gloo, whose sends are buffered: one I/O thread per rank then serves every link, as with the
+            world group; per-link groups cost 1F1B about 20% of its step on the shared 2-core box,
+            bench/RESULTS.md). ``"auto"`` (default): directional on NCCL (any backend but gloo), pipeline on
+            gloo. A :class:`~pipeloom.parallel.links.PipelineLinks`: ``"auto"`` with that owner, shared
+            between runtimes. ``"shared"``: every transfer on ``pp_group`` itself - no world collective,
+            waits with a timeout, safe only where sends are buffered (gloo).
         extras_chunks: ``{extra name: chunk spec}``, how :meth:`step` cuts each extra into microbatches
             (:func:`~pipeloom.parallel.microbatch.split_extras`: ``"split"`` or a dim, ``"replicate"``).
         timeline_every: time every n-th step's actions (the first step always); 0 never.
@@ -183,7 +188,7 @@ class PipelineRuntime:
                  optimizer_factory: Callable | None = None, optimizers: Mapping | None = None,
                  tied=(), mesh=None, pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
-                 ordered_messages: bool | None = None, shapes: str = "cached", links="directional",
+                 ordered_messages: bool | None = None, shapes: str = "cached", links="auto",
                  extras_chunks: Mapping | None = None, timeline_every: int = 10, early_receives: bool = False):
         if shapes not in SHAPE_MODES:
             raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
@@ -252,19 +257,20 @@ class PipelineRuntime:
         backend = dist.get_backend(self.pp_group)
         if ordered_messages is None:  # NCCL matches p2p messages by order and ignores tags
             ordered_messages = backend == "nccl"
-        if links == "shared" and backend == "nccl":
-            raise ValueError('links="shared" would let NCCL\'s unbuffered sends deadlock (one stream for every '
-                             'transfer); use links="directional" (the default) on NCCL')
+        if links in ("shared", "pipeline") and backend == "nccl":
+            raise ValueError(f'links="{links}" would let NCCL\'s unbuffered sends deadlock (one stream for both '
+                             f'directions); use links="directional" or "auto" (the default) on NCCL')
         inbound = inbound_messages(self.plan, self.rank) if ordered_messages else None
         link_groups = None
         if links != "shared":
             owner = links if isinstance(links, PipelineLinks) else (
                 self.mesh.links if self.mesh is not None else PipelineLinks())
             self.links = owner
+            per_direction = links == "directional" or (links != "pipeline" and backend != "gloo")
             # NCCL's watchdog enforces the groups' deadline; it comes a little after the HangWatch names the hang.
             deadline = self.timeout if backend == "gloo" else self.timeout + max(5.0, 0.1 * self.timeout)
             link_groups = owner.groups(self.pp_group, self.pp_ranks, link_pairs(self.plan, self.tied_groups),
-                                       self.device, deadline)
+                                       self.device, deadline, per_direction=per_direction)
         return P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout, inbound=inbound,
                    links=link_groups)
 

@@ -190,8 +190,9 @@ def reinit_worker(path: str) -> list[float]:
                                     timeout=timedelta(seconds=120))
     mesh = Mesh.build(pp=2)
     runtime = PipelineRuntime(plan, split_stages(layers, 2), mse, mesh=mesh, timeout=30)
+    made = len(mesh.links)
     again = PipelineRuntime(plan, split_stages(layers, 2), mse, mesh=mesh, timeout=30)  # reuses the mesh's links
-    assert runtime.p2p.links == again.p2p.links and len(mesh.links) == 2, (runtime.p2p.links, again.p2p.links)
+    assert runtime.p2p.links == again.p2p.links and len(mesh.links) == made > 0, (runtime.p2p.links, made)
     losses.append(again.step(x, y).loss)
     return losses
 
@@ -204,10 +205,13 @@ def host_sync_worker() -> dict:
     g = torch.Generator().manual_seed(10)
     x, y = randn(g, 8, 2, D), randn(g, 8, 2, D)
     out = {}
-    for links in ("directional", "shared"):
+    for links in ("auto", "directional", "shared"):
         runtime = PipelineRuntime(plan, split_stages(layers, 2), mse, links=links, timeline_every=3, timeout=30)
         results = [runtime.step(x, y) for _ in range(5)]
-        out[links] = {"waits": runtime.p2p.counts["waits"], "timed": runtime.p2p.counts["timed_waits"]}
+        groups = runtime.p2p.links or {}
+        out[links] = {"waits": runtime.p2p.counts["waits"], "timed": runtime.p2p.counts["timed_waits"],
+                      "groups": len({id(g) for g in groups.values()}), "pairs": len(groups),
+                      "own": all(g is not runtime.pp_group for g in groups.values())}
     ref, ref_loss = one_process(layers, x, y, {})
     out["timed"] = [r.timed for r in results]
     out["shared_timeline"] = results[1].timeline is results[0].timeline and results[4].timeline is results[3].timeline
@@ -249,7 +253,7 @@ def early_receives_worker(names: list) -> dict:
             layers = build(8, seed=12)
             runtime = PipelineRuntime(plan, split_stages(layers, plan.num_stages), mse, timeout=60,
                                       optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1),
-                                      ordered_messages=True, early_receives=early)
+                                      ordered_messages=True, early_receives=early, links="directional")
             runtime.p2p.log = [] if early else None
             losses = [runtime.step(x[: 8 + step], y[: 8 + step]).loss for step in range(2)]
             grads = [p.grad.clone() for m in runtime.modules.values() for p in m.parameters()]
@@ -278,7 +282,10 @@ def test_link_groups_are_owned_and_survive_a_reinit(pool2, tmp_path):
 def test_hot_path_waits_untimed_loss_lazy_timeline_sampled(pool2):
     out = pool2.run(host_sync_worker)
     for r in out:
-        assert r["directional"]["waits"] > 0 and r["directional"]["timed"] == 0, r
+        for own in ("auto", "directional"):
+            assert r[own]["waits"] > 0 and r[own]["timed"] == 0 and r[own]["own"], r
+        assert r["directional"]["groups"] == r["directional"]["pairs"] == 2, r  # a group per direction
+        assert r["auto"]["groups"] == 1 and r["auto"]["pairs"] == 2, r  # gloo: one group for the pipeline
         assert r["shared"]["timed"] == r["shared"]["waits"] > 0, r
         assert r["timed"] == [True, False, False, True, False] and r["shared_timeline"], r
         assert r["loss_on_device"] and r["loss"] < EXACT, r
