@@ -19,6 +19,8 @@ _INSTALL_HINTS = {
     "transformers": "pip install transformers safetensors",
     "tokenizers": "pip install tokenizers",
     "fastapi": "pip install 'pipeloom[serve]'",
+    "torchao": "pip install 'pipeloom[quant]' (torchao: its quantized layouts and kernels)",
+    "grpc_tools": "pip install 'pipeloom[serve]' (grpcio-tools generates the gRPC code)",
 }
 
 _MODULES = {"apex": "apex.normalization"}

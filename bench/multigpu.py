@@ -17,7 +17,7 @@ microbatch count (``--microbatches``), with ``--mbs`` rows of ``--seq`` tokens p
 * pipeloom: :func:`pipeloom.training.parts.build_parts` builds the model (same seed on every rank),
   applies tensor parallelism and keeps this rank's stages; :class:`PipelineRuntime` runs the plan and
   one AdamW per rank steps after it (inside the timed step). Per timed step the gathered timeline gives
-  the measured bubble rate (Zero Bubble's r, REFERENCE.md §1) and ``runtime.report`` the simulator's
+  the measured bubble rate (Zero Bubble's r, arXiv 2401.10241 §5.3) and ``runtime.report`` the simulator's
   prediction from the per-chunk F/B/W costs and communication latency measured in that step; the gap
   is measured - predicted, in percentage points (flagged ``!`` above 3).
 * the peer: the same stage modules (shared, so weights and optimizer state exist once) wrapped in

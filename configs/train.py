@@ -9,7 +9,8 @@ Groups in the ConfigStore: ``model`` (one option per registered model size, plus
 
 Hydra rejects unknown keys and wrong types while composing; :func:`check_config` rejects values that
 compose but cannot run (degrees that do not fit the world size, microbatches a schedule cannot take,
-a tp that does not divide the heads) with one :class:`ConfigError` naming the key and the value.
+a tp that does not divide the heads - of the named model, or of ``model.hf_checkpoint``'s config.json)
+with one :class:`ConfigError` naming the key and the value.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ModelSection:
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
     max_seq_len: Optional[int] = None  # position table / rotary cache; None: max(named size's, data.seq_len)
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches
+    tie_embeddings: Optional[bool] = None  # output head shares the token embedding; None: the family's default
     hf_checkpoint: Optional[str] = None  # a Hugging Face folder to import (config.json + safetensors)
     recompute: str = "none"  # activation recomputation: none | full | selective
     kernels: str = "auto"  # fused Triton kernels: auto (on a CUDA GPU with triton) | triton (required) | torch (off)
@@ -55,9 +57,9 @@ class ParallelSection:
 class ScheduleSection:
     """The pipeline schedule (any name registered in pipeloom.schedules)."""
 
-    name: str = "1f1b"  # e.g. gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v
+    name: str = "1f1b"  # e.g. gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v, pipedream, pipedream-2bw
     microbatches: int = 4  # microbatches per step (per data-parallel replica)
-    options: dict[str, Any] = field(default_factory=dict)  # schedule options, e.g. {vertical_sync: true}
+    options: dict[str, Any] = field(default_factory=dict)  # schedule options: +schedule.options.vertical_sync=true
 
 
 @dataclass
@@ -178,10 +180,10 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
 def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
     """Validate ``cfg`` (a TrainConfig or its DictConfig) for ``world_size`` processes, before any work.
 
-    Returns the resolved values the launcher needs: ``{"dp", "model_config", "vpp"}``. Raises
+    Returns the resolved values the launcher needs: ``{"dp", "model_config", "vpp"}`` (``model_config`` is
+    None with ``model.hf_checkpoint``: the launcher imports the checkpoint's own). Raises
     :class:`ConfigError` naming the first bad key and its value.
     """
-    from pipeloom.models import get_model_config
     from pipeloom.schedules import ScheduleError, get_schedule
 
     par, sch, dat, tr, opt, ck, lg, mdl = (cfg.parallel, cfg.schedule, cfg.data, cfg.train, cfg.optimizer,
@@ -228,37 +230,73 @@ def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
     except ScheduleError as err:
         text = str(err)
         key, value = ("schedule.name", sch.name) if "unknown schedule" in text else (
+            ("schedule.options", options) if "option" in text else
             ("parallel.vpp", par.vpp) if "vpp" in text else ("schedule.microbatches", sch.microbatches))
         raise ConfigError(key, value, text) from None
-    if plan.is_versioned or plan.is_forward_only:
-        raise ConfigError("schedule.name", sch.name, "training runs synchronous (flush) schedules; this one is "
-                          "forward-only or keeps several weight versions")
-    overrides = {k: getattr(mdl, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-                                              "max_seq_len") if getattr(mdl, k) is not None}
+    if plan.is_forward_only:
+        raise ConfigError("schedule.name", sch.name, "is forward-only (inference); training needs backward actions")
     if mdl.hf_checkpoint is None:
-        try:
-            model_config = get_model_config(mdl.name, dropout=mdl.dropout, **overrides)
-        except KeyError as err:
-            raise ConfigError("model.name", mdl.name, str(err).strip("'\"")) from None
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.{_first_field(str(err))}", getattr(mdl, _first_field(str(err)), None),
-                              str(err)) from None
-        for name in ("n_heads", "n_kv_heads", "ffn_hidden"):
-            if getattr(model_config, name) % par.tp:
-                raise ConfigError("parallel.tp", par.tp, f"does not divide the model's {name}="
-                                  f"{getattr(model_config, name)}")
-        if dat.seq_len > model_config.max_seq_len:
-            raise ConfigError("data.seq_len", dat.seq_len, f"exceeds the model's max_seq_len="
-                              f"{model_config.max_seq_len}; raise model.max_seq_len or shorten the sequences")
-        stages = plan.num_stages
-        if stages > model_config.n_layers + 2:
-            raise ConfigError("parallel.pp", par.pp, f"{stages} pipeline stages (pp * vpp) exceed the model's "
-                              f"{model_config.n_layers + 2} layers (embedding, {model_config.n_layers} blocks, head)")
+        model_config = _named_model_config(mdl)
     else:
-        model_config = None
+        model_config = _checkpoint_model_config(mdl)
+    for name in ("n_heads", "n_kv_heads", "ffn_hidden"):
+        if getattr(model_config, name) % par.tp:
+            raise ConfigError("parallel.tp", par.tp, f"does not divide the model's {name}="
+                              f"{getattr(model_config, name)}"
+                              + (f" (from {mdl.hf_checkpoint}/config.json)" if mdl.hf_checkpoint else ""))
+    if dat.seq_len > model_config.max_seq_len:
+        raise ConfigError("data.seq_len", dat.seq_len, f"exceeds the model's max_seq_len="
+                          f"{model_config.max_seq_len}; raise model.max_seq_len or shorten the sequences")
+    stages = plan.num_stages
+    if stages > model_config.n_layers + 2:
+        raise ConfigError("parallel.pp", par.pp, f"{stages} pipeline stages (pp * vpp) exceed the model's "
+                          f"{model_config.n_layers + 2} layers (embedding, {model_config.n_layers} blocks, head)")
+    if plan.is_versioned and stages > 1 and model_config.tie_embeddings:
+        raise ConfigError("model.tie_embeddings", True, f"schedule {sch.name} keeps weight versions per stage, and "
+                          "the head on the last stage would share the embedding's weights with stage 0 at another "
+                          "version; set model.tie_embeddings=false (or train a llama model)")
+    if mdl.hf_checkpoint is not None:
+        model_config = None  # the launcher imports the checkpoint itself
     if par.sequence_parallel and dat.seq_len % par.tp:
         raise ConfigError("data.seq_len", dat.seq_len, f"sequence parallelism needs tp={par.tp} to divide it")
     return {"dp": dp, "model_config": model_config, "vpp": plan.vpp}
+
+
+_OVERRIDES = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len", "tie_embeddings")
+
+
+def _named_model_config(mdl: Any):
+    """The ModelConfig of ``model.name`` with the section's overrides (a ConfigError naming a bad one)."""
+    from pipeloom.models import get_model_config
+
+    overrides = {k: getattr(mdl, k) for k in _OVERRIDES if getattr(mdl, k) is not None}
+    try:
+        return get_model_config(mdl.name, dropout=mdl.dropout, **overrides)
+    except KeyError as err:
+        raise ConfigError("model.name", mdl.name, str(err).strip("'\"")) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.{_first_field(str(err))}", getattr(mdl, _first_field(str(err)), None),
+                          str(err)) from None
+
+
+def _checkpoint_model_config(mdl: Any):
+    """The ModelConfig a Hugging Face folder's ``config.json`` describes (read without the weights)."""
+    import json
+    import os
+
+    from pipeloom.models.hf_config import config_from_hf
+
+    path = os.path.join(mdl.hf_checkpoint, "config.json")
+    try:
+        with open(path) as f:
+            hf_config = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError("model.hf_checkpoint", mdl.hf_checkpoint, f"cannot read {path} ({err}); point it at a "
+                          "Hugging Face model folder (config.json and safetensors)") from None
+    try:
+        return config_from_hf(hf_config, dropout=mdl.dropout)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError("model.hf_checkpoint", mdl.hf_checkpoint, f"{path}: {err}") from None
 
 
 def _first_field(message: str) -> str:

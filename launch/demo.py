@@ -7,7 +7,8 @@
 2. prints the loss falling (and the validation loss), the measured against the predicted bubble rate, the
    path of the timeline picture (measured step above simulated one) and of the checkpoint;
 3. loads that checkpoint - saved sharded under pp=2 x tp=2 - into one plain model in this process and
-   samples a few lines of Python from it.
+   samples a few lines of Python from it;
+4. generates from the same run through the inference engine (``pipeloom.inference.LLM``) and prints tokens/s.
 
 Options: ``--steps`` (default 240: about 3-4 minutes of training on a 2-core machine), ``--out`` (the run
 directory; default ``runs/demo-<time>``), ``--extra`` (more Hydra overrides).
@@ -84,8 +85,27 @@ def summarize(run_dir: str, train_seconds: float, start: float) -> int:
     print(f"\nsampled from the trained model (loaded into one process), prompt {prompt!r}:\n{'-' * 60}")
     text = generate(model, ByteTokenizer(), prompt, max_new_tokens=300, temperature=0.7, seed=0)
     print("\n".join(text.splitlines()[:10]))
-    print(f"{'-' * 60}\ndemo finished in {time.perf_counter() - start:.0f} s; everything is in {run_dir}")
+    print("-" * 60)
+    generate_with_engine(run_dir)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is in {run_dir}")
     return 0
+
+
+def generate_with_engine(run_dir: str, max_tokens: int = 64) -> float:
+    """Generate from the trained run through the inference engine (paged KV cache, chunked-prefill continuous
+    batching, as ``pipeloom-generate model=RUN_DIR`` does); print one completion and the tokens/s."""
+    from pipeloom.inference import LLM, SamplingParams
+
+    llm = LLM(model=run_dir, device="cpu", dtype="float32", token_budget=256, block_size=16)
+    prompts = ["import os\n\n\ndef ", "class ", "    for i in range(", "# ", "    return ", "from . import "] * 2
+    params = SamplingParams(temperature=0.7, top_k=40, max_tokens=max_tokens, seed=0)
+    results = llm.generate(prompts, params, use_tqdm=False)
+    run = llm.last_run
+    print(f"through the inference engine ({len(prompts)} prompts batched, chunked-prefill, paged KV cache), "
+          f"prompt {prompts[0]!r}:\n{prompts[0]}{results[0].outputs[0].text}")
+    print(f"engine: {run['output_tokens']} tokens in {run['seconds']:.2f} s = {run['tokens_per_s']:,.0f} tokens/s "
+          f"on CPU ({run['iterations']} iterations)\n{llm.engine.latency_report()}")
+    return run["tokens_per_s"]
 
 
 if __name__ == "__main__":

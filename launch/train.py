@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pipeloom.configs.train import ConfigError, check_config, register
+from pipeloom.launch.report import hydra_error_line, report_once
 
 register()
 
@@ -33,12 +34,11 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     from pipeloom.parallel.mesh import Mesh
     from pipeloom.schedules import get_schedule
     from pipeloom.training import (
-        LocalStep,
         MetricsLogger,
-        PipelineStep,
         build_optimizer,
         build_parts,
         lr_at,
+        make_stepper,
         peak_flops,
         train,
     )
@@ -53,7 +53,6 @@ def run(cfg: DictConfig, run_dir: str | None = None):
 
     rank, world, _ = world_from_env()
     resolved = check_config(cfg, world)  # one ConfigError naming key and value, before any work
-    sys.stderr = sys.__stderr__
     device = resolve_device(cfg.train.device)
     kernel_mode = cfg.model.kernels if device.type == "cuda" or cfg.model.kernels != "auto" else "torch"
     try:  # the models ask pipeloom.kernels which path to run; "auto": Triton on a CUDA GPU with triton
@@ -93,9 +92,10 @@ def run(cfg: DictConfig, run_dir: str | None = None):
                         sequence_parallel=par.sequence_parallel, recompute=cfg.model.recompute, split=par.split,
                         init_state=init_state, compile=cfg.train.compile)
     autocast = autocast_for(device, cfg.train.mixed_precision)
-    stepper = LocalStep(parts, autocast) if plan.pp == 1 else PipelineStep(parts, mesh, autocast)
     optimizer = build_optimizer(parts.named_parameters(), **cfg.optimizer)
     opt = cfg.optimizer
+    stepper = make_stepper(parts, mesh, autocast, optimizer=optimizer, grad_clip=opt.grad_clip,
+                           sequence_parallel=par.sequence_parallel)
     lr_schedule = functools.partial(lr_at, lr=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
                                     decay_steps=opt.decay_steps or max(cfg.train.steps - opt.warmup_steps, 1))
     batches = TokenBatches(data.train, seq_len, batch_size, seed=cfg.train.seed)
@@ -149,26 +149,46 @@ def _run_dir() -> str:
 def _app(cfg: DictConfig) -> None:
     from pipeloom.training.checkpoint import CheckpointError
 
+    _release_stderr()
     try:
         run(cfg)
     except (ConfigError, CheckpointError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pipeloom-train: error: {err}", file=sys.__stderr__)
+        report_once(f"pipeloom-train: error: {err}")  # one line per job, whichever rank exits first
         sys.exit(2)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
+def _release_stderr() -> None:
+    """Hydra has composed the config: give stderr back (rank 0 replays what composition wrote there)."""
+    held = sys.stderr
+    if isinstance(held, io.StringIO):
+        sys.stderr = sys.__stderr__
+        if int(os.environ.get("RANK", "0")) == 0:
+            sys.stderr.write(held.getvalue())
+
+
 def main() -> None:
     """Entry point of ``pipeloom-train`` and ``python -m pipeloom.launch.train``."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        # Only rank 0 reports config errors (every rank finds the same one) and writes Hydra's run dir.
-        sys.stderr = io.StringIO()
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes Hydra's run dir
         for key, value in (("hydra.output_subdir", "null"), ("hydra.run.dir", ".")):
             if not any(a.startswith(key + "=") for a in sys.argv):
                 sys.argv.append(f"{key}={value}")
-    _app()
+    # Hydra writes a refused command line (unknown key, wrong type, missing option) to stderr on every rank
+    # and exits 1: hold stderr while it composes, and report the refusal once, as one line (report.py).
+    sys.stderr = io.StringIO()
+    try:
+        _app()
+    except SystemExit as stop:
+        held = sys.stderr
+        if isinstance(held, io.StringIO) and stop.code not in (0, None):
+            sys.stderr = sys.__stderr__
+            report_once("pipeloom-train: error: " + hydra_error_line(held.getvalue(), sys.argv[1:]))
+            raise SystemExit(2) from None
+        raise
+    finally:
+        _release_stderr()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pipeloom.kernels.rmsnorm import rmsnorm as fused_rmsnorm
 from pipeloom.kernels.rotary import rotary as fused_rotary
 from pipeloom.kernels.swiglu import swiglu as fused_swiglu
 
+from . import kv
 from .config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2's initializer range
@@ -149,7 +150,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
         hd = self.head_dim
-        q, k, v = self._project(x)
+        paged = kv.current()  # an inference batch over the paged KV cache (models/kv.py), or None
+        q, k, v = (paged is not None and paged.project(self, x)) or self._project(x)
         q = q.view(B, T, -1, hd)  # (B, T, Hq, hd), Hq local query heads
         k = k.view(B, T, -1, hd)  # (B, T, Hkv, hd)
         v = v.view(B, T, -1, hd)  # (B, T, Hkv, hd)
@@ -160,9 +162,15 @@ class Attention(nn.Module):
                 "query heads must be a multiple of key/value heads"
             )
         if self.rotary:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+            if paged is None:
+                cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+            else:
+                cos, sin = self.rope_cos[paged.positions], self.rope_sin[paged.positions]  # (N, hd), ragged
             rotate = fused_rotary if kernels.worth_fusing(q) else apply_rotary
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if paged is not None:  # B = 1, T = N flattened new tokens: write K/V into the cache, attend over it
+            y = paged.attend(self, q[0], k[0], v[0])  # (N, Hq, hd)
+            return self.resid_dropout(self.wo(y.reshape(B, T, n_heads * hd)))  # (1, N, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if n_kv != n_heads:  # GQA: query head h reads key/value head h // (Hq/Hkv)
             k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, Hq, T, hd)
@@ -177,9 +185,11 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections. Plain linears run as ONE matmul over their concatenated weights (one
         large GEMM instead of three, as a fused qkv layer would, while the parameters keep their names);
-        replaced modules (tensor-parallel linears, whose forward carries communication) run their own."""
+        replaced modules (tensor-parallel linears, whose forward carries communication, quantized layers) and
+        linears whose weight is a tensor subclass (torchao's quantized weights) run their own."""
         wq, wk, wv = self.wq, self.wk, self.wv
-        if not (type(wq) is type(wk) is type(wv) is nn.Linear):
+        plain = all(type(m) is nn.Linear and type(m.weight) in (torch.Tensor, nn.Parameter) for m in (wq, wk, wv))
+        if not plain:  # a tensor-subclass weight (torchao's quantized layouts) cannot be concatenated
             return wq(x), wk(x), wv(x)
         weight = torch.cat([wq.weight, wk.weight, wv.weight])  # (Hq*hd + 2*Hkv*hd, D)
         bias = None if wq.bias is None else torch.cat([wq.bias, wk.bias, wv.bias])

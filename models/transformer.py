@@ -21,6 +21,7 @@ from pipeloom import kernels
 from pipeloom.kernels.cross_entropy import cross_entropy as fused_cross_entropy
 from torch import nn
 
+from . import kv
 from .config import ModelConfig, get_model_config
 from .layers import INIT_STD, Block, make_norm
 
@@ -39,14 +40,16 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         T = tokens.size(-1)  # tokens (B, T)
-        if T > self.max_seq_len:
+        paged = kv.current()  # inference: (1, N) ragged new tokens at paged.positions (models/kv.py)
+        if T > self.max_seq_len and paged is None:
             raise ValueError(
                 f"sequence length {T} exceeds max_seq_len={self.max_seq_len}; "
                 "shorten the input or build the model with a larger max_seq_len"
             )
         x = self.tok(tokens)  # (B, T, D)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(T, device=tokens.device))  # (T, D) broadcast over B
+            pos = torch.arange(T, device=tokens.device) if paged is None else paged.positions  # (T,)
+            x = x + self.pos(pos)  # (T, D) broadcast over B
         return self.dropout(x)
 
     def init_weights(self, init_std: float) -> None:

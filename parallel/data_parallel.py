@@ -1,7 +1,7 @@
 # Data parallelism over the dp group: bucketed gradient all-reduce (optionally overlapped) and ZeRO-1.
 """Gradient averaging across data-parallel replicas, and optimizer-state sharding.
 
-:func:`allreduce_gradients` - after backward, average every gradient over the dp group, packed into
+:func:`allreduce_gradients` - after backward, average (or sum) every gradient over the dp group, packed into
 buckets of about ``bucket_mb`` MiB (one all-reduce per bucket instead of one per tensor, as DDP does;
 arXiv 2006.15704 §3.2).
 
@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+REDUCE_OPS = ("mean", "sum")  # how replicas' gradients combine: averaged, or added (shares of a global mean)
+
 
 def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
     """Consecutive runs of ``params`` of one dtype, each about ``bucket_bytes`` (at least one tensor)."""
@@ -55,12 +57,20 @@ def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
-def allreduce_gradients(params: Iterable[nn.Parameter], group=None, bucket_mb: float = 25.0) -> int:
-    """Average ``p.grad`` over ``group`` (the dp group; None = world) in flat buckets; returns the bucket count.
+def _check_op(op: str) -> None:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"op={op!r}; choose one of {REDUCE_OPS}")
 
-    A parameter without a gradient on this rank contributes zeros (and gets the average), so every rank
-    issues the same collectives.
+
+def allreduce_gradients(params: Iterable[nn.Parameter], group=None, bucket_mb: float = 25.0, op: str = "mean") -> int:
+    """Reduce ``p.grad`` over ``group`` (the dp group; None = world) in flat buckets; returns the bucket count.
+
+    ``op="mean"`` averages (each replica's gradient is the mean over its own batch); ``op="sum"`` adds
+    (each replica's gradient is already its share of the global-batch mean, as pipeloom's training steps
+    leave it: see :mod:`pipeloom.training.steps`). A parameter without a gradient on this rank contributes
+    zeros (and gets the result), so every rank issues the same collectives.
     """
+    _check_op(op)
     params = _unique_trainable(params)
     n = dist.get_world_size(group)
     buckets = _buckets(params, int(bucket_mb * 2**20))
@@ -69,7 +79,8 @@ def allreduce_gradients(params: Iterable[nn.Parameter], group=None, bucket_mb: f
     for bucket in buckets:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
         dist.all_reduce(flat, group=group)
-        flat /= n
+        if op == "mean":
+            flat /= n
         _write_back(bucket, flat)
     return len(buckets)
 
@@ -87,11 +98,13 @@ class GradSync:
 
     ``sync = GradSync(model.parameters(), dp_group)``; then per step: ``loss.backward()`` (buckets launch
     during backward), ``sync.finish()`` (wait, average, write ``.grad``), ``optimizer.step()``.
-    Use ``with sync.no_sync(): ...backward()`` for all but the last microbatch of a step.
+    Use ``with sync.no_sync(): ...backward()`` for all but the last microbatch of a step. ``op``: "mean"
+    or "sum", as in :func:`allreduce_gradients`.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], group=None, bucket_mb: float = 25.0):
-        self.group = group
+    def __init__(self, params: Iterable[nn.Parameter], group=None, bucket_mb: float = 25.0, op: str = "mean"):
+        _check_op(op)
+        self.group, self.op = group, op
         self.world = dist.get_world_size(group)
         params = _unique_trainable(params)
         self.buckets = _buckets(list(reversed(params)), int(bucket_mb * 2**20))  # backward order, roughly
@@ -142,7 +155,8 @@ class GradSync:
         for i, flat, work in self._inflight:
             if work is not None:
                 work.wait()
-            flat /= self.world
+            if self.op == "mean":
+                flat /= self.world
             _write_back(self.buckets[i], flat)
         self._reset()
 

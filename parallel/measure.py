@@ -2,8 +2,8 @@
 """The runtime times every action into a :class:`~pipeloom.schedules.timeline.Timeline` (seconds):
 ``time.perf_counter`` on CPU, CUDA events on GPU (read once after the step, so timing never syncs the
 device mid-step). :func:`estimate_comm` reads a gathered timeline's transfers to give the simulator a
-communication latency when measured costs are fed back into it (REFERENCE.md §1: ``comm`` on every
-cross-stage F and B edge).
+communication latency when measured costs are fed back into it (as the Zero Bubble paper's
+simulation does, arXiv 2401.10241 §5.3: ``comm`` on every cross-stage F and B edge).
 """
 
 from __future__ import annotations

@@ -12,33 +12,41 @@
 keeping where it stopped; the default stream is left exactly as it was. Activation recomputation must
 replay the same masks: :func:`pipeloom.parallel.apply.apply_recompute` snapshots every stream of a
 recomputed block when its forward runs and restores them around the recomputation.
+
+Every stream has a name. The modules that draw from it hold it (``sharded_rng``), so no registry outlives
+a model: :func:`find_streams` collects a model's streams by name, :func:`stream_states` is what a
+checkpoint saves, and :func:`set_stream_states` restores them by name, raising :class:`StreamMismatch`
+naming the stream when the saved and the live streams differ (another model or layout).
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
 SEED_OFFSET = 2718  # Megatron-LM's model-parallel seed offset
-_STREAMS: list[weakref.ref] = []  # every ShardedRNG made in this process, in order (for checkpoints)
+DEFAULT_NAME = "tensor-parallel-dropout"
+
+
+class StreamMismatch(ValueError):
+    """Saved dropout streams do not match the live ones; the message names the stream."""
 
 
 class ShardedRNG:
-    """The random stream of one tensor-parallel rank for dropout on sharded activations."""
+    """The random stream (named ``name``) of one tensor-parallel rank for dropout on sharded activations."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, name: str = DEFAULT_NAME):
         self.seed = int(seed)
+        self.name = name
         self.states: dict[str, torch.Tensor] = {}  # device ("cpu", "cuda:0", ...) -> generator state
-        _STREAMS.append(weakref.ref(self))
 
     @classmethod
-    def for_rank(cls, tp_rank: int, base_seed: int | None = None) -> ShardedRNG:
+    def for_rank(cls, tp_rank: int, base_seed: int | None = None, name: str = DEFAULT_NAME) -> ShardedRNG:
         """``base_seed`` (default ``torch.initial_seed()``, the same on ranks seeded alike) + 2718 + tp_rank."""
         base = torch.initial_seed() if base_seed is None else base_seed
-        return cls(base + SEED_OFFSET + tp_rank)
+        return cls(base + SEED_OFFSET + tp_rank, name)
 
     @contextlib.contextmanager
     def fork(self, device: torch.device | str = "cpu") -> Iterator[None]:
@@ -75,26 +83,45 @@ class ShardedRNG:
         self.states = {key: state.clone() for key, state in states.items()}
 
 
-def stream_states() -> list[dict]:
-    """The states of this process's live streams, oldest first (what a checkpoint saves with the default
-    generator's state, so that a resumed run draws the same dropout masks)."""
-    return [{"seed": rng.seed, "states": rng.get_state()} for rng in _live()]
+def find_streams(modules: Iterable[torch.nn.Module]) -> dict[str, ShardedRNG]:
+    """Every stream the ``modules`` draw from (``sharded_rng`` of any submodule), by name. Two different
+    streams under one name raise :class:`StreamMismatch` (a checkpoint could not tell them apart)."""
+    streams: dict[str, ShardedRNG] = {}
+    for module in modules:
+        for m in module.modules():
+            rng = getattr(m, "sharded_rng", None)
+            if rng is None:
+                continue
+            if streams.setdefault(rng.name, rng) is not rng:
+                raise StreamMismatch(f"two different dropout streams are named {rng.name!r}; give each "
+                                     "ShardedRNG of a model its own name")
+    return streams
 
 
-def set_stream_states(saved: list[dict]) -> bool:
-    """Restore :func:`stream_states` into the live streams; False (nothing changed) when they do not match
-    (another layout or model: different streams)."""
-    live = _live()
-    if len(live) != len(saved) or any(rng.seed != s["seed"] for rng, s in zip(live, saved)):
-        return False
-    for rng, s in zip(live, saved):
-        rng.set_state(s["states"])
-    return True
+def stream_states(streams: Mapping[str, ShardedRNG]) -> dict[str, dict]:
+    """``{name: {"seed", "states"}}`` of ``streams`` (what a checkpoint saves with the default generator's
+    state, so that a resumed run draws the same dropout masks)."""
+    return {name: {"seed": rng.seed, "states": rng.get_state()} for name, rng in sorted(streams.items())}
 
 
-def _live() -> list[ShardedRNG]:
-    _STREAMS[:] = [ref for ref in _STREAMS if ref() is not None]
-    return [ref() for ref in _STREAMS]
+def set_stream_states(streams: Mapping[str, ShardedRNG], saved: Mapping[str, dict], where: str = "saved") -> None:
+    """Restore :func:`stream_states` into ``streams`` by name. Raises :class:`StreamMismatch` naming the
+    stream when one is missing on either side or was seeded differently (``where`` names the source)."""
+    if not isinstance(saved, Mapping):  # an older checkpoint's list in creation order: one stream is unambiguous
+        saved = ({next(iter(streams)): saved[0]} if len(saved) == 1 == len(streams)
+                 else {f"#{i}": s for i, s in enumerate(saved)})
+    for name in sorted(set(saved) | set(streams)):
+        if name not in streams:
+            raise StreamMismatch(f"dropout stream {name!r} is in the {where} states but not in this model "
+                                 f"(its streams: {sorted(streams)}): another model or layout")
+        if name not in saved:
+            raise StreamMismatch(f"dropout stream {name!r} of this model is not in the {where} states (they hold "
+                                 f"{sorted(saved)}): another model or layout")
+        if streams[name].seed != saved[name]["seed"]:
+            raise StreamMismatch(f"dropout stream {name!r} was seeded {saved[name]['seed']} in the {where} states, "
+                                 f"{streams[name].seed} here: another seed or tensor-parallel rank")
+    for name, rng in streams.items():
+        rng.set_state(saved[name]["states"])
 
 
 def fork_if(rng: ShardedRNG | None, device, active: bool = True):

@@ -33,16 +33,18 @@ built, into a flat list of operations (:mod:`pipeloom.parallel.program`); a step
   shapes; the sender checks that and raises :class:`PipelineCommError` naming the option when they do
   not. ``shapes="per-message"`` sends a header with every activation instead (data-dependent output
   shapes, or ranks called without the batch).
-* ``UPDATE`` runs the stage's optimizer, after averaging the stage's gradients over the data-parallel
-  replicas when the runtime was given a ``mesh`` with dp > 1; ``RELEASE`` drops a stashed weight
+* ``UPDATE`` runs the stage's optimizer, after summing the replicas' shares of the stage's gradients over
+  the data-parallel group when the runtime was given a ``mesh`` with dp > 1 (the shares of the global
+  batch's mean, see loss normalisation below); ``RELEASE`` drops a stashed weight
   version (:mod:`pipeloom.parallel.versions`); ``SYNC_TIED`` sums tied parameters' gradients across the
   ranks holding them (in one fixed order, so the copies stay bitwise identical).
 
 Loss normalisation: microbatch b's loss ``loss_fn(out_b, target_b)`` (a mean over its valid targets)
 is multiplied by ``weight_b / weight_group``, where weight is the number of targets that count
 (``!= ignore_index`` for integer targets, ``numel`` otherwise, or ``loss_weight(target)``) and the group
-is the set of microbatches one UPDATE applies (all of them for synchronous plans). Summed, that is the
-mean over the whole batch, so gradients equal those of the full batch through one process, however the
+is the set of microbatches one UPDATE applies (all of them for synchronous plans), counted over every
+data-parallel replica's batch when there is a ``weight_group`` (the mesh's dp group when the runtime steps
+the optimizer with dp > 1). Summed, that is the mean over the whole (global) batch, so gradients equal those of the full batch through one process, however the
 ignored tokens fall. Activations are dropped at the microbatch's last backward action.
 
 Host synchronisation (what a GPU step waits for): none inside the step. Waits pass no timeout (the link
@@ -150,16 +152,22 @@ class PipelineRuntime:
         loss_fn: ``loss_fn(output, target) -> mean loss`` on the last stage (needed to train).
         optimizer_factory: ``f(params) -> torch.optim.Optimizer``, one per local stage; or ``optimizers``
             ``{stage: optimizer}``. Without either, UPDATE only leaves the gradients in ``.grad`` (step the
-            optimizer yourself - after averaging over dp and clipping, as torchtitan does).
+            optimizer yourself - after reducing over dp and clipping, as torchtitan does).
         tied: ``[{stage: parameter name}, ...]`` (``StageSplit.tied``): parameters shared across stages.
         mesh: a :class:`~pipeloom.parallel.mesh.Mesh`: the pipeline group and its ranks come from it, it owns
-            the link groups, and with dp > 1 every UPDATE first averages the stage's gradients over the
-            mesh's dp group, so replicas stay identical. A runtime that owns optimizers on a pipeline group
+            the link groups, and with dp > 1 and an optimizer in the runtime the counts of targets are summed
+            over the mesh's dp group (it is the ``weight_group``) and every UPDATE first sums the replicas'
+            shares of the stage's gradient over that group, so every replica steps with the global-batch
+            gradient and the replicas stay identical. A runtime that owns optimizers on a pipeline group
             smaller than the world needs it (there may be data-parallel replicas it cannot see).
         pp_group, pp_ranks: the pipeline process group (default: the mesh's, else the world) and the global
             ranks of its members by pipeline rank (default: read from the group).
         timeout: seconds a rank waits for a peer before raising :class:`PipelineTimeout`.
         loss_weight, ignore_index: how many targets of a microbatch count (see module docstring).
+        weight_group: the data-parallel group. Given, the counts are summed over its replicas (one all-reduce
+            per step), so each microbatch is weighted by its share of the *global* batch: gradients and
+            ``StepResult.loss`` are then this replica's share, and summing them over the group (not
+            averaging) gives the global-batch mean exactly, whatever each replica's count.
         ordered_messages: receive each peer's messages in its send order with tag 0 (default: on NCCL only,
             which matches by order; True on gloo tests that path on CPU).
         shapes: ``"cached"`` (default): an activation's shape header is sent once per shape key (see the
@@ -189,7 +197,8 @@ class PipelineRuntime:
                  tied=(), mesh=None, pp_group=None, pp_ranks=None, timeout: float = 300.0,
                  loss_weight: Callable | None = None, ignore_index: int = -100,
                  ordered_messages: bool | None = None, shapes: str = "cached", links="auto",
-                 extras_chunks: Mapping | None = None, timeline_every: int = 10, early_receives: bool = False):
+                 extras_chunks: Mapping | None = None, timeline_every: int = 10, early_receives: bool = False,
+                 weight_group=None):
         if shapes not in SHAPE_MODES:
             raise ValueError(f"shapes={shapes!r}; choose one of {SHAPE_MODES}")
         if not isinstance(links, PipelineLinks) and links not in LINK_MODES:
@@ -235,6 +244,13 @@ class PipelineRuntime:
         if versioned and not all(self.optimizers.get(s) for s in self.modules):
             raise ValueError(f"plan {plan.name!r} updates weights during the step: pass optimizer_factory")
         self.dp_group = update_average_group(mesh, self.pp_group, bool(self.optimizers))
+        if self.dp_group is not None and self.optimizers:  # this runtime reduces over dp: it sums the shares
+            if weight_group is not None and weight_group is not self.dp_group:
+                raise ValueError(f"weight_group={weight_group!r} is not the mesh's dp group, over which this runtime "
+                                 f"sums the gradients before its optimizer steps; leave weight_group out (it is "
+                                 f"then the mesh's dp group) or build the runtime without an optimizer")
+            weight_group = self.dp_group
+        self.weight_group = weight_group  # data-parallel peers whose targets share the normalisation
         self.versions = ({s: StageVersions(s, m, self.actions) for s, m in self.modules.items()}
                          if versioned else {})
         self.p2p, self.links = None, None
@@ -340,10 +356,10 @@ class PipelineRuntime:
         optimizer = self.optimizers.get(a.stage)
         if optimizer is None:
             return
-        if self.dp_group is not None:  # the replicas' mean gradient, so every replica takes the same step
+        if self.dp_group is not None:  # the replicas' shares summed: the global-batch gradient on every replica
             from .data_parallel import allreduce_gradients
 
-            allreduce_gradients(self.owned[a.stage], self.dp_group)
+            allreduce_gradients(self.owned[a.stage], self.dp_group, op="sum")
         if not self.versions:
             optimizer.step()
             return
@@ -400,26 +416,33 @@ class PipelineRuntime:
         return value, dist.broadcast(value, src=src, group=self.pp_group, async_op=True)
 
     def _loss_weights(self, targets_mb) -> list[tuple[float, float, float]]:
-        """Per microbatch: (its weight, its update group's weight, the whole batch's weight)."""
-        weights = self._target_weights(targets_mb)
-        total = sum(weights)
+        """Per microbatch: (its weight, its update group's weight, the whole batch's weight); with a
+        ``weight_group``, the group's and the batch's weights are summed over every replica's batch."""
+        local = self._target_weights(targets_mb)  # (m,) float64, on the device
+        summed = local
+        if self.weight_group is not None and dist.get_world_size(self.weight_group) > 1:
+            summed = local.clone()
+            dist.all_reduce(summed, group=self.weight_group)  # one small all-reduce per step
+        weights, summed = torch.stack([local, summed]).tolist()  # one host read for both
+        total = sum(summed)
         out = [None] * len(weights)
         for group in self.groups:
-            group_weight = sum(weights[b] for b in group)
+            group_weight = sum(summed[b] for b in group)
             for b in group:
                 out[b] = (weights[b], group_weight, total)
         return out
 
-    def _target_weights(self, targets_mb) -> list[float]:
-        """How many targets of each microbatch count; integer targets are counted on their device and read
-        in one transfer (one host sync per step on a GPU, none for targets on the CPU)."""
+    def _target_weights(self, targets_mb) -> torch.Tensor:
+        """(m,) float64 on the device: how many targets of each microbatch count. Integer targets are
+        counted on their device, so the step reads them (and their dp sum) in one transfer."""
         if self.loss_weight is not None:
-            return [float(self.loss_weight(t)) for t in targets_mb]
-        if all(torch.is_tensor(t) and not t.is_floating_point() for t in targets_mb):
-            counts = torch.stack([(t != self.ignore_index).sum() for t in targets_mb])
-            return [float(c) for c in counts.tolist()]
-        return [float(t.numel()) if torch.is_tensor(t) and t.is_floating_point() else
-                float(int((t != self.ignore_index).sum())) if torch.is_tensor(t) else 1.0 for t in targets_mb]
+            values = [float(self.loss_weight(t)) for t in targets_mb]
+        elif all(torch.is_tensor(t) and not t.is_floating_point() for t in targets_mb):
+            return torch.stack([(t != self.ignore_index).sum() for t in targets_mb]).to(self.device, torch.float64)
+        else:
+            values = [float(t.numel()) if torch.is_tensor(t) and t.is_floating_point() else
+                      float(int((t != self.ignore_index).sum())) if torch.is_tensor(t) else 1.0 for t in targets_mb]
+        return torch.tensor(values, dtype=torch.float64, device=self.device)
 
     # ----- measurement ---------------------------------------------------------------------------
     @property

@@ -41,15 +41,15 @@ def pipeline_group(plan: Plan, pp_group, pp_ranks):
 
 
 def update_average_group(mesh, pp_group, owns_optimizers: bool):
-    """The group UPDATE averages gradients over before stepping: the mesh's dp group when dp > 1."""
+    """The group UPDATE reduces gradients over before stepping: the mesh's dp group when dp > 1."""
     if mesh is not None:
         return mesh.dp_group if mesh.dp > 1 else None
     if owns_optimizers and pp_group is not None and dist.get_world_size(pp_group) < dist.get_world_size():
         raise ValueError(
             f"this runtime steps the optimizer (optimizer_factory/optimizers) on a pipeline group of "
             f"{dist.get_world_size(pp_group)} of the world's {dist.get_world_size()} ranks, but cannot see whether "
-            f"the other ranks are data-parallel replicas, whose gradients must be averaged before the step or the "
-            f"replicas drift apart. Pass mesh=Mesh.build(dp=..., pp=..., tp=...) (the runtime then averages over "
+            f"the other ranks are data-parallel replicas, whose gradients must be reduced before the step or the "
+            f"replicas drift apart. Pass mesh=Mesh.build(dp=..., pp=..., tp=...) (the runtime then reduces over "
             f"its dp group first), or build the runtime without an optimizer and step it yourself after averaging")
     return None
 

@@ -153,6 +153,8 @@ class RankPool:
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout
+        dead: list[int] = []
+        exitcodes: list = []
         while len(results) + len(errors) < self.world_size:
             if errors:
                 # The other ranks may wait forever on the failed one: give them a moment, then kill.
@@ -180,7 +182,10 @@ class RankPool:
         if errors:
             self.close(kill=True)
             first = min(errors)
-            raise RankError(f"{fn.__qualname__} failed on rank(s) {sorted(errors)}; rank {first}:\n{errors[first]}")
+            # A rank that died is named too, whether its death or another rank's error reached us first.
+            died = f"; rank(s) {dead} died without reporting (exit codes {exitcodes})" if dead else ""
+            raise RankError(f"{fn.__qualname__} failed on rank(s) {sorted(errors)}{died}; rank {first}:\n"
+                            f"{errors[first]}")
         return [results[r] for r in range(self.world_size)]
 
     def close(self, kill: bool = False) -> None:

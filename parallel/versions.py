@@ -1,6 +1,6 @@
 # Weight versions of a stage under PipeDream-style plans (stash, vertical sync, 2BW) and update groups.
 """What ``UPDATE@v`` and ``RELEASE@v`` mean at run time (semantics of :mod:`pipeloom.schedules.lowering`,
-REFERENCE.md §2).
+docs/schedule-facts.md).
 
 Every stage starts a step at version 0, the module's current parameters. ``UPDATE@v`` runs the optimizer
 on the live parameters (the newest version, v-1) with the gradients accumulated since the previous
@@ -73,6 +73,10 @@ class StageVersions:
         if self.snapshots.pop(version, None) is None:
             raise RuntimeError(f"stage {self.stage}: RELEASE@{version} of a version that is not stashed "
                                f"(stashed: {sorted(self.snapshots)})")
+
+    def held(self) -> list[int]:
+        """The versions this stage holds now: the stashed snapshots and the live (newest) parameters."""
+        return sorted(set(self.snapshots) | {self.newest})
 
     def end(self) -> None:
         """End a step: forget the snapshot of the newest version (the live parameters are it)."""

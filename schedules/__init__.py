@@ -43,6 +43,25 @@ from .registry import (
 from .simulate import Costs, Deadlock, SimResult, execute, simulate
 from .timeline import Interval, Timeline
 from .validate import validate
+from .batching import (
+    BatchingPolicy,
+    BlockCounter,
+    CostModel,
+    Iteration,
+    IterationRecord,
+    KVCapacity,
+    Rejected,
+    Request,
+    RequestStatus,
+    Scheduler,
+    Slice,
+    fit_cost_model,
+    get_batching,
+    list_batching,
+    make_trace,
+    register_batching,
+    simulate_serving,
+)
 
 __all__ = [
     "Action",
@@ -85,4 +104,21 @@ __all__ = [
     "Interval",
     "Timeline",
     "validate",
+    "BatchingPolicy",
+    "BlockCounter",
+    "Iteration",
+    "KVCapacity",
+    "Rejected",
+    "Request",
+    "RequestStatus",
+    "Scheduler",
+    "Slice",
+    "get_batching",
+    "list_batching",
+    "register_batching",
+    "CostModel",
+    "IterationRecord",
+    "fit_cost_model",
+    "make_trace",
+    "simulate_serving",
 ]

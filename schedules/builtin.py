@@ -1,7 +1,7 @@
 # The built-in schedules: GPipe, 1F1B, interleaved 1F1B, zero-bubble H1/H2/V, PipeDream, 2BW, forward-only.
 """Built-in schedules, each a :class:`~pipeloom.schedules.registry.Schedule` that builds a compute plan.
 
-Sizes follow REFERENCE.md §1: ``p`` ranks, ``m`` microbatches, ``v`` chunks per rank, stage ``s``.
+Sizes as in docs/schedule-facts.md: ``p`` ranks, ``m`` microbatches, ``v`` chunks per rank, stage ``s``.
 Plans hold compute actions (and weight-version actions for the PipeDream family); communication is
 added by :func:`pipeloom.schedules.lowering.add_comm`.
 """

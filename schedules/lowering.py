@@ -8,7 +8,8 @@
 * :func:`add_tied_sync` - a ``SYNC_TIED`` before the update on every stage sharing tied parameters.
 * :func:`lower` - what the runtime executes: the above in order.
 
-Weight-version semantics (REFERENCE.md §2). Every stage starts with version 0. ``UPDATE@v`` applies
+Weight-version semantics (PipeDream arXiv 1806.03377 §3.4, PipeDream-2BW arXiv 2006.09503 §3.1; the rules
+are collected in docs/schedule-facts.md). Every stage starts with version 0. ``UPDATE@v`` applies
 the accumulated gradients to the newest weights (version v-1) and creates version v; version v-1 stays
 (is *stashed*) only if a later ``RELEASE@(v-1)`` on that stage says it is still needed, otherwise it
 is replaced in place. ``RELEASE@v`` drops a stashed version after its last use.

@@ -6,7 +6,8 @@ backward that has no separate W costs B+W; ``comm`` is a latency on every cross-
 edge. Communication actions take no time (their latency is the edge's), and so do UPDATE, RELEASE and
 SYNC_TIED.
 
-Both bubble metrics of REFERENCE.md §1 are reported, computed from the :class:`Timeline` so a
+Both bubble metrics (Megatron's beta, arXiv 2104.04473 §2.2.1; Zero Bubble's r, arXiv 2401.10241 §5.3;
+defined in docs/schedule-facts.md) are reported, computed from the :class:`Timeline` so a
 measured run gets the very same numbers (see :mod:`pipeloom.schedules.timeline`).
 """
 

@@ -2,7 +2,7 @@
 """A :class:`Timeline` is a tuple of :class:`Interval` (rank, action, start, end).
 
 The simulator produces one in abstract time units; the runtime records one in seconds. Both give the
-same metrics (REFERENCE.md §1):
+same metrics (defined in docs/schedule-facts.md):
 
 * ``bubble_rate`` r - Zero Bubble paper (arXiv 2401.10241 §5.3): ``cost`` is the longest per-rank span
   (first compute start to last compute end on that rank); r = (cost - ideal) / cost.

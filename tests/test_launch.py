@@ -1,5 +1,5 @@
 # pipeloom-train end to end: torchrun on 4 CPU processes per layout, kill and resume, new layouts, HF import,
-# bad configs.
+# bad configs (one error line, whichever rank exits first).
 import contextlib
 import os
 import shutil
@@ -157,6 +157,24 @@ def test_resume_with_dropout_under_tp_is_exact(workdir, cache):
     assert {s: got[s] for s in got} == {s: full[s] for s in got}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pipedream_run_stopped_and_resumed_reproduces_the_uninterrupted_run(workdir, cache):
+    """Weight stashing on 2 pipeline ranks: each stage updates after every microbatch inside the step. A run
+    resumed from the step-2 checkpoint of an uninterrupted run (live weights - the only version a stage
+    holds between steps - optimizer state and RNG) gives that run's losses for steps 3 and 4."""
+    common = ["parallel.pp=2", "parallel.tp=1", "schedule.name=pipedream", "model.tie_embeddings=false",
+              "train.steps=4", "train.timeline=false", "checkpoint.save_final=false", "model.dropout=0.1"]
+    full_dir, resumed_dir, ck = (str(workdir / name) for name in ("pd-full", "pd-resumed", "pd-ck"))
+    launch(full_dir, cache, *common, nproc=2)
+    shutil.copytree(os.path.join(full_dir, "checkpoints", "step_2"), os.path.join(ck, "step_2"))
+    out = launch(resumed_dir, cache, *common, f"checkpoint.dir={ck}", "checkpoint.resume=true", nproc=2)
+    assert "resumed from" in out.stdout, out.stdout[-2000:]
+    full, got = losses(full_dir), losses(resumed_dir)
+    assert sorted(got) == [3, 4] and full[4] < full[1], (got, full)
+    assert {s: got[s] for s in got} == {s: full[s] for s in got}
+
+
 @pytest.mark.parametrize("saved,resumed", [("2x2x1", "4x1x1")])  # pp 2 -> 4, tp 2 -> 1
 def test_resume_under_another_layout(saved, resumed, workdir, cache):
     full = losses(layout_run(saved, workdir, cache))
@@ -194,24 +212,57 @@ def test_hf_gpt2_import_parity_through_the_launcher(workdir, cache):
     assert losses(run_dir)[1] == pytest.approx(expected, abs=1e-4)  # step 1's loss is before any update
 
 
+# Starts pipeloom-train, but rank 0 first sleeps (what a loaded machine may do to a rank): it is still asleep
+# when the other ranks find the bad config and exit, and torchrun stops the job. If it wakes, it leaves a mark.
+LATE_RANKS = """import os, sys, time
+rank = os.environ["RANK"]
+if rank == "0":
+    time.sleep(600)
+    open(os.path.join(os.environ["MARKS"], "rank%s-woke" % rank), "w").close()
+from pipeloom.launch.train import main
+sys.argv[0] = "pipeloom-train"
+main()
+"""
+
+
 @pytest.mark.slow
-def test_bad_config_fails_once_before_training_naming_key_and_value(workdir, cache):
-    run_dir = str(workdir / "bad-pp")
-    out = launch(run_dir, cache, "parallel.pp=3", check=False, timeout=120)
-    assert out.returncode != 0
-    assert out.stderr.count("pipeloom-train: error:") == 1 and "parallel.pp=3" in out.stderr, out.stderr[-2000:]
+@pytest.mark.parametrize("override", ["parallel.pp=3",  # check_config refuses it
+                                      "model=gpt-huge"])  # Hydra refuses it
+def test_bad_config_fails_with_one_line_when_rank_0_is_late(override, cache, tmp_path):
+    """Rank 0 is still asleep when ranks 1-3 refuse the config and exit (the order that used to lose the line)."""
+    script = tmp_path / "late_ranks.py"
+    script.write_text(LATE_RANKS)
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(script), *TINY,
+           f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", override]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MARKS": str(tmp_path)})
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and its ranks (rank 0 would sleep on)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not stop within 240 s:\n{stderr[-3000:]}")
+    assert proc.returncode != 0
+    lines = [ln for ln in (stdout + stderr).splitlines() if "pipeloom-train: error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"pipeloom-train: error: {override}: "), stderr[-3000:]
+    assert not list(tmp_path.glob("rank*-woke")), "rank 0 woke up: the unlucky order did not happen"
     assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,expected", [("parallel.bogus=1", "parallel.bogus"),
-                                               ("train.steps=abc", "train.steps"),
-                                               ("model=gpt-huge", "gpt-huge"),
+@pytest.mark.parametrize("override,expected", [("parallel.bogus=1", "parallel.bogus=1: "),
+                                               ("train.steps=abc", "train.steps=abc: "),
+                                               ("model=gpt-huge", "model=gpt-huge: "),
                                                # on a machine without a GPU (CI): Triton cannot run here
-                                               ("model.kernels=triton", "model.kernels='triton'")])
-def test_hydra_rejects_unknown_keys_and_wrong_types(override, expected, workdir, cache):
-    out = launch(str(workdir / "bad"), cache, override, nproc=1, check=False, timeout=120)
-    assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+                                               ("model.kernels=triton", "model.kernels='triton': ")])
+def test_one_process_refuses_bad_config_with_one_line(override, expected, workdir, cache):
+    out = launch(str(workdir / "bad"), cache, override, nproc=1, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"pipeloom-train: error: {expected}"), out.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -237,7 +288,9 @@ def compose_train(*overrides):
      "schedule.microbatches", 3),
     (["schedule.microbatches=3"], 1, "schedule.microbatches", 3),  # 16 sequences do not split into 3
     (["schedule.name=zigzag"], 1, "schedule.name", "zigzag"),
-    (["schedule.name=pipedream", "parallel.pp=2"], 2, "schedule.name", "pipedream"),
+    (["schedule.name=pipedream", "parallel.pp=2"], 2, "model.tie_embeddings", True),  # gpt ties: across versions
+    (["schedule.name=forward-only"], 1, "schedule.name", "forward-only"),
+    (["schedule.name=pipedream", "+schedule.options.update_every=2"], 1, "schedule.options", {"update_every": 2}),
     (["parallel.pp=4", "model.n_layers=1"], 4, "parallel.pp", 4),
     (["logger.kind=tensorboard"], 1, "logger.kind", "tensorboard"),
     (["model.kernels=fast"], 1, "model.kernels", "fast"),
@@ -249,6 +302,43 @@ def test_check_config_names_the_key_and_value(overrides, world, key, value):
         check_config(compose_train(*overrides), world)
     assert info.value.key == key and info.value.value == value
     assert str(info.value).startswith(f"{key}={value!r}")
+
+
+def _hf_folder(path, n_head: int) -> str:
+    """A Hugging Face GPT-2 folder's config.json (all check_config reads; the weights come later)."""
+    import json
+
+    os.makedirs(path, exist_ok=True)
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 256, "n_positions": 128,
+              "n_embd": 12 * n_head, "n_layer": 2, "n_head": n_head, "activation_function": "gelu_new"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+def test_check_config_reads_the_heads_of_an_hf_checkpoint(tmp_path):
+    folder = _hf_folder(tmp_path / "gpt2-3-heads", n_head=3)
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_train(f"model.hf_checkpoint={folder}", "parallel.tp=2"), 2)
+    assert (info.value.key, info.value.value) == ("parallel.tp", 2)
+    assert "does not divide the model's n_heads=3" in str(info.value) and "config.json" in str(info.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        check_config(compose_train(f"model.hf_checkpoint={tmp_path / 'missing'}"), 1)
+    assert check_config(compose_train(f"model.hf_checkpoint={folder}", "parallel.tp=3"), 3)["dp"] == 1
+
+
+@pytest.mark.slow
+def test_hf_checkpoint_whose_heads_tp_does_not_divide_fails_before_training(workdir, cache, tmp_path):
+    folder = _hf_folder(tmp_path / "gpt2-3-heads", n_head=3)
+    run_dir = str(workdir / "bad-hf-tp")
+    out = launch(run_dir, cache, f"model.hf_checkpoint={folder}", "parallel.tp=2", "parallel.pp=1", nproc=2,
+                 check=False, timeout=120)
+    assert out.returncode != 0 and "exitcode: 2" in out.stderr, (out.returncode, out.stderr[-2000:])
+    errors = [line for line in out.stderr.splitlines() if "pipeloom-train: error:" in line]
+    assert len(errors) == 1 and "parallel.tp=2: does not divide the model's n_heads=3" in errors[0], out.stderr[-2000:]
+    frames = [line for line in out.stderr.splitlines() if line.strip().startswith("File ") and "pipeloom" in line]
+    assert not frames, frames  # no traceback through pipeloom (torchrun prints its own for the failed job)
+    assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def test_default_config_and_documented_override_keys_exist():

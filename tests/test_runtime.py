@@ -180,7 +180,8 @@ def versioned_worker(pp: int, cases: list) -> dict:
 
 
 def versions_of(name: str, options: dict, p: int, m: int, s: int, b: int) -> int:
-    """REFERENCE.md §2, 0-based microbatch b on stage s within one step (the plan's pipeline drains)."""
+    """Version of 0-based microbatch b on stage s within one step (the plan's pipeline drains): arXiv
+    1806.03377 §3.4 (stash, vertical sync), arXiv 2006.09503 §3.1 (2BW); docs/schedule-facts.md."""
     if name == "pipedream-2bw":
         return max(b // (options.get("update_every") or p) - 1, 0)
     if options.get("vertical_sync"):

@@ -1,4 +1,4 @@
-# The simulator against REFERENCE.md's ground truth and closed forms; validation finds planted faults.
+# The simulator against the ground truth and closed forms of docs/schedule-facts.md; validation finds planted faults.
 import json
 
 import pytest
@@ -18,7 +18,7 @@ from pipeloom.schedules import (
     validate,
 )
 
-GT = Costs(F=1, B=2, W=0)  # REFERENCE.md §1 ground truth: p=4, m=8, F=1, B=2, no communication
+GT = Costs(F=1, B=2, W=0)  # docs/schedule-facts.md ground truth: p=4, m=8, F=1, B=2, no communication
 EQUAL = Costs(F=1, B=1, W=1)
 
 
@@ -145,7 +145,8 @@ def test_2bw_versions_and_double_buffering(k):
     plan = validate(get_schedule("pipedream-2bw", pp=p, microbatches=m, update_every=k))
     for s in range(p):
         for b in range(m):
-            assert plan.weight_version(s, b) == max(b // k - 1, 0)  # REFERENCE.md: max(floor((k-1)/m) - 1, 0), 1-based
+            # arXiv 2006.09503 §3.1: max(floor((k-1)/m) - 1, 0) for 1-based k, m microbatches per version
+            assert plan.weight_version(s, b) == max(b // k - 1, 0)
     assert simulate(plan).weight_versions == (2,) * p
     updates = [a for a in plan.ranks[0] if a.kind is Kind.UPDATE]
     assert [u.version for u in updates] == list(range(1, m // k + 1))
@@ -153,7 +154,7 @@ def test_2bw_versions_and_double_buffering(k):
 
 def test_2bw_reference_example():
     plan = get_schedule("pipedream-2bw", pp=4, microbatches=16, update_every=4)
-    versions = [plan.weight_version(0, k - 1) for k in range(1, 17)]  # 1-based microbatches as in REFERENCE.md
+    versions = [plan.weight_version(0, k - 1) for k in range(1, 17)]  # 1-based microbatches as in the 2BW paper
     assert versions == [0] * 8 + [1] * 4 + [2] * 4
 
 

@@ -1,4 +1,5 @@
-# The spawn helper: results by rank, errors carry the rank's traceback, timeouts name the stuck ranks.
+# The spawn helper: results by rank, errors carry the rank's traceback, dead and stuck ranks are named.
+import os
 import time
 
 import pytest
@@ -26,6 +27,13 @@ def _sleep_on_zero():
     return dist.get_rank()
 
 
+def _error_on_zero_then_one_dies():
+    if dist.get_rank() == 0:
+        raise ValueError("reported first")
+    time.sleep(1.0)
+    os._exit(3)
+
+
 def test_pool_runs_collectives_and_returns_by_rank(pool2):
     assert pool2.run(_allreduce_rank, 2.0) == [(0, 6.0), (1, 6.0)]
     assert pool2.run(_allreduce_rank, 1.0) == [(0, 3.0), (1, 3.0)]  # the same processes, reused
@@ -46,5 +54,15 @@ def test_timeout_names_stuck_rank():
     try:
         with pytest.raises(RankTimeout, match=r"rank\(s\) \[0\]"):
             pool.run(_sleep_on_zero, timeout=3)
+    finally:
+        pool.close(kill=True)
+
+
+def test_rank_error_names_a_rank_that_died_after_another_reported():
+    """Rank 0's error reaches the parent first; rank 1's death a moment later must still be named."""
+    pool = RankPool(2)
+    try:
+        with pytest.raises(RankError, match=r"rank\(s\) \[1\] died without reporting \(exit codes \[3\]\)"):
+            pool.run(_error_on_zero_then_one_dies, timeout=60)
     finally:
         pool.close(kill=True)

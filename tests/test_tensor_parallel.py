@@ -323,11 +323,15 @@ def test_dropout_under_tp_and_its_recomputation(pool2, family, sequence_parallel
 
 
 def test_sharded_rng_fork_keeps_the_default_stream_and_checkpoints_restore_it():
-    import gc
+    from pipeloom.parallel.rng import (
+        ShardedDropout,
+        ShardedRNG,
+        StreamMismatch,
+        find_streams,
+        set_stream_states,
+        stream_states,
+    )
 
-    from pipeloom.parallel.rng import ShardedRNG, set_stream_states, stream_states
-
-    gc.collect()
     torch.manual_seed(3)
     expected_default = torch.rand(4)  # what the default generator draws next, without any fork
     torch.manual_seed(3)
@@ -337,11 +341,19 @@ def test_sharded_rng_fork_keeps_the_default_stream_and_checkpoints_restore_it():
         first = torch.rand(4)
     assert torch.equal(torch.rand(4), expected_default), "a fork must not consume the default stream"
     assert torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(rng.seed)))
-    saved = stream_states()  # as a checkpoint saves them
-    assert [s["seed"] for s in saved] == [rng.seed]
+    holder = torch.nn.Sequential(ShardedDropout(0.5, rng), ShardedDropout(0.5, rng))
+    streams = find_streams([holder])  # one stream, found through the modules that draw from it
+    assert streams == {rng.name: rng}
+    saved = stream_states(streams)  # as a checkpoint saves them
+    assert saved[rng.name]["seed"] == rng.seed
     with rng.fork("cpu"):
         after = torch.rand(4)
-    assert set_stream_states(saved)
+    set_stream_states(streams, saved)
     with rng.fork("cpu"):
         assert torch.equal(torch.rand(4), after), "restored streams draw the same numbers again"
-    assert not set_stream_states(saved + saved), "a different set of streams is left alone"
+    set_stream_states(streams, [saved[rng.name]])  # an older checkpoint's list: one stream is unambiguous
+    with pytest.raises(StreamMismatch, match="'extra' is in the saved states but not in this model"):
+        set_stream_states(streams, {**saved, "extra": saved[rng.name]})
+    holder.append(ShardedDropout(0.5, ShardedRNG(5)))  # another stream under the same (default) name
+    with pytest.raises(StreamMismatch, match=f"two different dropout streams are named {rng.name!r}"):
+        find_streams([holder])

@@ -94,7 +94,7 @@ def test_local_step_accumulates_the_full_batch_gradient():
 
 def _step_grads(config, plan, compile, mesh=None):
     """Loss and every local gradient of one step of a freshly built model (same seed each call)."""
-    from pipeloom.training.parts import PipelineStep
+    from pipeloom.training import PipelineStep
 
     parts = build_parts(config, plan, seed=3, mesh=mesh, compile=compile)
     g = torch.Generator().manual_seed(7)
@@ -121,6 +121,44 @@ def test_compiled_blocks_train_like_eager_blocks(name):
     assert grads.keys() == ref_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_compiled_blocks_change_no_process_wide_setting():
+    """compile_blocks leaves torch._functorch.config.donated_buffer as it was; a plan that splits backward
+    runs its steps inside ModelParts.step_context, where a graph-keeping backward works even after a
+    use-once backward compiled the blocks' backward (outside it, AOTAutograd refuses)."""
+    from pipeloom.training import PipelineStep
+
+    def use_once_then_split(model):
+        model.loss(model(x), x).backward()  # use-once: compiles the blocks' backward
+        h = model.embed(x).detach().requires_grad_()
+        out = model.blocks[1](model.blocks[0](h))
+        (gx,) = torch.autograd.grad(out.square().sum(), [h], retain_graph=True)  # B keeps the graph for W
+        return [gx, *torch.autograd.grad(out.square().sum(), list(model.blocks.parameters()))]
+
+    import torch._functorch.config as functorch_config
+
+    before = functorch_config.donated_buffer
+    config = get_model_config("gpt-tiny", n_layers=2, dim=32, max_seq_len=16)
+    plan = get_schedule("zb-h1", pp=1, microbatches=2)
+    x = torch.randint(0, 256, (2, 8))
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="donated buffers"):  # the control: no context, no retained graph
+        use_once_then_split(build_parts(config, plan, seed=3, compile="aot_eager").model)
+    torch._dynamo.reset()
+    parts = build_parts(config, plan, seed=3, compile="aot_eager")
+    eager = copy.deepcopy(parts.model)
+    for block in eager.blocks:
+        block._compiled_call_impl = None
+    assert functorch_config.donated_buffer == before
+    with parts.step_context():
+        grads = [use_once_then_split(parts.model)]
+    assert functorch_config.donated_buffer == before
+    grads.append(use_once_then_split(eager))
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    loss, _ = PipelineStep(parts, None).step(x, x)  # the runtime's B/W split, inside the step context
+    assert math.isfinite(loss) and functorch_config.donated_buffer == before
 
 
 def compiled_pipeline_worker(schedules):

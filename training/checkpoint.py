@@ -1,33 +1,39 @@
 # Sharded, layout-independent, atomic checkpoints with torch.distributed.checkpoint (DCP).
 """A checkpoint is a folder ``step_N/`` holding DCP's files (``.metadata``, ``__R_0.distcp``), one
 ``rng_rank{R}.pt`` per rank, and ``pipeloom.json`` (the manifest: step, model config, tokenizer, layout,
-and the size and sha256 of every file).
+optimizer class, and the size and sha256 of every file).
 
 Layout independence. Every tensor is stored whole, under its name in the plain un-sharded model
-(``blocks.3.attn.wq.weight``; AdamW moments as ``optim.blocks.3.attn.wq.weight.exp_avg``). On save, each
-rank all-gathers its tensor-parallel shards over the tp group into full tensors; ranks of other pipeline
-stages hold other names, and DCP's planner writes a name held by several ranks (tp peers, dp replicas)
-only once. On load, each rank asks DCP for the full tensors of the names it holds now - whatever
-(pp, tp, dp) layout wrote them - and keeps its own slice. We chose full tensors over DTensor/ShardedTensor
-shards because pipeloom's tensor-parallel layers hold plain tensors (and pad vocabularies to a multiple
-of tp): full tensors need no resharding metadata, make any layout read any other, and cost one
-all-gather per tensor on save, which is small next to the write. A tied second copy (the output head
-sharing the embedding on the last stage) is saved once under its first name and loaded from it.
+(``blocks.3.attn.wq.weight``). On save, each rank all-gathers its tensor-parallel shards over the tp group
+into full tensors; ranks of other pipeline stages hold other names, and DCP's planner writes a name held
+by several ranks (tp peers, dp replicas) only once. On load, each rank asks DCP for the full tensors of
+the names it holds now - whatever (pp, tp, dp) layout wrote them - and keeps its own slice. We chose full
+tensors over DTensor/ShardedTensor shards because pipeloom's tensor-parallel layers hold plain tensors
+(and pad vocabularies to a multiple of tp): full tensors need no resharding metadata, make any layout read
+any other, and cost one all-gather per tensor on save, which is small next to the write. A tied second
+copy (the output head sharing the embedding on the last stage) is saved once under its first name and
+loaded from it.
 
-Atomicity. Everything is written to ``step_N.tmp/``; rank 0 writes the manifest last and renames the
-folder to ``step_N`` only after every rank has finished. A crash mid-save leaves a ``.tmp`` folder
-that :func:`latest_checkpoint` ignores (and the next save removes), so the last good checkpoint stays
-the newest. Loading checks the manifest, the files' sizes and checksums, the model shape and the
-tokenizer, and raises :class:`CheckpointError` saying what is wrong instead of loading garbage.
+Optimizer state, whatever the optimizer: DCP's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``
+(``torch.distributed.checkpoint.state_dict``) map it to and from parameter names, and every entry is
+stored as ``optim.<parameter name>.<key>`` (AdamW's ``exp_avg``, ``exp_avg_sq``, ``step``; SGD's
+``momentum_buffer``; ...): a tensor shaped like its parameter whole, like the parameter, anything else as
+it is. The hyperparameters (``param_groups``) come from the run's config, not the checkpoint.
+
+Atomicity (:mod:`pipeloom.training.checkpoint_files`). Everything is written to ``step_N.tmp/``; each rank
+hashes its own files, rank 0 writes the manifest last and renames the folder into place after every rank
+has finished, never leaving a moment without a complete copy of the step. A crash mid-save leaves a
+``.tmp`` folder that :func:`latest_checkpoint` ignores (and the next save removes). Loading checks the
+manifest, the files' sizes, the checksums of the files this rank reads, the model shape, the optimizer
+class and the tokenizer, and raises :class:`CheckpointError` saying what is wrong instead of loading
+garbage. RNG states (the default generator's, and the tensor-parallel dropout streams by name) are
+restored when the layout is the one that saved them; a stream that does not match is an error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -36,14 +42,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MANIFEST = "pipeloom.json"
-FORMAT = "pipeloom-checkpoint-1"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-ADAM_STATE = ("exp_avg", "exp_avg_sq")
+from .checkpoint_files import (
+    FORMAT,
+    MANIFEST,
+    CheckpointError,
+    checkpoint_steps,
+    describe_own_files,
+    gather_file_lists,
+    latest_checkpoint,
+    read_manifest,
+    replace_folder,
+    verify_files,
+    write_manifest,
+)
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete, corrupted or does not fit the model being trained."""
+__all__ = ["CheckpointError", "ParamSpec", "checkpoint_steps", "gather_full", "latest_checkpoint", "load_checkpoint",
+           "local_slice", "read_manifest", "save_checkpoint", "MANIFEST", "FORMAT"]
 
 
 @dataclass
@@ -56,6 +70,10 @@ class ParamSpec:
     shard_dim: int | None  # the dimension split over tp ranks; None: replicated on every tp rank
     primary: bool = True  # False for the second copy of a tied parameter (saved by its first holder)
     counted: bool = True  # counted in the global gradient norm here (replicated tensors: tp rank 0 only)
+    local_name: str = ""  # its own name in the plain model (a tied copy's differs from name); "": name
+
+    def __post_init__(self) -> None:
+        self.local_name = self.local_name or self.name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,64 +107,6 @@ def local_slice(spec: ParamSpec, full: torch.Tensor, tp: int, tp_rank: int) -> t
     return full.chunk(tp, dim=d)[tp_rank]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Finding checkpoints.
-
-
-def checkpoint_steps(directory: str) -> list[tuple[int, str]]:
-    """``(step, path)`` of the completed (renamed) checkpoint folders in ``directory``, oldest first."""
-    if not directory or not os.path.isdir(directory):
-        return []
-    found = []
-    for entry in os.listdir(directory):
-        m = _STEP_DIR.match(entry)
-        if m and os.path.isdir(os.path.join(directory, entry)):
-            found.append((int(m.group(1)), os.path.join(directory, entry)))
-    return sorted(found)
-
-
-def latest_checkpoint(directory: str) -> str | None:
-    """The newest completed checkpoint folder in ``directory`` (``.tmp`` folders are ignored), or None."""
-    steps = checkpoint_steps(directory)
-    return steps[-1][1] if steps else None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_manifest(path: str, verify: bool = True) -> dict:
-    """The manifest of checkpoint ``path`` after checking that every listed file is intact."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete (an interrupted save) or not "
-                              "a pipeloom checkpoint; delete it or point checkpoint.dir elsewhere")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST} ({err}); the checkpoint is corrupted") \
-            from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    for name, info in manifest["files"].items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"checkpoint {path} is corrupted: file {name} is missing")
-        size = os.path.getsize(file)
-        if size != info["size"]:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} is {size} bytes, the manifest says "
-                                  f"{info['size']}; delete this checkpoint (older ones in the folder still work)")
-        if verify and _sha256(file) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupted: the sha256 of {name} does not match the manifest; "
-                                  "delete this checkpoint (older ones in the folder still work)")
-    return manifest
-
-
 SHAPE_FIELDS = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len",
                 "tie_embeddings", "bias", "activation")
 
@@ -165,21 +125,80 @@ def check_compatible(manifest: dict, path: str, model_config: dict, tokenizer: d
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Save and load.
+# Optimizer state through DCP's helpers, keyed by full-model parameter names.
 
 
-def _state_for_save(specs: list[ParamSpec], optimizer, tp_group) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+def _param_tree(specs: list[ParamSpec]) -> nn.Module:
+    """A module whose ``named_parameters()`` are this rank's parameters under their plain-model names (what
+    DCP's optimizer helpers key the state by)."""
+    root = nn.Module()
+    for spec in specs:
+        *path, leaf = spec.local_name.split(".")
+        node = root
+        for part in path:
+            node = node._modules.setdefault(part, nn.Module())
+        node.register_parameter(leaf, spec.param)
+    return root
+
+
+def _optimizer_state(specs: list[ParamSpec], optimizer) -> dict[str, dict]:
+    """``{local_name: {key: value}}`` of ``optimizer`` (``get_optimizer_state_dict``)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(_param_tree(specs), optimizer)["state"]
+
+
+def _is_per_element(spec: ParamSpec, value) -> bool:
+    """An optimizer state entry shaped like its (local) parameter: stored whole, sliced over tp like it."""
+    return torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == tuple(spec.param.shape)
+
+
+def _state_for_save(specs: list[ParamSpec], optimizer, tp_group) -> dict:
+    state: dict = {}
+    optim = _optimizer_state(specs, optimizer) if optimizer is not None else {}
     for spec in specs:
         if not spec.primary:
             continue
         state[f"model.{spec.name}"] = gather_full(spec, spec.param, tp_group)
-        opt_state = optimizer.state.get(spec.param, {}) if optimizer is not None else {}
-        if opt_state:
-            state[f"optim.{spec.name}.step"] = opt_state["step"].detach().float().cpu().reshape(())
-            for key in ADAM_STATE:
-                state[f"optim.{spec.name}.{key}"] = gather_full(spec, opt_state[key], tp_group)
+        for key, value in optim.get(spec.local_name, {}).items():
+            if _is_per_element(spec, value):
+                value = gather_full(spec, value, tp_group)
+            elif torch.is_tensor(value):
+                value = value.detach().cpu().clone()  # a step count or another small tensor, whole
+            state[f"optim.{spec.name}.{key}"] = value
     return state
+
+
+def _optimizer_keys(keys) -> dict[str, list[str]]:
+    """``{parameter name: [its state keys]}`` of the ``optim.<name>.<key>`` entries among ``keys``."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        if k.startswith("optim."):
+            name, key = k[len("optim."):].rsplit(".", 1)
+            out.setdefault(name, []).append(key)
+    return out
+
+
+def _load_optimizer(specs: list[ParamSpec], optimizer, loaded: dict, tp: int, tp_rank: int) -> None:
+    """Put the loaded ``optim.*`` entries into ``optimizer`` (``set_optimizer_state_dict``)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    tree = _param_tree(specs)
+    keys = _optimizer_keys(loaded)
+    state: dict[str, dict] = {}
+    for spec in specs:
+        entries = state.setdefault(spec.local_name, {})
+        for key in keys.get(spec.name, ()):
+            value = loaded[f"optim.{spec.name}.{key}"]
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == spec.full_shape:
+                value = local_slice(spec, value, tp, tp_rank).to(spec.param.device).clone()
+            entries[key] = value
+    groups = get_optimizer_state_dict(tree, optimizer)["param_groups"]  # this run's hyperparameters
+    set_optimizer_state_dict(tree, optimizer, {"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Save and load.
 
 
 def _barrier() -> None:
@@ -192,13 +211,16 @@ def _rank() -> int:
 
 
 def save_checkpoint(directory: str, step: int, *, specs: list[ParamSpec], optimizer, tp_group=None,
-                    meta: dict, keep: int = 2) -> str:
+                    meta: dict, keep: int = 2, rng_streams: dict | None = None) -> str:
     """Write checkpoint ``directory/step_{step}`` atomically on every rank (collective); returns its path.
 
     ``meta`` (JSON-able: model config, tokenizer spec, layout, data settings, tokens seen) goes into the
-    manifest. Keeps the newest ``keep`` checkpoints.
+    manifest. ``rng_streams``: this rank's tensor-parallel dropout streams by name
+    (``ModelParts.rng_streams()``), saved with the default generator's state. Keeps the newest ``keep``
+    checkpoints.
     """
     import torch.distributed.checkpoint as dcp
+    from pipeloom.parallel.rng import stream_states
 
     final = os.path.join(directory, f"step_{step}")
     tmp = final + ".tmp"
@@ -210,27 +232,15 @@ def save_checkpoint(directory: str, step: int, *, specs: list[ParamSpec], optimi
     state = _state_for_save(specs, optimizer, tp_group)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=tmp)
-    from pipeloom.parallel.rng import stream_states
-
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-           "sharded": stream_states()}  # tensor-parallel dropout streams (pipeloom.parallel.rng)
+           "sharded": stream_states(rng_streams or {})}
     torch.save(rng, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
-    _barrier()
+    _barrier()  # every rank's files are complete: each hashes its own, at the same time
+    files = gather_file_lists(describe_own_files(tmp))
     if _rank() == 0:
-        files = {}
-        for name in sorted(os.listdir(tmp)):
-            file = os.path.join(tmp, name)
-            _fsync(file)
-            files[name] = {"size": os.path.getsize(file), "sha256": _sha256(file)}
-        manifest = {"format": FORMAT, "step": step, "files": files, **meta}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):  # saving the same step again: move the old one aside first
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(directory)
+        optimizer_class = type(optimizer).__name__ if optimizer is not None else None
+        write_manifest(tmp, {"format": FORMAT, "step": step, "files": files, "optimizer": optimizer_class, **meta})
+        replace_folder(tmp, final)
         for _, old in checkpoint_steps(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -245,72 +255,103 @@ def _quiet_single_process():
         yield
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _wanted(path: str, metadata: dict, specs: list[ParamSpec], with_optim: bool) -> dict:
+    """The entries this rank loads: its parameters' full tensors and, ``with_optim``, their optimizer state."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    wanted: dict = {}
+    optimizer_keys = _optimizer_keys(metadata) if with_optim else {}
+    for spec in specs:
+        key = f"model.{spec.name}"
+        info = metadata.get(key)
+        if not isinstance(info, TensorStorageMetadata):
+            raise CheckpointError(f"checkpoint {path} has no tensor {key!r}; it was saved from a different model")
+        if tuple(info.size) != spec.full_shape:
+            raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(info.size)}, this model needs "
+                                  f"{spec.full_shape}")
+        wanted[key] = torch.empty(spec.full_shape, dtype=spec.param.dtype)
+        if not with_optim:
+            continue
+        for key in optimizer_keys.get(spec.name, ()):  # none: the parameter had no state (never stepped)
+            info = metadata[f"optim.{spec.name}.{key}"]
+            wanted[f"optim.{spec.name}.{key}"] = (torch.empty(tuple(info.size), dtype=info.properties.dtype)
+                                                  if isinstance(info, TensorStorageMetadata) else None)
+    return wanted
 
 
 def load_checkpoint(path: str, *, specs: list[ParamSpec], optimizer, tp: int = 1, tp_rank: int = 0,
                     model_config: dict, tokenizer: dict | None = None, verify: bool = True,
-                    restore_rng: bool = True) -> dict:
-    """Load checkpoint ``path`` into this rank's parameters and AdamW state (collective); returns the manifest.
+                    restore_rng: bool = True, layout: dict | None = None, rng_streams: dict | None = None) -> dict:
+    """Load checkpoint ``path`` into this rank's parameters and optimizer state (collective); returns the manifest.
 
     Works whatever (pp, tp, dp) layout saved it. RNG states are restored when ``restore_rng`` and the
-    checkpoint was saved by the same layout (a different layout has different ranks; the data order does
-    not depend on them).
+    checkpoint was saved under ``layout`` (None: do not compare); a different layout has different ranks,
+    and the data order does not depend on them. ``rng_streams`` (``ModelParts.rng_streams()``): the dropout
+    streams to restore by name; one that does not match the saved ones raises :class:`CheckpointError`
+    naming it. None leaves the streams alone.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    manifest = read_manifest(path, verify=verify)
+    manifest = read_manifest(path, verify=False)  # all files there, with their sizes
     check_compatible(manifest, path, model_config, tokenizer)
-    metadata = FileSystemReader(path).read_metadata().state_dict_metadata
-    with_optim = optimizer is not None and any(k.startswith("optim.") for k in metadata)
-    wanted: dict[str, torch.Tensor] = {}
-    for spec in specs:
-        keys = [f"model.{spec.name}"]
-        if with_optim:
-            keys += [f"optim.{spec.name}.{k}" for k in ADAM_STATE]
-        for key in keys:
-            info = metadata.get(key)
-            if not isinstance(info, TensorStorageMetadata):
-                raise CheckpointError(f"checkpoint {path} has no tensor {key!r}; it was saved from a different model")
-            if tuple(info.size) != spec.full_shape:
-                raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(info.size)}, this model needs "
-                                      f"{spec.full_shape}")
-            wanted[key] = torch.empty(spec.full_shape, dtype=spec.param.dtype)
-        if with_optim:
-            wanted[f"optim.{spec.name}.step"] = torch.zeros(())
+    if verify:
+        verify_files(path, manifest, [".metadata"])
+    metadata = FileSystemReader(path).read_metadata()
+    with_optim = optimizer is not None and any(k.startswith("optim.") for k in metadata.state_dict_metadata)
+    if with_optim and manifest.get("optimizer") not in (None, type(optimizer).__name__):
+        raise CheckpointError(f"checkpoint {path} holds {manifest['optimizer']} state; this run's optimizer is "
+                              f"{type(optimizer).__name__}")
+    wanted = _wanted(path, metadata.state_dict_metadata, specs, with_optim)
+    rng_file = f"rng_rank{_rank()}.pt"
+    restore_rng = restore_rng and (layout is None or manifest.get("layout") == layout)
+    if verify:  # the files this rank reads, and only those
+        reads = {info.relative_path for index, info in metadata.storage_data.items() if index.fqn in wanted}
+        reads |= {rng_file} if restore_rng and rng_file in manifest["files"] else set()
+        _on_every_rank(lambda: verify_files(path, manifest, reads))
     try:
         with _quiet_single_process():
             dcp.load(wanted, checkpoint_id=path)
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: {err}); it is corrupted "
                               "or incomplete") from err
-    fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
     with torch.no_grad():
         for spec in specs:
             spec.param.copy_(local_slice(spec, wanted[f"model.{spec.name}"], tp, tp_rank))
-            if with_optim:
-                p = spec.param
-                step = wanted[f"optim.{spec.name}.step"]
-                state = {"step": step.to(p.device) if fused else step.clone()}
-                for key in ADAM_STATE:
-                    state[key] = local_slice(spec, wanted[f"optim.{spec.name}.{key}"], tp, tp_rank).to(
-                        p.device, p.dtype).clone()
-                optimizer.state[p] = state
-    rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
-    if restore_rng and os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if rng.get("sharded"):
-            from pipeloom.parallel.rng import set_stream_states
-
-            set_stream_states(rng["sharded"])
+    if with_optim:
+        _load_optimizer(specs, optimizer, wanted, tp, tp_rank)
+    if restore_rng and os.path.exists(os.path.join(path, rng_file)):
+        _restore_rng(path, rng_file, rng_streams)
     return manifest
+
+
+def _on_every_rank(check) -> None:
+    """Run ``check``; when it raised :class:`CheckpointError` on any rank, raise it on every rank (a rank
+    that went on into DCP's collective load would wait for the one that stopped)."""
+    error = None
+    try:
+        check()
+    except CheckpointError as err:
+        error = str(err)
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    for rank, message in enumerate(errors):
+        if message is not None:
+            raise CheckpointError(f"rank {rank}: {message}")
+
+
+def _restore_rng(path: str, rng_file: str, streams: dict | None) -> None:
+    from pipeloom.parallel.rng import StreamMismatch, set_stream_states
+
+    rng = torch.load(os.path.join(path, rng_file), weights_only=True)
+    if streams is not None:
+        try:
+            set_stream_states(streams, rng.get("sharded") or {}, where=f"checkpoint's {rng_file}")
+        except StreamMismatch as err:
+            raise CheckpointError(f"checkpoint {path}: {err}; resume with the model, seed and layout that saved it") \
+                from None
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

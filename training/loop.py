@@ -1,10 +1,14 @@
-# The training loop: steps, dp averaging, global-norm clipping, AdamW, evaluation, metrics, checkpoints.
+# The training loop: steps, dp reduction, global-norm clipping, AdamW, evaluation, metrics, checkpoints.
 """``train(...)`` runs the same loop for every layout. One step::
 
     loss, _ = stepper.step(inputs, targets)      # LocalStep (pp=1) or PipelineStep (the pipeline runtime)
-    average gradients over dp; sync sequence-parallel norms over tp
+    sum gradients over dp (each replica holds its share of the global-batch mean: training/steps.py);
+    sync sequence-parallel norms over tp
     clip the global gradient norm (squares summed over tp and pp, replicas and tied copies counted once)
     optimizer.step()                              # lr from warmup + cosine, set before the step
+
+A weight-versioned plan (PipeDream, 2BW) steps the optimizer inside ``stepper.step`` at every UPDATE
+(:class:`~pipeloom.training.steps.StageUpdate` reduces and clips first); the loop then only sets the lr.
 
 Every ``log_every`` steps rank 0 writes a metrics record (step, loss, lr, tokens_per_s, grad_norm,
 bubble_rate_measured, bubble_rate_predicted, mfu) and updates its progress bar. The predicted bubble
@@ -57,11 +61,15 @@ def bubble_rates(plan, timeline: Timeline):
 
 
 def _all_mean(value: float, group, device="cpu") -> float:
+    return _all_sum(value, group, device) / (1 if group is None else dist.get_world_size(group))
+
+
+def _all_sum(value: float, group, device="cpu") -> float:
     if group is None or dist.get_world_size(group) == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
-    return float(t) / dist.get_world_size(group)
+    return float(t)
 
 
 def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_schedule: Callable[[int], float],
@@ -96,7 +104,7 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
         manifest = load_checkpoint(path, specs=parts.specs, optimizer=optimizer, tp=tp, tp_rank=tp_rank,
                                    model_config=checkpoint_meta["model_config"],
                                    tokenizer=checkpoint_meta.get("tokenizer"), verify=checkpoint["verify"],
-                                   restore_rng=True)
+                                   restore_rng=True, layout=layout, rng_streams=parts.rng_streams())
         if manifest.get("layout") != layout:  # other ranks: RNG states only match under the same layout
             torch.manual_seed(checkpoint_meta.get("seed", 0) + 1000 * manifest["step"] + rank)
         for key in ("seq_len", "batch_size", "data_seed"):
@@ -116,7 +124,7 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
     def save(step: int) -> str:
         meta = {**checkpoint_meta, "tokens_seen": step * batches.batch_size * batches.seq_len}
         return save_checkpoint(ckpt_dir, step, specs=parts.specs, optimizer=optimizer, tp_group=tp_group,
-                               meta=meta, keep=checkpoint["keep"])
+                               meta=meta, keep=checkpoint["keep"], rng_streams=parts.rng_streams())
 
     def evaluate() -> float:
         parts.train(False)
@@ -138,18 +146,21 @@ def train(*, parts, stepper, optimizer, batches, val_batches: list, mesh, lr_sch
         set_lr(optimizer, lr)
         inputs, targets = batches.microbatches(step, dp_rank, dp, 1)[0]  # (B/dp, T) each
         loss, step_timeline = stepper.step(inputs.to(device), targets.to(device))
-        if dp_group is not None:
-            from pipeloom.parallel.data_parallel import allreduce_gradients
+        if stepper.updates_weights:  # the optimizer ran at every UPDATE of the step
+            norm = stepper.grad_norm
+        else:
+            if dp_group is not None:
+                from pipeloom.parallel.data_parallel import allreduce_gradients
 
-            allreduce_gradients(params, dp_group)
-        if sequence_parallel and tp_group is not None:
-            from pipeloom.parallel.tensor_parallel import sync_sequence_parallel_grads
+                allreduce_gradients(params, dp_group, op="sum")  # shares of the global-batch mean
+            if sequence_parallel and tp_group is not None:
+                from pipeloom.parallel.tensor_parallel import sync_sequence_parallel_grads
 
-            for module in parts.modules.values():
-                sync_sequence_parallel_grads(module, tp_group)
-        norm = clip_grad_norm(norm_params, grad_clip, groups=(tp_group, pp_group))
-        optimizer.step()
-        loss = _all_mean(loss, dp_group, device)
+                for module in parts.modules.values():
+                    sync_sequence_parallel_grads(module, tp_group)
+            norm = clip_grad_norm(norm_params, grad_clip, groups=(tp_group, pp_group))
+            optimizer.step()
+        loss = _all_sum(loss, dp_group, device)  # the global-batch mean
         step += 1
         result.losses[step] = loss
         result.end_step = step

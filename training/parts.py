@@ -1,4 +1,4 @@
-# This rank's share of the model: build, shard (tp), split (pp), name every parameter, and run one step.
+# This rank's share of the model: build, shard (tp), split (pp), compile, and name every parameter.
 """What the training loop holds, whatever the layout:
 
 * :func:`build_parts` builds the dense model identically on every rank (same seed), applies tensor
@@ -6,25 +6,20 @@
   layers), splits it into the plan's stages and keeps this rank's, applies recomputation, and names
   every local parameter by its name in the plain model (:class:`~pipeloom.training.checkpoint.ParamSpec`):
   checkpoints, gradient clipping and the optimizer are layout-independent through these names.
-* :class:`LocalStep` runs one training step on one pipeline rank (pp=1) by executing the plan's F and B
-  actions over the microbatches, timing each into a :class:`~pipeloom.schedules.Timeline`.
-* :class:`PipelineStep` does the same through :class:`pipeloom.parallel.runtime.PipelineRuntime` (pp>1).
 
-Both leave the averaged-over-microbatches gradients in ``.grad`` and return ``(loss, timeline)``; the
-loop then averages over dp, clips, and steps the optimizer.
+One training step over these parts is :mod:`pipeloom.training.steps` (``LocalStep``, ``PipelineStep``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from pipeloom.models import ModelConfig, Transformer
 from pipeloom.schedules import Plan
 from pipeloom.schedules.ir import Kind
-from pipeloom.schedules.timeline import Interval, Timeline
 from torch import nn
 
 from .checkpoint import ParamSpec
@@ -40,6 +35,7 @@ class ModelParts:
     plan: Plan
     specs: list[ParamSpec] = field(default_factory=list)
     tied: list[dict[int, str]] = field(default_factory=list)  # StageSplit.tied (pp > 1)
+    step_context: Callable = contextlib.nullcontext  # entered around every training step (see compile_blocks)
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(full-model name, parameter)`` of every distinct local parameter."""
@@ -48,6 +44,12 @@ class ModelParts:
     def train(self, mode: bool = True) -> None:
         for m in self.modules.values():
             m.train(mode)
+
+    def rng_streams(self) -> dict:
+        """This rank's tensor-parallel dropout streams by name (what a checkpoint saves and restores)."""
+        from pipeloom.parallel.rng import find_streams
+
+        return find_streams(self.modules.values())
 
     @property
     def loss_fn(self):
@@ -102,7 +104,7 @@ def param_specs(modules: dict[int, nn.Module], aliases: dict[str, str], n_layers
                 shape[shard[0]] = shard[1]
             primary = canonical == name
             specs.append(ParamSpec(canonical, p, tuple(shape), None if shard is None else shard[0], primary,
-                                   counted=primary and (shard is not None or tp_rank == 0)))
+                                   counted=primary and (shard is not None or tp_rank == 0), local_name=name))
     return specs
 
 
@@ -145,15 +147,31 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
     if recompute != "none":
         for module in modules.values():
             apply_recompute(module, RecomputePolicy(recompute))
+    step_context = contextlib.nullcontext
     if compile:
-        split_backward = any(a.kind is Kind.W for actions in plan.ranks for a in actions)
-        compile_blocks(modules.values(), backend="inductor" if compile is True else compile,
-                       split_backward=split_backward)
+        compile_blocks(modules.values(), backend="inductor" if compile is True else compile)
+        if any(a.kind is Kind.W for actions in plan.ranks for a in actions):
+            step_context = no_donated_buffers
     specs = param_specs(modules, aliases, config.n_layers, staged, tp_rank=mesh.tp_rank if mesh is not None else 0)
-    return ModelParts(model=model, modules=modules, config=config, plan=plan, specs=specs, tied=tied)
+    return ModelParts(model=model, modules=modules, config=config, plan=plan, specs=specs, tied=tied,
+                      step_context=step_context)
 
 
-def compile_blocks(modules, backend: str = "inductor", split_backward: bool = False) -> int:
+def no_donated_buffers():
+    """A context in which AOTAutograd donates no saved buffers to compiled backwards, restored on exit.
+
+    A zero-bubble plan's B keeps the graph for its W (``retain_graph=True``), which a compiled backward
+    that reuses its saved tensors' memory forbids (``torch._functorch.config.donated_buffer``). The flag
+    is read where the graphs compile (lazily, in the first forward and backward) and checked when a
+    backward runs, so :class:`~pipeloom.training.steps.PipelineStep` runs every step inside this context
+    (``ModelParts.step_context``) rather than flipping it for the whole process.
+    """
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(donated_buffer=False)
+
+
+def compile_blocks(modules, backend: str = "inductor") -> int:
     """``torch.compile`` every transformer :class:`~pipeloom.models.layers.Block` in ``modules``, in place.
 
     Per block, as torchtitan does: the stage split, tensor parallelism and recomputation keep working on
@@ -161,114 +179,11 @@ def compile_blocks(modules, backend: str = "inductor", split_backward: bool = Fa
     the blocks share one compiled graph (Dynamo treats module parameters as inputs). Inside the graph the
     fused Triton kernels step aside and Inductor fuses the norms and activations itself; the embedding,
     final norm, head and loss stay eager (the fused cross-entropy runs there). Returns the block count.
-
-    ``split_backward`` (a zero-bubble plan: B keeps the graph for W): AOTAutograd's donated buffers, which
-    let a compiled backward reuse its saved tensors' memory and so forbid ``retain_graph=True``, are
-    turned off for the process (``torch._functorch.config.donated_buffer``).
+    Changes no process-wide setting: a plan that splits backward runs its steps in :func:`no_donated_buffers`.
     """
     from pipeloom.models.layers import Block
 
-    if split_backward:
-        torch._functorch.config.donated_buffer = False
     blocks = [m for module in modules for m in module.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
-
-
-class LocalStep:
-    """One training step on a single pipeline rank: the plan's F and B actions in plan order.
-
-    Each F runs the whole model on a microbatch and keeps its loss; each B back-propagates
-    ``loss / m`` (gradients accumulate to the microbatch mean). A plan that splits backward into B and
-    W runs the full backward at B; W costs nothing here.
-    """
-
-    def __init__(self, parts: ModelParts, autocast=None):
-        if parts.plan.pp != 1:
-            raise ValueError(f"LocalStep runs pp=1 plans; plan {parts.plan.name!r} has pp={parts.plan.pp}")
-        self.parts = parts
-        self.model = parts.modules[0]
-        self.autocast = autocast or contextlib.nullcontext
-        self.actions = [a for a in parts.plan.ranks[0] if a.kind.is_compute]
-        self.last_full_timeline: Timeline | None = None
-
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, Timeline]:
-        """inputs, targets (b, T) long: the mean loss over this rank's rows, and the measured timeline."""
-        m = self.parts.plan.microbatches
-        xs, ys = torch.tensor_split(inputs, m), torch.tensor_split(targets, m)  # m x (b/m, T)
-        self.model.zero_grad(set_to_none=True)
-        pending: dict[int, torch.Tensor] = {}
-        total = None  # summed on the device: one host sync per step (at the end), not one per microbatch
-        intervals = []
-        for a in self.actions:
-            start = time.perf_counter()
-            if a.kind is Kind.F:
-                with self.autocast():
-                    logits = self.model(xs[a.microbatch])  # (b/m, T, V) or (b/m, T, V/tp)
-                    loss = self.parts.loss_fn(logits, ys[a.microbatch])
-                pending[a.microbatch] = loss
-                total = loss.detach().double() if total is None else total + loss.detach().double()
-            elif a.kind is Kind.B:
-                (pending.pop(a.microbatch) / m).backward()
-            intervals.append(Interval(0, a, start, time.perf_counter()))
-        self.last_full_timeline = Timeline(tuple(intervals), pp=1, unit="s")
-        return float(total) / m, self.last_full_timeline
-
-    def timeline(self) -> Timeline:
-        """The last step's measured timeline (one rank: nothing to gather)."""
-        return self.last_full_timeline
-
-    @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """Mean loss of a batch (b, T), run in the plan's microbatches."""
-        total, rows = 0.0, 0
-        for x, y in zip(torch.tensor_split(inputs, self.parts.plan.microbatches),
-                        torch.tensor_split(targets, self.parts.plan.microbatches)):
-            if len(x):
-                with self.autocast():
-                    total += float(self.parts.loss_fn(self.model(x), y)) * len(x)
-                rows += len(x)
-        return total / rows
-
-
-class PipelineStep:
-    """One training step through the pipeline runtime (pp > 1); the optimizer stays outside it."""
-
-    def __init__(self, parts: ModelParts, mesh, autocast=None, timeout: float = 300.0):
-        from pipeloom.parallel.runtime import PipelineRuntime
-
-        self.parts, self.mesh = parts, mesh
-        self.autocast = autocast or contextlib.nullcontext
-        # No optimizer here: UPDATE leaves the gradients in .grad, so the loop can average them over dp and
-        # clip the global norm across pp and tp before its own optimizer step.
-        self.runtime = PipelineRuntime(parts.plan, parts.modules, parts.loss_fn, tied=parts.tied, mesh=mesh,
-                                       timeout=timeout)
-        self._eval = None
-        self.timeout = timeout
-        self.last_full_timeline: Timeline | None = None
-
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, Timeline]:
-        """The full-batch mean loss (on every pp rank) and this rank's measured timeline."""
-        with self.autocast():
-            result = self.runtime.step(inputs, targets)
-        return result.loss, result.timeline
-
-    def timeline(self) -> Timeline:
-        """The last step's timeline of every pipeline rank (collective over the pp group)."""
-        self.last_full_timeline = self.runtime.gather_timeline()
-        return self.last_full_timeline
-
-    @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """Mean loss of a batch through the training plan's forwards only (same stage placement)."""
-        from pipeloom.parallel.runtime import PipelineRuntime
-
-        if self._eval is None:
-            plan = self.parts.plan
-            forwards = plan.replace(ranks=[[a for a in r if a.kind is Kind.F] for r in plan.ranks],
-                                    name=f"{plan.name}-forward")
-            self._eval = PipelineRuntime(forwards, self.parts.modules, self.parts.loss_fn, tied=self.parts.tied,
-                                         mesh=self.mesh, timeout=self.timeout)  # the mesh's link groups, shared
-        with self.autocast():
-            return self._eval.step(inputs, targets).loss

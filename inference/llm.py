@@ -1,0 +1,193 @@
+# The offline API: LLM(model=...).generate(prompts, SamplingParams(...)), shaped like vLLM's.
+"""Batch generation in a few lines::
+
+    from pipeloom.inference import LLM, SamplingParams
+    llm = LLM(model="llama-tiny")                       # a named config with random weights
+    llm = LLM(model="runs/demo-x")                      # a pipeloom-train run or checkpoint directory
+    llm = LLM(model="path/to/hf-folder")                # a Hugging Face GPT-2 / Llama folder
+    outs = llm.generate(["def f(", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+
+Prompts are strings (when the model has a tokenizer: a byte tokenizer for the byte-level models and
+pipeloom-train runs, the folder's ``tokenizer.json`` for Hugging Face folders) or lists of token ids.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from .engine import LLMEngine
+from .sampling import SamplingParams
+from .sequence import RequestOutput
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """"auto": CUDA with bfloat16 when a GPU is present, else CPU with float32."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return dev, DTYPES[dtype]
+
+
+def load_model(model: str | torch.nn.Module, *, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               tokenizer=None) -> tuple[torch.nn.Module, object, int | None]:
+    """(model in eval mode on ``device``/``dtype``, tokenizer or None, EOS id or None) for ``model``: a module,
+    a registered config name (random weights from ``seed``), a Hugging Face folder, or a pipeloom-train run
+    or checkpoint directory."""
+    from pipeloom.data import ByteTokenizer, HFTokenizer
+    from pipeloom.models import MODEL_CONFIGS, Transformer, get_model_config, load_hf_checkpoint
+
+    eos = None
+    if isinstance(model, torch.nn.Module):
+        net = model
+    elif model in MODEL_CONFIGS:
+        torch.manual_seed(seed)
+        net = Transformer(get_model_config(model))
+        if tokenizer is None and net.config.vocab_size == 256:
+            tokenizer = ByteTokenizer()
+    elif os.path.isfile(os.path.join(model, "config.json")):
+        net, _ = load_hf_checkpoint(model, dtype=dtype, device=device)
+        eos = json.loads(open(os.path.join(model, "config.json")).read()).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+        if tokenizer is None and os.path.isfile(os.path.join(model, "tokenizer.json")):
+            tokenizer = HFTokenizer(os.path.join(model, "tokenizer.json"))
+    elif os.path.isdir(model):
+        net, spec = _load_pipeloom_checkpoint(model)
+        if tokenizer is None:
+            tokenizer = ByteTokenizer() if spec.get("kind") == "byte" else _find_tokenizer(model, spec)
+    else:
+        from pipeloom.models import model_config_names
+
+        raise ValueError(f"model={model!r} is neither a registered config ({', '.join(model_config_names())}) nor "
+                         "a directory (a Hugging Face folder with config.json, or a pipeloom-train run/checkpoint)")
+    net = net.to(device=device, dtype=dtype).eval()
+    if hasattr(net, "init_buffers"):
+        net.init_buffers()  # rotary tables back in float32 precision after the dtype cast
+    return net, tokenizer, eos
+
+
+def _load_pipeloom_checkpoint(path: str):
+    from pipeloom.training import latest_checkpoint, load_dense
+
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        step = latest_checkpoint(candidate)
+        if step is not None or os.path.isfile(os.path.join(candidate, "pipeloom.json")):
+            net, manifest = load_dense(step or candidate)
+            return net, manifest.get("tokenizer", {})
+    raise ValueError(f"model={path!r}: no pipeloom checkpoint (step_N/pipeloom.json) in it or in its checkpoints/ "
+                     "folder, and no config.json of a Hugging Face folder")
+
+
+def _find_tokenizer(path: str, spec: dict):
+    """The tokenizer.json whose digest the checkpoint recorded: beside the run, or in pipeloom's cache."""
+    from pipeloom.data import HFTokenizer, default_cache_dir
+
+    here = [os.path.join(p, "tokenizer.json") for p in (path, os.path.dirname(os.path.abspath(path)))]
+    for candidate in here + sorted(glob.glob(os.path.join(default_cache_dir(), "*", "tokenizer.json"))):
+        if os.path.isfile(candidate):
+            tok = HFTokenizer(candidate)
+            if tok.spec.get("sha256") == spec.get("sha256"):
+                return tok
+    return None  # prompts must then be token ids
+
+
+class LLM:
+    """A model plus an :class:`LLMEngine`, for offline batch generation (see the module docstring).
+
+    Options: ``policy`` (a batching policy name) and ``token_budget``; ``block_size``, ``num_blocks`` or
+    ``gpu_memory_fraction`` for the KV cache; ``dtype``, ``device``; ``seed`` (random weights of a named config
+    and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``.
+    """
+
+    def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
+                 seed: int = 0, policy: str = "chunked-prefill", token_budget: int | None = 512,
+                 max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
+                 gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
+                 cuda_graphs: bool = True, eos_token_id: int | None = None):
+        if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
+            param = next(model.parameters())
+            device = str(param.device) if device == "auto" else device
+            dtype = str(param.dtype).removeprefix("torch.") if dtype == "auto" else dtype
+        dev, dt = resolve_device_dtype(device, dtype)
+        self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
+        self.engine = LLMEngine(self.model, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
+                                policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
+                                block_size=block_size, num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
+                                enable_prefix_caching=enable_prefix_caching, attention=attention,
+                                cuda_graphs=cuda_graphs, seed=seed)
+        self._ids = itertools.count()
+        self.last_run: dict[str, float] = {}
+
+    def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One finished :class:`RequestOutput` per prompt, in order. ``sampling_params``: one for all, or one
+        per prompt. A bad prompt raises ValueError before anything runs."""
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, Seq) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts; pass one or "
+                             "one per prompt")
+        params = [SamplingParams() if p is None else p for p in params]
+        engine = self.engine
+        tokenized = [engine.tokenize(p) for p in prompts]
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        added = []
+        try:
+            for rid, (text, token_ids), p in zip(ids, tokenized, params):
+                engine.add_request(rid, text if text is not None else token_ids, p, prompt_ids=token_ids)
+                added.append(rid)
+        except ValueError:
+            for rid in added:
+                engine.abort(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        first_record, start = len(engine.records), time.perf_counter()
+        bar = _progress(len(prompts), use_tqdm)
+        try:
+            while len(results) < len(ids):
+                outputs = engine.step(finished_only=True)
+                if engine.idle:
+                    self._wait(engine)
+                for out in outputs:
+                    if out.finished and out.request_id in added:
+                        results[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.token_ids) for r in results.values() for o in r.outputs)
+        self.last_run = {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+                         "iterations": len(engine.records) - first_record}
+        return [results[rid] for rid in ids]
+
+    @staticmethod
+    def _wait(engine: LLMEngine) -> None:
+        """Nothing ran: sleep until the policy's next wakeup (dynamic batching's queue delay)."""
+        wake = engine.scheduler.next_wakeup(engine.now())
+        if wake is None:
+            if not engine.has_unfinished():
+                raise RuntimeError("generate: requests are missing from the engine (aborted from elsewhere?)")
+            raise RuntimeError("the scheduler has waiting requests but schedules nothing and names no wakeup time; "
+                               f"policy {engine.policy.name} cannot run them with {engine.block_manager.num_blocks} "
+                               "KV blocks")
+        time.sleep(max(0.0, min(wake - engine.now(), 1.0)))
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req", disable=not enabled, dynamic_ncols=True)

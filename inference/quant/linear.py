@@ -1,0 +1,131 @@
+# QuantizedLinear: a drop-in nn.Linear replacement holding int8 / int4 / float8 weights as buffers.
+"""Buffers by mode (N = out_features, K = in_features, G = K / group_size):
+
+========  =====================================  ====================================================
+mode      ``qweight``                             scales
+========  =====================================  ====================================================
+int8      (N, K) int8                            ``scale`` (N,) in the source weight's dtype
+int4      (N, K/2) uint8, two codes per byte     ``scale``, ``offset`` (N, G) in the source dtype
+fp8       (N, K) uint8 holding e4m3 bits         ``scale`` (N,) float32
+========  =====================================  ====================================================
+
+float8 codes are kept as their uint8 bit pattern so that ``model.to(torch.bfloat16)`` (which casts every
+floating buffer) leaves them alone; they are viewed as ``torch.float8_e4m3fn`` in the forward. Every buffer
+is persistent: ``state_dict()`` holds the quantized model, and :func:`~.apply.prepare_quantized` builds the
+empty structure that ``load_state_dict`` fills.
+
+Forward: int8/int4 call ``pipeloom.kernels.quant_matmul`` (the Triton kernel for decode-sized inputs on a
+GPU, the torch reference otherwise); fp8 quantizes the activations per row at run time and runs a
+rowwise-scaled float8 GEMM (``torch._scaled_mm``) - or, with ``fp8_activations=False``, multiplies by the
+float8 weight converted to the input dtype (exact: e4m3 values are bf16 values) and scales after.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pipeloom.kernels.quant_matmul import BACKENDS, int4_matmul, int8_matmul
+from torch import nn
+
+from . import formats
+
+QUANT_MODES = ("int8", "int4", "fp8")
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` stored quantized; x (..., in_features) -> (..., out_features)."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, *, bias: bool = False, group_size: int = 128,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 fp8_activations: bool = True, backend: str = "auto"):
+        super().__init__()
+        if mode not in QUANT_MODES:
+            raise ValueError(f"mode={mode!r}; a QuantizedLinear is one of {QUANT_MODES}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.group_size = group_size if mode == "int4" else 0
+        self.fp8_activations = fp8_activations
+        self.backend = backend  # "auto": the Triton kernel where usable; "triton"; "torch"
+        n, k = out_features, in_features
+        empty = dict(device=device)
+        if mode == "int8":
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, **empty))
+            self.register_buffer("scale", torch.empty(n, dtype=dtype, **empty))
+        elif mode == "int4":
+            formats.check_group_size(k, group_size)
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, **empty))
+            self.register_buffer("scale", torch.empty(n, k // group_size, dtype=dtype, **empty))
+            self.register_buffer("offset", torch.empty(n, k // group_size, dtype=dtype, **empty))
+        else:
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.uint8, **empty))
+            self.register_buffer("scale", torch.empty(n, dtype=torch.float32, **empty))
+        self.register_buffer("bias", torch.empty(n, dtype=dtype, **empty) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str, *, group_size: int = 128, fp8_activations: bool = True,
+                    backend: str = "auto") -> QuantizedLinear:
+        """Quantize ``linear``'s weight (scales in its dtype; fp8: float32) into a new module on its device."""
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, mode, bias=linear.bias is not None, group_size=group_size,
+                dtype=w.dtype, device=w.device, fp8_activations=fp8_activations, backend=backend)
+        with torch.no_grad():
+            if mode == "int8":
+                codes, scale = formats.quantize_int8(w)
+                q.qweight.copy_(codes)
+                q.scale.copy_(scale)
+            elif mode == "int4":
+                packed, scale, offset = formats.quantize_int4(w, group_size)
+                q.qweight.copy_(packed)
+                q.scale.copy_(scale)
+                q.offset.copy_(offset)
+            else:
+                w8, scale = formats.quantize_fp8(w)
+                q.qweight.copy_(w8.view(torch.uint8))
+                q.scale.copy_(scale)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias.detach())
+        return q
+
+    @property
+    def fp8_weight(self) -> torch.Tensor:
+        """The fp8 codes as ``torch.float8_e4m3fn`` (N, K)."""
+        return self.qweight.view(formats.FP8_DTYPE)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this module multiplies by, (N, K) float32."""
+        if self.mode == "int8":
+            return formats.dequantize_int8(self.qweight, self.scale)
+        if self.mode == "int4":
+            return formats.dequantize_int4(self.qweight, self.scale, self.offset, self.group_size)
+        return formats.dequantize_fp8(self.fp8_weight, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(-1) != self.in_features:
+            raise ValueError(f"input has {x.size(-1)} features, this layer takes in_features={self.in_features}")
+        if self.mode == "int8":
+            return int8_matmul(x, self.qweight, self.scale, self.bias, backend=self.backend)
+        if self.mode == "int4":
+            return int4_matmul(x, self.qweight, self.scale, self.offset, self.group_size, self.bias,
+                               backend=self.backend)
+        return self._fp8_forward(x)
+
+    def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if self.fp8_activations:
+            x8, x_scale = formats.quantize_fp8_rows(x.reshape(-1, self.in_features))  # (M, K), (M, 1)
+            y = formats.fp8_matmul(x8, x_scale, self.fp8_weight, self.scale, out_dtype=x.dtype)  # (M, N)
+            y = y.reshape(*lead, self.out_features)
+        else:
+            y = F.linear(x, self.fp8_weight.to(x.dtype)) * self.scale.to(x.dtype)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every buffer (codes, scales, offsets, bias): what a decode step reads for this layer."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        act = f", fp8_activations={self.fp8_activations}" if self.mode == "fp8" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}{act}, "
+                f"bias={self.bias is not None}, backend={self.backend}")

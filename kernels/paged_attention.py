@@ -1,0 +1,192 @@
+# Attention of a ragged batch over a paged KV cache: torch reference, Triton kernel, launcher.
+"""Paged attention (vLLM, arXiv 2309.06180 §4.1) for a flattened ragged batch: sequence s has
+``query_lens[s]`` new tokens (rows ``query_start[s]:query_start[s+1]`` of ``q``) and ``seq_lens[s]`` tokens in
+the cache after they are written; its keys and values live in the blocks ``block_tables[s]``, slot
+``block * block_size + offset``. New token i of sequence s sits at position ``seq_lens[s] - query_lens[s] + i``
+and attends causally to cache positions ``0 ..`` its own. Prefill chunks and decode tokens mix freely.
+
+Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd); grouped-query attention reads key/value
+head ``h // (Hq / Hkv)`` for query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
+
+Two paths: :func:`paged_attention_torch` gathers each sequence's blocks and calls SDPA with the causal
+offset mask (CPU, float64, any dtype); :func:`paged_attention_triton` is one kernel over (query tile,
+key/value head) programs with an online softmax over the sequence's blocks (FlashAttention, arXiv
+2205.14135), reading the block table in the kernel, so nothing is gathered and a decode batch is one launch
+(CUDA-graph capturable: its grid depends only on the number of query tiles).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pipeloom.kernels import tl, triton, use_triton
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values ``k``, ``v`` (N, Hkv, hd) at cache slots ``slot_mapping`` (N,) long."""
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, backend: str = "auto",
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, Hq, hd) attention output of ``q`` over the paged cache described by ``batch`` (a
+    :class:`pipeloom.models.kv.PagedBatch`). ``backend``: "torch", "triton", or "auto" (Triton where
+    :func:`pipeloom.kernels.use_triton` allows, the torch reference elsewhere).
+
+    On the Triton path, the sequences listed in ``batch.dense`` (long prompts with nothing cached: their
+    keys are exactly the new ``k``, ``v``) run SDPA's fused causal attention instead (FlashAttention on a GPU);
+    the kernel's work list ``batch.tiles`` then leaves them out."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r}; choose 'auto', 'torch' or 'triton'")
+    if backend == "triton" or (backend == "auto" and use_triton(q)):
+        out = torch.empty_like(q)
+        if batch.tiles is None or batch.tiles[0].numel():
+            paged_attention_triton(q, k_cache, v_cache, batch.query_start, batch.seq_lens, batch.block_tables,
+                                   max_query_len=batch.max_query_len, tiles=batch.tiles, out=out)
+        for start, n in batch.dense:
+            out[start : start + n] = dense_causal(q[start : start + n], k[start : start + n], v[start : start + n])
+        return out
+    query_lens = batch.query_lens
+    if query_lens is None:
+        starts = batch.query_start.tolist()
+        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+    seq_lens = batch.seq_lens_host if batch.seq_lens_host is not None else batch.seq_lens.tolist()
+    return paged_attention_torch(q, k_cache, v_cache, query_lens, seq_lens, batch.block_tables)
+
+
+def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one whole new sequence: q (n, Hq, hd), k/v (n, Hkv, hd) -> (n, Hq, hd)."""
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k.to(q.dtype), v.to(q.dtype)))  # (1, H, n, hd)
+    y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=kh.size(1) != qh.size(1))
+    return y[0].transpose(0, 1)  # (n, Hq, hd)
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_lens: list[int],
+                          seq_lens: list[int], block_tables: torch.Tensor) -> torch.Tensor:
+    """The reference: per sequence, gather its cache blocks and run SDPA with a causal offset mask."""
+    _, block_size, n_kv, hd = k_cache.shape
+    n_heads = q.size(1)
+    out = torch.empty_like(q)  # (N, Hq, hd)
+    start = 0
+    for s, (n, length) in enumerate(zip(query_lens, seq_lens)):
+        blocks = block_tables[s, : -(-length // block_size)].long()
+        k = k_cache[blocks].reshape(-1, n_kv, hd)[:length].transpose(0, 1)  # (Hkv, L, hd)
+        v = v_cache[blocks].reshape(-1, n_kv, hd)[:length].transpose(0, 1)
+        if n_kv != n_heads:
+            k = k.repeat_interleave(n_heads // n_kv, dim=0)  # (Hq, L, hd)
+            v = v.repeat_interleave(n_heads // n_kv, dim=0)
+        qs = q[start : start + n].transpose(0, 1)  # (Hq, n, hd)
+        # query i (position length - n + i) sees keys j <= length - n + i
+        keys = torch.arange(length, device=q.device)
+        mask = keys[None, :] <= keys[length - n :, None]  # (n, L)
+        y = F.scaled_dot_product_attention(qs, k.to(qs.dtype), v.to(qs.dtype), attn_mask=mask)  # (Hq, n, hd)
+        out[start : start + n] = y.transpose(0, 1)
+        start += n
+    return out
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q, K, V, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
+    scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Program (tile, kv head): rows = BLOCK_M // GROUP new tokens x GROUP query heads sharing kv head `kvh`.
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.load(TILE_SEQ + tile)
+    tok0 = tl.load(TILE_START + tile)  # first new token (0-based within the sequence's query) of this tile
+    q_begin = tl.load(QUERY_START + s)
+    q_len = tl.load(QUERY_START + s + 1) - q_begin
+    seq_len = tl.load(SEQ_LENS + s)
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // GROUP  # (BLOCK_M,) token index within this sequence's query
+    head = kvh * GROUP + rows % GROUP  # (BLOCK_M,) query head
+    row_ok = tok < q_len
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    q_ptr = Q + (q_begin + tok)[:, None].to(tl.int64) * stride_qn + head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
+        q = q.to(tl.float32)
+    pos = seq_len - q_len + tok  # (BLOCK_M,) absolute position of each row's token
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # keys up to the tile's last token's position; positions beyond are masked anyway
+    last = tl.minimum(seq_len, seq_len - q_len + tok0 + BLOCK_M // GROUP)
+    for start in range(0, last, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+        k_ok = kpos < seq_len
+        block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
+        k = tl.load(K + off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
+        visible = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptr = OUT + (q_begin + tok)[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh + dims[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def query_tiles(query_lens: list[int], group: int, block_m: int) -> tuple[list[int], list[int]]:
+    """(sequence, first token) of every query tile: ``block_m // group`` tokens of one sequence per tile."""
+    per_tile = max(block_m // group, 1)
+    seqs, starts = [], []
+    for s, n in enumerate(query_lens):
+        for t in range(0, n, per_tile):
+            seqs.append(s)
+            starts.append(t)
+    return seqs, starts
+
+
+def tile_rows(group: int, max_query_len: int) -> int:
+    """Rows per program: the GQA group times enough tokens for the longest query, a power of two in [16, 64]."""
+    rows = group * max(max_query_len, 1)
+    return max(16, min(64, triton.next_power_of_2(rows))) if rows <= 64 else max(64, triton.next_power_of_2(group))
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start: torch.Tensor,
+                           seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int,
+                           tiles: tuple[torch.Tensor, torch.Tensor] | None = None, block_m: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path; ``tiles`` (per-program sequence and first token, int32) may be given (CUDA graphs),
+    else they are built from ``query_start`` on the host."""
+    _, block_size, n_kv, hd = k_cache.shape
+    n_heads = q.size(1)
+    group = n_heads // n_kv
+    block_m = block_m or tile_rows(group, max_query_len)
+    if tiles is None:
+        starts = query_start.tolist()
+        seqs, firsts = query_tiles([b - a for a, b in zip(starts, starts[1:])], group, block_m)
+        tiles = (torch.tensor(seqs, dtype=torch.int32, device=q.device),
+                 torch.tensor(firsts, dtype=torch.int32, device=q.device))
+    out = torch.empty_like(q) if out is None else out
+    block_n = 64 if block_size >= 64 else max(16, block_size)
+    grid = (tiles[0].numel(), n_kv)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, query_start, seq_lens, block_tables, tiles[0], tiles[1],
+        1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_M=block_m, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, UPCAST=q.device.type == "cpu",
+    )
+    return out

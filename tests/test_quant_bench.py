@@ -1,0 +1,43 @@
+# bench/quant_gpu.py --quick: the GPU decode benchmark end to end on CPU (tiny Llama, no compile).
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "quant_gpu.py"
+
+
+def _run(*args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_quick_run_prints_and_writes_every_variant(tmp_path):
+    out = tmp_path / "quant.json"
+    variants = "bf16,int8,int4-torch,fp8,int4-torchao"
+    done = _run("--quick", "--variants", variants, "--spec-variants", "bf16,int8", "--out", str(out))
+    print(done.stdout[-4000:], done.stderr[-2000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert list(results) == variants.split(",")
+    assert results["bf16"]["speedup_vs_bf16"] == 1.0
+    for name in ("int8", "int4-torch", "fp8"):
+        row = results[name]
+        assert row["ms_per_token"] > 0 and row["speedup_vs_bf16"] > 0
+        assert row["weight_bytes"] < results["bf16"]["weight_bytes"], f"{name} must read fewer bytes than bf16"
+    assert results["int4-torch"]["weight_bytes"] < results["int8"]["weight_bytes"]
+    assert "skipped" in results["int4-torchao"] and "CUDA" in results["int4-torchao"]["skipped"]  # CPU here
+    for name in ("bf16", "int8"):
+        lookup = results[name]["prompt_lookup"]
+        assert 0.0 <= lookup["acceptance_rate"] <= 1.0 and lookup["tokens_per_step"] >= 1.0
+        assert lookup["same_tokens_as_plain"], "greedy prompt lookup must reproduce plain greedy decoding"
+    assert "ms/token" in done.stdout and "prompt lookup k=4" in done.stdout
+
+
+def test_unknown_variant_is_named():
+    done = _run("--quick", "--variants", "int3", "--no-spec")
+    assert done.returncode != 0 and "unknown variant 'int3'" in done.stderr

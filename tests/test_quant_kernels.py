@@ -1,0 +1,153 @@
+# Quantized matmul kernels (kernels/quant_matmul.py): Triton (GPU, or CPU interpreter) against the torch reference.
+"""Tolerances, with ``mag = |x| @ |W^|^T`` (the sum of the products' magnitudes, per output):
+
+- float32 inputs: |kernel - reference| <= 1e-5 * mag: both dequantize exactly and sum float32 products,
+  in different orders.
+- bfloat16 inputs: |kernel - reference| <= 2^-7 * max|reference| + 2^-6 * |reference| + 1e-5 * mag: one
+  rounding of the float32 result to bf16 (the interpreter truncates toward zero: up to two bf16 ulps).
+
+As in tests/test_kernels.py, TRITON_INTERPRET=1 must be set before triton is imported, so without a GPU
+``test_interpreter_runs_quant_kernel_tests`` runs the ``test_triton_*`` tests in a child pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pipeloom import features
+from pipeloom.inference.quant import QuantizedLinear, formats, quantize_model
+from pipeloom.kernels import interpreted
+from pipeloom.kernels import quant_matmul as qm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def device():
+    """The device the Triton path runs on: CUDA, or CPU under the interpreter."""
+    if not features.has("triton"):
+        pytest.skip("triton is not installed (pip install triton)")
+    if interpreted():
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("no GPU and no TRITON_INTERPRET=1: these run in a child process (test_interpreter_runs_...)")
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    print(f"seed {value}")
+    return value
+
+
+def check(actual, expected, mag, dtype, what):
+    err = (actual.double() - expected.double()).abs()
+    allowed = 1e-5 * mag.double()
+    if dtype == torch.bfloat16:
+        allowed = allowed + 2**-7 * expected.double().abs().max() + 2**-6 * expected.double().abs()
+    assert bool((err <= allowed + 1e-30).all()), f"{what}: worst excess {float((err - allowed).max()):.3e}"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_int8_matmul(device, seed, rows, dtype, bias):
+    N, K = 40, 200  # ragged against the interpreter's 16 x 64 tiles
+    w = torch.randn(N, K, device=device) * 0.05
+    q, s = formats.quantize_int8(w, dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    x = torch.randn(2, rows, K, device=device).to(dtype)[1]  # (rows, K): a view with an offset
+    y = qm.int8_matmul(x, q, s, b, backend="triton")
+    ref = qm.int8_matmul_torch(x.float(), q, s.float(), None if b is None else b.float())
+    assert y.dtype == dtype and y.shape == (rows, N)
+    check(y, ref, x.float().abs() @ formats.dequantize_int8(q, s).abs().t(), dtype, f"int8 {rows} rows")
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_int4_matmul(device, seed, group_size, rows, dtype):
+    N, K = 33, 384
+    w = torch.randn(N, K, device=device) * 0.05 + 0.02
+    packed, s, m = formats.quantize_int4(w, group_size, dtype)
+    b = torch.randn(N, device=device).to(dtype)
+    x = torch.randn(rows, K, device=device).to(dtype)
+    y = qm.int4_matmul(x, packed, s, m, group_size, b, backend="triton")
+    ref = qm.int4_matmul_torch(x.float(), packed, s.float(), m.float(), group_size, b.float())
+    deq = formats.dequantize_int4(packed, s, m, group_size)
+    check(y, ref, x.float().abs() @ deq.abs().t() + b.float().abs(), dtype, f"int4 g={group_size} {rows} rows")
+
+
+def test_triton_model_decode_runs_the_kernels(device, seed, monkeypatch):
+    """A quantized Llama decoding one token per row runs the kernels (counted) and equals the torch path;
+    a prefill-sized input takes the torch path."""
+    from pipeloom.models import ModelConfig, Transformer
+
+    calls = {"int8": 0, "int4": 0}
+    for mode in calls:
+        fn = getattr(qm, f"{mode}_matmul_triton")
+
+        def counted(*args, _fn=fn, _mode=mode, **kwargs):
+            calls[_mode] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(qm, f"{mode}_matmul_triton", counted)
+    config = ModelConfig(family="llama", vocab_size=96, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                         ffn_hidden=256, max_seq_len=32)
+    for mode in ("int8", "int4"):
+        model = quantize_model(Transformer(config).to(device).eval(), mode, group_size=64)
+        token = torch.randint(0, 96, (1, 1), device=device)  # one row: every linear sees M = 1
+        with torch.no_grad():
+            y = model(token)
+            assert calls[mode] == 2 * 7, calls  # q, k, v, o, w1, w3, w2 in 2 blocks (the head stays float)
+            for m in model.modules():
+                if isinstance(m, QuantizedLinear):
+                    m.backend = "torch"
+            ref = model(token)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+        before = calls[mode]
+        model(torch.randint(0, 96, (1, 20), device=device))  # 20 rows > MAX_KERNEL_ROWS: torch path
+        assert calls[mode] == before
+
+
+def test_triton_kernel_limits_and_compile(device, seed):
+    q, s = formats.quantize_int8(torch.randn(16, 64, device=device))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        qm.int8_matmul(torch.randn(17, 64, device=device), q, s, backend="triton")
+    x = torch.randn(2, 64, device=device)
+    compiled = torch.compile(lambda t: qm.int8_matmul(t, q, s, backend="triton"), backend="aot_eager",
+                             fullgraph=True)  # the custom op traces through its fake
+    torch.testing.assert_close(compiled(x), qm.int8_matmul_torch(x, q, s), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_without_kernels():
+    """Without a GPU or the interpreter ``auto`` takes the torch path; bad backends are named."""
+    x = torch.randn(2, 64)
+    q, s = formats.quantize_int8(torch.randn(16, 64))
+    if not interpreted() and not torch.cuda.is_available():
+        assert not qm.kernel_usable(x)
+    torch.testing.assert_close(qm.int8_matmul(x, q, s, backend="torch"), x @ formats.dequantize_int8(q, s).t(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        qm.int8_matmul(x, q, s, backend="cuda")
+
+
+@pytest.mark.skipif(not features.has("triton"), reason="triton is not installed (pip install triton)")
+def test_interpreter_runs_quant_kernel_tests():
+    """Without a GPU: the test_triton_* tests in a child pytest under TRITON_INTERPRET=1; all must pass."""
+    if interpreted() or torch.cuda.is_available():
+        pytest.skip("the test_triton_* tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-v", "-rs", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
+    print(done.stdout[-6000:], done.stderr[-2000:])
+    assert done.returncode == 0, f"quantized-matmul Triton tests failed under the interpreter:\n{done.stdout[-6000:]}"
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
