@@ -174,8 +174,11 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", 
                            f"use {stages_of(schedule, rank)}")
     layers = build_layers(cfg["layers"], cfg["dim"])
     split = split_stages(nn.Sequential(*layers), plan.num_stages, method="uniform")
-    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer,
-                              shapes=shapes, links=links, early_receives=early_receives)
+    # Only options that differ from the defaults are passed, so the bench also runs against an older pipeloom
+    # (PYTHONPATH at another checkout) for a before/after comparison.
+    options = {k: v for k, v in (("shapes", shapes), ("links", links), ("early_receives", early_receives))
+               if v != {"shapes": "cached", "links": "auto", "early_receives": False}[k]}
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer, **options)
 
     def step(x, y):
         return runtime.step(x, y).loss

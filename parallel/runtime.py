@@ -39,13 +39,14 @@ built, into a flat list of operations (:mod:`pipeloom.parallel.program`); a step
   version (:mod:`pipeloom.parallel.versions`); ``SYNC_TIED`` sums tied parameters' gradients across the
   ranks holding them (in one fixed order, so the copies stay bitwise identical).
 
-Loss normalisation: microbatch b's loss ``loss_fn(out_b, target_b)`` (a mean over its valid targets)
-is multiplied by ``weight_b / weight_group``, where weight is the number of targets that count
-(``!= ignore_index`` for integer targets, ``numel`` otherwise, or ``loss_weight(target)``) and the group
-is the set of microbatches one UPDATE applies (all of them for synchronous plans), counted over every
-data-parallel replica's batch when there is a ``weight_group`` (the mesh's dp group when the runtime steps
-the optimizer with dp > 1). Summed, that is the mean over the whole (global) batch, so gradients equal those of the full batch through one process, however the
-ignored tokens fall. Activations are dropped at the microbatch's last backward action.
+Loss normalisation: microbatch b's loss ``loss_fn(out_b, target_b)`` (a mean over its valid targets) is
+multiplied by ``weight_b / weight_group``, where weight is the number of targets that count (``!=
+ignore_index`` for integer targets, ``numel`` otherwise, or ``loss_weight(target)``) and the group is the
+set of microbatches one UPDATE applies (all of them for synchronous plans), counted over every data-
+parallel replica's batch when there is a ``weight_group`` (the mesh's dp group when the runtime steps the
+optimizer with dp > 1). Summed, that is the mean over the whole (global) batch, so gradients equal those
+of the full batch through one process, however the ignored tokens fall. Activations are dropped at the
+microbatch's last backward action.
 
 Host synchronisation (what a GPU step waits for): none inside the step. Waits pass no timeout (the link
 groups' own timeout is the deadline, :mod:`pipeloom.parallel.p2p`); the full-batch loss stays on the

@@ -78,4 +78,4 @@ def test_host_sync_count_runs_and_finds_no_timed_waits():
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
     assert "untimed waits" in rows and "timed waits" not in rows, done.stdout
-    assert "tensor reads (cpu tensor, in _target_weights)" in rows, done.stdout  # one read of the target counts
+    assert "tensor reads (cpu tensor, in _loss_weights)" in rows, done.stdout  # one read of the target counts

@@ -126,9 +126,10 @@ class StageUpdate:
 
     The runtime calls :meth:`step` at each ``UPDATE``: the stage's gradients are summed over ``dp_group``
     (they are shares of the update group's global mean; leave it None where the runtime, given a mesh with
-    dp > 1, has summed them already, as :func:`make_stepper` does), sequence-parallel norm gradients added over tp, the norm of
-    this stage's gradient clipped (over tp only: the stages update at different moments, and a pipeline-wide
-    norm would need the synchronisation these schedules remove), and the optimizer stepped.
+    dp > 1, has summed them already, as :func:`make_stepper` does), sequence-parallel norm gradients added
+    over tp, the norm of this stage's gradient clipped (over tp only: the stages update at different
+    moments, and a pipeline-wide norm would need the synchronisation these schedules remove), and the
+    optimizer stepped.
     """
 
     def __init__(self, optimizer, parts: ModelParts, *, dp_group=None, tp_group=None, grad_clip: float = 0.0,
