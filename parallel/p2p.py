@@ -462,9 +462,17 @@ class P2P:
                 f"have crashed, be stuck, or be running a different plan")
 
     def prune(self) -> None:
-        """Forget sends that have completed (their buffers can be freed)."""
-        if self.pending:
-            self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+        """Forget the oldest sends while they have completed (their buffers can be freed). Only from the
+        front, stopping at the first still in flight: one ``is_completed`` call per run where a scan of
+        every pending send made the step quadratic in its sends (on gloo a send reports completion only
+        after ``wait``, so a scan never freed anything: 2080 calls per 1F1B step at m=32 on a middle rank);
+        on NCCL sends on a group complete in posting order."""
+        pending = self.pending
+        done = 0
+        while done < len(pending) and pending[done][0].is_completed():
+            done += 1
+        if done:
+            del pending[:done]
 
     def drain(self) -> None:
         """Wait for every send still in flight."""
