@@ -465,8 +465,8 @@ class P2P:
         """Forget the oldest sends while they have completed (their buffers can be freed). Only from the
         front, stopping at the first still in flight: one ``is_completed`` call per run where a scan of
         every pending send made the step quadratic in its sends (on gloo a send reports completion only
-        after ``wait``, so a scan never freed anything: 2080 calls per 1F1B step at m=32 on a middle rank);
-        on NCCL sends on a group complete in posting order."""
+        after ``wait``, so a scan never freed anything: 2080 calls per 1F1B step at m=32 on a middle rank).
+        On NCCL a send that completes before an older one is freed with it, or at :meth:`drain`."""
         pending = self.pending
         done = 0
         while done < len(pending) and pending[done][0].is_completed():
