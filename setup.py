@@ -23,7 +23,7 @@ setup(
     description="Pipeline-parallel training and inference of transformers, with schedules as data.",
     python_requires=">=3.10",
     packages=["pipeloom"] + [f"pipeloom.{name}" for name in SUBPACKAGES]
-    + ["pipeloom.schedules.batching", "pipeloom.inference.quant"],
+    + ["pipeloom.schedules.batching", "pipeloom.inference.quant", "pipeloom.inference.parallel"],
     package_dir={"pipeloom": "."},
     package_data={"pipeloom.configs": ["*.yaml", "*/*.yaml"], "pipeloom.serving": ["proto/*.proto"]},
     install_requires=[

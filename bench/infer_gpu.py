@@ -176,9 +176,9 @@ def throughput(size: str, args, env) -> dict:
     prompts, outs = workload(args, SIZES[size]["vocab_size"])
     llm = our_llm(size, args, max_seq_len=2 * args.lengths[1] + 16, token_budget=args.token_budget,
                   policy=args.policy, max_num_seqs=args.max_num_seqs)
-    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    first = len(llm.engine.records)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outs]
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up: every shape the timed run meets, compiled untimed
+    first = len(llm.engine.records)
     llm.generate(prompts, params, use_tqdm=args.progress)
     run, records = llm.last_run, llm.engine.records[first:]
     ideal = roofline(records, llm.model, env)

@@ -26,7 +26,13 @@ over bf16 and the bytes of weights read per token / time (GB/s). ``--spec`` adds
 decoding (greedy, k drafts verified in one compiled forward of k+1 tokens) on a prompt of code with
 repeated identifiers: tokens/s, acceptance rate and tokens per target step, against plain decoding of the
 same variant. With random weights the acceptance rate says little about a trained model; the speed of a
-verification step against a decode step is what this measures.
+verification step against a decode step is what this measures. It prints how many tokens were proposed and
+where the speculative tokens first differ from plain decoding: a random model's logits are nearly tied, so in
+bfloat16 the k+1-token verification and the 1-token decode (GEMMs of other shapes, rounded differently) can
+pick different argmaxes, after which the two continuations part and a random continuation rarely repeats the
+prompt (on CPU, a random 1.1B Llama in bf16: first difference at token 22 of 48, acceptance 0.125; smaller
+random models, in bf16 and float32, reproduce plain decoding exactly, with acceptance 0.3-1.0).
+``bench/kv_fp8_gpu.py --speculative`` runs prompt lookup through the engine instead.
 """
 
 from __future__ import annotations
@@ -251,11 +257,15 @@ def run(args) -> dict:
             spec_ms = statistics.median(spec_times) / args.tokens * 1e3
             row["prompt_lookup"] = {"k": args.k, "ms_per_token": spec_ms, "tokens_per_s": 1e3 / spec_ms,
                                     "speedup_vs_plain": ms / spec_ms, "acceptance_rate": stats.acceptance_rate,
+                                    "proposed": stats.proposed, "accepted": stats.accepted,
+                                    "first_difference": next((i for i, (a, b) in enumerate(zip(spec_tokens, tokens))
+                                                              if a != b), None),
                                     "tokens_per_step": stats.tokens_per_step,
                                     "same_tokens_as_plain": spec_tokens == tokens}
             print(f"  + prompt lookup k={args.k}: {spec_ms:.3f} ms/token, {1e3 / spec_ms:.1f} tok/s, "
                   f"{ms / spec_ms:.2f}x plain; acceptance {stats.acceptance_rate:.3f}, "
-                  f"{stats.tokens_per_step:.2f} tokens/step; same tokens as plain: {spec_tokens == tokens}")
+                  f"{stats.tokens_per_step:.2f} tokens/step ({stats.proposed} proposed); same tokens as plain: "
+                  f"{spec_tokens == tokens} (first difference at {row['prompt_lookup']['first_difference']})")
         results[variant] = row
         del decoder, decode_one, verify
         if model is not base:

@@ -3,6 +3,7 @@
 
     pipeloom-generate model=llama-tiny prompts='[def f(, import os]' sampling.max_tokens=64 sampling.temperature=0 \
         inference.policy=chunked-prefill inference.token_budget=512 kv.block_size=16 output=out.jsonl
+    torchrun --nproc_per_node=4 -m pipeloom.launch.generate model=llama-tiny parallel.pp=2 parallel.tp=2 ...
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class SamplingSection:
 
 @dataclass
 class InferenceSection:
-    """The engine: batching policy and attention path."""
+    """The engine: batching policy, attention path, weight quantization."""
 
     policy: str = "chunked-prefill"  # a batching policy (pipeloom.schedules.batching.list_batching())
     token_budget: int = 512  # tokens per iteration, for the policies that take one (chunked-prefill, splitfuse)
@@ -44,6 +45,11 @@ class InferenceSection:
     attention: str = "auto"  # auto (Triton on a GPU, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # capture the decode step as CUDA graphs (on a GPU)
     prefix_caching: bool = True  # share full KV blocks of equal prefixes
+    quantization: str = "none"  # weights: none | int8 (per channel) | int4 (group-wise) | fp8 (e4m3, per row)
+    quant_group_size: int = 128  # int4: input columns per scale (32, 64, 128 or 256)
+    kv_cache_dtype: str = "auto"  # KV cache: auto (the model's dtype) | fp8 (e4m3 + a scale per token and head)
+    speculative: str = "none"  # speculative decoding: none | ngram (prompt lookup, verified exactly)
+    num_speculative_tokens: int = 4  # guesses per decode step and sequence (speculative=ngram)
 
 
 @dataclass
@@ -53,6 +59,17 @@ class KVSection:
     block_size: int = 16  # tokens per block
     num_blocks: Optional[int] = None  # blocks in the pool; None: as many as gpu_memory_fraction holds
     gpu_memory_fraction: float = 0.9  # share of device memory (on CPU: of a 1 GiB budget) for weights + cache
+
+
+@dataclass
+class ParallelSection:
+    """Several ranks under torchrun (pipeloom.inference.parallel.ParallelLLM); pp = tp = 1 is the one-process engine."""
+
+    pp: int = 1  # pipeline stages; torchrun's --nproc_per_node must be pp * tp
+    tp: int = 1  # tensor-parallel ranks per stage (divides the heads, key/value heads and MLP width)
+    layout: Any = "uniform"  # the stage split: uniform | parameters | time | a list of layers per stage
+    microbatches: Optional[int] = None  # microbatches (scheduler lanes) in flight; None: pp
+    timeout: float = 120.0  # seconds a rank waits for another before the engine fails, naming the rank
 
 
 @dataclass
@@ -70,6 +87,7 @@ class GenerateConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     kv: KVSection = field(default_factory=KVSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
 
 def register() -> None:

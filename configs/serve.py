@@ -13,7 +13,7 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from .generate import InferenceSection, KVSection
+from .generate import InferenceSection, KVSection, ParallelSection
 
 
 @dataclass
@@ -50,6 +50,7 @@ class ServeConfig:
     inference: InferenceSection = field(default_factory=InferenceSection)
     kv: KVSection = field(default_factory=KVSection)
     server: ServerSection = field(default_factory=ServerSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)  # torchrun: the server runs on rank 0 only
 
 
 def register() -> None:

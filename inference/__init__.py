@@ -21,8 +21,10 @@ from .llm import LLM
 from .model_runner import ModelRunner
 from .sampling import Sampler, SamplerOutput, SamplingParams
 from .sequence import CompletionOutput, RequestOutput, Sequence
+from .speculative_engine import SpeculativeEngine
 from .validate import validate_request
 
 __all__ = ["LLM", "AsyncEngine", "BlockManager", "CompletionOutput", "IncrementalDetokenizer",
            "LLMEngine", "ModelRunner", "RequestOutput", "Sampler", "SamplerOutput", "SamplingParams", "Sequence",
+           "SpeculativeEngine",
            "validate_request"]

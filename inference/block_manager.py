@@ -83,6 +83,11 @@ class BlockManager:
         attached (their counts raised) before fresh blocks are taken.
         """
         table = self.tables.get(request.id)
+        if table is not None:  # a decode step (or chunk) inside the blocks it holds, filling none: nothing to do
+            end, bs = request.num_computed + num_new_tokens, self.block_size
+            if end <= len(table) * bs and (end // bs <= len(self._hashes.get(request.id, ()))
+                                           or not self.enable_prefix_caching or not hasattr(request, "token_ids")):
+                return True
         hit_blocks: list[int] = []
         if table is None:
             if request.num_computed:
@@ -180,6 +185,7 @@ class BlockManager:
             return
         hashes = self._hashes.setdefault(request.id, [])
         table, bs, tokens = self.tables[request.id], self.block_size, request.token_ids
+        end = min(end, len(tokens))  # a token still being sampled (an overlapped step): its block is keyed later
         for i in range(len(hashes), end // bs):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])
             key = block_hash(hashes[-1] if hashes else None, chunk)
@@ -191,6 +197,30 @@ class BlockManager:
             self.block_key[b] = key
             self.block_tokens[b] = chunk
             self._pending.add(b)
+
+    def truncate(self, request, num_tokens: int) -> None:
+        """Keep only the blocks that tokens [0, num_tokens) of ``request`` occupy and release the rest: the slots
+        of speculative decoding's rejected draft tokens (their keys and values are stale). A released block that
+        was keyed loses its key."""
+        table = self.tables.get(request.id)
+        if table is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        for b in reversed(table[keep:]):
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                if b in self.block_key:
+                    self._unkey(b)
+                self.free_list.append(b)
+        del table[keep:]
+        hashes = self._hashes.get(request.id)
+        if hashes is not None:
+            del hashes[num_tokens // self.block_size :]
+
+    def key_computed(self, request, num_tokens: int) -> None:
+        """Key the full blocks of tokens [0, num_tokens) of ``request`` for the prefix cache (after its tokens were
+        allocated with a request that carries no ``token_ids``: speculative decoding's drafts, unknown then)."""
+        self._key_full_blocks(request, num_tokens)
 
     def check(self) -> None:
         """Assert the pool's invariants (tests): counts equal table references, every block in one place."""

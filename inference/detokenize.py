@@ -81,6 +81,33 @@ class IncrementalDetokenizer:
                 self._end("length", None)
         return self.text[before:]
 
+    def push(self, token: int) -> None:
+        """``add([token])`` without decoding now, for callers that read the text only later (offline
+        generation): the stop-token and length checks happen here; the text is decoded by the next ``add``,
+        ``flush`` or the end, over all the tokens pushed since (the same text: decoding a longer window gives
+        the joined deltas). With stop strings the text is needed to stop, so this is ``add``."""
+        if self.finished:
+            return
+        if self.params.stop:
+            self.add((token,))
+            return
+        token = int(token)
+        self.token_ids.append(token)
+        count = len(self.token_ids)
+        if count >= self.params.min_tokens and token in self.stop_ids:
+            self._end("stop", token)
+            return
+        self._ids.append(token)
+        if count >= self.params.max_tokens:
+            self._end("length", None)
+
+    def flush(self) -> str:
+        """Decode what ``push`` left pending; return the text to emit now (as ``add`` would)."""
+        before = len(self.text)
+        if not self.finished:
+            self._take(self._decode_new(final=False))
+        return self.text[before:]
+
     def finish(self, reason: str = "length") -> str:
         """End the sequence from outside (e.g. the context is full, or an abort): flush the held text."""
         before = len(self.text)

@@ -26,6 +26,7 @@ import torch
 from .engine import LLMEngine
 from .sampling import SamplingParams
 from .sequence import RequestOutput
+from .speculative_engine import SPECULATIVE_METHODS, SpeculativeEngine
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +64,12 @@ def load_model(model: str | torch.nn.Module, *, device: torch.device, dtype: tor
         eos = eos[0] if isinstance(eos, list) else eos
         if tokenizer is None and os.path.isfile(os.path.join(model, "tokenizer.json")):
             tokenizer = HFTokenizer(os.path.join(model, "tokenizer.json"))
+    elif os.path.isfile(model):  # a quantized model written by pipeloom.inference.quant.save_quantized
+        from pipeloom.inference.quant import load_quantized
+
+        net = load_quantized(model, device=device)
+        if tokenizer is None and net.config.vocab_size == 256:
+            tokenizer = ByteTokenizer()
     elif os.path.isdir(model):
         net, spec = _load_pipeloom_checkpoint(model)
         if tokenizer is None:
@@ -71,11 +78,42 @@ def load_model(model: str | torch.nn.Module, *, device: torch.device, dtype: tor
         from pipeloom.models import model_config_names
 
         raise ValueError(f"model={model!r} is neither a registered config ({', '.join(model_config_names())}) nor "
-                         "a directory (a Hugging Face folder with config.json, or a pipeloom-train run/checkpoint)")
+                         "a directory (a Hugging Face folder with config.json, or a pipeloom-train run/checkpoint) "
+                         "nor a file written by pipeloom.inference.quant.save_quantized")
     net = net.to(device=device, dtype=dtype).eval()
     if hasattr(net, "init_buffers"):
         net.init_buffers()  # rotary tables back in float32 precision after the dtype cast
     return net, tokenizer, eos
+
+
+def check_quantization(mode: str, group_size: int = 128) -> None:
+    """A ValueError naming ``inference.quantization`` / ``inference.quant_group_size`` when they are not valid."""
+    from pipeloom.inference.quant import MODES
+    from pipeloom.inference.quant.formats import GROUP_SIZES
+
+    if mode not in MODES:
+        raise ValueError(f"inference.quantization={mode!r}; choose one of {', '.join(MODES)}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"inference.quant_group_size={group_size}; choose one of {GROUP_SIZES}")
+
+
+def apply_quantization(model: torch.nn.Module, mode: str = "none", group_size: int = 128) -> torch.nn.Module:
+    """``model`` with its linears quantized to ``mode`` (``inference.quantization``: none | int8 | int4 | fp8), in
+    place, before the engine captures graphs or compiles. A model loaded quantized keeps its own recipe (asking
+    for another mode is an error). fp8 runs rowwise-scaled ``torch._scaled_mm`` on Hopper-class GPUs (compute
+    capability 8.9+) and its float32 emulation elsewhere (CPU included: the reference path, not fast)."""
+    from pipeloom.inference.quant import quantize_model
+
+    check_quantization(mode, group_size)
+    loaded = getattr(model, "quant_config", None)
+    if loaded is not None and loaded.mode != "none":
+        if mode not in ("none", loaded.mode):
+            raise ValueError(f"inference.quantization={mode!r} but the model was loaded quantized as "
+                             f"{loaded.mode!r}; load its float checkpoint to quantize it another way")
+        return model
+    if mode != "none" and next(model.parameters()).dtype == torch.float64:
+        raise ValueError(f"inference.quantization={mode!r} needs a float32/bfloat16/float16 model, not float64")
+    return quantize_model(model, mode, group_size)
 
 
 def _load_pipeloom_checkpoint(path: str):
@@ -108,25 +146,44 @@ class LLM:
 
     Options: ``policy`` (a batching policy name) and ``token_budget``; ``block_size``, ``num_blocks`` or
     ``gpu_memory_fraction`` for the KV cache; ``dtype``, ``device``; ``seed`` (random weights of a named config
-    and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``.
+    and the shared sampling stream); ``attention`` ("auto", "torch", "triton"); ``cuda_graphs``; ``compile``
+    (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start);
+    ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests; "auto": on
+    CUDA). ``quantization``: none | int8 | int4 | fp8 weights
+    (:func:`apply_quantization`; ``quant_group_size`` columns per int4 scale), applied to the loaded float
+    model before the engine is built. ``model`` may also be a file written by
+    ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
+    ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 KV cache: about twice the tokens per byte).
+    ``speculative``: "none" or "ngram" (prompt lookup: ``num_speculative_tokens`` guesses per decode, verified
+    in the iteration's forward; :class:`~pipeloom.inference.speculative_engine.SpeculativeEngine`).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
                  seed: int = 0, policy: str = "chunked-prefill", token_budget: int | None = 512,
                  max_num_seqs: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
-                 cuda_graphs: bool = True, eos_token_id: int | None = None):
+                 cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
+                 eos_token_id: int | None = None, quantization: str = "none", quant_group_size: int = 128,
+                 kv_cache_dtype: str = "auto", speculative: str = "none", num_speculative_tokens: int = 4):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
             dtype = str(param.dtype).removeprefix("torch.") if dtype == "auto" else dtype
         dev, dt = resolve_device_dtype(device, dtype)
+        check_quantization(quantization, quant_group_size)  # before loading: a bad value costs nothing
+        if speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"inference.speculative={speculative!r}; choose one of {', '.join(SPECULATIVE_METHODS)}")
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
-        self.engine = LLMEngine(self.model, tokenizer=self.tokenizer, eos_token_id=eos_token_id or eos,
-                                policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
-                                block_size=block_size, num_blocks=num_blocks, gpu_memory_fraction=gpu_memory_fraction,
-                                enable_prefix_caching=enable_prefix_caching, attention=attention,
-                                cuda_graphs=cuda_graphs, seed=seed)
+        self.model = apply_quantization(self.model, quantization, quant_group_size)
+        eos = eos if eos_token_id is None else eos_token_id  # an explicit id wins, 0 included
+        spec = {} if speculative == "none" else {"num_speculative_tokens": num_speculative_tokens}
+        engine_class = LLMEngine if speculative == "none" else SpeculativeEngine
+        self.engine = engine_class(self.model, **spec, tokenizer=self.tokenizer, eos_token_id=eos,
+                                   policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
+                                   block_size=block_size, num_blocks=num_blocks,
+                                   gpu_memory_fraction=gpu_memory_fraction, enable_prefix_caching=enable_prefix_caching,
+                                   attention=attention, cuda_graphs=cuda_graphs, compile=compile, overlap=overlap,
+                                   seed=seed, kv_cache_dtype=kv_cache_dtype)
         self._ids = itertools.count()
         self.last_run: dict[str, float] = {}
 

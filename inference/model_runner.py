@@ -9,30 +9,95 @@
   head only on the sampled rows;
 * on CUDA, decode-only iterations replay a CUDA graph captured for the next larger batch size of
   ``graph_batch_sizes`` (padded rows write to a scratch block and are dropped), as vLLM and gpt-fast do:
-  at batch 1 a decode step is otherwise dominated by kernel launches. On CPU everything runs eagerly.
+  at batch 1 a decode step is otherwise dominated by kernel launches (:mod:`.decode_graphs`). With
+  ``compile`` the captured decode forward is ``torch.compile``'d first (one graph, ``fullgraph=True``: Inductor
+  fuses the elementwise work around the paged decode kernel, a custom op). On CPU everything runs eagerly.
+
+Decode batches on the Triton path attend with the split-K decode kernel (kernels/paged_decode.py), which also
+writes the new keys and values; prefill and mixed batches stay eager (their shapes change every iteration,
+and they are matmul-bound). The batch tensors are built with numpy on the host (:mod:`.host_inputs`:
+incremental block tables, one host-to-device copy per dtype).
 """
 
 from __future__ import annotations
 
-import bisect
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from pipeloom.kernels.paged_attention import query_tiles, tile_rows
+from pipeloom.kernels.kv_fp8 import bytes_per_token_head, cache_dtype, check_kv_cache_dtype, row_width
+from pipeloom.kernels.paged_attention import tile_rows
+from pipeloom.kernels.paged_decode import decode_splits, num_sms
 from pipeloom.models.kv import PagedBatch, kv_cache_shape, paged_context
+
+from .decode_graphs import DecodeGraphs
+from .host_inputs import INDEX, SMALL, BlockTables, RaggedInputs, Staging, query_tiles_np, ragged_inputs
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 CPU_KV_BYTES = 1 << 30  # on CPU, kv.gpu_memory_fraction is a share of this budget
 
 
-def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes over all layers, keys and values: 2 L block_size Hkv hd element_size."""
-    return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+@dataclass
+class HostBatch:
+    """One iteration's ragged batch as host lists (what :meth:`ModelRunner.tensors` turns into device tensors;
+    a pipeline's driver sends it to every stage, whose caches share the driver's block tables)."""
+
+    ids: list[int]  # (N,) the new tokens of every slice, back to back
+    positions: list[int]  # (N,) their positions in their sequences
+    slots: list[int]  # (N,) the cache slot each new token writes
+    query_lens: list[int]  # (S,) new tokens per slice
+    seq_lens: list[int]  # (S,) tokens of each sequence in the cache after this iteration
+    tables: list[list[int]]  # (S, *) each sequence's blocks
+    rows: list[int]  # (R,) the last token of each slice that samples
+
+    def ragged(self) -> RaggedInputs:
+        """The same batch as the numpy arrays :meth:`ModelRunner.tensors` reads."""
+        width = max(len(t) for t in self.tables)
+        tables = np.zeros((len(self.tables), width), dtype=SMALL)
+        for i, t in enumerate(self.tables):
+            tables[i, : len(t)] = t
+        query_start = np.zeros(len(self.query_lens) + 1, dtype=SMALL)
+        np.cumsum(self.query_lens, out=query_start[1:])
+        return RaggedInputs(np.asarray(self.ids, dtype=INDEX), np.asarray(self.positions, dtype=INDEX),
+                            np.asarray(self.slots, dtype=INDEX), query_start,
+                            np.asarray(self.seq_lens, dtype=SMALL), tables, np.asarray(self.rows, dtype=INDEX), [])
+
+
+def host_batch(iteration, block_manager) -> HostBatch:
+    """The :class:`HostBatch` of ``iteration`` over ``block_manager``'s tables."""
+    ids, positions, slots, query_lens, seq_lens, tables, rows = [], [], [], [], [], [], []
+    for sl in iteration.slices:
+        seq, first, n = sl.request, sl.first_token, sl.n_tokens
+        ids.extend(seq.token_ids[first : first + n])
+        positions.extend(range(first, first + n))
+        slots.extend(block_manager.slots(seq.id, first, n))
+        query_lens.append(n)
+        seq_lens.append(first + n)
+        tables.append(block_manager.block_table(seq.id))
+        if sl.samples:
+            rows.append(len(ids) - 1)
+    return HostBatch(ids, positions, slots, query_lens, seq_lens, tables, rows)
+
+
+def local_kv_heads(attn: torch.nn.Module) -> int:
+    """Key/value heads ``attn`` computes here: all of them, or a tensor-parallel shard's share."""
+    wk = attn.wk
+    return getattr(wk, "local_out_features", wk.out_features) // attn.head_dim
+
+
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one block takes over all layers, keys and values: 2 L block_size Hkv hd element_size, or with an
+    fp8 cache 2 L block_size Hkv (hd + 4) (e4m3 codes and a float32 scale per row: kernels/kv_fp8.py)."""
+    per_row = bytes_per_token_head(config.head_dim, dtype, kv_cache_dtype)
+    return 2 * config.n_layers * block_size * config.n_kv_heads * per_row
 
 
 def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: torch.device,
-                          gpu_memory_fraction: float = 0.9, reserve_bytes: int = 1 << 30) -> int:
+                          gpu_memory_fraction: float = 0.9, reserve_bytes: int = 1 << 30,
+                          kv_cache_dtype: str = "auto") -> int:
     """Blocks that fit in ``gpu_memory_fraction`` of the device memory, less what is allocated already and
-    ``reserve_bytes`` for activations (on CPU: the fraction of a fixed 1 GiB budget)."""
+    ``reserve_bytes`` for activations (on CPU: the fraction of a fixed 1 GiB budget); an fp8 cache
+    (``kv_cache_dtype="fp8"``) fits about twice the blocks of a bfloat16 one."""
     if not 0.0 < gpu_memory_fraction <= 1.0:
         raise ValueError(f"kv.gpu_memory_fraction={gpu_memory_fraction} must be in (0, 1]")
     if device.type == "cuda":
@@ -41,10 +106,11 @@ def num_blocks_for_budget(config, block_size: int, dtype: torch.dtype, device: t
         budget = gpu_memory_fraction * total - (total - free) - reserve_bytes
     else:
         budget = gpu_memory_fraction * CPU_KV_BYTES
-    blocks = int(budget // kv_bytes_per_block(config, block_size, dtype))
+    per_block = kv_bytes_per_block(config, block_size, dtype, kv_cache_dtype)
+    blocks = int(budget // per_block)
     if blocks < 1:
         raise ValueError(f"kv.gpu_memory_fraction={gpu_memory_fraction} leaves no room for a KV block "
-                         f"({kv_bytes_per_block(config, block_size, dtype)} bytes); raise it or set kv.num_blocks")
+                         f"({per_block} bytes); raise it or set kv.num_blocks")
     return blocks
 
 
@@ -52,31 +118,48 @@ def fuse_qkv(model: torch.nn.Module) -> dict:
     """Each attention's q/k/v weights as ONE tensor, with ``wq/wk/wv`` re-pointed at views of it (no second
     copy): the inference forward then runs one GEMM without concatenating the weights every step (the
     training path's ``Attention._project`` concatenates per call). Modules with other linears are skipped."""
-    fused = {}
+    return {block.attn: fused for block in model.blocks
+            if (fused := _fuse_linears((block.attn.wq, block.attn.wk, block.attn.wv))) is not None}
+
+
+def fuse_gate_up(model: torch.nn.Module) -> dict:
+    """Each SwiGLU's gate and up weights (``w1``, ``w3``) as ONE tensor, the linears re-pointed at views of it:
+    one GEMM of ``2F`` outputs per MLP instead of two (at batch 1 each is a weight-streaming GEMV, and a
+    launch). GPT MLPs, and SwiGLUs with other linears, are skipped."""
+    return {block.mlp: fused for block in model.blocks
+            if hasattr(block.mlp, "w3") and (fused := _fuse_linears((block.mlp.w1, block.mlp.w3))) is not None}
+
+
+def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+    """(concatenated weight, bias or None, output sizes) of plain ``nn.Linear``s over one input, each linear's
+    parameters re-pointed at views of the concatenation; None when any is not a plain Linear."""
+    if not all(type(lin) is torch.nn.Linear and type(lin.weight) in (torch.Tensor, torch.nn.Parameter)
+               for lin in linears):
+        return None
+    sizes = [lin.out_features for lin in linears]
     with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn
-            linears = (attn.wq, attn.wk, attn.wv)
-            if not all(type(lin) is torch.nn.Linear for lin in linears):
-                continue
-            sizes = [lin.out_features for lin in linears]
-            weight = torch.cat([lin.weight for lin in linears])  # (Hq*hd + 2*Hkv*hd, D)
-            bias = None if attn.wq.bias is None else torch.cat([lin.bias for lin in linears])
-            for lin, w in zip(linears, weight.split(sizes)):
-                lin.weight = torch.nn.Parameter(w, requires_grad=False)
-            if bias is not None:
-                for lin, b in zip(linears, bias.split(sizes)):
-                    lin.bias = torch.nn.Parameter(b, requires_grad=False)
-            fused[attn] = (weight, bias, sizes)
-    return fused
+        weight = torch.cat([lin.weight for lin in linears])  # (sum of outputs, D)
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        for lin, w in zip(linears, weight.split(sizes)):
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            for lin, b in zip(linears, bias.split(sizes)):
+                lin.bias = torch.nn.Parameter(b, requires_grad=False)
+    return weight, bias, sizes
 
 
 class ModelRunner:
-    """Runs iterations of ``model`` (a :class:`pipeloom.models.Transformer`) over a paged KV cache."""
+    """Runs iterations of ``model`` (a :class:`pipeloom.models.Transformer`) over a paged KV cache.
+
+    ``compile``: False, or True / a ``torch.compile`` mode ("default", "max-autotune-no-cudagraphs") for the
+    decode forward over the decode graphs' static buffers (captured in CUDA graphs on a GPU, replayed
+    uncaptured elsewhere). ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 rows with a scale each,
+    :mod:`pipeloom.kernels.kv_fp8`).
+    """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, backend: str = "auto",
                  cuda_graphs: bool | str = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
-                 dense_prefill_tokens: int | None = 256):
+                 dense_prefill_tokens: int | None = 256, compile: bool | str = False, kv_cache_dtype: str = "auto"):
         self.model, self.config = model, model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -84,166 +167,146 @@ class ModelRunner:
         self.dense_prefill_tokens = dense_prefill_tokens  # whole prompts at least this long: SDPA (Triton path)
         self.max_blocks_per_seq = -(-self.config.max_seq_len // block_size)
         self.scratch_block = num_blocks  # one extra block: padded graph rows write here
-        shape = kv_cache_shape(num_blocks + 1, block_size, self.config.n_kv_heads, self.config.head_dim)
-        self.caches = {block.attn: (torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                    torch.zeros(shape, dtype=self.dtype, device=self.device))
-                       for block in model.blocks}
-        self.fused_qkv = fuse_qkv(model)
-        # graphs: on CUDA with the Triton path; "emulate" replays eager forwards over the same static buffers
-        # (CPU tests of the padding and buffer bookkeeping)
+        check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
+        self.kv_cache_dtype = kv_cache_dtype
+        store, width = cache_dtype(self.dtype, kv_cache_dtype), row_width(self.config.head_dim, kv_cache_dtype)
+        self.caches = {}
+        for block in model.blocks:  # each attention's own key/value heads (a tensor-parallel shard holds some)
+            shape = kv_cache_shape(num_blocks + 1, block_size, local_kv_heads(block.attn), width)
+            self.caches[block.attn] = (torch.zeros(shape, dtype=store, device=self.device),
+                                       torch.zeros(shape, dtype=store, device=self.device))
+        self.kv_heads = local_kv_heads(model.blocks[0].attn) if len(model.blocks) else self.config.n_kv_heads
+        self.fused = {**fuse_qkv(model), **fuse_gate_up(model)}  # module -> one GEMM's weights
+        self.triton_path = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        self.tables = BlockTables(self.max_blocks_per_seq)  # host block tables, appended to step by step
+        self._stage_long = Staging(self.device, torch.long)
+        self._stage_int = Staging(self.device, torch.int32)
+        self._stage_pending = Staging(self.device, torch.long)
+        self.compiled = bool(compile)
+        forward = compile_decode(self.graph_forward, compile) if compile else self.graph_forward
+        # graphs: on CUDA with the Triton path; "emulate" (and compile without graphs) replays the forward over
+        # the same static buffers (CPU tests of the padding and bookkeeping)
         on_gpu = cuda_graphs is True and self.device.type == "cuda" and backend != "torch"
-        self.use_graphs = cuda_graphs == "emulate" or on_gpu
+        self.use_graphs = cuda_graphs == "emulate" or on_gpu or self.compiled
         self.graph_sizes = sorted(graph_batch_sizes)
-        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
-        self._static: dict[str, torch.Tensor] = {}
+        self.decode_graphs = DecodeGraphs(self, self.graph_sizes, forward, emulate=not on_gpu)
+
+    @property
+    def graphs(self) -> dict:
+        """Batch size -> captured graph (those captured so far)."""
+        return self.decode_graphs.graphs
+
+    def forget(self, seq_id: str) -> None:
+        """A sequence ended: release its host block-table row."""
+        self.tables.forget(seq_id)
 
     # ------------------------------------------------------------------ batch tensors
 
-    def prepare(self, iteration, block_manager) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
-        """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``."""
-        ids, positions, slots, query_lens, seq_lens, tables, rows = [], [], [], [], [], [], []
-        for sl in iteration.slices:
-            seq, first, n = sl.request, sl.first_token, sl.n_tokens
-            ids.extend(seq.token_ids[first : first + n])
-            positions.extend(range(first, first + n))
-            slots.extend(block_manager.slots(seq.id, first, n))
-            query_lens.append(n)
-            seq_lens.append(first + n)
-            tables.append(block_manager.block_table(seq.id))
-            if sl.samples:
-                rows.append(len(ids) - 1)
-        width = max(len(t) for t in tables)
-        table = [t + [0] * (width - len(t)) for t in tables]
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        dev = self.device
+    def prepare(self, iteration, block_manager, pending=None) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
+        """(input ids (1, N), the PagedBatch, logits row indices (R,)) of ``iteration``; ``pending``: see
+        :meth:`run`."""
+        return self.tensors(ragged_inputs(iteration, block_manager, self.tables), pending)
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        tiles, dense, tiled_max = None, [], max(query_lens)
-        if self.backend == "triton" or (self.backend == "auto" and self.device.type == "cuda"):
+    def tensors(self, host: RaggedInputs | HostBatch, pending=None) -> tuple[torch.Tensor, PagedBatch, torch.Tensor]:
+        """The device tensors of one ragged batch: (input ids (1, N), the PagedBatch, logits rows (R,)). A
+        pipeline's stages get a :class:`HostBatch` from the driver, whose block tables their caches share."""
+        if isinstance(host, HostBatch):
+            host = host.ragged()
+        query_lens = np.diff(host.query_start)
+        dense, tiled_max, splits, extra = [], int(query_lens.max()), None, []
+        if self.triton_path and tiled_max == 1:  # a decode batch: the split-K decode kernel writes and attends
+            splits = decode_splits(len(query_lens), self.kv_heads, int(host.seq_lens.max()),
+                                   num_sms(self.device))
+        elif self.triton_path:
             # long prompts with nothing cached go to SDPA's fused attention; the rest to the kernel, whose work
-            # list is built here from host lists (no device->host read per layer)
+            # list is built here from host arrays (no device->host read per layer)
+            lens = query_lens
             if self.dense_prefill_tokens is not None:
-                dense = [(starts[i], n) for i, (n, end) in enumerate(zip(query_lens, seq_lens))
-                         if n == end and n >= self.dense_prefill_tokens]
-            skip = {start for start, _ in dense}
-            lens = [0 if starts[i] in skip else n for i, n in enumerate(query_lens)]
+                whole = (query_lens == host.seq_lens) & (query_lens >= self.dense_prefill_tokens)
+                dense = list(zip(host.query_start[:-1][whole].tolist(), query_lens[whole].tolist()))
+                lens = np.where(whole, 0, query_lens)
             group = self.config.n_heads // self.config.n_kv_heads
-            tiled_max = max(max(lens), 1)  # the kernel's tile size follows its longest query
-            seqs, firsts = query_tiles(lens, group, tile_rows(group, tiled_max))
-            tiles = (tensor(seqs, torch.int32), tensor(firsts, torch.int32))
-        batch = PagedBatch(positions=tensor(positions, torch.long), slot_mapping=tensor(slots, torch.long),
-                           query_start=tensor(starts, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
-                           block_tables=tensor(table, torch.int32), block_size=self.block_size, caches=self.caches,
-                           fused_qkv=self.fused_qkv, query_lens=query_lens, seq_lens_host=seq_lens,
-                           max_query_len=tiled_max, backend=self.backend, tiles=tiles, dense=dense)
-        return tensor(ids, torch.long)[None], batch, tensor(rows, torch.long)
+            tiled_max = max(int(lens.max()), 1)  # the kernel's tile size follows its longest query
+            extra = list(query_tiles_np(lens, group, tile_rows(group, tiled_max)))
+        ids, positions, slots, rows = self._stage_long.to_device(host.ids, host.positions, host.slots, host.rows)
+        if host.missing:
+            self._fill_missing(pending, ids, host.missing)
+        starts, seq_lens, tables, *tile_tensors = self._stage_int.to_device(
+            host.query_start, host.seq_lens, host.tables, *extra)
+        batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=starts, seq_lens=seq_lens,
+                           block_tables=tables, block_size=self.block_size, caches=self.caches,
+                           fused=self.fused, query_lens=query_lens.tolist(),
+                           seq_lens_host=host.seq_lens.tolist(), max_query_len=tiled_max, backend=self.backend,
+                           tiles=tuple(tile_tensors) if tile_tensors else None, dense=dense, decode_splits=splits)
+        return ids[None], batch, rows
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, input_ids: torch.Tensor, batch: PagedBatch, rows: torch.Tensor) -> torch.Tensor:
-        """Logits (R, V) of the sampled rows: embed and blocks over all N tokens, the head over R rows."""
+    def forward(self, input_ids: torch.Tensor, batch: PagedBatch, rows: torch.Tensor | None) -> torch.Tensor:
+        """Logits (R, V) of the sampled rows (None: all N): embed and blocks over all N tokens, the head over R."""
         model = self.model
         with paged_context(batch):
             x = model.embed(input_ids)  # (1, N, D)
             for block in model.blocks:
                 x = block(x)  # (1, N, D)
-            return model.head(x[0, rows])  # (R, V)
+            return model.head(x[0] if rows is None else x[0, rows])  # (R, V)
+
+    def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+                       tables: torch.Tensor, splits: int = 0) -> torch.Tensor:
+        """Logits (B, V) of a decode batch: token ``ids[s]`` of sequence s at ``positions[s]`` (B,), written at
+        ``slots[s]``; ``seq_lens`` (B,) int32 counts it; ``tables`` (B, W) int32; ``splits`` of the decode
+        kernel (0: by batch size). What the graphs capture and ``torch.compile`` traces (one graph: the decode
+        kernel is a custom op)."""
+        batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=None, seq_lens=seq_lens,
+                           block_tables=tables, block_size=self.block_size, caches=self.caches,
+                           fused=self.fused, backend="triton" if self.triton_path else "torch",
+                           decode_splits=splits)
+        return self.forward(ids[None], batch, None)
+
+    def graph_forward(self, index: torch.Tensor, small: torch.Tensor, n: int) -> torch.Tensor:
+        """:meth:`decode_forward` of batch size ``n`` over the decode graphs' two static buffers."""
+        return self.decode_forward(*DecodeGraphs.unpack(index, small, n, self.max_blocks_per_seq))
 
     @torch.inference_mode()
-    def run(self, iteration, block_manager) -> torch.Tensor:
+    def run(self, iteration, block_manager, pending: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
         """Logits (R, V) of the slices with ``samples``, in order (R may be 0); float32, or float64 for a
-        float64 model."""
-        if self.use_graphs and self._graphable(iteration):
-            return self._replay(iteration, block_manager)
-        input_ids, batch, rows = self.prepare(iteration, block_manager)
-        logits = self.forward(input_ids, batch, rows)
+        float64 model. ``pending``: (token ids (R',) on the device, request id -> row) sampled by the previous
+        iteration and not yet appended on the host (the engine's overlapped steps): the ids of the slices that
+        start at such a token are taken from there on the device."""
+        def fill(ids, missing):
+            self._fill_missing(pending, ids, missing)
+
+        if self.use_graphs and DecodeGraphs.graphable(iteration, self.graph_sizes[-1]):
+            logits = self.decode_graphs.replay(iteration, block_manager, self.tables, fill)
+        else:
+            input_ids, batch, rows = self.prepare(iteration, block_manager, pending)
+            logits = self.forward(input_ids, batch, rows)
         return logits if logits.dtype == torch.float64 else logits.float()
 
-    # ------------------------------------------------------------------ CUDA graphs (decode only)
-
-    def _graphable(self, iteration) -> bool:
-        return (0 < len(iteration.slices) <= self.graph_sizes[-1]
-                and all(sl.n_tokens == 1 and sl.samples for sl in iteration.slices))
+    def _fill_missing(self, pending, ids: torch.Tensor, missing: list[tuple[int, str]]) -> None:
+        if pending is None:
+            raise RuntimeError(f"the token ids of {[sid for _, sid in missing]} are not known: pass the pending "
+                               "tokens of the iteration in flight to ModelRunner.run")
+        tokens, row_of = pending
+        dst, src = self._stage_pending.to_device(np.array([row for row, _ in missing], dtype=np.int64),
+                                                 np.array([row_of[sid] for _, sid in missing], dtype=np.int64))
+        ids[dst] = tokens[src]
 
     def capture(self) -> None:
-        """Capture one decode graph per size in ``graph_batch_sizes`` (largest first, sharing a memory pool)."""
-        n_max, dev = self.graph_sizes[-1], self.device
-        st = self._static = {
-            "ids": torch.zeros(n_max, dtype=torch.long, device=dev),
-            "positions": torch.zeros(n_max, dtype=torch.long, device=dev),
-            "slots": torch.full((n_max,), self.scratch_block * self.block_size, dtype=torch.long, device=dev),
-            "starts": torch.arange(n_max + 1, dtype=torch.int32, device=dev),
-            "seq_lens": torch.ones(n_max, dtype=torch.int32, device=dev),
-            "tables": torch.full((n_max, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev),
-            "tile_seq": torch.arange(n_max, dtype=torch.int32, device=dev),
-            "tile_first": torch.zeros(n_max, dtype=torch.int32, device=dev),
-            # the logits rows live here too: a graph reads the memory it was captured with, so an index
-            # tensor made per capture and then freed would be overwritten by later allocations
-            "rows": torch.arange(n_max, device=dev),
-        }
-        pool, emulate = None, self.device.type != "cuda"
-        for n in reversed(self.graph_sizes):
-            batch = PagedBatch(positions=st["positions"][:n], slot_mapping=st["slots"][:n],
-                               query_start=st["starts"][: n + 1], seq_lens=st["seq_lens"][:n],
-                               block_tables=st["tables"][:n], block_size=self.block_size, caches=self.caches,
-                               fused_qkv=self.fused_qkv, max_query_len=1,
-                               backend=self.backend if emulate else "triton",
-                               tiles=(st["tile_seq"][:n], st["tile_first"][:n]))
-            rows = st["rows"][:n]
-            ids = st["ids"][:n][None]
-            if emulate:
-                st[f"logits{n}"] = self.forward(ids, batch, rows)
-                self.graphs[n] = _EagerGraph(lambda n=n, ids=ids, batch=batch, rows=rows:
-                                             st[f"logits{n}"].copy_(self.forward(ids, batch, rows)))
-                continue
-            with torch.inference_mode():
-                for _ in range(2):  # warm up (Triton compiles, allocator settles) outside the graph
-                    self.forward(ids, batch, rows)
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    st[f"logits{n}"] = self.forward(ids, batch, rows)
-            pool = graph.pool()
-            self.graphs[n] = graph
-
-    def _replay(self, iteration, block_manager) -> torch.Tensor:
-        if not self.graphs:
-            self.capture()
-        b = len(iteration.slices)
-        n = self.graph_sizes[bisect.bisect_left(self.graph_sizes, b)]
-        st = self._static
-        ids, positions, slots, lens, tables = [], [], [], [], []
-        for sl in iteration.slices:
-            seq, pos = sl.request, sl.first_token
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.extend(block_manager.slots(seq.id, pos, 1))
-            lens.append(pos + 1)
-            t = block_manager.block_table(seq.id)
-            tables.append(t + [self.scratch_block] * (self.max_blocks_per_seq - len(t)))
-        dev = self.device
-        st["ids"][:b].copy_(torch.tensor(ids), non_blocking=True)
-        st["positions"][:b].copy_(torch.tensor(positions), non_blocking=True)
-        st["slots"][:b].copy_(torch.tensor(slots), non_blocking=True)
-        st["slots"][b:n].fill_(self.scratch_block * self.block_size)
-        st["seq_lens"][:b].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        st["seq_lens"][b:n].fill_(1)
-        st["tables"][:b].copy_(torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True))
-        st["tables"][b:n].fill_(self.scratch_block)
-        self.graphs[n].replay()
-        return st[f"logits{n}"][:b].float()
+        """Capture the decode graph of every size in ``graph_batch_sizes`` now (otherwise each on first use)."""
+        self.decode_graphs.capture_all()
 
 
-class _EagerGraph:
-    """Stands in for a captured CUDA graph where there is none: ``replay()`` reruns the forward over the same
-    static buffers, so the padding and buffer bookkeeping of the graph path is testable on CPU."""
+def compile_decode(fn, mode: bool | str):
+    """``torch.compile(fn)`` for the decode forward: one graph (``fullgraph=True``), the batch dimension dynamic
+    (one compilation serves every graph size; batch 1 is specialised), no Inductor CUDA graphs (the runner
+    captures its own over static buffers). ``mode``: True/"default" or "max-autotune-no-cudagraphs"."""
+    modes = ("default", "max-autotune-no-cudagraphs")
+    mode = "default" if mode is True else mode
+    if mode not in modes:
+        raise ValueError(f"compile={mode!r}; choose False, True or one of {modes}")
+    return torch.compile(fn, fullgraph=True, dynamic=True, mode=mode)
 
-    def __init__(self, fn):
-        self.fn = fn
 
-    def replay(self) -> None:
-        self.fn()
+__all__ = ["DEFAULT_GRAPH_SIZES", "ModelRunner", "compile_decode", "fuse_gate_up", "fuse_qkv", "kv_bytes_per_block",
+           "num_blocks_for_budget"]

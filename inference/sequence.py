@@ -30,6 +30,7 @@ class Sequence(Request):
     generator: torch.Generator | None = None  # per-request seeded stream (None: the shared one)
     detokenizer: IncrementalDetokenizer | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token: {token id: logprob}
+    argmax_only: bool = False  # plain greedy (no penalties, min_tokens, logprobs): sampled by one argmax
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -5,7 +5,9 @@ the cache after they are written; its keys and values live in the blocks ``block
 ``block * block_size + offset``. New token i of sequence s sits at position ``seq_lens[s] - query_lens[s] + i``
 and attends causally to cache positions ``0 ..`` its own. Prefill chunks and decode tokens mix freely.
 
-Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd); grouped-query attention reads key/value
+Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd), or uint8 (..., hd + 4) rows of e4m3
+codes and a float32 scale for an fp8 cache (``kernels/kv_fp8.py``; both paths dequantize what they read);
+grouped-query attention reads key/value
 head ``h // (Hq / Hkv)`` for query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
 
 Two paths: :func:`paged_attention_torch` gathers each sequence's blocks and calls SDPA with the causal
@@ -22,14 +24,15 @@ import math
 import torch
 import torch.nn.functional as F
 from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, write_rows
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values ``k``, ``v`` (N, Hkv, hd) at cache slots ``slot_mapping`` (N,) long."""
-    nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """Store new keys/values ``k``, ``v`` (N, Hkv, hd) at cache slots ``slot_mapping`` (N,) long (quantized rows
+    for an fp8 cache)."""
+    write_rows(k_cache, k, slot_mapping)
+    write_rows(v_cache, v, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, backend: str = "auto",
@@ -69,14 +72,14 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_lens: list[int],
                           seq_lens: list[int], block_tables: torch.Tensor) -> torch.Tensor:
     """The reference: per sequence, gather its cache blocks and run SDPA with a causal offset mask."""
-    _, block_size, n_kv, hd = k_cache.shape
+    _, block_size, n_kv, width = k_cache.shape
     n_heads = q.size(1)
     out = torch.empty_like(q)  # (N, Hq, hd)
     start = 0
     for s, (n, length) in enumerate(zip(query_lens, seq_lens)):
         blocks = block_tables[s, : -(-length // block_size)].long()
-        k = k_cache[blocks].reshape(-1, n_kv, hd)[:length].transpose(0, 1)  # (Hkv, L, hd)
-        v = v_cache[blocks].reshape(-1, n_kv, hd)[:length].transpose(0, 1)
+        k = read_rows(k_cache[blocks].reshape(-1, n_kv, width)[:length], q.dtype).transpose(0, 1)  # (Hkv, L, hd)
+        v = read_rows(v_cache[blocks].reshape(-1, n_kv, width)[:length], q.dtype).transpose(0, 1)
         if n_kv != n_heads:
             k = k.repeat_interleave(n_heads // n_kv, dim=0)  # (Hq, L, hd)
             v = v.repeat_interleave(n_heads // n_kv, dim=0)
@@ -91,11 +94,22 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 @triton.jit
+def _load_rows(CACHE, off, dims, mask, row_ok, HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+    # Rows (len(off), BLOCK_D) of a cache at row offsets `off`; an fp8 cache's rows are e4m3 codes then a float32
+    # scale at byte HEAD_DIM (kernels/kv_fp8.py): dequantized to float32 here.
+    x = tl.load(CACHE + off[:, None] + dims[None, :], mask=mask, other=0)
+    if FP8:
+        scale = tl.load((CACHE + off + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=row_ok, other=0.0)
+        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
+    return x
+
+
+@triton.jit
 def _paged_attention_kernel(
     Q, K, V, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
     scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):
     # Program (tile, kv head): rows = BLOCK_M // GROUP new tokens x GROUP query heads sharing kv head `kvh`.
     tile = tl.program_id(0)
@@ -126,7 +140,7 @@ def _paged_attention_kernel(
         k_ok = kpos < seq_len
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
-        k = tl.load(K + off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_rows(K, off, dims, k_ok[:, None] & d_ok[None, :], k_ok, HEAD_DIM, FP8)  # (BLOCK_N, BLOCK_D)
         if UPCAST:
             k = k.to(tl.float32)
         scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
@@ -137,9 +151,11 @@ def _paged_attention_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + off[:, None] + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_rows(V, off, dims, k_ok[:, None] & d_ok[None, :], k_ok, HEAD_DIM, FP8)
         if UPCAST:
             v = v.to(tl.float32)
+        elif FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -170,8 +186,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path; ``tiles`` (per-program sequence and first token, int32) may be given (CUDA graphs),
     else they are built from ``query_start`` on the host."""
-    _, block_size, n_kv, hd = k_cache.shape
-    n_heads = q.size(1)
+    _, block_size, n_kv, _ = k_cache.shape
+    n_heads, hd = q.size(1), q.size(2)
     group = n_heads // n_kv
     block_m = block_m or tile_rows(group, max_query_len)
     if tiles is None:
@@ -187,6 +203,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_M=block_m, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, UPCAST=q.device.type == "cpu",
+        BLOCK_N=block_n, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
     )
     return out

@@ -8,7 +8,8 @@
    path of the timeline picture (measured step above simulated one) and of the checkpoint;
 3. loads that checkpoint - saved sharded under pp=2 x tp=2 - into one plain model in this process and
    samples a few lines of Python from it;
-4. generates from the same run through the inference engine (``pipeloom.inference.LLM``) and prints tokens/s.
+4. generates from the same run through the inference engine (``pipeloom.inference.LLM``) and prints tokens/s;
+5. prints the trained model's validation loss in float and under int8 / int4 weight-only quantization.
 
 Options: ``--steps`` (default 240: about 3-4 minutes of training on a 2-core machine), ``--out`` (the run
 directory; default ``runs/demo-<time>``), ``--extra`` (more Hydra overrides).
@@ -87,6 +88,7 @@ def summarize(run_dir: str, train_seconds: float, start: float) -> int:
     print("\n".join(text.splitlines()[:10]))
     print("-" * 60)
     generate_with_engine(run_dir)
+    quantized_validation_loss(model)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is in {run_dir}")
     return 0
 
@@ -106,6 +108,20 @@ def generate_with_engine(run_dir: str, max_tokens: int = 64) -> float:
     print(f"engine: {run['output_tokens']} tokens in {run['seconds']:.2f} s = {run['tokens_per_s']:,.0f} tokens/s "
           f"on CPU ({run['iterations']} iterations)\n{llm.engine.latency_report()}")
     return run["tokens_per_s"]
+
+
+def quantized_validation_loss(model, seq_len: int = 128, batch_size: int = 16, count: int = 2,
+                              data_options: dict | None = None) -> dict[str, float]:
+    """The validation loss of ``model`` (the demo's trained GPT) in float and under int8 / int4 (g=64) weight-only
+    quantization, on the demo's own validation batches; printed against the allowed margins."""
+    from pipeloom.data import eval_batches, prepare_data
+    from pipeloom.inference.quant import quantized_validation, validation_report
+
+    data = prepare_data(**(data_options or {}))
+    val = eval_batches(data.val, seq_len, batch_size, count)
+    losses = quantized_validation(model.float(), val, ("int8", "int4"), group_size=64)
+    print(validation_report(losses, group_size=64))
+    return losses
 
 
 if __name__ == "__main__":

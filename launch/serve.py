@@ -5,12 +5,16 @@
     pipeloom-serve model=runs/demo-x server.grpc_port=50051 inference.policy=chunked-prefill kv.num_blocks=2048
 
 Prints the address once both servers accept connections, then serves until SIGINT / SIGTERM. Fields:
-``configs/serve.py``.
+``configs/serve.py``. A pipeline- and tensor-parallel engine under torchrun (the HTTP and gRPC front-ends run on the
+driver, rank 0; the other ranks serve its microbatches until it stops)::
+
+    torchrun --nproc_per_node=4 -m pipeloom.launch.serve model=llama-tiny parallel.pp=2 parallel.tp=2 server.port=8000
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import hydra
@@ -20,21 +24,18 @@ from pipeloom.configs.serve import register
 register()
 
 
-def build(cfg: DictConfig):
-    """The :class:`pipeloom.serving.Server` for ``cfg`` (a composed ServeConfig), not yet started."""
+def build(cfg: DictConfig, llm=None):
+    """The :class:`pipeloom.serving.Server` for ``cfg`` (a composed ServeConfig), not yet started, over ``llm`` (an
+    ``LLM`` or the driver's ``ParallelLLM``; None: built here)."""
     import torch
 
-    from pipeloom.inference import LLM
+    from pipeloom.launch.generate import build_llm
     from pipeloom.serving import ChatTemplate, Server, ServerSettings
 
     settings = ServerSettings(**OmegaConf.to_container(cfg.server))  # ValueError naming a bad field
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    inf, kv = cfg.inference, cfg.kv
-    llm = LLM(model=cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, policy=inf.policy,
-              token_budget=inf.token_budget, max_num_seqs=inf.max_num_seqs, block_size=kv.block_size,
-              num_blocks=kv.num_blocks, gpu_memory_fraction=kv.gpu_memory_fraction,
-              enable_prefix_caching=inf.prefix_caching, attention=inf.attention, cuda_graphs=inf.cuda_graphs)
+    llm = build_llm(cfg) if llm is None else llm  # the same model, engine and parallel keys as pipeloom-generate
     template = ChatTemplate.for_model(cfg.model, settings.chat_template)
     return Server(llm.engine, settings, model_name=settings.model_name or cfg.model, chat_template=template)
 
@@ -49,14 +50,34 @@ def announce(server) -> None:
 
 @hydra.main(config_path="pkg://pipeloom.configs", config_name="serve", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
+    from pipeloom.launch.generate import build_llm
+    from pipeloom.launch.report import report_once
+    from pipeloom.serving import ServerSettings
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    llm = None
     try:
-        server = build(cfg)
-        asyncio.run(server.serve(on_ready=announce))
+        ServerSettings(**OmegaConf.to_container(cfg.server))  # bad server values are named before anything loads
+        llm = build_llm(cfg)
+        if getattr(llm, "is_driver", True):
+            asyncio.run(build(cfg, llm).serve(on_ready=announce))
+        else:
+            llm.serve_workers()  # until the driver's server stops
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on, once everything is closed
         print("pipeloom-serve: stopped", flush=True)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"pipeloom-serve: error: {err}", file=sys.__stderr__)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+        if several:
+            report_once(f"pipeloom-serve: error: {err}")  # one line per job, whichever rank exits first
+        else:
+            print(f"pipeloom-serve: error: {err}", file=sys.__stderr__)
         sys.exit(2)
+    finally:
+        if llm is not None and hasattr(llm, "shutdown"):
+            llm.shutdown()  # the driver stops the other ranks
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main() -> None:

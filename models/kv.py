@@ -37,7 +37,8 @@ class PagedBatch:
 
     positions: torch.Tensor  # (N,) long: absolute position of each new token in its sequence
     slot_mapping: torch.Tensor  # (N,) long: cache slot (block * block_size + offset) each new token writes
-    query_start: torch.Tensor  # (S + 1,) int32: new tokens of sequence s are rows query_start[s]:query_start[s+1]
+    query_start: torch.Tensor | None  # (S + 1,) int32: sequence s's new tokens are rows query_start[s]:query_start[s+1]
+    # (None for a decode batch: one token per sequence)
     seq_lens: torch.Tensor  # (S,) int32: tokens of sequence s in the cache after this step (cached + new)
     block_tables: torch.Tensor  # (S, max_blocks) int32: cache blocks of each sequence, in order
     block_size: int
@@ -51,8 +52,11 @@ class PagedBatch:
     # program, int32; None: built from query_start on the host (CUDA graphs pass static ones)
     dense: list[tuple[int, int]] = field(default_factory=list)  # (first row, tokens) of whole new prompts that
     # the Triton path hands to SDPA's fused causal attention (their tiles are left out of ``tiles``)
-    fused_qkv: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(default_factory=dict)
-    # ^ Attention module -> (wq|wk|wv weight, bias or None, split sizes), concatenated once by the runner
+    fused: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(default_factory=dict)
+    # ^ Attention -> (wq|wk|wv weight, bias or None, split sizes); SwiGLU -> (w1|w3 ...): concatenated once by
+    # the runner, so each is one GEMM
+    decode_splits: int | None = None  # a decode batch (ONE new token per sequence): attention and the cache
+    # write run as the split-K decode kernel (kernels/paged_decode.py) with this many splits; None: the general path
 
     def kv_cache(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The (k_cache, v_cache) bound to the Attention ``module``; a clear error when it has none."""
@@ -63,8 +67,9 @@ class PagedBatch:
                            "bind every block's attention (PagedBatch.caches) before running the model") from None
 
     def project(self, module: torch.nn.Module, x: torch.Tensor):
-        """q, k, v of ``x`` with the module's pre-fused projection, or None when it has none."""
-        fused = self.fused_qkv.get(module)
+        """The outputs of ``module``'s pre-fused projection of ``x`` (q, k, v of an Attention; gate, up of a
+        SwiGLU), or None when it has none."""
+        fused = self.fused.get(module)
         if fused is None:
             return None
         weight, bias, sizes = fused
@@ -76,6 +81,11 @@ class PagedBatch:
         from pipeloom.kernels.paged_attention import paged_attention, write_kv
 
         k_cache, v_cache = self.kv_cache(module)
+        if self.decode_splits is not None:  # one op: the cache write and flash-decoding (a custom op when compiled)
+            from pipeloom.kernels.paged_decode import paged_decode
+
+            return paged_decode(q, k, v, k_cache, v_cache, self.slot_mapping, self.seq_lens, self.block_tables,
+                                self.decode_splits, backend=self.backend)
         write_kv(k_cache, v_cache, k, v, self.slot_mapping)
         return paged_attention(q, k_cache, v_cache, self, backend=self.backend, k=k, v=v)
 

@@ -248,7 +248,8 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
+        paged = kv.current()  # inference over the paged KV cache: gate and up may be one pre-fused GEMM
+        gate, up = (paged is not None and paged.project(self, x)) or (self.w1(x), self.w3(x))  # (B, T, F) each
         hidden = fused_swiglu(gate, up) if kernels.worth_fusing(gate) else F.silu(gate) * up
         return self.dropout(self.w2(hidden))  # (B, T, F) -> (B, T, D)
 

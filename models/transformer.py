@@ -41,7 +41,7 @@ class Embedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         T = tokens.size(-1)  # tokens (B, T)
         paged = kv.current()  # inference: (1, N) ragged new tokens at paged.positions (models/kv.py)
-        if T > self.max_seq_len and paged is None:
+        if paged is None and T > self.max_seq_len:
             raise ValueError(
                 f"sequence length {T} exceeds max_seq_len={self.max_seq_len}; "
                 "shorten the input or build the model with a larger max_seq_len"

@@ -37,6 +37,16 @@ class RankError(RuntimeError):
     """A rank raised; carries the rank's formatted traceback."""
 
 
+class RankDied:
+    """The result of a rank that died during a ``RankPool.run(..., expect_deaths=True)`` call."""
+
+    def __init__(self, rank: int, exitcode: int | None):
+        self.rank, self.exitcode = rank, exitcode
+
+    def __repr__(self) -> str:
+        return f"RankDied(rank={self.rank}, exitcode={self.exitcode})"
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -142,7 +152,11 @@ class RankPool:
             except queue.Empty:
                 continue
 
-    def run(self, fn: Callable, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
+    def run(self, fn: Callable, *args: Any, timeout: float = 120.0, expect_deaths: bool = False,
+            **kwargs: Any) -> list[Any]:
+        """``fn(*args, **kwargs)`` on every rank; the results by rank. ``expect_deaths`` (fault-injection tests): a
+        rank that dies does not end the call - its entry is a :class:`RankDied` and the others are awaited - and the
+        pool restarts at its next call."""
         if not self._procs:
             self._start()
         path, qualname = _address(fn)
@@ -161,6 +175,10 @@ class RankPool:
                 deadline = min(deadline, time.monotonic() + 5.0)
             silent = sorted(set(range(self.world_size)) - set(results) - set(errors))
             dead = [r for r in silent if not self._procs[r].is_alive()]
+            if expect_deaths and dead and time.monotonic() <= deadline:
+                for r in dead:  # a death the caller caused: record it, keep waiting for the others
+                    results[r] = RankDied(r, self._procs[r].exitcode)
+                continue
             if dead or time.monotonic() > deadline:
                 exitcodes = [self._procs[r].exitcode for r in dead]  # before close() forgets the processes
                 self.close(kill=True)
@@ -186,6 +204,8 @@ class RankPool:
             died = f"; rank(s) {dead} died without reporting (exit codes {exitcodes})" if dead else ""
             raise RankError(f"{fn.__qualname__} failed on rank(s) {sorted(errors)}{died}; rank {first}:\n"
                             f"{errors[first]}")
+        if any(isinstance(v, RankDied) for v in results.values()):
+            self.close(kill=True)  # a rank is gone: the next call starts a fresh pool
         return [results[r] for r in range(self.world_size)]
 
     def close(self, kill: bool = False) -> None:

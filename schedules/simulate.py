@@ -94,14 +94,17 @@ def dependencies(plan: Plan, a: Action) -> list[tuple[Action, bool]]:
     """The actions ``a`` waits for, each with whether the edge crosses ranks (and so pays ``comm``).
 
     In a plan with communication, a cross-rank input arrives through the RECV placed before the
-    consumer, and a RECV waits for its matching SEND.
+    consumer, and a RECV waits for its matching SEND. A pipelined-inference plan (meta ``lane_after``, see
+    :mod:`pipeloom.schedules.inference`) also makes the first stage's forward of a microbatch wait for the
+    last stage's forward of the previous microbatch of its decode lane (its sampled tokens).
     """
     s, mb, last = a.stage, a.microbatch, plan.num_stages - 1
     comm = plan.has_comm
     here = plan.rank_of(s)
     if a.kind is Kind.F:
         if s == 0:
-            return []
+            before = lane_after(plan).get(mb)
+            return [] if before is None else [(Action(last, Kind.F, before), plan.rank_of(last) != here)]
         if comm and plan.rank_of(s - 1) != here:
             return [(Action(s, Kind.RECV_F, mb), False)]
         return [(Action(s - 1, Kind.F, mb), plan.rank_of(s - 1) != here)]
@@ -124,6 +127,15 @@ def dependencies(plan: Plan, a: Action) -> list[tuple[Action, bool]]:
     if a.kind is Kind.RECV_B:
         return [(Action(s + 1, Kind.SEND_B, mb), True)]
     return []
+
+
+def lane_after(plan: Plan) -> dict[int, int]:
+    """``{microbatch k: microbatch j}``: k's first stage waits for j's last stage (meta ``lane_after``; cached)."""
+    cached = plan.__dict__.get("_lane_after_cache")
+    if cached is None:
+        cached = {int(k): int(j) for k, j in plan.info.get("lane_after", ())}
+        object.__setattr__(plan, "_lane_after_cache", cached)
+    return cached
 
 
 def execute(plan: Plan, duration: Callable[[Action], float], comm: float = 0.0) -> Timeline:

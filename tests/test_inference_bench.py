@@ -26,3 +26,22 @@ def test_quick_run_reports_every_variant(capsys):
     assert results["ttft-8k"]["TTFT ms"] > 0 and results["hf-ttft-8k"]["TTFT ms"] > 0
     printed = capsys.readouterr().out
     assert "copy" in printed and "throughput" in printed
+
+
+def test_engine_speed_quick_run_prints_the_table(capsys):
+    """bench/engine_speed.py (the decode paths with overlap on/off, offline throughput) on CPU, tiny shapes; the
+    compiled path and HF generate_batch are left to the GPU run (minutes of compilation / CPU time here)."""
+    spec = importlib.util.spec_from_file_location("engine_speed", BENCH.parent / "engine_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = bench.main(["--quick", "--device", "cpu", "--paths", "graphs", "--parts", "decode-1b,throughput"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r[:2] for r in rows[:2]] == [("decode tiny graphs", "overlap on"), ("decode tiny graphs", "overlap off")]
+    throughput = [r[1] for r in rows[2:] if r[0] == "throughput tiny graphs"]
+    assert sorted(set(throughput)) == ["overlap off", "overlap on"] and len(throughput) == len(rows) - 2
+    assert all("error" not in r[1] and float(r[2].split()[0].replace(",", "")) > 0 for r in rows)
+    assert "| what | setting |" in capsys.readouterr().out

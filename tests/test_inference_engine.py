@@ -55,6 +55,17 @@ def test_paged_forward_equals_the_training_forward(name):
             for step, chunks in enumerate(plan):
                 end = chunks[i][0] + chunks[i][1]
                 torch.testing.assert_close(logits[step][i], full[end - 1], rtol=1e-12, atol=1e-12)
+    # the runner ran one GEMM per projection group: q|k|v of every attention (and gate|up of every SwiGLU), with
+    # the model's own linears re-pointed at views of those weights (no second copy)
+    for block in model.blocks:
+        weight, _, sizes = runner.fused[block.attn]
+        assert block.attn.wq.weight.data_ptr() == weight.data_ptr() and sum(sizes) == weight.size(0)
+        if name == "llama-tiny":
+            weight, _, sizes = runner.fused[block.mlp]
+            assert sizes == [block.mlp.w1.out_features] * 2
+            assert block.mlp.w3.weight.data_ptr() == weight[sizes[0]:].data_ptr()
+        else:
+            assert block.mlp not in runner.fused
 
 
 def _run_all(engine, requests):

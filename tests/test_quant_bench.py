@@ -41,3 +41,19 @@ def test_quick_run_prints_and_writes_every_variant(tmp_path):
 def test_unknown_variant_is_named():
     done = _run("--quick", "--variants", "int3", "--no-spec")
     assert done.returncode != 0 and "unknown variant 'int3'" in done.stderr
+
+
+def test_kv_fp8_bench_quick_run(tmp_path):
+    """bench/kv_fp8_gpu.py --quick: the fp8 pool holds more tokens than the float one; prompt lookup through the
+    engine reproduces plain greedy decoding."""
+    out = tmp_path / "kv.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "kv_fp8_gpu.py"), "--quick", "--speculative", "--out",
+                           str(out)], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240, check=False)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    auto, fp8 = report["rows"]
+    assert fp8["tokens_held"] > 1.5 * auto["tokens_held"] and fp8["ms_per_token"] > 0
+    assert report["prompt_lookup"]["same_tokens"] and "tokens held" in done.stdout

@@ -13,7 +13,9 @@ from .apply import (
     quantize_model,
     save_quantized,
 )
+from .evaluate import VAL_MARGIN, quantized_validation, validation_loss, validation_report
 from .linear import QuantizedLinear
 
-__all__ = ["MODES", "QuantConfig", "QuantizedLinear", "load_quantized", "prepare_quantized", "quantization_report",
-           "quantize_model", "save_quantized"]
+__all__ = ["MODES", "VAL_MARGIN", "QuantConfig", "QuantizedLinear", "load_quantized", "prepare_quantized",
+           "quantization_report", "quantize_model", "quantized_validation", "save_quantized", "validation_loss",
+           "validation_report"]

@@ -57,12 +57,13 @@ class Request:
     @property
     def num_uncomputed(self) -> int:
         """Tokens that must run before the next sample (1 for a decode; a whole prompt before the first)."""
-        return self.num_tokens - self.num_computed
+        return self.prompt_len + self.num_generated - self.num_computed  # num_tokens - num_computed, inlined
 
     @property
     def is_prefilling(self) -> bool:
         """True until the prompt (and, after a preemption, the regenerated tokens) has been computed."""
-        return self.num_uncomputed > 1 or self.num_generated == 0
+        # num_uncomputed > 1 or nothing generated yet; inlined: policies ask this of every running request
+        return self.num_generated == 0 or self.prompt_len + self.num_generated - self.num_computed > 1
 
     @property
     def is_finished(self) -> bool:

@@ -79,7 +79,9 @@ class Step:
         """
         if request.status is not RequestStatus.RUNNING or request in self._slices:
             raise RuntimeError(f"{self.scheduler.policy.name}: cannot schedule {request!r} (not running, or twice)")
-        self._check_room(request, n_tokens)
+        if not (1 <= n_tokens <= request.num_uncomputed and n_tokens <= self.tokens_left
+                and len(self._slices) < self.scheduler.policy.max_num_seqs):
+            self._check_room(request, n_tokens)  # raises, naming what was exceeded
         while not self.capacity.allocate(request, n_tokens):
             candidates = [r for r in self.scheduler.running if victims is None or victims(r) or r is request]
             victim = self.scheduler.pick_victim(candidates)

@@ -1,0 +1,249 @@
+# Decode attention over a paged KV cache (one new token per sequence): torch reference, split-K Triton, custom op.
+"""A decode step's attention: sequence s has ONE new token, its query ``q[s]`` (Hq, hd), key ``k[s]`` and value
+``v[s]`` (Hkv, hd), and ``seq_lens[s]`` tokens in the cache counting the new one, which is written at cache slot
+``slot_mapping[s]`` by the same call. Keys/values live in the blocks ``block_tables[s]`` (slot
+``block * block_size + offset``), caches (num_blocks, block_size, Hkv, hd) as in
+:mod:`pipeloom.kernels.paged_attention`.
+
+The Triton path is flash-decoding (Dao et al., "Flash-Decoding for long-context inference", 2023; vLLM's
+``triton_decode_attention``): programs over (sequence, key/value head, split). Each program covers the whole
+GQA group of that key/value head (its ``Hq/Hkv`` query heads share every key it loads) and one contiguous share
+of the sequence's keys, ``BLOCK_N`` keys per iteration, with an online softmax (FlashAttention, arXiv
+2205.14135). With ``splits == 1`` it writes the output; otherwise each split writes its partial sum, running
+max and normaliser, and a second kernel merges the splits. The number of splits is a launch constant (CUDA
+graphs capture it): a split whose share is empty writes an empty partial. The new token's key and value are
+stored into the cache by the program that covers its position, which takes them from registers rather than
+reading the slot back, so the write costs no extra kernel and needs no ordering inside the program.
+
+An fp8 cache (``kernels/kv_fp8.py``: uint8 rows of e4m3 codes and a float32 scale) is read dequantized; the new
+token's key and value are quantized in registers, stored, and used in their dequantized form, so the kernel
+attends over exactly the values the torch reference reads back from the cache.
+
+:func:`paged_decode` is the entry point (``backend`` "torch", "triton" or "auto"). Under ``torch.compile`` it
+is the custom op ``torch.ops.pipeloom.paged_decode`` (a fake implementation gives its output shape), so a
+compiled decode forward keeps the kernel inside one graph with no graph break; the op declares that it writes
+the caches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pipeloom.kernels import tl, triton, use_triton
+from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, round_e4m3, write_rows
+from pipeloom.kernels.paged_attention import _load_rows
+
+MAX_SPLITS = 16  # the reduce kernel merges at most this many (a power of two)
+
+
+def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                       block_tables: torch.Tensor) -> torch.Tensor:
+    """The reference, vectorised over sequences (no host reads): write k/v, gather each sequence's blocks, mask
+    positions past its length, softmax in float32 (float64 stays). q (B, Hq, hd) -> (B, Hq, hd)."""
+    _, _, n_kv, width = k_cache.shape
+    write_rows(k_cache, k, slot_mapping)
+    write_rows(v_cache, v, slot_mapping)
+    b, n_heads, hd = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    blocks = block_tables.long()  # (B, W)
+    keys = read_rows(k_cache[blocks].reshape(b, -1, n_kv, width), dtype)  # (B, W*bs, Hkv, hd)
+    values = read_rows(v_cache[blocks].reshape(b, -1, n_kv, width), dtype)
+    qg = q.to(dtype).view(b, n_kv, n_heads // n_kv, hd)  # (B, Hkv, G, hd)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) / math.sqrt(hd)  # (B, Hkv, G, L)
+    visible = torch.arange(keys.size(1), device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), values)  # (B, Hkv, G, hd)
+    return out.reshape(b, n_heads, hd).to(q.dtype)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K_NEW, V_NEW, K, V, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML,
+    scale, stride_qn, stride_qh, stride_kn, stride_kh_new, stride_vn, stride_vh_new,
+    stride_kb, stride_ks, stride_kh, stride_bt, stride_on, stride_oh,
+    N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr, FP8: tl.constexpr,
+):
+    # Program (sequence s, kv head, split): the GROUP query heads of `kvh` over one share of s's keys.
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + s)
+    share = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N  # keys per split, whole BLOCK_N steps
+    lo = split * share
+    hi = tl.minimum(lo + share, seq_len)
+    last = seq_len - 1  # the new token's position: its key/value come from K_NEW/V_NEW
+    g = tl.arange(0, BLOCK_G)
+    head = kvh * GROUP + g  # (BLOCK_G,) query heads
+    g_ok = g < GROUP
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    q = tl.load(Q + s * stride_qn + head[:, None] * stride_qh + dims[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    k_new = tl.load(K_NEW + s * stride_kn + kvh * stride_kh_new + dims, mask=d_ok, other=0.0)  # (BLOCK_D,)
+    v_new = tl.load(V_NEW + s * stride_vn + kvh * stride_vh_new + dims, mask=d_ok, other=0.0)
+    if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
+        q = q.to(tl.float32)
+    if FP8:  # e4m3 codes and one float32 scale per row (kernels/kv_fp8.py); attend over the dequantized values
+        k_scale = tl.max(tl.abs(k_new.to(tl.float32)), 0) / 448.0  # e4m3fn's largest finite value (FP8_MAX)
+        k_scale = tl.where(k_scale > 0, k_scale, 1.0)
+        v_scale = tl.max(tl.abs(v_new.to(tl.float32)), 0) / 448.0
+        v_scale = tl.where(v_scale > 0, v_scale, 1.0)
+        k_code = round_e4m3(tl.clamp(k_new.to(tl.float32) / k_scale, -448.0, 448.0)).to(tl.float8e4nv)
+        v_code = round_e4m3(tl.clamp(v_new.to(tl.float32) / v_scale, -448.0, 448.0)).to(tl.float8e4nv)
+        k_new = k_code.to(tl.float32) * k_scale
+        v_new = v_code.to(tl.float32) * v_scale
+    if (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
+        slot = tl.load(SLOTS + s).to(tl.int64)
+        row = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        if FP8:
+            tl.store(K + row + dims, k_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            tl.store(V + row + dims, v_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            tl.store((K + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), k_scale)
+            tl.store((V + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), v_scale)
+        else:
+            tl.store(K + row + dims, k_new.to(K.dtype.element_ty), mask=d_ok)
+            tl.store(V + row + dims, v_new.to(V.dtype.element_ty), mask=d_ok)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+        k_ok = kpos < hi
+        cached = k_ok & (kpos != last)
+        block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
+        off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
+        is_new = (kpos == last)[:, None]
+        k = _load_rows(K, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
+        k = tl.where(is_new, k_new[None, :].to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
+        scores = tl.where(k_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
+        v = tl.where(is_new, v_new[None, :].to(v.dtype), v)
+        if UPCAST:
+            v = v.to(tl.float32)
+        elif FP8:
+            v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    if SPLITS == 1:
+        out = acc / l_i[:, None]  # every sequence has >= 1 key: l_i > 0
+        o_ptr = OUT + s * stride_on + head[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:  # partials (B, Hq, SPLITS, HEAD_DIM) and (B, Hq, SPLITS, 2): an empty split leaves m=-inf, l=0
+        row = (s * N_HEADS + head) * SPLITS + split  # (BLOCK_G,)
+        tl.store(PART_O + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(PART_ML + row * 2, m_i, mask=g_ok)
+        tl.store(PART_ML + row * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(PART_O, PART_ML, OUT, stride_on, stride_oh, N_HEADS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    # Program (sequence s, query head h): softmax-weighted merge of the splits' partial sums.
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    row = (s * N_HEADS + h) * SPLITS + tl.arange(0, SPLITS)  # (SPLITS,)
+    m = tl.load(PART_ML + row * 2)
+    l_part = tl.load(PART_ML + row * 2 + 1)
+    m_max = tl.max(m, 0)  # finite: the split holding key 0 is never empty
+    w = tl.exp(m - m_max)  # empty splits: exp(-inf) = 0
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    o = tl.load(PART_O + row[:, None] * HEAD_DIM + dims[None, :], mask=d_ok[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)  # (BLOCK_D,)
+    tl.store(OUT + s * stride_on + h * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=d_ok)
+
+
+def decode_splits(num_seqs: int, n_kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 64) -> int:
+    """Splits per (sequence, kv head): enough programs for two waves over ``num_sms`` multiprocessors, a power
+    of two, at most ``MAX_SPLITS`` and at most the ``block_n``-key steps of the longest sequence."""
+    programs = max(num_seqs * n_kv_heads, 1)
+    want = -(-2 * num_sms // programs)
+    cap = min(MAX_SPLITS, max(1, -(-max_seq_len // block_n)))
+    splits = 1
+    while splits * 2 <= min(want, cap):
+        splits *= 2
+    return splits
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's stand-in)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                        block_tables: torch.Tensor, splits: int = 0) -> torch.Tensor:
+    """The Triton path: (B, Hq, hd) output; writes k/v (B, Hkv, hd) at ``slot_mapping`` (B,). ``splits`` 0:
+    :func:`decode_splits` of the batch size and the longest sequence the block tables can hold."""
+    b, n_heads, hd = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    if splits == 0:
+        splits = decode_splits(b, n_kv, block_tables.size(1) * block_size, num_sms(q.device))
+    if splits < 1 or splits > MAX_SPLITS or splits & (splits - 1):
+        raise ValueError(f"splits={splits} must be 0 (by batch size) or a power of two in [1, {MAX_SPLITS}]")
+    group = n_heads // n_kv
+    out = torch.empty_like(q)
+    block_n = 64 if hd <= 128 else 32
+    block_d = triton.next_power_of_2(hd)
+    if splits > 1:
+        part_o = torch.empty(b, n_heads, splits, hd, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(b, n_heads, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out  # unused
+    _decode_split_kernel[(b, n_kv, splits)](
+        q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, out, part_o, part_ml,
+        1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
+        out.stride(1),
+        N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
+    )
+    if splits > 1:
+        _decode_merge_kernel[(b, n_heads)](part_o, part_ml, out, out.stride(0), out.stride(1), N_HEADS=n_heads,
+                                           HEAD_DIM=hd, BLOCK_D=block_d, SPLITS=splits)
+    return out
+
+
+@torch.library.custom_op("pipeloom::paged_decode", mutates_args=("k_cache", "v_cache"))
+def _paged_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor, splits: int, backend: str) -> torch.Tensor:
+    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend)
+
+
+@_paged_decode_op.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend):
+    return torch.empty_like(q)
+
+
+def _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend) -> torch.Tensor:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r}; choose 'auto', 'torch' or 'triton'")
+    if backend == "triton" or (backend == "auto" and use_triton(q)):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return paged_decode_triton(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits)
+    return paged_decode_torch(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables)
+
+
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, splits: int = 0,
+                 backend: str = "auto") -> torch.Tensor:
+    """Write the new ``k``, ``v`` (B, Hkv, hd) at ``slot_mapping`` and return the attention (B, Hq, hd) of
+    ``q`` (B, Hq, hd) over each sequence's ``seq_lens[s]`` cached tokens. ``splits``: of each sequence's keys
+    (Triton path), 0 to choose by batch size when the kernel runs (so a compiled graph holds no constant that
+    changes with the batch size). Traced by ``torch.compile`` as the custom op ``pipeloom::paged_decode``;
+    eager calls skip the dispatcher."""
+    if torch.compiler.is_compiling():
+        return _paged_decode_op(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend)
+    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend)

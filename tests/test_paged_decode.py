@@ -1,0 +1,152 @@
+# The split-K paged decode kernel against the torch references (GPU, or CPU under TRITON_INTERPRET=1).
+"""``kernels/paged_decode.py``: one new token per sequence, written into the cache by the kernel itself, then
+attention over the sequence's blocks in ``splits`` key shares merged by a second kernel. Without a GPU,
+``test_interpreter_runs_paged_decode_tests`` runs the ``test_triton_*`` tests in a child pytest under
+TRITON_INTERPRET=1 (triton decides interpreter or compiler at import; see test_kernels.py).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pipeloom import features
+from pipeloom.kernels import interpreted
+from pipeloom.kernels.paged_attention import paged_attention_torch
+from pipeloom.kernels.paged_decode import decode_splits, paged_decode, paged_decode_torch, paged_decode_triton
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def device():
+    if not features.has("triton"):
+        pytest.skip("triton is not installed (pip install triton)")
+    if interpreted():
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("no GPU and no TRITON_INTERPRET=1: run by test_interpreter_runs_paged_decode_tests in a child")
+
+
+def _case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, device, seed=0):
+    """(q, k, v, k_cache, v_cache, slots, seq_lens, tables): random caches, shuffled block tables (disjoint, as
+    the block manager's: a slot one sequence writes is never one another reads), the new token of sequence s
+    at position seq_lens[s] - 1."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(seq_lens)
+    width = -(-max(seq_lens) // block_size) + 1  # one spare column: tables are wider than the longest sequence
+    num_blocks = b * width + 3
+    tables = torch.randperm(num_blocks, generator=g)[: b * width].view(b, width).int()
+    slots = torch.tensor([int(tables[s, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                          for s, n in enumerate(seq_lens)])
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    q = torch.randn(b, heads, head_dim, generator=g)
+    k = torch.randn(b, kv_heads, head_dim, generator=g)
+    v = torch.randn(b, kv_heads, head_dim, generator=g)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return [t.to(device, dtype) for t in (q, k, v, k_cache, v_cache)] + [slots.to(device), lens.to(device),
+                                                                         tables.to(device)]
+
+
+def _loop_reference(q, k, v, k_cache, v_cache, slots, seq_lens, tables):
+    """Write k/v slot by slot, then the general paged attention with one query per sequence (float64)."""
+    k_cache, v_cache = k_cache.double().clone(), v_cache.double().clone()
+    nb, bs, n_kv, hd = k_cache.shape
+    for s, slot in enumerate(slots.tolist()):
+        k_cache[slot // bs, slot % bs] = k[s].double()
+        v_cache[slot // bs, slot % bs] = v[s].double()
+    out = paged_attention_torch(q.double(), k_cache, v_cache, [1] * q.size(0), seq_lens.tolist(), tables)
+    return out, k_cache, v_cache
+
+
+# lengths: only the new token (1), a partial block, exact block multiples (8, 16, 64), several 64-key steps
+LENGTHS = [1, 5, 8, 16, 37, 64, 150]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (4, 4, 16, 4),  # no GQA
+    (8, 2, 32, 8),  # GQA 4
+    (8, 1, 16, 16),  # MQA: one kv head, 8 query heads
+    (6, 2, 24, 8),  # GQA 3 and a head dim that is not a power of two
+])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_paged_decode_matches_the_reference(device, heads, kv_heads, head_dim, block_size, splits):
+    args = _case(LENGTHS, heads, kv_heads, head_dim, block_size, torch.float32, device, seed=heads + block_size)
+    q, k, v, k_cache, v_cache, slots, lens, tables = args
+    ref, ref_k, ref_v = _loop_reference(*[a.cpu() for a in args])
+    out = paged_decode_triton(*args, splits=splits)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(k_cache.double().cpu(), ref_k)  # the new keys/values written, nothing else
+    torch.testing.assert_close(v_cache.double().cpu(), ref_v)
+
+
+@pytest.mark.parametrize("splits", [2, 16])  # 16: more splits than 64-key steps, so some are empty
+def test_triton_paged_decode_bfloat16_and_empty_splits(device, splits):
+    args = _case([3, 64, 129], 8, 2, 64, 16, torch.bfloat16, device, seed=splits)
+    ref, ref_k, _ = _loop_reference(*[a.cpu() for a in args])
+    out = paged_decode_triton(*args, splits=splits)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(args[3].double().cpu(), ref_k)
+
+
+def test_triton_paged_decode_rejects_a_bad_split_count(device):
+    args = _case([4], 4, 2, 16, 4, torch.float32, device)
+    with pytest.raises(ValueError, match="splits=3"):
+        paged_decode_triton(*args, splits=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_reference_equals_the_loop_reference(dtype):
+    args = _case(LENGTHS, 8, 2, 16, 8, dtype, torch.device("cpu"), seed=4)
+    ref, ref_k, ref_v = _loop_reference(*args)
+    out = paged_decode_torch(*args)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(args[3].double(), ref_k)
+    torch.testing.assert_close(args[4].double(), ref_v)
+
+
+def test_the_custom_op_compiles_without_a_graph_break():
+    """Under torch.compile the call is the custom op ``pipeloom::paged_decode``: one graph, same output."""
+    import torch._dynamo as dynamo
+
+    args = _case([5, 16, 33], 4, 2, 16, 8, torch.float64, torch.device("cpu"), seed=5)
+    eager_caches = [a.clone() for a in args[3:5]]
+    expected = paged_decode(*args[:3], *eager_caches, *args[5:], backend="torch")
+
+    def step(q, k, v, k_cache, v_cache, slots, lens, tables):
+        return paged_decode(q * 1.0, k, v, k_cache, v_cache, slots, lens, tables, backend="torch") + 0.0
+
+    dynamo.reset()
+    explained = dynamo.explain(step)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(args[3], eager_caches[0])  # the op wrote the caches (it declares the mutation)
+
+
+def test_decode_splits_fill_the_device_and_stay_powers_of_two():
+    assert decode_splits(1, 4, 4096, num_sms=132) == 16  # batch 1: the most splits
+    assert decode_splits(256, 8, 4096, num_sms=132) == 1  # a big batch fills the device by itself
+    assert decode_splits(1, 4, 100, num_sms=132) == 2  # at most one split per 64-key step
+    for b in (1, 3, 17, 64):
+        s = decode_splits(b, 2, 2048, num_sms=132)
+        assert s & (s - 1) == 0 and 1 <= s <= 16
+
+
+def test_interpreter_runs_paged_decode_tests():
+    """Without a GPU: the test_triton_* tests above in a child pytest under TRITON_INTERPRET=1; all must pass."""
+    if not features.has("triton"):
+        pytest.skip("triton is not installed")
+    if interpreted() or torch.cuda.is_available():
+        pytest.skip("the test_triton_* tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-q", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, f"paged-decode Triton tests failed under the interpreter:\n{done.stdout[-6000:]}"
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
