@@ -168,8 +168,8 @@ def pipeloom_engine(plan, built: Built, mesh, device, x, y):
     """A step function running ``plan`` through the runtime, then the shared AdamW; and the runtime."""
     from pipeloom.parallel.runtime import PipelineRuntime
 
-    runtime = PipelineRuntime(plan, built.modules, built.loss_fn, pp_group=mesh.pp_group, pp_ranks=mesh.pp_peers,
-                              timeout=P2P_TIMEOUT)
+    # Every step timed: its bubble rate goes into the table (the training default times every 10th).
+    runtime = PipelineRuntime(plan, built.modules, built.loss_fn, mesh=mesh, timeout=P2P_TIMEOUT, timeline_every=1)
 
     def step():
         with autocast(device):
@@ -274,7 +274,7 @@ def measure_async(plans: dict, built: Built, mesh, device, args, x, y, tokens) -
 
     steps = {}
     for name, plan in plans.items():
-        runtime = PipelineRuntime(plan, built.modules, built.loss_fn, pp_group=mesh.pp_group, pp_ranks=mesh.pp_peers,
+        runtime = PipelineRuntime(plan, built.modules, built.loss_fn, mesh=mesh,
                                   optimizer_factory=lambda ps: adamw(ps, device), timeout=P2P_TIMEOUT)
 
         def step(runtime=runtime):

@@ -1,13 +1,23 @@
 # Benchmark: pipeloom's pipeline runtime against torch.distributed.pipelining and DeepSpeed on 4 CPU ranks.
 """The same model, batch, loss, optimizer and schedule through three pipeline engines; step-time medians.
 
-    torchrun --nproc_per_node=4 bench/peers_cpu.py                 # the full run (a few minutes)
+    torchrun --nproc_per_node=4 bench/peers_cpu.py                 # the full run (several minutes)
     python bench/peers_cpu.py                                      # the same; starts its own 4 ranks
+    python bench/peers_cpu.py --shapes overhead --frameworks pipeloom,torch   # one shape, two engines
     python bench/peers_cpu.py --smoke                              # tiny sizes, one timed step: it runs
 
-Model: ``--layers`` identical pre-norm residual MLP blocks (LayerNorm, Linear D->4D, GELU, Linear 4D->D)
+Model: ``layers`` identical pre-norm residual MLP blocks (LayerNorm, Linear D->4D, GELU, Linear 4D->D)
 on a (B, T, D) float32 tensor, MSE loss against a fixed random target, SGD with momentum (the optimizer
 step is inside the timed step). Every stage holds the same number of blocks (``layers / stages``).
+
+Shapes (``--shapes``, both by default; ``--layers`` etc. override a size in every shape):
+
+* ``default``: 16 blocks, D=128, a batch of 32x16 rows in 8 microbatches of 4 - compute-bound enough
+  that the engines' per-message and per-action costs are a few percent of the step.
+* ``overhead``: 8 blocks, D=32, a batch of 64x8 rows in 32 microbatches of 2 - each action is tens of
+  microseconds of compute, so the step time is mostly the engine's own host work per action and per
+  message (p2p calls, waits, Python): the regime of a GPU, where a microbatch's kernels are short and
+  every host microsecond between them shows up as bubble.
 
 Schedules, matched by name (pipeloom | torch.distributed.pipelining | DeepSpeed):
 
@@ -49,7 +59,9 @@ CPU-time table (summed over the ranks, barriers excluded) is the steadier of the
 splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
 ``--frameworks pipeloom,pipeloom-per-message,torch`` measures what the shape-header cache saves (the
 runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before);
-``--frameworks pipeloom,pipeloom-shared,torch`` what the per-direction p2p groups cost on gloo.
+``--frameworks pipeloom,pipeloom-directional,torch`` what per-direction p2p groups (NCCL's layout) cost on
+gloo, ``pipeloom-shared`` what one group for every link does;
+``--frameworks pipeloom,pipeloom-early-receives,torch`` what posting receives a run early changes.
 """
 
 from __future__ import annotations
@@ -69,9 +81,11 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared")  # pipeloom variants that test an explanation
+DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-directional", "pipeloom-early-receives")
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
-          "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group"}
+          "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group",
+          "pipeloom-directional": "pipeloom, a p2p group per direction", "pipeloom-early-receives":
+          "pipeloom, receives a run early"}
 # schedule -> (chunks per rank, torch.distributed.pipelining class, DeepSpeed schedule or None)
 SCHEDULES = {
     "gpipe": (1, "ScheduleGPipe", "gpipe"),
@@ -79,7 +93,16 @@ SCHEDULES = {
     "interleaved-1f1b": (2, "ScheduleInterleaved1F1B", None),
     "zb-v": (2, "ScheduleZBVZeroBubble", None),
 }
-SMOKE = {"layers": 8, "dim": 16, "batch": 8, "seq": 4, "microbatches": 8, "steps": 1, "repeats": 1, "warmup": 0}
+SIZES = ("layers", "dim", "batch", "seq", "microbatches")
+SHAPES = {  # name -> sizes; see the module docstring
+    "default": {"layers": 16, "dim": 128, "batch": 32, "seq": 16, "microbatches": 8},
+    "overhead": {"layers": 8, "dim": 32, "batch": 64, "seq": 8, "microbatches": 32},
+}
+SMOKE_SHAPES = {  # --smoke: tiny sizes of each shape, one timed step
+    "default": {"layers": 8, "dim": 16, "batch": 8, "seq": 4, "microbatches": 8},
+    "overhead": {"layers": 8, "dim": 8, "batch": 32, "seq": 2, "microbatches": 16},
+}
+SMOKE = {"steps": 1, "repeats": 1, "warmup": 0}
 
 
 # ----- the model, the batch, the loss, the optimizer: identical for every engine -----------------------
@@ -139,7 +162,8 @@ class Engine:
 
 
 # ----- the three engines -------------------------------------------------------------------------------
-def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "directional") -> Engine:
+def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", links: str = "auto",
+                   early_receives: bool = False) -> Engine:
     from pipeloom.parallel import PipelineRuntime, split_stages
     from pipeloom.schedules import get_schedule
 
@@ -150,8 +174,11 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", 
                            f"use {stages_of(schedule, rank)}")
     layers = build_layers(cfg["layers"], cfg["dim"])
     split = split_stages(nn.Sequential(*layers), plan.num_stages, method="uniform")
-    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer,
-                              shapes=shapes, links=links)
+    # Only options that differ from the defaults are passed, so the bench also runs against an older pipeloom
+    # (PYTHONPATH at another checkout) for a before/after comparison.
+    options = {k: v for k, v in (("shapes", shapes), ("links", links), ("early_receives", early_receives))
+               if v != {"shapes": "cached", "links": "auto", "early_receives": False}[k]}
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=make_optimizer, **options)
 
     def step(x, y):
         return runtime.step(x, y).loss
@@ -177,6 +204,18 @@ def build_pipeloom_shared(schedule: str, cfg: dict, rank: int) -> Engine:
     transfers went out as one call; now it goes out as one call per link direction.
     """
     return build_pipeloom(schedule, cfg, rank, links="shared")
+
+
+def build_pipeloom_directional(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom with a p2p group per direction of each link (``links="directional"``), the
+    layout NCCL needs, instead of one group for the pipeline's p2p (the default on gloo)."""
+    return build_pipeloom(schedule, cfg, rank, links="directional")
+
+
+def build_pipeloom_early_receives(schedule: str, cfg: dict, rank: int) -> Engine:
+    """Diagnostic: pipeloom also posting the receives of the next run of transfers with each run
+    (``early_receives=True``) instead of each receive at its own action."""
+    return build_pipeloom(schedule, cfg, rank, early_receives=True)
 
 
 def build_torch(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -286,7 +325,9 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
-            "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared}
+            "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared,
+            "pipeloom-directional": build_pipeloom_directional,
+            "pipeloom-early-receives": build_pipeloom_early_receives}
 
 
 # ----- checks and timing -------------------------------------------------------------------------------
@@ -328,43 +369,51 @@ def run_rank(cfg: dict) -> dict | None:
     if dist.get_world_size() != PP:
         raise SystemExit(f"peers_cpu.py compares 4-stage pipelines: run it on 4 ranks "
                          f"(torchrun --nproc_per_node=4), not {dist.get_world_size()}")
-    x, y = make_batch(cfg["batch"], cfg["seq"], cfg["dim"])
-    ref_loss, ref_layers = reference_step(cfg, x, y)
-    results: dict = {"ref_loss": ref_loss, "rows": []}
-    for schedule in cfg["schedules"]:
-        names = [f for f in cfg["frameworks"] if f != "deepspeed" or SCHEDULES[schedule][2] is not None]
-        engines, checks = {}, {}
-        for name in names:
-            engines[name] = BUILDERS[name](schedule, cfg, rank)
-            loss = engines[name].step(x, y)  # the check step, from the initial weights
-            losses = [None] * PP
-            dist.all_gather_object(losses, loss)
-            diff = torch.tensor(weight_diff(engines[name], ref_layers))
-            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            first = next(v for v in losses if v is not None)
-            checks[name] = (first, abs(first - ref_loss), diff.item())
-        for name in names:
-            for _ in range(cfg["warmup"]):
-                engines[name].step(x, y)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        cpu: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(cfg["repeats"]):
-            for name in names:  # A, B, C, A, B, C, ...: drift hits every engine alike
-                for _ in range(cfg["steps"]):
-                    wall, seconds = timed_step(engines[name], x, y)
-                    times[name].append(wall)
-                    cpu[name].append(seconds)
-        for name in names:  # CPU seconds of each step summed over the ranks
-            per_rank = [None] * PP
-            dist.all_gather_object(per_rank, cpu[name])
-            cpu[name] = [sum(step) for step in zip(*per_rank)]
-        profile = pipeloom_profile(engines["pipeloom"], x, y) if cfg["profile"] and "pipeloom" in engines else None
-        results["rows"].append({"schedule": schedule, "checks": checks, "times": times, "cpu": cpu,
-                                "profile": profile})
-        if rank == 0:
-            print(format_row(results["rows"][-1]), flush=True)
-        del engines
+    results: dict = {"ref_loss": {}, "rows": []}
+    for shape, sizes in cfg["shapes"].items():
+        scfg = {**cfg, **sizes}
+        x, y = make_batch(scfg["batch"], scfg["seq"], scfg["dim"])
+        ref_loss, ref_layers = reference_step(scfg, x, y)
+        results["ref_loss"][shape] = ref_loss
+        for schedule in cfg["schedules"]:
+            row = run_schedule(shape, schedule, scfg, x, y, ref_loss, ref_layers)
+            results["rows"].append(row)
+            if rank == 0:
+                print(format_row(row), flush=True)
     return results if rank == 0 else None
+
+
+def run_schedule(shape: str, schedule: str, cfg: dict, x, y, ref_loss: float, ref_layers) -> dict:
+    """One table row: every engine checked against one process, then timed in alternating rounds."""
+    rank = dist.get_rank()
+    names = [f for f in cfg["frameworks"] if f != "deepspeed" or SCHEDULES[schedule][2] is not None]
+    engines, checks = {}, {}
+    for name in names:
+        engines[name] = BUILDERS[name](schedule, cfg, rank)
+        loss = engines[name].step(x, y)  # the check step, from the initial weights
+        losses = [None] * PP
+        dist.all_gather_object(losses, loss)
+        diff = torch.tensor(weight_diff(engines[name], ref_layers))
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        first = next(v for v in losses if v is not None)
+        checks[name] = (first, abs(first - ref_loss), diff.item())
+    for name in names:
+        for _ in range(cfg["warmup"]):
+            engines[name].step(x, y)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(cfg["repeats"]):
+        for name in names:  # A, B, C, A, B, C, ...: drift hits every engine alike
+            for _ in range(cfg["steps"]):
+                wall, seconds = timed_step(engines[name], x, y)
+                times[name].append(wall)
+                cpu[name].append(seconds)
+    for name in names:  # CPU seconds of each step summed over the ranks
+        per_rank = [None] * PP
+        dist.all_gather_object(per_rank, cpu[name])
+        cpu[name] = [sum(step) for step in zip(*per_rank)]
+    profile = pipeloom_profile(engines["pipeloom"], x, y) if cfg["profile"] and "pipeloom" in engines else None
+    return {"shape": shape, "schedule": schedule, "checks": checks, "times": times, "cpu": cpu, "profile": profile}
 
 
 def pipeloom_profile(engine: Engine, x, y) -> list[dict] | None:
@@ -399,24 +448,29 @@ def median_ms(times: list[float]) -> float:
 
 
 def format_row(row: dict) -> str:
-    parts = [f"{row['schedule']}:"]
+    parts = [f"{row['shape']} {row['schedule']}:"]
     for name, (loss, ldiff, wdiff) in row["checks"].items():
         parts.append(f"{LABELS[name]} {median_ms(row['times'][name]):.1f} ms (loss {loss:.6f}, |diff| {ldiff:.1e}, "
                      f"weights |diff| {wdiff:.1e})")
     return "  ".join(parts)
 
 
-def table(results: dict, frameworks: list[str], key: str = "times") -> str:
-    """Markdown: per-step medians (ms) by engine and schedule, and the ratios first engine / each other
-    (below 1: the first, pipeloom by default, is faster). ``key``: "times" (wall time of the step) or
-    "cpu" (CPU time of the step, summed over the 4 ranks)."""
+def table(results: dict, frameworks: list[str]) -> str:
+    """Markdown: per shape and schedule, the median step time (wall, barrier to barrier) and the median CPU
+    time of the step summed over the 4 ranks (gloo's threads included), in ms, by engine, each followed by
+    the ratios first engine / each other (below 1: the first, pipeloom by default, is faster)."""
     first, others = frameworks[0], frameworks[1:]
-    head = ["schedule"] + [f"{LABELS[f]} ms" for f in frameworks] + [f"{LABELS[first]} / {LABELS[f]}" for f in others]
+    head = ["shape", "schedule"]
+    for what in ("wall", "CPU"):
+        head += [f"{what}: {LABELS[f]}" for f in frameworks] + [f"{what}: {LABELS[first]} / {LABELS[f]}"
+                                                                for f in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["rows"]:
-        t = {f: median_ms(v) for f, v in row[key].items()}
-        cells = [row["schedule"]] + [f"{t[f]:.1f}" if f in t else "n/a" for f in frameworks]
-        cells += [f"{t[first] / t[f]:.2f}" if f in t and first in t else "n/a" for f in others]
+        cells = [row["shape"], row["schedule"]]
+        for key in ("times", "cpu"):
+            t = {f: median_ms(v) for f, v in row[key].items()}
+            cells += [f"{t[f]:.1f}" if f in t else "n/a" for f in frameworks]
+            cells += [f"{t[first] / t[f]:.2f}" if f in t and first in t else "n/a" for f in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -424,8 +478,9 @@ def table(results: dict, frameworks: list[str], key: str = "times") -> str:
 def same_work(results: dict) -> str:
     worst_loss = max(c[1] for row in results["rows"] for c in row["checks"].values())
     worst_weight = max(c[2] for row in results["rows"] for c in row["checks"].values())
-    return (f"Same work: first-step loss {results['ref_loss']:.6f} in one process; max |loss diff| over all "
-            f"engines and schedules {worst_loss:.1e}, max |weight diff| after the first step {worst_weight:.1e}.")
+    refs = ", ".join(f"{shape} {loss:.6f}" for shape, loss in results["ref_loss"].items())
+    return (f"Same work: first-step loss in one process {refs}; max |loss diff| over all engines, shapes and "
+            f"schedules {worst_loss:.1e}, max |weight diff| after the first step {worst_weight:.1e}.")
 
 
 def profile_text(results: dict) -> str:
@@ -433,7 +488,7 @@ def profile_text(results: dict) -> str:
               "actions | after the last action (loss broadcast, drain)")]
     for row in results["rows"]:
         for p in row["profile"] or []:
-            lines.append(f"  {row['schedule']:<17} rank {p['rank']}: {p['wall'] * 1e3:7.1f} "
+            lines.append(f"  {row['shape']:<8} {row['schedule']:<17} rank {p['rank']}: {p['wall'] * 1e3:7.1f} "
                          f"| {p['actions'] * 1e3:7.1f} "
                          f"| {p['compute'] * 1e3:7.1f} | {p['comm'] * 1e3:7.1f} | {p['update'] * 1e3:5.1f} "
                          f"| {p['gaps'] * 1e3:6.1f} | {p['tail'] * 1e3:5.1f}")
@@ -443,11 +498,12 @@ def profile_text(results: dict) -> str:
 # ----- entry point -------------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16, help="blocks; a multiple of 8 (8 chunks for vpp=2)")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32, help="rows per step, split into microbatches")
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    parser.add_argument("--layers", type=int, help="blocks, in every shape; a multiple of 8 (8 chunks for vpp=2)")
+    parser.add_argument("--dim", type=int, help="model width, in every shape")
+    parser.add_argument("--batch", type=int, help="rows per step, split into microbatches, in every shape")
+    parser.add_argument("--seq", type=int, help="positions per row, in every shape")
+    parser.add_argument("--microbatches", type=int, help="microbatches per step, in every shape")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per engine per round")
     parser.add_argument("--repeats", type=int, default=6, help="rounds A, B, C")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per engine after the check step")
@@ -455,26 +511,29 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
                         help=f"comma list of {list(FRAMEWORKS + DIAGNOSTIC)}; the first is the numerator of the ratios")
     parser.add_argument("--profile", action="store_true", help="split one pipeloom step per rank")
-    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes, one timed step: {SMOKE}")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes, one timed step: {SMOKE_SHAPES}")
     return parser.parse_args(argv)
 
 
 def config(args: argparse.Namespace) -> dict:
     """The run's settings as a plain dict (it travels to spawned ranks); drops DeepSpeed if absent."""
-    cfg = {k: getattr(args, k) for k in ("layers", "dim", "batch", "seq", "microbatches", "steps", "repeats",
-                                         "warmup", "profile")}
+    cfg = {k: getattr(args, k) for k in ("steps", "repeats", "warmup", "profile")}
     if args.smoke:
         cfg.update(SMOKE)
+    names = [s for s in args.shapes.split(",") if s]
     cfg["schedules"] = [s for s in args.schedules.split(",") if s]
     cfg["frameworks"] = [f for f in args.frameworks.split(",") if f]
-    unknown = (sorted(set(cfg["schedules"]) - set(SCHEDULES))
+    unknown = (sorted(set(names) - set(SHAPES)) + sorted(set(cfg["schedules"]) - set(SCHEDULES))
                + sorted(set(cfg["frameworks"]) - set(FRAMEWORKS + DIAGNOSTIC)))
     if unknown:
-        raise SystemExit(f"unknown schedule or framework {unknown}; schedules: {list(SCHEDULES)}, "
-                         f"frameworks: {list(FRAMEWORKS + DIAGNOSTIC)}")
-    if cfg["layers"] % (2 * PP) or cfg["batch"] % cfg["microbatches"]:
-        raise SystemExit(f"--layers must be a multiple of {2 * PP} (got {cfg['layers']}) and --batch a multiple of "
-                         f"--microbatches (got {cfg['batch']} and {cfg['microbatches']})")
+        raise SystemExit(f"unknown shape, schedule or framework {unknown}; shapes: {list(SHAPES)}, schedules: "
+                         f"{list(SCHEDULES)}, frameworks: {list(FRAMEWORKS + DIAGNOSTIC)}")
+    overrides = {k: getattr(args, k) for k in SIZES if getattr(args, k) is not None}
+    cfg["shapes"] = {name: {**(SMOKE_SHAPES if args.smoke else SHAPES)[name], **overrides} for name in names}
+    for name, sizes in cfg["shapes"].items():
+        if sizes["layers"] % (2 * PP) or sizes["batch"] % sizes["microbatches"]:
+            raise SystemExit(f"shape {name}: --layers must be a multiple of {2 * PP} (got {sizes['layers']}) and "
+                             f"--batch a multiple of --microbatches (got {sizes['batch']} and {sizes['microbatches']})")
     from pipeloom import features
 
     if "deepspeed" in cfg["frameworks"] and not features.has("deepspeed"):
@@ -498,13 +557,11 @@ def main(argv=None) -> None:
 
         results = run_ranks(run_rank, PP, cfg, timeout=3600.0)[0]
     if results is not None:
-        print(f"\n{PP} gloo ranks, torch {torch.__version__}, layers={cfg['layers']} dim={cfg['dim']} "
-              f"batch={cfg['batch']}x{cfg['seq']} microbatches={cfg['microbatches']}, median of "
-              f"{cfg['repeats']}x{cfg['steps']} steps per cell\n")
-        print("Step time (wall, barrier to barrier), median ms:\n")
+        shapes = "; ".join(f"{name}: layers={c['layers']} dim={c['dim']} batch={c['batch']}x{c['seq']} "
+                           f"microbatches={c['microbatches']}" for name, c in cfg["shapes"].items())
+        print(f"\n{PP} gloo ranks, torch {torch.__version__}; {shapes}; median of {cfg['repeats']}x{cfg['steps']} "
+              f"steps per cell, engines alternating\n")
         print(table(results, cfg["frameworks"]))
-        print("\nCPU time of the step summed over the 4 ranks (gloo threads included), median ms:\n")
-        print(table(results, cfg["frameworks"], key="cpu"))
         print("\n" + same_work(results))
         if cfg["profile"]:
             print("\n" + profile_text(results))

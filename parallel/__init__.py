@@ -1,8 +1,8 @@
 # pipeloom.parallel: HOW a model runs across devices - pipeline stages and runtime, meshes, TP, DP.
 """Parallelism applied to plain models.
 
-Pipeline parallelism (``stage``, ``runtime``, ``p2p``, ``backward``, ``versions``, ``tied``, ``microbatch``,
-``measure``)::
+Pipeline parallelism (``stage``, ``runtime`` with ``runtime_setup`` and the compiled ``program``, ``p2p`` and
+its ``links``, ``backward``, ``versions``, ``tied``, ``microbatch``, ``measure``)::
 
     from pipeloom.parallel import PipelineRuntime, split_stages
     plan = get_schedule("1f1b", pp=4, microbatches=8)

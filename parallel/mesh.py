@@ -8,8 +8,10 @@ tested in one process.
 :class:`Mesh` adds the ``torch.distributed.device_mesh.DeviceMesh`` with dims ``("dp", "pp", "tp")`` -
 tp innermost, so the ranks of one tensor-parallel group are adjacent (on a multi-GPU host they share the
 fastest links, as in Megatron-LM, arXiv 1909.08053 §3 and arXiv 2104.04473 §3.3). It exposes the three
-process groups, this rank's coordinate, and the global ranks of the pipeline peers. It is passed
-explicitly to whatever needs a group; nothing is kept in module-level globals.
+process groups, this rank's coordinate, and the global ranks of the pipeline peers, and owns the
+per-direction p2p groups of the pipeline links (:attr:`Mesh.links`, created by the first pipeline runtime
+built on it and reused by later ones). It is passed explicitly to whatever needs a group; nothing is kept
+in module-level globals.
 
 Rank layout (row-major over ``(dp, pp, tp)``)::
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
+
+from .links import PipelineLinks
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Mesh:
 
     dims: ParallelDims
     device_mesh: Any = field(repr=False)  # torch.distributed.device_mesh.DeviceMesh, dims ("dp", "pp", "tp")
+    links: PipelineLinks = field(default_factory=PipelineLinks, repr=False, compare=False)  # pipeline p2p groups
 
     @classmethod
     def build(cls, dp: int = 1, pp: int = 1, tp: int = 1, device_type: str = "cpu") -> Mesh:

@@ -182,17 +182,29 @@ class Plan:
     def info(self) -> dict:
         return dict(self.meta)
 
+    # Facts read from every action, computed once per plan (a Plan is immutable) and kept out of the
+    # dataclass fields, so they change neither equality nor hashing nor serialisation.
+    def _fact(self, name: str, compute) -> object:
+        cached = self.__dict__.get(name)
+        if cached is None:
+            cached = compute()
+            object.__setattr__(self, name, cached)
+        return cached
+
     @property
     def is_forward_only(self) -> bool:
-        return not any(a.kind is Kind.B for a in self.actions())
+        """No backward anywhere (an inference plan)."""
+        return self._fact("_forward_only", lambda: not any(a.kind is Kind.B for a in self.actions()))
 
     @property
     def is_versioned(self) -> bool:
-        return any(a.version is not None for a in self.actions())
+        """Some action carries a weight version (PipeDream, 2BW)."""
+        return self._fact("_versioned", lambda: any(a.version is not None for a in self.actions()))
 
     @property
     def has_comm(self) -> bool:
-        return any(a.kind.is_comm for a in self.actions())
+        """The plan has been lowered with sends and receives."""
+        return self._fact("_has_comm", lambda: any(a.kind.is_comm for a in self.actions()))
 
     def actions(self) -> Iterator[Action]:
         for actions in self.ranks:
@@ -204,11 +216,8 @@ class Plan:
 
     @property
     def _split_pairs(self) -> frozenset:
-        cached = self.__dict__.get("_split_cache")
-        if cached is None:
-            cached = frozenset((a.stage, a.microbatch) for a in self.actions() if a.kind is Kind.W)
-            object.__setattr__(self, "_split_cache", cached)
-        return cached
+        return self._fact("_split_cache",
+                          lambda: frozenset((a.stage, a.microbatch) for a in self.actions() if a.kind is Kind.W))
 
     def weight_version(self, stage: int, microbatch: int) -> int:
         """The weight version microbatch ``microbatch`` uses on ``stage`` (versioned plans only)."""

@@ -1,4 +1,4 @@
-# bench/peers_cpu.py end to end in smoke mode on 4 CPU ranks; DeepSpeed's column skipped when it is absent.
+# bench/peers_cpu.py end to end in smoke mode on 4 CPU ranks (DeepSpeed skipped when absent); bench/host_syncs.py runs.
 import importlib.util
 import re
 import subprocess
@@ -24,20 +24,23 @@ def _load_bench():
 def test_smoke_runs_all_engines_and_they_do_the_same_work():
     """Smoke mode starts its own 4 ranks, times every schedule, and the engines agree with one process.
 
-    About 15 s on the 2-core box; the first run with deepspeed installed also JIT-builds its CPU shm op
+    About 30 s on the 2-core box (two shapes); the first run with deepspeed installed also JIT-builds its CPU shm op
     (about 2 minutes, cached afterwards), hence the generous timeout.
     """
     done = subprocess.run([sys.executable, str(BENCH), "--smoke"], cwd=REPO, capture_output=True, text=True,
                           timeout=280, check=False)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
-    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
-    for schedule in ("gpipe", "1f1b", "interleaved-1f1b", "zb-v"):
-        assert schedule in rows, done.stdout
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in done.stdout.splitlines()
+            if line.startswith("| ")}
+    for shape in ("default", "overhead"):  # today's shape and the overhead-bound one (many small microbatches)
+        for schedule in ("gpipe", "1f1b", "interleaved-1f1b", "zb-v"):
+            assert (shape, schedule) in rows, done.stdout
+    assert "wall: pipeloom / torch.pipelining" in done.stdout and "CPU: pipeloom / torch.pipelining" in done.stdout
     deepspeed = "DeepSpeed is not installed" not in done.stdout
-    assert ("DeepSpeed ms" in done.stdout) == deepspeed, done.stdout
+    assert ("wall: DeepSpeed" in done.stdout) == deepspeed, done.stdout
     if deepspeed:  # DeepSpeed runs GPipe and 1F1B only
-        assert "n/a" not in rows["1f1b"] and "n/a" in rows["zb-v"], done.stdout
+        assert "n/a" not in rows[("default", "1f1b")] and "n/a" in rows[("default", "zb-v")], done.stdout
     same = re.search(r"max \|loss diff\| .* ([0-9.e+-]+), max \|weight diff\| after the first step ([0-9.e+-]+)\.",
                      done.stdout)
     assert same, done.stdout
@@ -53,12 +56,26 @@ def test_missing_deepspeed_is_skipped_with_a_message(monkeypatch, capsys):
     cfg = bench.config(bench.parse(["--smoke"]))
     assert cfg["frameworks"] == ["pipeloom", "torch"]
     assert "DeepSpeed is not installed" in capsys.readouterr().out
-    assert cfg["layers"] == bench.SMOKE["layers"] and cfg["steps"] == 1
+    assert cfg["shapes"] == bench.SMOKE_SHAPES and cfg["steps"] == 1
 
 
 def test_unknown_names_and_bad_sizes_are_refused():
     bench = _load_bench()
-    with pytest.raises(SystemExit, match="unknown schedule or framework"):
+    with pytest.raises(SystemExit, match="unknown shape, schedule or framework"):
         bench.config(bench.parse(["--schedules", "1f1b,dualpipe"]))
+    with pytest.raises(SystemExit, match=r"\['huge'\]"):
+        bench.config(bench.parse(["--shapes", "huge"]))
     with pytest.raises(SystemExit, match="multiple of 8"):
         bench.config(bench.parse(["--layers", "12"]))
+
+
+@pytest.mark.slow
+def test_host_sync_count_runs_and_finds_no_timed_waits():
+    """bench/host_syncs.py on 2 CPU ranks: the runtime's p2p waits pass no timeout (NCCL would poll)."""
+    script = REPO / "bench" / "host_syncs.py"
+    done = subprocess.run([sys.executable, str(script), "--steps", "2", "--warmup", "1", "--microbatches", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert "untimed waits" in rows and "timed waits" not in rows, done.stdout
+    assert "tensor reads (cpu tensor, in _loss_weights)" in rows, done.stdout  # one read of the target counts

@@ -15,6 +15,7 @@ from torch import nn
 EXACT = 1e-12  # float64: the pipeline sums microbatch gradients, one process sums inside the matmuls
 V, D, T_MAX = 13, 8, 12
 SYNC = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
+CHUNKS = {"attention_mask": "split"}  # the (B, T) mask is cut with the batch; position ids go whole
 
 
 # ----- a user-style layer stack: tied embedding/head, extras (attention mask, position ids) ---------------
@@ -123,7 +124,7 @@ def sync_worker(pp: int, cases: list, m: int = 4, ordered: bool | None = None, s
         split = split_stages(list(model), plan.num_stages, method=layout)
         runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied,
                                   optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout=60,
-                                  ordered_messages=ordered, shapes=shapes)
+                                  ordered_messages=ordered, shapes=shapes, extras_chunks=CHUNKS)
         ref_model = copy.deepcopy(model)
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
         diffs = {"loss": 0.0, "out": 0.0, "grad": 0.0, "param": 0.0, "tied": 0.0}
@@ -163,7 +164,8 @@ def versioned_worker(pp: int, cases: list) -> dict:
                    else (lambda ps: torch.optim.Adam(ps, lr=0.01)))
         split = split_stages(list(model), pp)
         emulated = emulate(copy.deepcopy(split.stages), name, options, pp, m, factory)
-        runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=factory, timeout=60)
+        runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, optimizer_factory=factory, timeout=60,
+                                  extras_chunks=CHUNKS)
         losses = []
         for step in range(3):
             tokens, targets, extras = batch(2 * m, 4, seed=10 + step)
@@ -238,7 +240,7 @@ def shapes_worker(pp: int, name: str, shapes: str, ordered: bool | None = None, 
     model = build(2 * pp, tied=False)  # untied: every p2p operation is a plan message
     split = split_stages(list(model), plan.num_stages)
     runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, timeout=60, ordered_messages=ordered,
-                              shapes=shapes)
+                              shapes=shapes, extras_chunks=CHUNKS)
     lowered = runtime.plan
     boundaries = sum(1 for s in range(lowered.num_stages - 1) if lowered.rank_of(s) != lowered.rank_of(s + 1)
                      and rank in (lowered.rank_of(s), lowered.rank_of(s + 1)))
@@ -303,7 +305,7 @@ def timeout_worker(timeout: float) -> str | None:
     plan = get_schedule("1f1b", pp=2, microbatches=2)
     split = split_stages(list(build(2, tied=False)), 2)
     runtime = PipelineRuntime(plan, split.for_rank(plan, dist.get_rank()), loss_fn, pp_group=group,
-                              pp_ranks=[0, 1], timeout=timeout)
+                              pp_ranks=[0, 1], timeout=timeout, extras_chunks=CHUNKS)
     if dist.get_rank() == 0:
         return None
     tokens, targets, extras = batch(4, 3, seed=0)
@@ -339,7 +341,8 @@ def forward_only_worker() -> dict:
     plan = get_schedule("forward-only", pp=2, microbatches=3)
     model = build(3)
     split = split_stages(list(model), 2)
-    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied, timeout=60)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied, timeout=60,
+                              extras_chunks=CHUNKS)
     tokens, targets, extras = batch(5, 4, seed=7)
     result = runtime.step(tokens, targets, extras, return_outputs=True)
     _, ref_loss, ref_out = reference(model, tokens, targets, extras)
@@ -352,7 +355,8 @@ def report_worker(name: str) -> dict:
     rank = dist.get_rank()
     plan = get_schedule(name, pp=dist.get_world_size(), microbatches=8)
     split = split_stages(list(build(2 * plan.num_stages - 2)), plan.num_stages)
-    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied, timeout=60)
+    runtime = PipelineRuntime(plan, split.for_rank(plan, rank), loss_fn, tied=split.tied, timeout=60,
+                              extras_chunks=CHUNKS)
     tokens, targets, extras = batch(16, 6, seed=3)
     for _ in range(2):
         result = runtime.step(tokens, targets, extras)
@@ -467,7 +471,7 @@ def test_models_gpt_tied_pipeline_equals_one_process(pool2):
 def test_one_process_without_torch_distributed():
     plan = get_schedule("zb-h1", pp=1, microbatches=3)
     model = build(3)
-    runtime = PipelineRuntime(plan, split_stages(list(model), 1).for_rank(plan, 0), loss_fn)
+    runtime = PipelineRuntime(plan, split_stages(list(model), 1).for_rank(plan, 0), loss_fn, extras_chunks=CHUNKS)
     tokens, targets, extras = batch(5, 4, seed=2)
     result = runtime.step(tokens, targets, extras, return_outputs=True)
     ref, ref_loss, ref_out = reference(model, tokens, targets, extras)

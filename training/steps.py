@@ -137,10 +137,12 @@ class LocalStep:
 class StageUpdate:
     """The optimizer step of one stage inside a weight-versioned step (PipeDream, 2BW).
 
-    The runtime calls :meth:`step` at each ``UPDATE``: the stage's gradients are summed over dp (they are
-    shares of the update group's global mean), sequence-parallel norm gradients added over tp, the norm of
-    this stage's gradient clipped (over tp only: the stages update at different moments, and a pipeline-wide
-    norm would need the synchronisation these schedules remove), and the optimizer stepped.
+    The runtime calls :meth:`step` at each ``UPDATE``: the stage's gradients are summed over ``dp_group``
+    (they are shares of the update group's global mean; leave it None where the runtime, given a mesh with
+    dp > 1, has summed them already, as :func:`make_stepper` does), sequence-parallel norm gradients added
+    over tp, the norm of this stage's gradient clipped (over tp only: the stages update at different
+    moments, and a pipeline-wide norm would need the synchronisation these schedules remove), and the
+    optimizer stepped.
     """
 
     def __init__(self, optimizer, parts: ModelParts, *, dp_group=None, tp_group=None, grad_clip: float = 0.0,
@@ -184,13 +186,13 @@ class PipelineStep:
         if self.updates_weights and update is None:
             raise ValueError(f"plan {parts.plan.name!r} updates weights during the step: pass update=StageUpdate(...)")
         optimizers = {s: update for s in parts.modules} if self.updates_weights else None
-        self._groups = dict(pp_group=mesh.pp_group if mesh is not None else None,
-                            pp_ranks=mesh.pp_peers if mesh is not None else None)
         rank = mesh.pp_rank if mesh is not None else 0
         self.grads = grads or GradReducer(parts, dp_group, parts.plan.ranks[rank])
+        # The mesh owns the link groups (shared with the evaluation runtime). With an update inside and dp > 1
+        # the runtime sums the replicas' shares over the mesh's dp group before each UPDATE calls it.
         self.runtime = PipelineRuntime(parts.plan, parts.modules, parts.loss_fn, tied=parts.tied, timeout=timeout,
-                                       optimizers=optimizers, weight_group=dp_group, around_action=self.grads.around,
-                                       **self._groups)
+                                       optimizers=optimizers, weight_group=dp_group, mesh=mesh,
+                                       around_action=self.grads.around)
         self._eval = None
         self.timeout = timeout
         self.last_full_timeline: Timeline | None = None
@@ -231,7 +233,7 @@ class PipelineStep:
             forwards = plan.replace(ranks=[[a.with_version(None) for a in r if a.kind is Kind.F] for r in plan.ranks],
                                     name=f"{plan.name}-forward")
             self._eval = PipelineRuntime(forwards, self.parts.modules, self.parts.loss_fn, tied=self.parts.tied,
-                                         timeout=self.timeout, **self._groups)
+                                         timeout=self.timeout, mesh=self.mesh)  # the mesh's link groups, shared
         with self.autocast():
             return self._eval.step(inputs, targets).loss
 
@@ -261,6 +263,7 @@ def make_stepper(parts: ModelParts, mesh=None, autocast=None, *, optimizer=None,
         raise ValueError(f"plan {plan.name!r} places {len(parts.modules)} stages on one rank; weight-versioned "
                          "training steps one optimizer per rank, so it needs one stage per rank")
     tp_group = mesh.tp_group if mesh is not None and mesh.tp > 1 else None
-    update = StageUpdate(optimizer, parts, dp_group=dp_group, tp_group=tp_group, grad_clip=grad_clip,
+    # No dp_group: given the mesh, the runtime sums the shares over dp before each UPDATE calls the update.
+    update = StageUpdate(optimizer, parts, tp_group=tp_group, grad_clip=grad_clip,
                          sequence_parallel=sequence_parallel)
     return PipelineStep(parts, mesh, autocast, timeout=timeout, dp_group=dp_group, update=update)
