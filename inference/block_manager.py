@@ -212,7 +212,10 @@ class BlockManager:
                 if b in self.block_key:
                     self._unkey(b)
                 self.free_list.append(b)
-        del table[keep:]
+        # a new list, not ``del table[keep:]``: the model runner's host block tables (host_inputs.BlockTables)
+        # refresh a row when its list object changes or grows; shrunk in place and regrown to the same length
+        # by the next allocation, the row would keep the released blocks' ids
+        self.tables[request.id] = table[:keep]
         hashes = self._hashes.get(request.id)
         if hashes is not None:
             del hashes[num_tokens // self.block_size :]

@@ -189,3 +189,29 @@ def test_llm_and_generate_config_select_speculation():
         LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="eagle")
     with pytest.raises(ValueError, match="num_speculative_tokens=0"):
         LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="ngram", num_speculative_tokens=0)
+
+
+def test_host_block_tables_follow_a_truncated_and_regrown_table():
+    """Rejected drafts' blocks are released (BlockManager.truncate) and the table regrows at the next allocation,
+    possibly with other blocks (another sequence took the released ones meanwhile): the runner's host copy of
+    the table must follow. Shrinking the list in place and regrowing it to the same length left the host row
+    with the released blocks' ids, and the verification attended to another sequence's keys (seen as
+    speculative greedy tokens that were not the model's argmax)."""
+    from types import SimpleNamespace
+
+    from pipeloom.inference.block_manager import BlockManager
+    from pipeloom.inference.host_inputs import BlockTables
+
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a, b = SimpleNamespace(id="a", num_computed=0), SimpleNamespace(id="b", num_computed=0)
+    host = BlockTables(max_blocks=8)
+    assert bm.allocate(a, 8)  # a: two blocks
+    host.rows(["a"], bm)
+    a.num_computed = 5
+    bm.truncate(a, 5)  # keep the blocks of 5 tokens: two -> two; then drop to one
+    a.num_computed = 4
+    bm.truncate(a, 4)
+    assert bm.allocate(b, 4)  # b takes the block a released
+    assert bm.allocate(a, 4)  # a regrows to two blocks, with another block
+    row = host.rows(["a"], bm)[0]
+    assert host.array[row, : len(bm.tables["a"])].tolist() == list(bm.tables["a"])
