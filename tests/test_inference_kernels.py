@@ -3,30 +3,17 @@
 child pytest under TRITON_INTERPRET=1 (triton decides interpreter or compiler at import; see test_kernels.py).
 """
 
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
-from pipeloom import features
-from pipeloom.kernels import interpreted
 from pipeloom.kernels.paged_attention import paged_attention_torch, paged_attention_triton, query_tiles
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def device():
-    if not features.has("triton"):
-        pytest.skip("triton is not installed (pip install triton)")
-    if interpreted():
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("no GPU and no TRITON_INTERPRET=1: run by test_interpreter_runs_paged_triton_tests in a child")
+def device(triton_child):
+    return triton_child.device("test_interpreter_runs_paged_triton_tests")
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 16, 4), (8, 1, 32, 16), (6, 2, 16, 8)])
@@ -78,15 +65,6 @@ def test_query_tiles_cover_every_token_once():
     assert list(zip(seqs, firsts)) == [(0, 0), (0, 4), (1, 0), (2, 0), (2, 4), (2, 8), (2, 12), (2, 16)]
 
 
-def test_interpreter_runs_paged_triton_tests():
+def test_interpreter_runs_paged_triton_tests(triton_child):
     """Without a GPU: the test_triton_* tests above in a child pytest under TRITON_INTERPRET=1; all must pass."""
-    if not features.has("triton"):
-        pytest.skip("triton is not installed")
-    if interpreted() or torch.cuda.is_available():
-        pytest.skip("the test_triton_* tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
-    assert done.returncode == 0, f"paged-attention Triton tests failed under the interpreter:\n{done.stdout[-6000:]}"
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
+    triton_child.run(__file__, "paged-attention")

@@ -1,34 +1,21 @@
 # The fp8 KV cache: row format bounds, twice the blocks per byte, and the Triton prefill / split-K decode kernels
 # reading (and the decode kernel writing) it against the torch reference (GPU, or CPU under TRITON_INTERPRET=1).
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
-from pipeloom import features
-from pipeloom.kernels import interpreted
 from pipeloom.kernels.kv_fp8 import dequantize_rows, quantize_rows
 from pipeloom.kernels.paged_attention import paged_attention_torch, paged_attention_triton
 from pipeloom.kernels.paged_decode import paged_decode_torch, paged_decode_triton
 from pipeloom.models import get_model_config
 
-REPO = Path(__file__).resolve().parents[1]
 E4M3_REL = 2.0**-4  # half a unit in the last place of a 3-bit mantissa, relative
 E4M3_SUBNORMAL_STEP = 2.0**-9  # the spacing of e4m3's subnormals, in units of the scale
 
 
 @pytest.fixture
-def device():
-    if not features.has("triton"):
-        pytest.skip("triton is not installed (pip install triton)")
-    if interpreted():
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("no GPU and no TRITON_INTERPRET=1: run by test_interpreter_runs_fp8_triton_tests in a child")
+def device(triton_child):
+    return triton_child.device("test_interpreter_runs_fp8_triton_tests")
 
 
 def test_rows_round_trip_within_the_e4m3_bound():
@@ -151,15 +138,6 @@ def test_triton_fp8_engine_forward_matches_the_torch_path(device):
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
 
 
-def test_interpreter_runs_fp8_triton_tests():
+def test_interpreter_runs_fp8_triton_tests(triton_child):
     """Without a GPU: the test_triton_* tests above in a child pytest under TRITON_INTERPRET=1; all must pass."""
-    if not features.has("triton"):
-        pytest.skip("triton is not installed")
-    if interpreted() or torch.cuda.is_available():
-        pytest.skip("the test_triton_* tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
-    assert done.returncode == 0, f"fp8 KV Triton tests failed under the interpreter:\n{done.stdout[-6000:]}"
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
+    triton_child.run(__file__, "fp8 KV")

@@ -5,30 +5,17 @@ attention over the sequence's blocks in ``splits`` key shares merged by a second
 TRITON_INTERPRET=1 (triton decides interpreter or compiler at import; see test_kernels.py).
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from pipeloom import features
-from pipeloom.kernels import interpreted
 from pipeloom.kernels.paged_attention import paged_attention_torch
 from pipeloom.kernels.paged_decode import decode_splits, paged_decode, paged_decode_torch, paged_decode_triton
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def device():
-    if not features.has("triton"):
-        pytest.skip("triton is not installed (pip install triton)")
-    if interpreted():
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("no GPU and no TRITON_INTERPRET=1: run by test_interpreter_runs_paged_decode_tests in a child")
+def device(triton_child):
+    return triton_child.device("test_interpreter_runs_paged_decode_tests")
 
 
 def _case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, device, seed=0):
@@ -138,15 +125,6 @@ def test_decode_splits_fill_the_device_and_stay_powers_of_two():
         assert s & (s - 1) == 0 and 1 <= s <= 16
 
 
-def test_interpreter_runs_paged_decode_tests():
+def test_interpreter_runs_paged_decode_tests(triton_child):
     """Without a GPU: the test_triton_* tests above in a child pytest under TRITON_INTERPRET=1; all must pass."""
-    if not features.has("triton"):
-        pytest.skip("triton is not installed")
-    if interpreted() or torch.cuda.is_available():
-        pytest.skip("the test_triton_* tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
-    assert done.returncode == 0, f"paged-decode Triton tests failed under the interpreter:\n{done.stdout[-6000:]}"
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
+    triton_child.run(__file__, "paged-decode")
