@@ -10,7 +10,9 @@ runs its fused Triton kernels (LayerNorm, cross-entropy) on the GPU, as the trai
 default; ``-torchkernels`` in a pipeloom variant's name switches them off (``set_kernels("torch")``),
 ``-fused`` uses the chunked linear + cross-entropy head, ``-cudnn`` asks SDPA for cuDNN attention,
 ``-float8-tensorwise`` / ``-float8-rowwise`` converts the linears to torchao's float8 training layers
-(``pipeloom.training.float8``: torchao's per-recipe size thresholds, or ``-minN`` for one threshold N).
+(``pipeloom.training.float8``: torchao's per-recipe size thresholds, or ``-minN`` for one threshold N),
+``-blocks`` compiles each transformer block on its own (as ``train.compile`` does: one graph the blocks share,
+far less compile time than the whole unrolled model) with the embedding, head and loss eager.
 
     python bench/gpu_train.py --size 1.3b --variants baseline-compile,pipeloom-compile,\
         pipeloom-compile-float8-tensorwise,pipeloom-compile-float8-rowwise
@@ -137,6 +139,12 @@ def build(variant: str, size: str, device: str):
             recipe, min_dim = float8_of(variant)
             print(f"  {variant}: {apply_float8({0: model.model}, recipe, min_dim=min_dim).summary()}", flush=True)
     compiled = "compile" in variant or "best" in variant
+    if compiled and "blocks" in variant and isinstance(model, PipeloomLoss):
+        from pipeloom.training.parts import compile_blocks  # per block, as the launcher's train.compile does
+
+        compile_blocks([model.model])  # one graph shared by the blocks; embedding, head and loss stay eager
+        model._trunk = model.trunk
+        return model, model, sum(p.numel() for p in model.parameters()), (layers, d, B, T)
     if isinstance(model, PipeloomLoss):
         model._trunk = torch.compile(model.trunk) if compiled else model.trunk
         step_fn = model if model.fused_head else (torch.compile(model) if compiled else model)
