@@ -113,8 +113,12 @@ def _int4_matmul_kernel(X, W, S, Z, B, Y, M, N, K, stride_xm, stride_wn, stride_
 
 
 def _configs(block_k_name: str) -> list:
+    """Tile shapes to autotune over. Small ``BLOCK_N`` gives more programs (a GEMV needs many bytes in flight
+    on every SM: a 4096-channel layer is 1,024 programs at 4 channels each); long ``BLOCK_K`` steps load wide
+    contiguous row segments."""
     return [triton.Config({"BLOCK_N": bn, block_k_name: bk}, num_warps=w)
-            for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (2, 4)]
+            for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (1, 2, 4, 8)
+            if not (bn == 32 and w == 1) and not (bn == 4 and w == 8)]
 
 
 _int8_tuned = _int4_tuned = None
