@@ -57,6 +57,8 @@ class PagedBatch:
     # the runner, so each is one GEMM
     decode_splits: int | None = None  # a decode batch (ONE new token per sequence): attention and the cache
     # write run as the split-K decode kernel (kernels/paged_decode.py) with this many splits; None: the general path
+    rope: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # (cos table, sin table, cos rows, sin rows)
+    # at ``positions``: gathered once per batch by :meth:`rope_rows`, for every layer holding the same tables
 
     def kv_cache(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The (k_cache, v_cache) bound to the Attention ``module``; a clear error when it has none."""
@@ -65,6 +67,18 @@ class PagedBatch:
         except KeyError:
             raise KeyError(f"no KV cache is bound to attention module {type(module).__name__} at {id(module):#x}; "
                            "bind every block's attention (PagedBatch.caches) before running the model") from None
+
+    def rope_rows(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows (N, hd) of the rotary tables ``cos``, ``sin`` (max_seq_len, hd) at ``positions``, gathered on
+        the first call for these very tables (compared by identity, never by value or id: an entry holds its
+        tables, so another table can never be answered from it) and reused by every later layer that holds them
+        (the runner lets the layers share one pair of equal tables)."""
+        for cos_table, sin_table, cos_rows, sin_rows in self.rope:
+            if cos_table is cos and sin_table is sin:
+                return cos_rows, sin_rows
+        rows = cos[self.positions], sin[self.positions]  # (N, hd) each
+        self.rope.append((cos, sin, *rows))
+        return rows
 
     def project(self, module: torch.nn.Module, x: torch.Tensor):
         """The outputs of ``module``'s pre-fused projection of ``x`` (q, k, v of an Attention; gate, up of a
