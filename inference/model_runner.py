@@ -12,9 +12,10 @@
   at batch 1 a decode step is otherwise dominated by kernel launches (:mod:`.decode_graphs`). With
   ``compile`` the captured decode forward is ``torch.compile``'d first (one graph, ``fullgraph=True``: Inductor
   fuses the elementwise work around the paged decode kernel, a custom op). Without ``compile``, on the Triton path
-  the captured forward runs under :func:`pipeloom.kernels.always_fuse`: RMSNorm, rotary and SwiGLU take pipeloom's
+  the captured forward runs under :func:`pipeloom.kernels.always_fuse`: RMSNorm and SwiGLU take pipeloom's
   Triton kernels whatever their size (inside a graph a launch costs no host time), each residual add fuses with
-  the next RMSNorm and q and k rotate in one launch (``fuse_decode``; bench/engine_speed.py counts the kernels).
+  the next RMSNorm and the paged decode kernel rotates q and k itself (``fuse_decode``; bench/engine_speed.py
+  counts the kernels).
   On CPU everything runs eagerly.
 
 Decode batches on the Triton path attend with the split-K decode kernel (kernels/paged_decode.py), which also
@@ -298,7 +299,7 @@ class ModelRunner:
     def fused_graph_forward(self, index: torch.Tensor, small: torch.Tensor, n: int) -> torch.Tensor:
         """:meth:`graph_forward` under :func:`~pipeloom.kernels.always_fuse` while ``fuse_decode``: what the decode
         graphs capture unless compiled (captured, a fused kernel always costs less than the eager ops it
-        replaces: 10 kernels per Llama layer instead of 38, tests/test_decode_fusion.py)."""
+        replaces: 9 kernels per Llama layer instead of 38, tests/test_decode_fusion.py)."""
         with always_fuse(self.fuse_decode):
             return self.graph_forward(index, small, n)
 

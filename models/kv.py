@@ -89,17 +89,24 @@ class PagedBatch:
         weight, bias, sizes = fused
         return torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
 
-    def attend(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Write the new ``k``, ``v`` (N, Hkv, hd) into ``module``'s cache, then attention of ``q`` (N, Hq, hd)
-        over each sequence's cache (cached prefix + new tokens, causal): (N, Hq, hd)."""
+        over each sequence's cache (cached prefix + new tokens, causal): (N, Hq, hd). ``rope``: rotary tables
+        (cos, sin), each (max_seq_len, hd), that a decode batch's kernel rotates q and k by first, at ``positions``
+        (= ``seq_lens - 1``)."""
         from pipeloom.kernels.paged_attention import paged_attention, write_kv
 
         k_cache, v_cache = self.kv_cache(module)
         if self.decode_splits is not None:  # one op: the cache write and flash-decoding (a custom op when compiled)
             from pipeloom.kernels.paged_decode import paged_decode
 
+            cos, sin = rope or (None, None)  # positions = seq_lens - 1: the kernel reads the rows itself
             return paged_decode(q, k, v, k_cache, v_cache, self.slot_mapping, self.seq_lens, self.block_tables,
-                                self.decode_splits, backend=self.backend)
+                                self.decode_splits, backend=self.backend, cos=cos, sin=sin)
+        if rope is not None:
+            raise ValueError("PagedBatch.attend rotates q and k itself only in a decode batch (decode_splits set); "
+                             "rotate them before attend otherwise")
         write_kv(k_cache, v_cache, k, v, self.slot_mapping)
         return paged_attention(q, k_cache, v_cache, self, backend=self.backend, k=k, v=v)
 

@@ -6,7 +6,8 @@ fused kernel to pay for its launch, not inside ``torch.compile``, and not switch
 ``pipeloom.kernels.set_kernels("torch")`` or the launcher's ``model.kernels=torch``), RMSNorm, the rotary
 embedding and SwiGLU run pipeloom's fused Triton kernels (in eager torch each is several kernels); elsewhere
 (CPU, float64) the torch code below. LayerNorm is torch's own fused kernel (see :func:`make_norm`). Inference
-(a :mod:`.kv` paged batch) rotates q and k in one launch with the tables read at the batch's positions, and
+(a :mod:`.kv` paged batch) rotates q and k in one launch with the tables read at the batch's positions (in a
+fused decode step, inside the paged decode kernel), and
 :meth:`Block.forward_residual` carries the residual stream apart so that each residual add fuses with the next
 RMSNorm (:func:`add_norm`); the inference runner's decode graphs enter :func:`pipeloom.kernels.always_fuse`.
 
@@ -178,18 +179,21 @@ class Attention(nn.Module):
                 f"attention has {n_heads} query heads but {n_kv} key/value heads; "
                 "query heads must be a multiple of key/value heads"
             )
+        rope = None  # rotary tables the paged attention applies itself
         if self.rotary:
             if paged is None:
                 cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
                 rotate = fused_rotary if kernels.worth_fusing(q) else apply_rotary
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            elif paged.decode_splits is not None and kernels.worth_fusing(q):
+                rope = (self.rope_cos, self.rope_sin)  # a fused decode step: the decode kernel rotates q and k
             elif kernels.worth_fusing(q):  # one launch for q and k, each token's table row read at its position
                 q, k = fused_rotary_qk(q, k, self.rope_cos, self.rope_sin, paged.positions)
             else:
                 cos, sin = paged.rope_rows(self.rope_cos, self.rope_sin)  # (N, hd), gathered once per batch
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if paged is not None:  # B = 1, T = N flattened new tokens: write K/V into the cache, attend over it
-            y = paged.attend(self, q[0], k[0], v[0])  # (N, Hq, hd)
+            y = paged.attend(self, q[0], k[0], v[0], rope)  # (N, Hq, hd)
             return self.resid_dropout(self.wo(y.reshape(B, T, n_heads * hd)))  # (1, N, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if n_kv != n_heads:  # GQA: query head h reads key/value head h // (Hq/Hkv)
