@@ -136,7 +136,7 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
         stride_cb, cos.stride(-2),
         BACKWARD=backward, HAS_K=k is not None, HAS_POS=positions is not None,
         BLOCK_H=block_h, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-        num_warps=min(max((block_h + block_hk) * block_half // 256, 1), 8),
+        num_warps=min(max((block_h + (block_hk if k is not None else 0)) * block_half // 256, 1), 8),
     )
     return y if k is None else (y, yk)
 
