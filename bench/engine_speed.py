@@ -3,13 +3,17 @@
 
     python bench/engine_speed.py                 # 1.1B and 7B decode, offline throughput, HF generate_batch
     python bench/engine_speed.py --quick         # tiny shapes on CPU (tests use it)
+    python bench/engine_speed.py --paths graphs,unfused --parts decode-1b,decode-7b   # the decode fusion's effect
 
 * decode, batch 1 (prompt 128, greedy, ignore_eos): per-token wall time as the slope between a 32- and a
   288-token generation (so prefill and start-up cancel), for each engine path: ``graphs`` (the decode step's
   CUDA graph over the eager forward, the path before ``compile``) and ``compiled`` (``torch.compile``'d decode
   forward inside the graph), each with ``overlap`` on and off (one LLM per path; overlap toggled between
-  alternating repeats, medians). Also the GPU time of one batch-1 graph replay (CUDA events) and the kernels it
-  launches (torch.profiler), against the bandwidth floor = weight bytes / measured copy rate.
+  alternating repeats, medians); ``unfused`` is ``graphs`` with the runner's ``fuse_decode`` off (the eager
+  composites below the fusion threshold: the path before the decode fusion). Also the GPU time of one batch-1
+  graph replay (CUDA events) and the kernels it launches (torch.profiler), against the bandwidth floor = weight
+  bytes / measured copy rate, and on any device the kernels of one batch-1 decode step counted from Python
+  (``counted kernels/token``: aten ops that launch one plus Triton launches, inference/launch_count.py).
 * throughput: the nano-vllm workload of ``infer_gpu.py`` (256 requests, lengths uniform in 100-1024) for
   ``graphs`` with overlap on/off and ``compiled`` with overlap on; its roofline fraction; and Hugging Face
   ``generate_batch`` (paged|sdpa) on ``--hf-requests`` of the prompts as the baseline.
@@ -32,7 +36,8 @@ _spec = importlib.util.spec_from_file_location("infer_gpu", Path(__file__).resol
 infer_gpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(infer_gpu)
 
-PATHS = {"graphs": dict(compile=False), "compiled": dict(compile=True)}
+PATHS = {"graphs": dict(compile=False), "compiled": dict(compile=True), "unfused": dict(compile=False)}
+UNFUSED = ("unfused",)  # paths whose runner keeps fuse_decode off
 
 
 def release() -> None:
@@ -53,10 +58,20 @@ def per_token(llm, prompt: list[int], short: int, long: int) -> float:
 
 
 def replay_profile(llm, device) -> dict:
-    """GPU ms of one batch-1 decode graph replay (CUDA events, 50 replays) and its kernel count."""
-    graphs = llm.engine.runner.decode_graphs
+    """GPU ms of one batch-1 decode graph replay (CUDA events, 50 replays) and its kernel count (profiler); the
+    kernels of one batch-1 decode step counted from Python (any device; not for a compiled forward)."""
+    from pipeloom.inference.launch_count import decode_step_launches
+
+    runner = llm.engine.runner
+    graphs = runner.decode_graphs
+    counted = {}
+    if not runner.compiled:
+        try:
+            counted["counted kernels/token"] = decode_step_launches(runner).total
+        except Exception as err:  # a diagnostic: its failure must not lose the timing
+            counted["counted kernels/token"] = f"n/a ({type(err).__name__})"
     if device.type != "cuda" or 1 not in graphs.graphs or graphs.emulate:
-        return {}
+        return counted
     graph = graphs.graphs[1]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(5):
@@ -79,7 +94,7 @@ def replay_profile(llm, device) -> dict:
         out["kernels/token"] = len(kernels) / 10
     except Exception as err:  # the profiler is a diagnostic: its failure must not lose the timing
         out["kernels/token"] = f"n/a ({type(err).__name__})"
-    return out
+    return {**out, **counted}
 
 
 def decode_paths(size: str, args, env, rows: list) -> None:
@@ -90,6 +105,8 @@ def decode_paths(size: str, args, env, rows: list) -> None:
             start = time.perf_counter()
             llm = infer_gpu.our_llm(size, args, max_seq_len=args.prompt + args.long + 16, token_budget=None,
                                     policy="continuous", max_num_seqs=args.decode_seqs, **PATHS[path])
+            if path in UNFUSED:
+                llm.engine.runner.fuse_decode = False  # read when the graphs are captured, in the warm-up
             per_token(llm, prompt, 2, 8)  # warm up: captures (and compiles) the graphs
             setup = time.perf_counter() - start
             got = {True: [], False: []}
@@ -172,7 +189,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     parser.add_argument("--parts", default="decode-1b,throughput,hf,decode-7b,throughput-compiled",
                         help="any of decode-1b, decode-7b, throughput (graphs path), throughput-compiled, hf")
     parser.add_argument("--budget", type=float, default=0, help="seconds: start no part after this (0: no limit)")
-    parser.add_argument("--paths", default="graphs,compiled", help="engine paths: graphs (eager forward), compiled")
+    parser.add_argument("--paths", default="graphs,compiled",
+                        help="engine paths: graphs (eager forward, fused kernels), compiled, unfused (decode only)")
     parser.add_argument("--quick", action="store_true", help="tiny model and workload (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompt", type=int, default=128)

@@ -11,7 +11,12 @@
   ``graph_batch_sizes`` (padded rows write to a scratch block and are dropped), as vLLM and gpt-fast do:
   at batch 1 a decode step is otherwise dominated by kernel launches (:mod:`.decode_graphs`). With
   ``compile`` the captured decode forward is ``torch.compile``'d first (one graph, ``fullgraph=True``: Inductor
-  fuses the elementwise work around the paged decode kernel, a custom op). On CPU everything runs eagerly.
+  fuses the elementwise work around the paged decode kernel, a custom op). Without ``compile``, on the Triton path
+  the captured forward runs under :func:`pipeloom.kernels.always_fuse`: RMSNorm and SwiGLU take pipeloom's
+  Triton kernels whatever their size (inside a graph a launch costs no host time), each residual add fuses with
+  the next RMSNorm and the paged decode kernel rotates q and k itself (``fuse_decode``; bench/engine_speed.py
+  counts the kernels).
+  On CPU everything runs eagerly.
 
 Decode batches on the Triton path attend with the split-K decode kernel (kernels/paged_decode.py), which also
 writes the new keys and values; prefill and mixed batches stay eager (their shapes change every iteration,
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pipeloom.kernels import always_fuse
 from pipeloom.kernels.kv_fp8 import bytes_per_token_head, cache_dtype, check_kv_cache_dtype, row_width
 from pipeloom.kernels.paged_attention import tile_rows
 from pipeloom.kernels.paged_decode import decode_splits, num_sms
@@ -130,6 +136,24 @@ def fuse_gate_up(model: torch.nn.Module) -> dict:
             if hasattr(block.mlp, "w3") and (fused := _fuse_linears((block.mlp.w1, block.mlp.w3))) is not None}
 
 
+def share_rope_tables(model: torch.nn.Module) -> int:
+    """Point every attention's rotary tables at the first one's where they hold the same values (one config built
+    them all), so an inference batch gathers their rows at its positions once for all layers
+    (:meth:`pipeloom.models.kv.PagedBatch.rope_rows`), and keeps one copy; returns the layers that now share."""
+    first, shared = None, 0
+    for block in model.blocks:
+        attn = block.attn
+        if not getattr(attn, "rotary", False):
+            continue
+        if first is None:
+            first = attn
+        elif all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                 for a, b in ((attn.rope_cos, first.rope_cos), (attn.rope_sin, first.rope_sin))):
+            attn.rope_cos, attn.rope_sin = first.rope_cos, first.rope_sin
+            shared += 1
+    return shared
+
+
 def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
     """(concatenated weight, bias or None, output sizes) of plain ``nn.Linear``s over one input, each linear's
     parameters re-pointed at views of the concatenation; None when any is not a plain Linear."""
@@ -177,13 +201,17 @@ class ModelRunner:
                                        torch.zeros(shape, dtype=store, device=self.device))
         self.kv_heads = local_kv_heads(model.blocks[0].attn) if len(model.blocks) else self.config.n_kv_heads
         self.fused = {**fuse_qkv(model), **fuse_gate_up(model)}  # module -> one GEMM's weights
+        share_rope_tables(model)
         self.triton_path = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         self.tables = BlockTables(self.max_blocks_per_seq)  # host block tables, appended to step by step
         self._stage_long = Staging(self.device, torch.long)
         self._stage_int = Staging(self.device, torch.int32)
         self._stage_pending = Staging(self.device, torch.long)
         self.compiled = bool(compile)
-        forward = compile_decode(self.graph_forward, compile) if compile else self.graph_forward
+        # the decode graphs' forward runs the fused kernels at any size (read when a graph is captured); not when
+        # compiled: Inductor fuses the torch path itself
+        self.fuse_decode = self.triton_path and not self.compiled
+        forward = compile_decode(self.graph_forward, compile) if compile else self.fused_graph_forward
         # graphs: on CUDA with the Triton path; "emulate" (and compile without graphs) replays the forward over
         # the same static buffers (CPU tests of the padding and bookkeeping)
         on_gpu = cuda_graphs is True and self.device.type == "cuda" and backend != "torch"
@@ -246,10 +274,11 @@ class ModelRunner:
         """Logits (R, V) of the sampled rows (None: all N): embed and blocks over all N tokens, the head over R."""
         model = self.model
         with paged_context(batch):
-            x = model.embed(input_ids)  # (1, N, D)
+            h, residual = model.embed(input_ids), None  # (1, N, D); the stream after each block is h + residual
             for block in model.blocks:
-                x = block(x)  # (1, N, D)
-            return model.head(x[0] if rows is None else x[0, rows])  # (R, V)
+                h, residual = block.forward_residual(h, residual)  # (1, N, D) each
+            pick = (lambda t: t[0]) if rows is None else (lambda t: t[0, rows])  # (N, D) or (R, D)
+            return model.head.forward_residual(pick(h), None if residual is None else pick(residual))  # (R, V)
 
     def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
                        tables: torch.Tensor, splits: int = 0) -> torch.Tensor:
@@ -266,6 +295,13 @@ class ModelRunner:
     def graph_forward(self, index: torch.Tensor, small: torch.Tensor, n: int) -> torch.Tensor:
         """:meth:`decode_forward` of batch size ``n`` over the decode graphs' two static buffers."""
         return self.decode_forward(*DecodeGraphs.unpack(index, small, n, self.max_blocks_per_seq))
+
+    def fused_graph_forward(self, index: torch.Tensor, small: torch.Tensor, n: int) -> torch.Tensor:
+        """:meth:`graph_forward` under :func:`~pipeloom.kernels.always_fuse` while ``fuse_decode``: what the decode
+        graphs capture unless compiled (captured, a fused kernel always costs less than the eager ops it
+        replaces: 9 kernels per Llama layer instead of 38, tests/test_decode_fusion.py)."""
+        with always_fuse(self.fuse_decode):
+            return self.graph_forward(index, small, n)
 
     @torch.inference_mode()
     def run(self, iteration, block_manager, pending: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
@@ -309,4 +345,4 @@ def compile_decode(fn, mode: bool | str):
 
 
 __all__ = ["DEFAULT_GRAPH_SIZES", "ModelRunner", "compile_decode", "fuse_gate_up", "fuse_qkv", "kv_bytes_per_block",
-           "num_blocks_for_budget"]
+           "num_blocks_for_budget", "share_rope_tables"]

@@ -1,7 +1,8 @@
 # pipeloom.kernels: fused Triton kernels with torch fallbacks; `use_triton` is the one place a path is chosen.
-"""Fused kernels, one file per operation (cross_entropy, linear_cross_entropy, rmsnorm, layernorm, rotary,
-swiglu). Each file holds a torch reference, the Triton kernel(s), a launcher and an ``autograd.Function``;
-its public function (``rmsnorm(x, w)``, ...) asks :func:`use_triton` which path to run.
+"""Fused kernels, one file per operation (cross_entropy, linear_cross_entropy, rmsnorm, add_rmsnorm, layernorm,
+rotary, swiglu, and the inference ones: paged_attention, paged_decode, kv_fp8, quant_matmul). Each file holds a
+torch reference, the Triton kernel(s), a launcher and an ``autograd.Function``; its public function
+(``rmsnorm(x, w)``, ...) asks :func:`use_triton` which path to run.
 
 The Triton path runs when triton is importable and either the tensor is on a CUDA device or the Triton
 interpreter is on (``TRITON_INTERPRET=1``, CPU tensors, slow and exact). Triton 3.x decides interpreter
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
 from pipeloom import features
 
 _forced_torch = False
+_local = threading.local()  # always_fuse: per thread (an engine may step its model in a background thread)
 _mode = "auto"  # set_kernels: "auto" (Triton where usable) or "torch"
 KERNEL_MODES = ("auto", "triton", "torch")
 
@@ -52,8 +55,28 @@ MIN_FUSED_ELEMENTS = 1 << 23
 
 def worth_fusing(x: torch.Tensor) -> bool:
     """What ``pipeloom.models`` asks: :func:`use_triton`, and ``x`` large enough for the fused kernel to pay
-    for its launch (``MIN_FUSED_ELEMENTS``). Explicit calls of the kernel functions only ask ``use_triton``."""
-    return x.numel() >= MIN_FUSED_ELEMENTS and use_triton(x)
+    for its launch (``MIN_FUSED_ELEMENTS``) unless :func:`always_fuse` is on in this thread. Explicit calls of
+    the kernel functions only ask ``use_triton``."""
+    if torch.compiler.is_compiling():  # first: the torch path, before a thread-local read could break the graph
+        return False
+    if x.numel() < MIN_FUSED_ELEMENTS and not getattr(_local, "always", False):
+        return False  # the cheap tests before use_triton's (~10 us of host time per call)
+    return use_triton(x)
+
+
+@contextlib.contextmanager
+def always_fuse(enabled: bool = True) -> Iterator[None]:
+    """Within this block (this thread) :func:`worth_fusing` ignores the size threshold: every tensor the Triton
+    path can take runs the fused kernel. For forwards captured in a CUDA graph, where a kernel's host launch cost
+    is paid once at capture and each replayed kernel costs ~1-2 us of GPU time, so one fused kernel always beats
+    the several an eager composite launches (the inference runner's decode graphs enter it). ``enabled=False``:
+    leave the choice as it is. Not for ``torch.compile``'d code: there the torch path runs and Inductor fuses."""
+    previous = getattr(_local, "always", False)
+    _local.always = previous or enabled
+    try:
+        yield
+    finally:
+        _local.always = previous
 
 
 def interpreted() -> bool:
@@ -128,5 +151,5 @@ if features.has("triton"):
 else:
     triton = tl = _MissingTriton()
 
-__all__ = ["KERNEL_MODES", "MIN_FUSED_ELEMENTS", "interpreted", "set_kernels", "tl", "torch_path", "triton",
-           "upcast", "use_triton", "worth_fusing"]
+__all__ = ["KERNEL_MODES", "MIN_FUSED_ELEMENTS", "always_fuse", "interpreted", "set_kernels", "tl", "torch_path",
+           "triton", "upcast", "use_triton", "worth_fusing"]

@@ -15,6 +15,10 @@ graphs capture it): a split whose share is empty writes an empty partial. The ne
 stored into the cache by the program that covers its position, which takes them from registers rather than
 reading the slot back, so the write costs no extra kernel and needs no ordering inside the program.
 
+With ``cos`` and ``sin`` (whole rotary tables (P, hd), :mod:`pipeloom.kernels.rotary`'s rotate_half layout) the
+kernel first rotates ``q`` and ``k`` by the new token's position ``seq_lens[s] - 1`` (rounded to their dtype, as
+the separate rotary kernel stores them), so a decode step launches no rotary kernel of its own.
+
 An fp8 cache (``kernels/kv_fp8.py``: uint8 rows of e4m3 codes and a float32 scale) is read dequantized; the new
 token's key and value are quantized in registers, stored, and used in their dequantized form, so the kernel
 attends over exactly the values the torch reference reads back from the cache.
@@ -33,15 +37,27 @@ import torch
 from pipeloom.kernels import tl, triton, use_triton
 from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, round_e4m3, write_rows
 from pipeloom.kernels.paged_attention import _load_rows
+from pipeloom.kernels.rotary import rotary_torch
 
 MAX_SPLITS = 16  # the reduce kernel merges at most this many (a power of two)
 
 
+def rotate_new_tokens(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, hd), k (B, Hkv, hd) rotated at each new token's position ``seq_lens - 1`` by the tables (P, hd)."""
+    rows = (seq_lens.long() - 1)[None]  # (1, B): the batch as one sequence of B tokens
+    return rotary_torch(q[None], cos[rows], sin[rows])[0], rotary_torch(k[None], cos[rows], sin[rows])[0]
+
+
 def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
-                       block_tables: torch.Tensor) -> torch.Tensor:
-    """The reference, vectorised over sequences (no host reads): write k/v, gather each sequence's blocks, mask
-    positions past its length, softmax in float32 (float64 stays). q (B, Hq, hd) -> (B, Hq, hd)."""
+                       block_tables: torch.Tensor, cos: torch.Tensor | None = None,
+                       sin: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference, vectorised over sequences (no host reads): rotate q/k when given tables, write k/v, gather
+    each sequence's blocks, mask positions past its length, softmax in float32 (float64 stays). q (B, Hq, hd) ->
+    (B, Hq, hd)."""
+    if cos is not None:
+        q, k = rotate_new_tokens(q, k, seq_lens, cos, sin)
     _, _, n_kv, width = k_cache.shape
     write_rows(k_cache, k, slot_mapping)
     write_rows(v_cache, v, slot_mapping)
@@ -60,12 +76,12 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_NEW, V_NEW, K, V, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML,
+    Q, K_NEW, V_NEW, K, V, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML, COS, SIN,
     scale, stride_qn, stride_qh, stride_kn, stride_kh_new, stride_vn, stride_vh_new,
-    stride_kb, stride_ks, stride_kh, stride_bt, stride_on, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_bt, stride_on, stride_oh, stride_rope,
     N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, FP8: tl.constexpr,
+    UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr,
 ):
     # Program (sequence s, kv head, split): the GROUP query heads of `kvh` over one share of s's keys.
     s = tl.program_id(0)
@@ -81,10 +97,22 @@ def _decode_split_kernel(
     g_ok = g < GROUP
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
-    q = tl.load(Q + s * stride_qn + head[:, None] * stride_qh + dims[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
-    k_new = tl.load(K_NEW + s * stride_kn + kvh * stride_kh_new + dims, mask=d_ok, other=0.0)  # (BLOCK_D,)
+    q_ptr = Q + s * stride_qn + head[:, None] * stride_qh
+    k_ptr = K_NEW + s * stride_kn + kvh * stride_kh_new
+    q = tl.load(q_ptr + dims[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    k_new = tl.load(k_ptr + dims, mask=d_ok, other=0.0)  # (BLOCK_D,)
     v_new = tl.load(V_NEW + s * stride_vn + kvh * stride_vh_new + dims, mask=d_ok, other=0.0)
+    if ROTARY:  # rotate_half at the new token's position: y = x cos + (-x[d + hd/2] | x[d - hd/2]) sin
+        first_half = dims < HEAD_DIM // 2
+        partner = tl.where(first_half, dims + HEAD_DIM // 2, dims - HEAD_DIM // 2)
+        sign = tl.where(first_half, -1.0, 1.0)
+        row = (seq_len - 1).to(tl.int64) * stride_rope
+        cos = tl.load(COS + row + dims, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + row + dims, mask=d_ok, other=0.0).to(tl.float32) * sign
+        q_partner = tl.load(q_ptr + partner[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        k_partner = tl.load(k_ptr + partner, mask=d_ok, other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q.dtype)
+        k_new = (k_new.to(tl.float32) * cos + k_partner.to(tl.float32) * sin).to(k_new.dtype)
     if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
         q = q.to(tl.float32)
     if FP8:  # e4m3 codes and one float32 scale per row (kernels/kv_fp8.py); attend over the dequantized values
@@ -183,10 +211,17 @@ def num_sms(device: torch.device) -> int:
 
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
-                        block_tables: torch.Tensor, splits: int = 0) -> torch.Tensor:
-    """The Triton path: (B, Hq, hd) output; writes k/v (B, Hkv, hd) at ``slot_mapping`` (B,). ``splits`` 0:
-    :func:`decode_splits` of the batch size and the longest sequence the block tables can hold."""
+                        block_tables: torch.Tensor, splits: int = 0, cos: torch.Tensor | None = None,
+                        sin: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path: (B, Hq, hd) output; writes k/v (B, Hkv, hd) at ``slot_mapping`` (B,), rotated first by the
+    tables ``cos``, ``sin`` (P, hd) when given. ``splits`` 0: :func:`decode_splits` of the batch size and the
+    longest sequence the block tables can hold."""
     b, n_heads, hd = q.shape
+    rotary = cos is not None
+    if rotary and (cos.shape != sin.shape or cos.dim() != 2 or cos.shape[-1] != hd or hd % 2
+                   or cos.stride() != sin.stride() or cos.stride(-1) != 1):
+        raise ValueError(f"cos and sin must be rotary tables (P, {hd}) of one layout with unit stride along the "
+                         f"head dimension (even), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     _, block_size, n_kv, _ = k_cache.shape
     if splits == 0:
         splits = decode_splits(b, n_kv, block_tables.size(1) * block_size, num_sms(q.device))
@@ -203,11 +238,13 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         part_o = part_ml = out  # unused
     _decode_split_kernel[(b, n_kv, splits)](
         q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, out, part_o, part_ml,
+        cos if rotary else q, sin if rotary else q,
         1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
-        out.stride(1),
+        out.stride(1), cos.stride(0) if rotary else 0,
         N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
+        ROTARY=rotary,
     )
     if splits > 1:
         _decode_merge_kernel[(b, n_heads)](part_o, part_ml, out, out.stride(0), out.stride(1), N_HEADS=n_heads,
@@ -218,32 +255,39 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 @torch.library.custom_op("pipeloom::paged_decode", mutates_args=("k_cache", "v_cache"))
 def _paged_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
-                     block_tables: torch.Tensor, splits: int, backend: str) -> torch.Tensor:
-    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend)
+                     block_tables: torch.Tensor, splits: int, backend: str, cos: torch.Tensor | None,
+                     sin: torch.Tensor | None) -> torch.Tensor:
+    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin)
 
 
 @_paged_decode_op.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend):
+def _(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin):
     return torch.empty_like(q)
 
 
-def _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend) -> torch.Tensor:
+def _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos=None,
+         sin=None) -> torch.Tensor:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend={backend!r}; choose 'auto', 'torch' or 'triton'")
+    if (cos is None) != (sin is None):
+        raise ValueError("paged_decode needs both rotary tables cos and sin, or neither")
     if backend == "triton" or (backend == "auto" and use_triton(q)):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return paged_decode_triton(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits)
-    return paged_decode_torch(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables)
+        return paged_decode_triton(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, cos, sin)
+    return paged_decode_torch(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, cos, sin)
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, splits: int = 0,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None) -> torch.Tensor:
     """Write the new ``k``, ``v`` (B, Hkv, hd) at ``slot_mapping`` and return the attention (B, Hq, hd) of
-    ``q`` (B, Hq, hd) over each sequence's ``seq_lens[s]`` cached tokens. ``splits``: of each sequence's keys
-    (Triton path), 0 to choose by batch size when the kernel runs (so a compiled graph holds no constant that
-    changes with the batch size). Traced by ``torch.compile`` as the custom op ``pipeloom::paged_decode``;
-    eager calls skip the dispatcher."""
+    ``q`` (B, Hq, hd) over each sequence's ``seq_lens[s]`` cached tokens; with rotary tables ``cos``, ``sin``
+    (P, hd), q and k are first rotated at the new token's position ``seq_lens[s] - 1``. ``splits``: of each
+    sequence's keys (Triton path), 0 to choose by batch size when the kernel runs (so a compiled graph holds no
+    constant that changes with the batch size). Traced by ``torch.compile`` as the custom op
+    ``pipeloom::paged_decode``; eager calls skip the dispatcher."""
     if torch.compiler.is_compiling():
-        return _paged_decode_op(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend)
-    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend)
+        return _paged_decode_op(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend,
+                                cos, sin)
+    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin)

@@ -154,5 +154,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm of ``x`` (..., D) with ``weight`` (D,); fused Triton kernel when :func:`use_triton` allows."""
     if use_triton(x):
-        return RMSNormFunction.apply(x, weight, eps)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return RMSNormFunction.apply(x, weight, eps)
+        return rmsnorm_fwd(x, weight, eps)[0]  # inference: nothing saved for a backward
     return rmsnorm_torch(x, weight, eps)

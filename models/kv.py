@@ -57,6 +57,8 @@ class PagedBatch:
     # the runner, so each is one GEMM
     decode_splits: int | None = None  # a decode batch (ONE new token per sequence): attention and the cache
     # write run as the split-K decode kernel (kernels/paged_decode.py) with this many splits; None: the general path
+    rope: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # (cos table, sin table, cos rows, sin rows)
+    # at ``positions``: gathered once per batch by :meth:`rope_rows`, for every layer holding the same tables
 
     def kv_cache(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The (k_cache, v_cache) bound to the Attention ``module``; a clear error when it has none."""
@@ -65,6 +67,18 @@ class PagedBatch:
         except KeyError:
             raise KeyError(f"no KV cache is bound to attention module {type(module).__name__} at {id(module):#x}; "
                            "bind every block's attention (PagedBatch.caches) before running the model") from None
+
+    def rope_rows(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows (N, hd) of the rotary tables ``cos``, ``sin`` (max_seq_len, hd) at ``positions``, gathered on
+        the first call for these very tables (compared by identity, never by value or id: an entry holds its
+        tables, so another table can never be answered from it) and reused by every later layer that holds them
+        (the runner lets the layers share one pair of equal tables)."""
+        for cos_table, sin_table, cos_rows, sin_rows in self.rope:
+            if cos_table is cos and sin_table is sin:
+                return cos_rows, sin_rows
+        rows = cos[self.positions], sin[self.positions]  # (N, hd) each
+        self.rope.append((cos, sin, *rows))
+        return rows
 
     def project(self, module: torch.nn.Module, x: torch.Tensor):
         """The outputs of ``module``'s pre-fused projection of ``x`` (q, k, v of an Attention; gate, up of a
@@ -75,17 +89,24 @@ class PagedBatch:
         weight, bias, sizes = fused
         return torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
 
-    def attend(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Write the new ``k``, ``v`` (N, Hkv, hd) into ``module``'s cache, then attention of ``q`` (N, Hq, hd)
-        over each sequence's cache (cached prefix + new tokens, causal): (N, Hq, hd)."""
+        over each sequence's cache (cached prefix + new tokens, causal): (N, Hq, hd). ``rope``: rotary tables
+        (cos, sin), each (max_seq_len, hd), that a decode batch's kernel rotates q and k by first, at ``positions``
+        (= ``seq_lens - 1``)."""
         from pipeloom.kernels.paged_attention import paged_attention, write_kv
 
         k_cache, v_cache = self.kv_cache(module)
         if self.decode_splits is not None:  # one op: the cache write and flash-decoding (a custom op when compiled)
             from pipeloom.kernels.paged_decode import paged_decode
 
+            cos, sin = rope or (None, None)  # positions = seq_lens - 1: the kernel reads the rows itself
             return paged_decode(q, k, v, k_cache, v_cache, self.slot_mapping, self.seq_lens, self.block_tables,
-                                self.decode_splits, backend=self.backend)
+                                self.decode_splits, backend=self.backend, cos=cos, sin=sin)
+        if rope is not None:
+            raise ValueError("PagedBatch.attend rotates q and k itself only in a decode batch (decode_splits set); "
+                             "rotate them before attend otherwise")
         write_kv(k_cache, v_cache, k, v, self.slot_mapping)
         return paged_attention(q, k_cache, v_cache, self, backend=self.backend, k=k, v=v)
 

@@ -5,7 +5,11 @@ Where :func:`pipeloom.kernels.worth_fusing` allows (a CUDA GPU with triton, tens
 fused kernel to pay for its launch, not inside ``torch.compile``, and not switched off with
 ``pipeloom.kernels.set_kernels("torch")`` or the launcher's ``model.kernels=torch``), RMSNorm, the rotary
 embedding and SwiGLU run pipeloom's fused Triton kernels (in eager torch each is several kernels); elsewhere
-(CPU, float64) the torch code below. LayerNorm is torch's own fused kernel (see :func:`make_norm`).
+(CPU, float64) the torch code below. LayerNorm is torch's own fused kernel (see :func:`make_norm`). Inference
+(a :mod:`.kv` paged batch) rotates q and k in one launch with the tables read at the batch's positions (in a
+fused decode step, inside the paged decode kernel), and
+:meth:`Block.forward_residual` carries the residual stream apart so that each residual add fuses with the next
+RMSNorm (:func:`add_norm`); the inference runner's decode graphs enter :func:`pipeloom.kernels.always_fuse`.
 
 Attention keeps four separate projections ``wq, wk, wv, wo`` (no fused qkv) and reads its head counts
 from the projections' output widths at forward time, so a tensor-parallel pass that replaces ``wq/wk/wv``
@@ -23,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeloom import kernels
+from pipeloom.kernels.add_rmsnorm import add_rmsnorm as fused_add_rmsnorm
 from pipeloom.kernels.rmsnorm import rmsnorm as fused_rmsnorm
 from pipeloom.kernels.rotary import rotary as fused_rotary
+from pipeloom.kernels.rotary import rotary_qk as fused_rotary_qk
 from pipeloom.kernels.swiglu import swiglu as fused_swiglu
 
 from . import kv
@@ -51,6 +57,18 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s)) for s = x + residual (``residual`` None: s = x), x (..., D): one fused kernel
+    (:func:`pipeloom.kernels.add_rmsnorm.add_rmsnorm`) for an RMSNorm where :func:`pipeloom.kernels.worth_fusing`
+    allows, else the add and ``norm`` as they are (the numbers of an unfused block)."""
+    if residual is None:
+        return x, norm(x)
+    if type(norm) is RMSNorm and x.dtype == norm.weight.dtype == residual.dtype and kernels.worth_fusing(x):
+        return fused_add_rmsnorm(x, residual, norm.weight, norm.eps)
+    s = residual + x  # (..., D), added in the order Block.forward adds
+    return s, norm(s)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -161,15 +179,21 @@ class Attention(nn.Module):
                 f"attention has {n_heads} query heads but {n_kv} key/value heads; "
                 "query heads must be a multiple of key/value heads"
             )
+        rope = None  # rotary tables the paged attention applies itself
         if self.rotary:
             if paged is None:
                 cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+                rotate = fused_rotary if kernels.worth_fusing(q) else apply_rotary
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            elif paged.decode_splits is not None and kernels.worth_fusing(q):
+                rope = (self.rope_cos, self.rope_sin)  # a fused decode step: the decode kernel rotates q and k
+            elif kernels.worth_fusing(q):  # one launch for q and k, each token's table row read at its position
+                q, k = fused_rotary_qk(q, k, self.rope_cos, self.rope_sin, paged.positions)
             else:
-                cos, sin = self.rope_cos[paged.positions], self.rope_sin[paged.positions]  # (N, hd), ragged
-            rotate = fused_rotary if kernels.worth_fusing(q) else apply_rotary
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+                cos, sin = paged.rope_rows(self.rope_cos, self.rope_sin)  # (N, hd), gathered once per batch
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if paged is not None:  # B = 1, T = N flattened new tokens: write K/V into the cache, attend over it
-            y = paged.attend(self, q[0], k[0], v[0])  # (N, Hq, hd)
+            y = paged.attend(self, q[0], k[0], v[0], rope)  # (N, Hq, hd)
             return self.resid_dropout(self.wo(y.reshape(B, T, n_heads * hd)))  # (1, N, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if n_kv != n_heads:  # GQA: query head h reads key/value head h // (Hq/Hkv)
@@ -276,6 +300,15 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x))  # (B, T, D)
         x = x + self.mlp(self.mlp_norm(x))  # (B, T, D)
         return x
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream ``x + residual`` (``residual`` None: ``x``), returned as two parts
+        (h, r), h + r = ``forward(x + residual)`` with the same numbers: each residual add is left to the next
+        norm, which fuses it (:func:`add_norm`; vLLM's layers pass (hidden, residual) the same way). For the
+        inference forward; training runs :meth:`forward`."""
+        residual, h = add_norm(self.attn_norm, x, residual)  # (B, T, D) each
+        residual, h = add_norm(self.mlp_norm, self.attn(h), residual)
+        return self.mlp(h), residual
 
     def init_weights(self, init_std: float, residual_std: float, generator: torch.Generator | None = None) -> None:
         """GPT-2 init: norms to identity, linears Normal(0, init_std), residual projections residual_std.

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import kv
 from .config import ModelConfig, get_model_config
-from .layers import INIT_STD, Block, make_norm
+from .layers import INIT_STD, Block, add_norm, make_norm
 
 IGNORE_INDEX = -100  # targets with this value do not count in the loss
 
@@ -69,6 +69,11 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(x))  # (B, T, D) -> (B, T, V)
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``forward(x + residual)``, the add fused into the norm where it can be (the inference forward's
+        residual stream: :meth:`~pipeloom.models.layers.Block.forward_residual`)."""
+        return self.out(add_norm(self.norm, x, residual)[1])  # (..., D) -> (..., V)
 
     def init_weights(self, init_std: float, init_out: bool = True, generator: torch.Generator | None = None) -> None:
         self.norm.reset_parameters()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pipeloom.kernels.kv_fp8 import dequantize_rows, quantize_rows
 from pipeloom.kernels.paged_attention import paged_attention_torch, paged_attention_triton
-from pipeloom.kernels.paged_decode import paged_decode_torch, paged_decode_triton
+from pipeloom.kernels.paged_decode import paged_decode_torch, paged_decode_triton, rotate_new_tokens
 from pipeloom.models import get_model_config
 
 E4M3_REL = 2.0**-4  # half a unit in the last place of a 3-bit mantissa, relative
@@ -80,11 +80,13 @@ def test_triton_fp8_prefill_matches_the_reference(device, heads, kv_heads, head_
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("kv_cache", ["auto", "fp8"])
-@pytest.mark.parametrize("splits", [1, 4])
-def test_triton_decode_writes_and_attends_like_the_reference(device, kv_cache, splits):
+@pytest.mark.parametrize("kv_cache,splits,rotary", [("auto", 1, False), ("auto", 4, False), ("fp8", 1, False),
+                                                    ("fp8", 4, False), ("fp8", 4, True)])
+def test_triton_decode_writes_and_attends_like_the_reference(device, kv_cache, splits, rotary):
     """The split-K decode kernel (writes the new K/V itself) against the torch reference: outputs within 2e-5
-    (float32), and the caches it leaves byte for byte equal (fp8: the same codes and scales)."""
+    (float32), and the caches it leaves byte for byte equal (fp8: the same codes and scales). ``rotary``: the kernel
+    rotates q and k first (the reference rotates them in float32 beforehand; an fp8 code at a rounding boundary
+    may then fall the other way, so the caches compare within half an e4m3 step)."""
     g = torch.Generator().manual_seed(7 + splits)
     heads, kv_heads, hd, bs, nb = 8, 2, 32, 8, 30
     if kv_cache == "fp8":
@@ -97,13 +99,23 @@ def test_triton_decode_writes_and_attends_like_the_reference(device, kv_cache, s
     q = torch.randn(4, heads, hd, generator=g)
     k, v = torch.randn(2, 4, kv_heads, hd, generator=g)
     caches_ref = (k_cache.clone(), v_cache.clone())
-    ref = paged_decode_torch(q.double(), k.double(), v.double(), *caches_ref, slots, seq_lens, tables)
+    tables_rope = None
+    if rotary:
+        angles = torch.rand(64, hd // 2, generator=g) * 6.3
+        tables_rope = [torch.cat([f(angles)] * 2, -1) for f in (torch.cos, torch.sin)]  # (P, hd) each
+    rq, rk = rotate_new_tokens(q, k, seq_lens, *tables_rope) if rotary else (q, k)
+    ref = paged_decode_torch(rq.double(), rk.double(), v.double(), *caches_ref, slots, seq_lens, tables)
     caches = (k_cache.to(device), v_cache.to(device))
+    rope = {} if not rotary else dict(cos=tables_rope[0].to(device), sin=tables_rope[1].to(device))
     out = paged_decode_triton(q.to(device), k.to(device), v.to(device), *caches, slots.to(device),
-                              seq_lens.to(device), tables.to(device), splits)
-    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+                              seq_lens.to(device), tables.to(device), splits, **rope)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5 if not rotary else 1e-2, rtol=2e-5)
     for mine, theirs in zip(caches, caches_ref):
-        assert torch.equal(mine.cpu(), theirs.to(mine.dtype))
+        if rotary:
+            torch.testing.assert_close(dequantize_rows(mine.cpu(), torch.float64),
+                                       dequantize_rows(theirs, torch.float64), atol=1e-6, rtol=E4M3_REL)
+        else:
+            assert torch.equal(mine.cpu(), theirs.to(mine.dtype))
 
 
 def test_triton_fp8_engine_forward_matches_the_torch_path(device):

@@ -9,7 +9,9 @@ TRITON_INTERPRET=1 (triton decides interpreter or compiler at import; see test_k
 import pytest
 import torch
 from pipeloom.kernels.paged_attention import paged_attention_torch
-from pipeloom.kernels.paged_decode import decode_splits, paged_decode, paged_decode_torch, paged_decode_triton
+from pipeloom.kernels.paged_decode import (decode_splits, paged_decode, paged_decode_torch, paged_decode_triton,
+                                           rotate_new_tokens)
+from pipeloom.kernels.rotary import rotary_torch
 
 
 
@@ -78,6 +80,45 @@ def test_triton_paged_decode_bfloat16_and_empty_splits(device, splits):
     out = paged_decode_triton(*args, splits=splits)
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(args[3].double().cpu(), ref_k)
+
+
+def _tables(positions, head_dim, dtype, device, seed):
+    angles = torch.rand(positions, head_dim // 2, generator=torch.Generator().manual_seed(seed)) * 6.3
+    return [torch.cat([f(angles)] * 2, -1).to(device, dtype) for f in (torch.cos, torch.sin)]  # (P, hd) each
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 16), (torch.float32, 24), (torch.bfloat16, 64)])
+def test_triton_paged_decode_rotates_q_and_k_at_the_new_position(device, dtype, head_dim):
+    """With rotary tables the kernel rotates q and k (strided views, as split from one q|k|v output) at
+    seq_lens - 1 before it writes and attends: as rotating first and decoding without tables."""
+    args = _case([1, 9, 37], 4, 2, head_dim, 8, dtype, device, seed=head_dim)
+    q, k, v = args[:3]
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1)  # (B, (4 + 2 + 2) hd)
+    q, k, v = (t.view(3, -1, head_dim) for t in qkv.split([4 * head_dim, 2 * head_dim, 2 * head_dim], 1))
+    cos, sin = _tables(40, head_dim, dtype, device, seed=1)
+    rq, rk = rotate_new_tokens(q, k, args[6], cos, sin)
+    ref, ref_k, _ = _loop_reference(*[a.cpu() for a in [rq, rk, v, *args[3:]]])
+    out = paged_decode_triton(q, k, v, *args[3:], splits=2, cos=cos, sin=sin)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.double().cpu(), ref, **tol)
+    torch.testing.assert_close(args[3].double().cpu(), ref_k, **tol)  # the rotated keys were written
+
+
+def test_rotate_new_tokens_reads_the_rows_at_seq_lens_minus_one():
+    q, k = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 2, 8, dtype=torch.float64)
+    cos, sin = _tables(20, 8, torch.float64, "cpu", seed=2)
+    lens = torch.tensor([1, 7, 20], dtype=torch.int32)
+    rq, rk = rotate_new_tokens(q, k, lens, cos, sin)
+    for s, n in enumerate(lens.tolist()):
+        torch.testing.assert_close(rq[s], rotary_torch(q[s][None, None], cos[n - 1 : n], sin[n - 1 : n])[0, 0])
+        torch.testing.assert_close(rk[s], rotary_torch(k[s][None, None], cos[n - 1 : n], sin[n - 1 : n])[0, 0])
+    args = _case([5, 16], 4, 2, 8, 4, torch.float64, torch.device("cpu"), seed=3)
+    caches = [a.clone() for a in args[3:5]]
+    out = paged_decode(*args[:3], *caches, *args[5:], backend="torch", cos=cos, sin=sin)
+    rq, rk = rotate_new_tokens(*args[:2], args[6], cos, sin)
+    torch.testing.assert_close(out, paged_decode_torch(rq, rk, *args[2:]))
+    with pytest.raises(ValueError, match="both rotary tables"):
+        paged_decode(*args, backend="torch", cos=cos)
 
 
 def test_triton_paged_decode_rejects_a_bad_split_count(device):
