@@ -13,9 +13,6 @@ As in tests/test_kernels.py, TRITON_INTERPRET=1 must be set before triton is imp
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +20,6 @@ from pipeloom import features
 from pipeloom.inference.quant import QuantizedLinear, formats, quantize_model
 from pipeloom.kernels import interpreted
 from pipeloom.kernels import quant_matmul as qm
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -139,15 +134,6 @@ def test_dispatch_without_kernels():
         qm.int8_matmul(x, q, s, backend="cuda")
 
 
-@pytest.mark.skipif(not features.has("triton"), reason="triton is not installed (pip install triton)")
-def test_interpreter_runs_quant_kernel_tests():
+def test_interpreter_runs_quant_kernel_tests(triton_child):
     """Without a GPU: the test_triton_* tests in a child pytest under TRITON_INTERPRET=1; all must pass."""
-    if interpreted() or torch.cuda.is_available():
-        pytest.skip("the test_triton_* tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-v", "-rs", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
-    print(done.stdout[-6000:], done.stderr[-2000:])
-    assert done.returncode == 0, f"quantized-matmul Triton tests failed under the interpreter:\n{done.stdout[-6000:]}"
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
+    triton_child.run(__file__, "quantized-matmul")
