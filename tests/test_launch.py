@@ -79,7 +79,8 @@ def layout_run(name, workdir, cache) -> str:
     if name not in _RUNS:
         pp, tp, dp = LAYOUTS[name]
         run_dir = str(workdir / f"run-{name}")
-        launch(run_dir, cache, f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"train.steps={STEPS}")
+        launch(run_dir, cache, f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"train.steps={STEPS}",
+               "checkpoint.every=4")  # step_4 (resumed under another layout) and step_8
         _RUNS[name] = run_dir
     return _RUNS[name]
 
@@ -141,15 +142,16 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_resume_with_dropout_under_tp_is_exact(workdir, cache):
     """tp=2 x dp=2 with dropout: the checkpoint carries the default and the tensor-parallel dropout streams,
-    so steps after a resume draw the masks (and give the losses) of the uninterrupted run."""
+    so steps after a resume draw the masks (and give the losses) of the uninterrupted run. The resumed job
+    starts from the uninterrupted run's step-3 checkpoint (a fresh job: its streams come from the checkpoint or
+    from the seed, and from the seed they would draw step 1's masks)."""
     common = ["parallel.pp=1", "parallel.tp=2", "parallel.dp=2", "model.dropout=0.2", "train.steps=6",
               "train.timeline=false", "checkpoint.every=3", "checkpoint.save_final=false"]
     full_dir, resumed_dir, ck = (str(workdir / name) for name in ("drop-full", "drop-resumed", "drop-ck"))
     launch(full_dir, cache, *common)
-    launch(str(workdir / "drop-stopped"), cache, *common, f"checkpoint.dir={ck}", "train.stop_after=4")  # saved at 3
+    shutil.copytree(os.path.join(full_dir, "checkpoints", "step_3"), os.path.join(ck, "step_3"))
     out = launch(resumed_dir, cache, *common, f"checkpoint.dir={ck}", "checkpoint.resume=true")
     assert "resumed from" in out.stdout, out.stdout[-2000:]
     full, got = losses(full_dir), losses(resumed_dir)
@@ -203,7 +205,7 @@ def test_hf_gpt2_import_parity_through_the_launcher(workdir, cache):
     hf.save_pretrained(folder, safe_serialization=True)
     run_dir = str(workdir / "hf-run")
     launch(run_dir, cache, f"model.hf_checkpoint={folder}", "parallel.pp=2", "parallel.tp=2", "train.steps=1",
-           "checkpoint.save_final=false")
+           "checkpoint.save_final=false", "train.timeline=false")
     batch = TokenBatches(prepare_data(cache_dir=cache).train, 32, 8, seed=0).global_batch(0)
     x = torch.from_numpy(batch)
     with torch.no_grad():
