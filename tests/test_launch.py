@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_module
 from pipeloom import features
 from pipeloom.configs.train import ConfigError, check_config, register
+from pipeloom.parallel.spawn import RankPool
 from pipeloom.training import read_metrics
 
 register()
@@ -141,19 +142,36 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache):
     assert {s: got[s] for s in range(start + 1, STEPS + 1)} == {s: full[s] for s in range(start + 1, STEPS + 1)}
 
 
+def _launcher_run(overrides: list[str], run_dir: str) -> int:
+    """On every rank of a pool: what pipeloom-train's ranks run once Hydra has composed the config (the launcher's
+    ``run``); the step it started from."""
+    from pipeloom.launch.train import run
+
+    return run(compose_train(*TINY, *overrides), run_dir).start_step
+
+
+@pytest.fixture(scope="module")
+def ranks4():
+    """4 gloo ranks of this module's own (forked, so cheap) for launcher runs that need no torchrun of their own."""
+    pool = RankPool(4)
+    yield pool
+    pool.close(kill=True)
+
+
 @pytest.mark.slow
-def test_resume_with_dropout_under_tp_is_exact(workdir, cache):
+def test_resume_with_dropout_under_tp_is_exact(workdir, cache, ranks4):
     """tp=2 x dp=2 with dropout: the checkpoint carries the default and the tensor-parallel dropout streams,
-    so steps after a resume draw the masks (and give the losses) of the uninterrupted run. The resumed job
-    starts from the uninterrupted run's step-3 checkpoint (a fresh job: its streams come from the checkpoint or
-    from the seed, and from the seed they would draw step 1's masks)."""
-    common = ["parallel.pp=1", "parallel.tp=2", "parallel.dp=2", "model.dropout=0.2", "train.steps=6",
-              "train.timeline=false", "checkpoint.every=3", "checkpoint.save_final=false"]
+    so steps after a resume draw the masks (and give the losses) of the uninterrupted run. The launcher's run on
+    4 ranks of a pool (the torchrun tests above cover the command line); the resumed job starts from the
+    uninterrupted run's step-3 checkpoint, and with streams from the seed instead it would draw step 1's masks."""
+    common = [f"data.cache_dir={cache}", "parallel.pp=1", "parallel.tp=2", "parallel.dp=2", "model.dropout=0.2",
+              "train.steps=6", "train.timeline=false", "checkpoint.every=3", "checkpoint.save_final=false"]
     full_dir, resumed_dir, ck = (str(workdir / name) for name in ("drop-full", "drop-resumed", "drop-ck"))
-    launch(full_dir, cache, *common)
+    assert ranks4.run(_launcher_run, common, full_dir, timeout=300) == [0] * 4
     shutil.copytree(os.path.join(full_dir, "checkpoints", "step_3"), os.path.join(ck, "step_3"))
-    out = launch(resumed_dir, cache, *common, f"checkpoint.dir={ck}", "checkpoint.resume=true")
-    assert "resumed from" in out.stdout, out.stdout[-2000:]
+    resumed = ranks4.run(_launcher_run, [*common, f"checkpoint.dir={ck}", "checkpoint.resume=true"], resumed_dir,
+                         timeout=300)
+    assert resumed == [3] * 4, resumed
     full, got = losses(full_dir), losses(resumed_dir)
     assert sorted(got) == [4, 5, 6], got
     assert {s: got[s] for s in got} == {s: full[s] for s in got}
