@@ -117,13 +117,14 @@ _CHILD: list[_InterpreterChild] = []
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """The files whose ``test_interpreter_runs_*`` test will run: their interpreter child starts at once."""
-    files = []
-    for item in items:
-        if item.name.startswith("test_interpreter_runs_") and "triton_child" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.timeout(CHILD_TIMEOUT + 60))  # it waits for the child
-            if str(item.path) not in files:
-                files.append(str(item.path))
+    """The files whose ``test_interpreter_runs_*`` test will run: their interpreter child starts at once, and those
+    tests run last, when the child has (most likely) finished."""
+    readers = [item for item in items if item.name.startswith("test_interpreter_runs_")
+               and "triton_child" in getattr(item, "fixturenames", ())]
+    files = list(dict.fromkeys(str(item.path) for item in readers))
+    for item in readers:
+        item.add_marker(pytest.mark.timeout(CHILD_TIMEOUT + 60))  # it waits for the child
+    items[:] = [item for item in items if item not in readers] + readers
     if files and _needs_child() and not config.option.collectonly:
         _CHILD.append(_InterpreterChild(files))
 

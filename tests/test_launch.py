@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_module
 from pipeloom import features
 from pipeloom.configs.train import ConfigError, check_config, register
+from pipeloom.parallel.spawn import RankPool
 from pipeloom.training import read_metrics
 
 register()
@@ -141,19 +142,44 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache):
     assert {s: got[s] for s in range(start + 1, STEPS + 1)} == {s: full[s] for s in range(start + 1, STEPS + 1)}
 
 
+def _launcher_run(overrides: list[str], run_dir: str) -> tuple[int, str]:
+    """On every rank of a pool: what pipeloom-train's ranks run once Hydra has composed the config (the launcher's
+    ``run``); the step it started from and what the rank printed."""
+    import contextlib
+    import io
+
+    from pipeloom.launch.train import run
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        start = run(compose_train(*TINY, *overrides), run_dir).start_step
+    return start, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Gloo ranks of this module's own (forked, so cheap; by world size) for launcher runs that need no torchrun of
+    their own: the command line and torchrun are what the tests above check."""
+    pools = {n: RankPool(n) for n in (2, 4)}
+    yield pools
+    for pool in pools.values():
+        pool.close(kill=True)
+
+
 @pytest.mark.slow
-def test_resume_with_dropout_under_tp_is_exact(workdir, cache):
+def test_resume_with_dropout_under_tp_is_exact(workdir, cache, ranks):
     """tp=2 x dp=2 with dropout: the checkpoint carries the default and the tensor-parallel dropout streams,
-    so steps after a resume draw the masks (and give the losses) of the uninterrupted run. The resumed job
-    starts from the uninterrupted run's step-3 checkpoint (a fresh job: its streams come from the checkpoint or
-    from the seed, and from the seed they would draw step 1's masks)."""
-    common = ["parallel.pp=1", "parallel.tp=2", "parallel.dp=2", "model.dropout=0.2", "train.steps=6",
-              "train.timeline=false", "checkpoint.every=3", "checkpoint.save_final=false"]
+    so steps after a resume draw the masks (and give the losses) of the uninterrupted run. The launcher's run on
+    4 ranks of a pool (the torchrun tests above cover the command line); the resumed job starts from the
+    uninterrupted run's step-3 checkpoint, and with streams from the seed instead it would draw step 1's masks."""
+    common = [f"data.cache_dir={cache}", "parallel.pp=1", "parallel.tp=2", "parallel.dp=2", "model.dropout=0.2",
+              "train.steps=6", "train.timeline=false", "checkpoint.every=3", "checkpoint.save_final=false"]
     full_dir, resumed_dir, ck = (str(workdir / name) for name in ("drop-full", "drop-resumed", "drop-ck"))
-    launch(full_dir, cache, *common)
+    assert [start for start, _ in ranks[4].run(_launcher_run, common, full_dir, timeout=300)] == [0] * 4
     shutil.copytree(os.path.join(full_dir, "checkpoints", "step_3"), os.path.join(ck, "step_3"))
-    out = launch(resumed_dir, cache, *common, f"checkpoint.dir={ck}", "checkpoint.resume=true")
-    assert "resumed from" in out.stdout, out.stdout[-2000:]
+    resumed = ranks[4].run(_launcher_run, [*common, f"checkpoint.dir={ck}", "checkpoint.resume=true"], resumed_dir,
+                           timeout=300)
+    assert [start for start, _ in resumed] == [3] * 4 and "resumed from" in resumed[0][1], resumed
     full, got = losses(full_dir), losses(resumed_dir)
     assert sorted(got) == [4, 5, 6], got
     assert {s: got[s] for s in got} == {s: full[s] for s in got}
@@ -161,32 +187,38 @@ def test_resume_with_dropout_under_tp_is_exact(workdir, cache):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_pipedream_run_stopped_and_resumed_reproduces_the_uninterrupted_run(workdir, cache):
-    """Weight stashing on 2 pipeline ranks: each stage updates after every microbatch inside the step. A run
-    resumed from the step-2 checkpoint of an uninterrupted run (live weights - the only version a stage
-    holds between steps - optimizer state and RNG) gives that run's losses for steps 3 and 4."""
+def test_pipedream_run_stopped_and_resumed_reproduces_the_uninterrupted_run(workdir, cache, ranks):
+    """Weight stashing on 2 pipeline ranks: each stage updates after every microbatch inside the step. torchrun
+    launches it; a run resumed (the launcher's run on 2 ranks of a pool) from the step-2 checkpoint of the
+    uninterrupted run (live weights - the only version a stage holds between steps - optimizer state and RNG)
+    gives that run's losses for steps 3 and 4."""
     common = ["parallel.pp=2", "parallel.tp=1", "schedule.name=pipedream", "model.tie_embeddings=false",
               "train.steps=4", "train.timeline=false", "checkpoint.save_final=false", "model.dropout=0.1"]
     full_dir, resumed_dir, ck = (str(workdir / name) for name in ("pd-full", "pd-resumed", "pd-ck"))
     launch(full_dir, cache, *common, nproc=2)
     shutil.copytree(os.path.join(full_dir, "checkpoints", "step_2"), os.path.join(ck, "step_2"))
-    out = launch(resumed_dir, cache, *common, f"checkpoint.dir={ck}", "checkpoint.resume=true", nproc=2)
-    assert "resumed from" in out.stdout, out.stdout[-2000:]
+    resumed = ranks[2].run(_launcher_run, [f"data.cache_dir={cache}", *common, f"checkpoint.dir={ck}",
+                                           "checkpoint.resume=true"], resumed_dir, timeout=300)
+    assert [start for start, _ in resumed] == [2, 2] and "resumed from" in resumed[0][1], resumed
     full, got = losses(full_dir), losses(resumed_dir)
     assert sorted(got) == [3, 4] and full[4] < full[1], (got, full)
     assert {s: got[s] for s in got} == {s: full[s] for s in got}
 
 
 @pytest.mark.parametrize("saved,resumed", [("2x2x1", "4x1x1")])  # pp 2 -> 4, tp 2 -> 1
-def test_resume_under_another_layout(saved, resumed, workdir, cache):
+def test_resume_under_another_layout(saved, resumed, workdir, cache, ranks):
+    """The torchrun run's step-4 checkpoint, resumed by the launcher's run on 4 ranks of a pool under another
+    layout, continues its loss curve."""
     full = losses(layout_run(saved, workdir, cache))
     ck = workdir / f"relayout-{saved}-{resumed}"
     shutil.copytree(os.path.join(layout_run(saved, workdir, cache), "checkpoints", "step_4"), ck / "step_4")
     pp, tp, dp = LAYOUTS[resumed]
     run_dir = str(workdir / f"relayout-run-{saved}-{resumed}")
-    out = launch(run_dir, cache, f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}",
-                 f"train.steps={STEPS}", f"checkpoint.dir={ck}", "checkpoint.resume=true")
-    assert "resumed from" in out.stdout and f"'pp': {LAYOUTS[saved][0]}" in out.stdout
+    out = ranks[4].run(_launcher_run, [f"data.cache_dir={cache}", f"parallel.pp={pp}", f"parallel.tp={tp}",
+                                       f"parallel.dp={dp}", f"train.steps={STEPS}", f"checkpoint.dir={ck}",
+                                       "checkpoint.resume=true"], run_dir, timeout=300)
+    assert [start for start, _ in out] == [4] * 4, out
+    assert "resumed from" in out[0][1] and f"'pp': {LAYOUTS[saved][0]}" in out[0][1], out[0][1]
     got = losses(run_dir)
     assert sorted(got) == list(range(5, STEPS + 1))
     for step in got:
