@@ -39,6 +39,32 @@ def test_pool_runs_collectives_and_returns_by_rank(pool2):
     assert pool2.run(_allreduce_rank, 1.0) == [(0, 3.0), (1, 3.0)]  # the same processes, reused
 
 
+def _make_groups(n):
+    """``n`` new groups over the world, each used once; the number of groups and threads this rank now holds."""
+    for group in [dist.new_group(list(range(dist.get_world_size()))) for _ in range(n)]:
+        dist.all_reduce(torch.ones(1), group=group)
+    return _held()
+
+
+def _held():
+    import torch.distributed.distributed_c10d as c10d
+
+    return len(c10d._world.pg_map), len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+def test_a_call_leaves_no_process_groups_behind(pool2):
+    """Idle gloo groups keep threads polling: a pooled rank holding the groups of every past test burns CPU for the
+    rest of the suite. The groups a call creates are destroyed once every rank has returned."""
+    groups, threads = pool2.run(_held)[0]
+    after = pool2.run(_make_groups, 20)[0]
+    assert after[0] == groups + 20 and after[1] > threads + 20, (groups, threads, after)  # gloo: threads per group
+    deadline = time.monotonic() + 30
+    while (now := pool2.run(_held)[0])[0] != groups and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now[0] == groups and now[1] <= threads + 2, (groups, threads, now)  # the default group is kept
+    assert pool2.run(_allreduce_rank, 1.0) == [(0, 3.0), (1, 3.0)]
+
+
 def test_rank_error_names_rank_and_pool_recovers():
     pool = RankPool(2)
     try:
