@@ -1,4 +1,4 @@
-# pipeloom-train end to end: torchrun on 4 CPU processes per layout, kill and resume, new layouts, HF import,
+# pipeloom-train end to end: layouts (torchrun for one, the launcher's run on pool ranks for the rest), kill and resume,
 # bad configs (one error line, whichever rank exits first).
 import contextlib
 import os
@@ -73,15 +73,23 @@ def descendants(pid: int) -> list[int]:
 
 
 _RUNS: dict[str, str] = {}
+TORCHRUN_LAYOUT = "2x2x1"  # the layout launched with torchrun; the others run the launcher's run() on pool ranks
 
 
-def layout_run(name, workdir, cache) -> str:
-    """Run directory of an uninterrupted STEPS-step run under layout ``name`` (run once per session)."""
+def layout_run(name, workdir, cache, ranks) -> str:
+    """Run directory of an uninterrupted STEPS-step run under layout ``name`` (run once per module). The
+    :data:`TORCHRUN_LAYOUT` run goes through ``torchrun ... pipeloom.launch.train`` (the command line, the
+    kill-and-resume test's reference); the others through the launcher's ``run`` on 4 forked ranks of this module's
+    pool, the code torchrun's ranks run once Hydra has composed the config, without 4 fresh interpreters each."""
     if name not in _RUNS:
         pp, tp, dp = LAYOUTS[name]
         run_dir = str(workdir / f"run-{name}")
-        launch(run_dir, cache, f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"train.steps={STEPS}",
-               "checkpoint.every=4")  # step_4 (resumed under another layout) and step_8
+        overrides = [f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"train.steps={STEPS}",
+                     "checkpoint.every=4"]  # step_4 (resumed under another layout) and step_8
+        if name == TORCHRUN_LAYOUT:
+            launch(run_dir, cache, *overrides)
+        else:
+            ranks[4].run(_launcher_run, [f"data.cache_dir={cache}", *overrides], run_dir, timeout=300)
         _RUNS[name] = run_dir
     return _RUNS[name]
 
@@ -98,8 +106,8 @@ def reference(workdir, cache):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_trains_like_one_process(name, workdir, cache, reference):
-    run_dir = layout_run(name, workdir, cache)
+def test_layout_trains_like_one_process(name, workdir, cache, reference, ranks):
+    run_dir = layout_run(name, workdir, cache, ranks)
     got = losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got[STEPS] < got[1] - 0.5, got  # the loss falls on the stdlib corpus
@@ -113,8 +121,10 @@ def test_layout_trains_like_one_process(name, workdir, cache, reference):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache):
-    full = losses(layout_run("2x2x1", workdir, cache))
+def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache, ranks):
+    """torchrun's job killed (SIGKILL to torchrun and every rank) after step 3, maybe mid-save; a job resumed from
+    its checkpoints (the launcher's run on pool ranks) reproduces the uninterrupted torchrun run's losses."""
+    full = losses(layout_run(TORCHRUN_LAYOUT, workdir, cache, ranks))
     ck, killed_dir = str(workdir / "kill-ck"), str(workdir / "killed")
     args = command(4, f"data.cache_dir={cache}", f"hydra.run.dir={killed_dir}", "parallel.pp=2", "parallel.tp=2",
                    "train.steps=1000", f"checkpoint.dir={ck}")
@@ -132,13 +142,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(workdir, cache):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
     resumed_dir = str(workdir / "resumed")
-    out = launch(resumed_dir, cache, "parallel.pp=2", "parallel.tp=2", f"train.steps={STEPS}", f"checkpoint.dir={ck}",
-                 "checkpoint.resume=true")
-    assert "resumed from" in out.stdout
+    out = ranks[4].run(_launcher_run, [f"data.cache_dir={cache}", "parallel.pp=2", "parallel.tp=2",
+                                       f"train.steps={STEPS}", f"checkpoint.dir={ck}", "checkpoint.resume=true"],
+                       resumed_dir, timeout=300)
+    assert "resumed from" in out[0][1], out[0][1][-2000:]
     got = losses(resumed_dir)
-    assert got, f"the killed run got past step {STEPS} before the kill: {out.stdout[-1000:]}"
+    assert got, f"the killed run got past step {STEPS} before the kill: {out[0][1][-1000:]}"
     start = min(got) - 1
-    assert 2 <= start < STEPS, (start, out.stdout[-2000:])
+    assert 2 <= start < STEPS and [s for s, _ in out] == [start] * 4, (start, out)
     assert {s: got[s] for s in range(start + 1, STEPS + 1)} == {s: full[s] for s in range(start + 1, STEPS + 1)}
 
 
@@ -209,9 +220,9 @@ def test_pipedream_run_stopped_and_resumed_reproduces_the_uninterrupted_run(work
 def test_resume_under_another_layout(saved, resumed, workdir, cache, ranks):
     """The torchrun run's step-4 checkpoint, resumed by the launcher's run on 4 ranks of a pool under another
     layout, continues its loss curve."""
-    full = losses(layout_run(saved, workdir, cache))
+    full = losses(layout_run(saved, workdir, cache, ranks))
     ck = workdir / f"relayout-{saved}-{resumed}"
-    shutil.copytree(os.path.join(layout_run(saved, workdir, cache), "checkpoints", "step_4"), ck / "step_4")
+    shutil.copytree(os.path.join(layout_run(saved, workdir, cache, ranks), "checkpoints", "step_4"), ck / "step_4")
     pp, tp, dp = LAYOUTS[resumed]
     run_dir = str(workdir / f"relayout-run-{saved}-{resumed}")
     out = ranks[4].run(_launcher_run, [f"data.cache_dir={cache}", f"parallel.pp={pp}", f"parallel.tp={tp}",
@@ -226,7 +237,7 @@ def test_resume_under_another_layout(saved, resumed, workdir, cache, ranks):
 
 
 @pytest.mark.slow
-def test_hf_gpt2_import_parity_through_the_launcher(workdir, cache):
+def test_hf_gpt2_import_parity_through_the_launcher(workdir, cache, ranks):
     transformers = pytest.importorskip("transformers")
     from pipeloom.data import TokenBatches, prepare_data
 
@@ -236,8 +247,9 @@ def test_hf_gpt2_import_parity_through_the_launcher(workdir, cache):
     folder = str(workdir / "hf-gpt2")
     hf.save_pretrained(folder, safe_serialization=True)
     run_dir = str(workdir / "hf-run")
-    launch(run_dir, cache, f"model.hf_checkpoint={folder}", "parallel.pp=2", "parallel.tp=2", "train.steps=1",
-           "checkpoint.save_final=false", "train.timeline=false")
+    ranks[4].run(_launcher_run, [f"data.cache_dir={cache}", f"model.hf_checkpoint={folder}", "parallel.pp=2",
+                                 "parallel.tp=2", "train.steps=1", "checkpoint.save_final=false",
+                                 "train.timeline=false"], run_dir, timeout=300)
     batch = TokenBatches(prepare_data(cache_dir=cache).train, 32, 8, seed=0).global_batch(0)
     x = torch.from_numpy(batch)
     with torch.no_grad():
