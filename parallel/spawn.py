@@ -87,9 +87,13 @@ def _destroy_groups_since(before: set) -> int:
     polling (50 idle groups cost a rank about 8% of a core), and pooled ranks outlive the jobs that made them."""
     import torch.distributed as dist
 
-    stale = _process_groups() - before
+    stale = _process_groups() - before - {dist.group.WORLD}  # a job may have re-initialised the default group
     for group in stale:
-        dist.destroy_process_group(group)
+        try:
+            dist.destroy_process_group(group)
+        except (RuntimeError, ValueError) as error:  # already torn down by its owner: nothing is lost, say so
+            print(f"pipeloom.parallel.spawn: rank {dist.get_rank()}: could not destroy a group a job left: {error}",
+                  file=sys.stderr)
     return len(stale)
 
 

@@ -65,6 +65,21 @@ def test_a_call_leaves_no_process_groups_behind(pool2):
     assert pool2.run(_allreduce_rank, 1.0) == [(0, 3.0), (1, 3.0)]
 
 
+def _reinit_world(path):
+    """Tear the default group down and start another (what a job testing re-initialisation does), plus a group."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    dist.all_reduce(torch.ones(1), group=dist.new_group(list(range(world))))
+    return _held()[0]
+
+
+def test_the_cleanup_keeps_a_default_group_a_call_started(pool2, tmp_path):
+    assert pool2.run(_reinit_world, str(tmp_path / "store")) == [2, 2]  # the new world and its subgroup
+    assert pool2.run(_held)[0][0] == 1  # the subgroup went, the new world stayed
+    assert pool2.run(_allreduce_rank, 1.0) == [(0, 3.0), (1, 3.0)]
+
+
 def test_rank_error_names_rank_and_pool_recovers():
     pool = RankPool(2)
     try:
