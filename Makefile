@@ -2,6 +2,9 @@
 PY ?= python3
 # Where pip finds torch; empty: pip's own configuration. make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
+# Processes the suite runs on (pytest-xdist, one test file at a time per process): make test TEST_WORKERS=0 runs it
+# in this one process. The multi-rank tests start their own ranks either way.
+TEST_WORKERS ?= 2
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -22,7 +25,7 @@ demo: $(STAMP)
 	$(VPY) -m pipeloom.launch.demo
 
 test: $(STAMP)
-	$(VPY) -m pytest
+	$(VPY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .

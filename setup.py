@@ -39,6 +39,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout",
+            "pytest-xdist",  # make test runs the suite on TEST_WORKERS processes, a test file per worker
             "hypothesis>=6",
             "ruff",
             "transformers",

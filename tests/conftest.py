@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from xml.etree import ElementTree
@@ -69,33 +70,37 @@ def _needs_child() -> bool:
     return features.has("triton") and not interpreted() and not torch.cuda.is_available()
 
 
-class _InterpreterChild:
-    """The one child pytest (TRITON_INTERPRET=1) over the ``test_triton_*`` tests of ``files``; its outcome per
-    file, read from the child's JUnit XML."""
+class _ChildResults:
+    """The interpreter child's outcome per file, read from the JUnit XML it writes into ``dir`` once its ``done``
+    file exists. The child is this process's (:class:`_InterpreterChild`) or, under pytest-xdist, the controller's:
+    one child for all workers."""
 
-    def __init__(self, files: list[str]):
-        self.files = files
-        self.dir = tempfile.mkdtemp(prefix="pipeloom-triton-child-")
-        self.xml, self.log = os.path.join(self.dir, "junit.xml"), os.path.join(self.dir, "out.txt")
-        env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "pytest", *files, "-k", "test_triton_", "-q", "-rfEs", "-p", "no:cacheprovider",
-               f"--junitxml={self.xml}", "-o", "junit_family=xunit1"]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        self.started = time.monotonic()
+    def __init__(self, dir: str):
+        self.dir = dir
+        self.xml, self.log = os.path.join(dir, "junit.xml"), os.path.join(dir, "out.txt")
+        self.done, self.started_at = os.path.join(dir, "done"), os.path.join(dir, "started")
 
     def output(self) -> str:
-        with open(self.log) as f:
-            return f.read()
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return "(the child wrote no output)"
+
+    def _wait(self) -> None:
+        try:
+            with open(self.started_at) as f:
+                deadline = float(f.read()) + CHILD_TIMEOUT
+        except (FileNotFoundError, ValueError):
+            deadline = time.time() + CHILD_TIMEOUT
+        while not os.path.exists(self.done):
+            if time.time() > deadline:
+                pytest.fail(f"the Triton interpreter child ran past {CHILD_TIMEOUT} s:\n{self.output()[-6000:]}")
+            time.sleep(0.2)
 
     def results(self, test_file: str) -> dict[str, str]:
         """``{test name: "passed" | "failed" | "error" | "skipped"}`` of ``test_file``'s tests in the child."""
-        try:
-            self.proc.wait(timeout=max(1.0, CHILD_TIMEOUT - (time.monotonic() - self.started)))
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"the Triton interpreter child ran past {CHILD_TIMEOUT} s:\n{self.output()[-6000:]}")
+        self._wait()
         if not os.path.exists(self.xml):
             pytest.fail(f"the Triton interpreter child wrote no results:\n{self.output()[-6000:]}")
         got = {}
@@ -106,27 +111,83 @@ class _InterpreterChild:
         return got
 
     def close(self) -> None:
+        pass
+
+
+class _InterpreterChild(_ChildResults):
+    """The one child pytest (TRITON_INTERPRET=1) over the ``test_triton_*`` tests of ``files``, writing into
+    ``dir`` (a new temporary directory if None); a thread marks ``done`` when it exits."""
+
+    def __init__(self, files: list[str], dir: str | None = None):
+        super().__init__(dir or tempfile.mkdtemp(prefix="pipeloom-triton-child-"))
+        self.files = files
+        env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+        env.pop("PYTEST_XDIST_WORKER", None)
+        cmd = [sys.executable, "-m", "pytest", *files, "-k", "test_triton_", "-q", "-rfEs", "-p", "no:cacheprovider",
+               "-p", "no:xdist", f"--junitxml={self.xml}", "-o", "junit_family=xunit1"]
+        with open(self.started_at, "w") as f:
+            f.write(repr(time.time()))
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._mark_done, daemon=True).start()
+
+    def _mark_done(self) -> None:
+        code = self.proc.wait()
+        with open(self.done, "w") as f:
+            f.write(str(code))
+
+    def _wait(self) -> None:
+        super()._wait()
+        self.proc.wait()
+
+    def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_CHILD: list[_InterpreterChild] = []
+_CHILD: list[_ChildResults] = []
+_READER = "test_interpreter_runs_"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, controller side: tell each worker where the one interpreter child writes."""
+    if not getattr(node.config, "_pipeloom_triton_child", None):
+        node.config._pipeloom_triton_child = tempfile.mkdtemp(prefix="pipeloom-triton-child-")
+    node.workerinput["pipeloom_triton_child"] = node.config._pipeloom_triton_child
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_pipeloom_triton_child", None):
+        shutil.rmtree(config._pipeloom_triton_child, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """pytest-xdist, controller side: the first worker's collection names the files; their child starts now."""
+    if _CHILD or not _needs_child():
+        return
+    files = list(dict.fromkeys(str(REPO / i.split("::")[0]) for i in ids if i.split("::")[-1].startswith(_READER)))
+    if files:
+        _CHILD.append(_InterpreterChild(files, dir=node.config._pipeloom_triton_child))
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """The files whose ``test_interpreter_runs_*`` test will run: their interpreter child starts at once, and those
-    tests run last, when the child has (most likely) finished."""
-    readers = [item for item in items if item.name.startswith("test_interpreter_runs_")
+    """The files whose ``test_interpreter_runs_*`` test will run: their interpreter child starts at once (under
+    pytest-xdist, in the controller), and those tests run last, when the child has (most likely) finished."""
+    readers = [item for item in items if item.name.startswith(_READER)
                and "triton_child" in getattr(item, "fixturenames", ())]
     files = list(dict.fromkeys(str(item.path) for item in readers))
     for item in readers:
         item.add_marker(pytest.mark.timeout(CHILD_TIMEOUT + 60))  # it waits for the child
     items[:] = [item for item in items if item not in readers] + readers
-    if files and _needs_child() and not config.option.collectonly:
-        _CHILD.append(_InterpreterChild(files))
+    if not files or not _needs_child() or config.option.collectonly:
+        return
+    shared = getattr(config, "workerinput", {}).get("pipeloom_triton_child")  # a pytest-xdist worker
+    _CHILD.append(_ChildResults(shared) if shared else _InterpreterChild(files))
 
 
 def _run_triton_tests_in_interpreter(test_file: str, what: str) -> None:
