@@ -18,6 +18,7 @@ import pytest
 import torch
 from pipeloom import features
 from pipeloom.inference.quant import QuantizedLinear, formats, quantize_model
+from pipeloom.kernels import int8_gemv as gemv
 from pipeloom.kernels import interpreted
 from pipeloom.kernels import quant_matmul as qm
 
@@ -80,6 +81,62 @@ def test_triton_int4_matmul(device, seed, group_size, rows, dtype):
     check(y, ref, x.float().abs() @ deq.abs().t() + b.float().abs(), dtype, f"int4 g={group_size} {rows} rows")
 
 
+@pytest.mark.parametrize("config", sorted(gemv.CONFIGS))
+@pytest.mark.parametrize("n, k", [(42, 200), (40, 256)])  # ragged and even against every tile
+def test_triton_int8_gemv_configs(device, seed, config, n, k):
+    """Every configuration the GPU bench times computes the int8 matmul exactly (float32: only the summation
+    order differs), for 1 and 5 rows, with the scale applied once after the reduction and a bias."""
+    w = torch.randn(n, k, device=device) * 0.05
+    q, s = formats.quantize_int8(w)
+    q[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)  # the ends of the magic-number conversion
+    b = torch.randn(n, device=device)
+    for rows in (1, 5):
+        x = torch.randn(rows, k, device=device)
+        y = gemv.int8_gemv(x, q, s, b, config=config)
+        ref = gemv.int8_gemv_torch(x, q, s, b)
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        check(y, ref, x.abs() @ (q.float().abs() * s.unsqueeze(1)).t() + b.abs(), torch.float32,
+              f"int8 GEMV {config} {rows} rows")
+    xb = torch.randn(1, k, device=device).to(torch.bfloat16)
+    check(gemv.int8_gemv(xb, q, s, config=config), gemv.int8_gemv_torch(xb, q, s),
+          xb.float().abs() @ (q.float().abs() * s.unsqueeze(1)).t(), torch.bfloat16, f"int8 GEMV {config} bf16")
+
+
+def test_triton_int8_gemv_env_config(device, seed, monkeypatch):
+    """PIPELOOM_INT8_GEMV picks the configuration the engine's layers launch; an unknown name is refused."""
+    q, s = formats.quantize_int8(torch.randn(24, 96, device=device))
+    x = torch.randn(1, 96, device=device)
+    launched = []
+    real = gemv.config_for
+    monkeypatch.setattr(gemv, "config_for", lambda name=None: launched.append(real(name)) or launched[-1])
+    monkeypatch.setenv(gemv.ENV_CONFIG, "n4k2048w4s2")
+    torch.testing.assert_close(qm.int8_matmul(x, q, s, backend="triton"), gemv.int8_gemv_torch(x, q, s),
+                               rtol=1e-5, atol=1e-5)
+    assert [c.name for c in launched] == ["n4k2048w4s2"]
+    monkeypatch.setenv(gemv.ENV_CONFIG, "n3k7")
+    with pytest.raises(ValueError, match="n3k7"):
+        qm.int8_matmul(x, q, s, backend="triton")
+
+
+def test_int8_magic_number_conversion_is_exact():
+    """The kernel's int8 -> float32 conversion: bits 0x4B000080 + q read as a float, minus 2^23 + 128, is q for
+    every int8 value (so the GEMV's products are the reference's)."""
+    q = torch.arange(-128, 128, dtype=torch.int32)
+    f = (q + gemv.MAGIC_BITS).view(torch.float32) - gemv.MAGIC_VALUE
+    assert torch.equal(f, q.float())
+    assert gemv.MAGIC_VALUE == 2.0**23 + 128 and torch.tensor(gemv.MAGIC_BITS).view(torch.float32) == 2.0**23 + 128
+
+
+def test_int8_gemv_configs_are_named_and_bounded():
+    """A handful of explicit configurations (the bench times each on four shapes), the default among them."""
+    assert gemv.DEFAULT_CONFIG in gemv.CONFIGS and 2 <= len(gemv.CONFIGS) <= 6
+    for name, c in gemv.CONFIGS.items():
+        assert c.name == name and c.block_k % 16 == 0 and c.num_warps in (1, 2, 4, 8)
+        assert c.block_n * c.block_k // (32 * c.num_warps) <= 64, f"{name}: > 64 float32 accumulators per thread"
+    with pytest.raises(ValueError, match="not one of"):
+        gemv.config_for("n4k512")
+
+
 def test_triton_model_decode_runs_the_kernels(device, seed, monkeypatch):
     """A quantized Llama decoding one token per row runs the kernels (counted) and equals the torch path;
     a prefill-sized input takes the torch path."""
@@ -97,7 +154,8 @@ def test_triton_model_decode_runs_the_kernels(device, seed, monkeypatch):
     config = ModelConfig(family="llama", vocab_size=96, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                          ffn_hidden=256, max_seq_len=32)
     for mode in ("int8", "int4"):
-        model = quantize_model(Transformer(config).to(device).eval(), mode, group_size=64)
+        model = quantize_model(Transformer(config).to(device).eval(), mode, group_size=64,
+                               kernels="triton" if mode == "int4" else "auto")  # not tinygemm on a GPU
         token = torch.randint(0, 96, (1, 1), device=device)  # one row: every linear sees M = 1
         with torch.no_grad():
             y = model(token)
