@@ -112,6 +112,9 @@ def test_cpu_layers_are_unchanged_and_save_no_tinygemm_buffers(seed):
     before = layer.weight_bytes()
     layer.tinygemm_weight = torch.zeros(1000, dtype=torch.int32)  # as prepare_tinygemm would set it on a GPU
     assert layer.weight_bytes() == before and "tinygemm_weight" not in layer.state_dict()
+    layer.load_state_dict(QuantizedLinear.from_linear(nn.Linear(256, 48).to(torch.bfloat16), "int4", group_size=64)
+                          .state_dict())
+    assert layer.tinygemm_weight is None  # a layout of the old codes must not survive new ones
     forced = QuantizedLinear.from_linear(linear, "int4", group_size=64, backend="tinygemm")
     with pytest.raises(ValueError, match="tinygemm"):
         forced(x)

@@ -70,6 +70,7 @@ class QuantizedLinear(nn.Module):
             # tinygemm's layout of the same weight (prepare_tinygemm); derived, so not saved
             self.register_buffer("tinygemm_weight", None, persistent=False)
             self.register_buffer("tinygemm_scales_zeros", None, persistent=False)
+            self.register_load_state_dict_post_hook(_drop_tinygemm)  # new codes: the old layout is stale
         else:
             self.register_buffer("qweight", torch.empty(n, k, dtype=torch.uint8, **empty))
             self.register_buffer("scale", torch.empty(n, dtype=torch.float32, **empty))
@@ -109,6 +110,8 @@ class QuantizedLinear(nn.Module):
             return f"tinygemm runs int4 weights, this layer is {self.mode}"
         if self.backend not in ("auto", "tinygemm"):
             return f"backend={self.backend!r}"
+        if self.scale.dtype != torch.bfloat16:
+            return f"tinygemm runs bfloat16 models, this layer's scales are {self.scale.dtype}"
         if not int4_tinygemm.available(self.qweight.device):
             return (f"the weights are on {self.qweight.device}; tinygemm needs a CUDA GPU of compute capability "
                     "8.0+ and a torch with aten._weight_int4pack_mm")
@@ -192,3 +195,40 @@ class QuantizedLinear(nn.Module):
         act = f", fp8_activations={self.fp8_activations}" if self.mode == "fp8" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}{act}, "
                 f"bias={self.bias is not None}, backend={self.backend}")
+
+
+def _drop_tinygemm(module: QuantizedLinear, incompatible_keys) -> None:
+    """After ``load_state_dict``: forget tinygemm's layout of the previous weights (rebuilt on the next eager
+    forward, or by ``prepare_kernels``)."""
+    module.tinygemm_weight = module.tinygemm_scales_zeros = None
+
+
+def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """ONE layer computing the outputs of ``layers`` (over the same input) side by side, their buffers
+    re-pointed at row views of its own (no second copy): quantization is per output row (int8/fp8 scales,
+    int4 row groups), so stacking rows is exact. The inference runner fuses q/k/v and gate/up this way, one
+    GEMV instead of three or two per step. None when the layers differ in mode, input, group, backend, dtype,
+    device or bias."""
+    first = layers[0]
+    key = lambda m: (m.mode, m.in_features, m.group_size, m.backend, m.fp8_activations, m.scale.dtype,
+                     m.qweight.device, m.bias is None)
+    if not all(isinstance(m, QuantizedLinear) and key(m) == key(first) for m in layers):
+        return None
+    sizes = [m.out_features for m in layers]
+    fused = QuantizedLinear(first.in_features, sum(sizes), first.mode, bias=first.bias is not None,
+                            group_size=first.group_size or 128, dtype=first.scale.dtype, device="meta",
+                            fp8_activations=first.fp8_activations, backend=first.backend)
+    names = ["qweight", "scale"] + (["offset"] if first.mode == "int4" else []) + \
+        (["bias"] if first.bias is not None else [])
+    with torch.no_grad():
+        for name in names:
+            whole = torch.cat([getattr(m, name) for m in layers])  # (sum of outputs, ...)
+            setattr(fused, name, whole)
+            for m, part in zip(layers, whole.split(sizes)):
+                setattr(m, name, part)
+    for m in layers:
+        if m.mode == "int4":
+            m.tinygemm_weight = m.tinygemm_scales_zeros = None  # layouts of the old storage: rebuilt if needed
+    if first.mode == "int4":
+        fused.prepare_tinygemm()
+    return fused
