@@ -130,7 +130,8 @@ def decode_paths(size: str, args, env, rows: list) -> None:
                 ms = statistics.median(got[overlap]) * 1e3
                 if mode == "none":
                     base[path, overlap] = ms
-                ratio = [f"{base[path, overlap] / ms:.2f}x unquantized"] if (path, overlap) in base else []
+                ratio = [f"{base[path, overlap] / ms:.2f}x unquantized"] if mode != "none" and (path, overlap) in base \
+                    else []
                 rows.append((label, f"overlap {'on' if overlap else 'off'}", f"{ms:.3f} ms/token",
                              f"floor {floor * 1e3:.3f} ms ({floor * 1e3 / ms:.0%})",
                              "; ".join(ratio + [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"

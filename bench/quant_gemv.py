@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES_7B = {"qkv": (12288, 4096), "wo": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
-SHAPES_SMOKE = {"qkv": (96, 256), "down": (40, 200)}  # ragged against the int8 tiles
+SHAPES_SMOKE = {"qkv": (96, 256), "down": (40, 320)}  # ragged against the int8 tiles; int4 in groups of 64
 
 
 def graph_time(fn, calls: int, repeats: int) -> float:
@@ -99,7 +99,7 @@ def summary(rows: list[dict], shapes: dict) -> str | None:
         if r.get("us") is not None:
             totals.setdefault(r["variant"], {})[r["shape"]] = r
     print("\nsummary: one decoder layer's GEMVs (" + ", ".join(shapes) + ")", flush=True)
-    print(f"{'variant':24s} {'us':>9s} {'GB/s':>7s} {'vs bf16':>8s}  shapes")
+    print(f"{'variant':26s} {'us':>9s} {'GB/s':>7s} {'vs bf16':>8s}  shapes")
     best, best_us = None, None
     for variant, per in totals.items():
         us = sum(r["us"] for r in per.values())
@@ -107,7 +107,7 @@ def summary(rows: list[dict], shapes: dict) -> str | None:
         same = [s for s in per if s in base]
         speedup = sum(base[s] for s in same) / sum(per[s]["us"] for s in same) if same else float("nan")
         complete = len(per) == len(shapes)
-        print(f"{variant:24s} {us:9.2f} {nbytes / us / 1e3:7.0f} {speedup:7.2f}x  {len(per)}/{len(shapes)}"
+        print(f"{variant:26s} {us:9.2f} {nbytes / us / 1e3:7.0f} {speedup:7.2f}x  {len(per)}/{len(shapes)}"
               f"{'' if complete else ' (incomplete)'}")
         if variant.startswith("int8 ") and variant != "int8 aten" and complete and (best_us is None or us < best_us):
             best, best_us = variant.split(" ", 1)[1], us
@@ -138,31 +138,32 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = SHAPES_SMOKE if args.smoke else SHAPES_7B
     calls, repeats = (2, 1) if args.smoke else (args.calls, args.repeats)
+    group_size = 64 if args.smoke else args.group_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {dtype}, {calls} calls per graph, median of {repeats}",
           flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
     rows: list[dict] = []
-    print(f"{'shape':8s} {'N x K':>12s} {'variant':24s} {'us/call':>8s} {'GB/s':>7s} {'vs bf16':>7s} "
+    print(f"{'shape':8s} {'N x K':>12s} {'variant':26s} {'us/call':>8s} {'GB/s':>7s} {'vs bf16':>7s} "
           f"{'rel err':>8s}", flush=True)
     try:
         for shape, (n, k) in shapes.items():
             w = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(dtype)
             x = torch.randn(1, k, device=device, generator=gen).to(dtype)
             base = None
-            for variant, fn, nbytes, ref in variants(x, w, args.group_size, configs):
+            for variant, fn, nbytes, ref in variants(x, w, group_size, configs):
                 row = {"shape": shape, "n": n, "k": k, "variant": variant, "bytes": nbytes, "us": None}
                 try:
                     rel = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                     row["rel_err"] = rel
                     if not rel <= args.tolerance:
-                        print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:24s} WRONG: relative error {rel:.3g} > "
+                        print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:26s} WRONG: relative error {rel:.3g} > "
                               f"{args.tolerance}", flush=True)
                         rows.append(row)
                         continue
                     seconds = graph_time(fn, calls, repeats)
                 except (RuntimeError, ValueError, NotImplementedError) as err:  # one variant must not stop the rest
-                    print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:24s} error: {type(err).__name__}: "
+                    print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:26s} error: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:150]}", flush=True)
                     rows.append(row)
                     continue
@@ -170,7 +171,7 @@ def main(argv=None) -> list[dict]:
                 row.update(us=seconds * 1e6, gb_per_s=nbytes / seconds / 1e9,
                            speedup=base / seconds if base else float("nan"))
                 rows.append(row)
-                print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:24s} {row['us']:8.2f} {row['gb_per_s']:7.0f} "
+                print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:26s} {row['us']:8.2f} {row['gb_per_s']:7.0f} "
                       f"{row['speedup']:6.2f}x {rel:8.1e}", flush=True)
             del w, x
     except KeyboardInterrupt:  # the device script's timeout sends SIGINT: still summarise what was measured

@@ -72,7 +72,7 @@ CONFIGS = {c.name: c for c in (
     GemvConfig(2, 1024, 2, 3),  # twice the programs (small N), 2 warps per 1 KB row segment
 )}
 DEFAULT_CONFIG = "n4k512w1s3"
-INTERPRETER_CONFIG = GemvConfig(4, 64, 1, 1)  # small tiles: the interpreter runs a program at a time in numpy
+INTERPRETER_CONFIG = GemvConfig(16, 64, 1, 1)  # few programs: the interpreter runs them one at a time in numpy
 
 
 def int8_gemv_torch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
