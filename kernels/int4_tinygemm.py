@@ -103,6 +103,8 @@ def int4_matmul_tinygemm(x: torch.Tensor, weight: torch.Tensor, scales_zeros: to
     if x.dtype != torch.bfloat16:
         raise ValueError(f"tinygemm takes bfloat16 activations, got {x.dtype}; use the Triton or torch path")
     x2 = x.reshape(-1, x.size(-1)).contiguous()  # (M, K)
+    if x2.data_ptr() % 16:  # the kernel loads x in 4-byte words: a view at an odd element offset gets a copy
+        x2 = x2.clone()
     y = torch.ops.aten._weight_int4pack_mm(x2, weight, group_size, scales_zeros)  # (M, N) bf16
     if bias is not None:
         y = y + bias.to(y.dtype)
