@@ -10,7 +10,10 @@
   CUDA graph over the eager forward, the path before ``compile``) and ``compiled`` (``torch.compile``'d decode
   forward inside the graph), each with ``overlap`` on and off (one LLM per path; overlap toggled between
   alternating repeats, medians); ``unfused`` is ``graphs`` with the runner's ``fuse_decode`` off (the eager
-  composites below the fusion threshold: the path before the decode fusion). Also the GPU time of one batch-1
+  composites below the fusion threshold: the path before the decode fusion). ``--quant none,int8,int4`` runs
+  each path with weight-only quantized models too (``LLM(quantization=...)``; int8: the Triton GEMV,
+  ``PIPELOOM_INT8_GEMV`` picks its config; int4: tinygemm on the GPU, ``int4:triton`` pipeloom's kernel) and
+  prints each one's speed-up over the unquantized model of the same path. Also the GPU time of one batch-1
   graph replay (CUDA events) and the kernels it launches (torch.profiler), against the bandwidth floor = weight
   bytes / measured copy rate, and on any device the kernels of one batch-1 decode step counted from Python
   (``counted kernels/token``: aten ops that launch one plus Triton launches, inference/launch_count.py).
@@ -99,12 +102,19 @@ def replay_profile(llm, device) -> dict:
 
 def decode_paths(size: str, args, env, rows: list) -> None:
     prompt = infer_gpu.prompt_ids(args.prompt, infer_gpu.SIZES[size]["vocab_size"])
-    for path in args.paths.split(","):
-        label = f"decode {size} {path}"
+    base: dict[tuple, float] = {}  # (path, overlap) -> ms/token of the unquantized model, for the speed-ups
+    for path, quant in [(p, q) for p in args.paths.split(",") for q in args.quant.split(",")]:
+        if args.budget and time.perf_counter() - args.started > args.budget:
+            rows.append((f"decode {size} {path} {quant}", "skipped", f"--budget {args.budget:.0f} s spent", "", ""))
+            print(" | ".join(rows[-1]), flush=True)
+            continue
+        mode, _, kernels = quant.partition(":")
+        label = f"decode {size} {path}" + ("" if mode == "none" else f" {quant}")
         try:
             start = time.perf_counter()
             llm = infer_gpu.our_llm(size, args, max_seq_len=args.prompt + args.long + 16, token_budget=None,
-                                    policy="continuous", max_num_seqs=args.decode_seqs, **PATHS[path])
+                                    policy="continuous", max_num_seqs=args.decode_seqs, quantization=mode,
+                                    quant_kernels=kernels or "auto", **PATHS[path])
             if path in UNFUSED:
                 llm.engine.runner.fuse_decode = False  # read when the graphs are captured, in the warm-up
             per_token(llm, prompt, 2, 8)  # warm up: captures (and compiles) the graphs
@@ -118,10 +128,14 @@ def decode_paths(size: str, args, env, rows: list) -> None:
             extra = replay_profile(llm, args.device)
             for overlap in (True, False):
                 ms = statistics.median(got[overlap]) * 1e3
+                if mode == "none":
+                    base[path, overlap] = ms
+                ratio = [f"{base[path, overlap] / ms:.2f}x unquantized"] if mode != "none" and (path, overlap) in base \
+                    else []
                 rows.append((label, f"overlap {'on' if overlap else 'off'}", f"{ms:.3f} ms/token",
                              f"floor {floor * 1e3:.3f} ms ({floor * 1e3 / ms:.0%})",
-                             "; ".join([f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                        for k, v in extra.items()] + [f"setup {setup:.0f} s"])))
+                             "; ".join(ratio + [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in extra.items()] + [f"setup {setup:.0f} s"])))
                 print(" | ".join(rows[-1]), flush=True)
             del llm
         except Exception as err:
@@ -197,6 +211,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     parser.add_argument("--short", type=int, default=32, help="decode: tokens of the shorter generation")
     parser.add_argument("--long", type=int, default=288, help="decode: tokens of the longer generation")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quant", default="none",
+                        help="decode parts: weight quantizations to run, comma-separated: none, int8, int4, fp8; "
+                             "MODE:KERNELS picks the quantized layers' kernels (e.g. int4:triton, int4:tinygemm)")
     parser.add_argument("--decode-seqs", type=int, default=1,
                         help="decode: max_num_seqs (1: one graph, one compilation)")
     parser.add_argument("--requests", type=int, default=256)
@@ -221,6 +238,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
           f"{env['matmul_rate'] / 1e12:.2f} TFLOP/s", flush=True)
     rows: list[tuple] = []
     ours, theirs, start = [], None, time.perf_counter()
+    args.started = start
     parts = args.parts.split(",")
     for part in parts:
         if part not in ("decode-1b", "decode-7b", "throughput", "throughput-compiled", "hf"):

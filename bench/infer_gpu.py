@@ -9,7 +9,9 @@ Variants (each runs on its own; a failing one prints its error and the others st
 
 * ``decode-1b`` / ``decode-7b``: batch 1, prompt 128, 256 new tokens, greedy; ms per token (median decode
   iteration, and wall time over the whole generation) against the bandwidth floor = weight bytes / measured
-  copy rate (read + write bytes of a device-to-device copy per second).
+  copy rate (read + write bytes of a device-to-device copy per second). ``decode-7b-int8`` /
+  ``decode-7b-int4``: the same with ``LLM(quantization=...)`` (weight-only, int4 in groups of 128; the floor
+  counts the quantized bytes).
 * ``hf-decode-1b``: the same with Hugging Face ``generate`` (dynamic cache, sdpa).
 * ``throughput``: the nano-vllm workload - 256 requests of random token ids, prompt and output lengths each
   uniform in 100-1024, ignore_eos - output tokens/s, and the workload's roofline: per iteration the larger of
@@ -23,6 +25,7 @@ Variants (each runs on its own; a failing one prints its error and the others st
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import random
 import statistics
@@ -37,7 +40,8 @@ SIZES = {  # name -> (ModelConfig fields, HF LlamaConfig fields)
                norm_eps=1e-5),
     "tiny": dict(family="llama", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128),
 }
-VARIANTS = ["decode-1b", "hf-decode-1b", "decode-7b", "throughput", "hf-throughput", "ttft-8k", "hf-ttft-8k"]
+VARIANTS = ["decode-1b", "hf-decode-1b", "decode-7b", "decode-7b-int8", "decode-7b-int4", "throughput",
+            "hf-throughput", "ttft-8k", "hf-ttft-8k"]
 
 
 def sync(device) -> None:
@@ -73,8 +77,11 @@ def matmul_rate(device, n: int) -> float:
     return 2 * n**3 / statistics.median(times[2:])
 
 
-def our_llm(size: str, args, max_seq_len: int, **options):
+def our_llm(size: str, args, max_seq_len: int, quantization: str = "none", quant_kernels: str = "auto", **options):
+    """pipeloom's LLM over a random-weight model of ``size``; ``quantization`` none | int8 | int4 | fp8 is applied
+    as ``LLM(quantization=...)`` does (groups of 128), with ``quant_kernels`` (auto | triton | torch | tinygemm)."""
     from pipeloom.inference import LLM
+    from pipeloom.inference.quant import quantize_model
     from pipeloom.models import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -82,6 +89,7 @@ def our_llm(size: str, args, max_seq_len: int, **options):
         model = Transformer(ModelConfig(**SIZES[size], max_seq_len=max_seq_len))
     model = model.to(args.dtype)
     model.init_buffers()
+    quantize_model(model, quantization, 128, kernels=quant_kernels)
     return LLM(model, dtype=str(args.dtype).removeprefix("torch."), device=str(args.device),
                gpu_memory_fraction=args.kv_fraction, **options)
 
@@ -102,7 +110,12 @@ def hf_model(size: str, args, max_seq_len: int, attn: str = "sdpa"):
 
 
 def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Bytes of the parameters and, in a quantized model, of its quantized layers' saved buffers (codes,
+    scales, offsets): the weights a forward reads (the embedding counted whole, as for bf16)."""
+    from pipeloom.inference.quant import QuantizedLinear
+
+    params = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return params + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
@@ -113,11 +126,11 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 # ----------------------------------------------------------------------------- variants
 
 
-def decode(size: str, args, env) -> dict:
+def decode(size: str, args, env, quantization: str = "none") -> dict:
     from pipeloom.inference import SamplingParams
 
     llm = our_llm(size, args, max_seq_len=args.prompt + args.new_tokens + 16, token_budget=None,
-                  policy="continuous")
+                  policy="continuous", quantization=quantization)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     prompt = prompt_ids(args.prompt, SIZES[size]["vocab_size"])
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm up
@@ -233,6 +246,8 @@ def hf_ttft(size: str, args, env) -> dict:
 
 
 RUNNERS = {"decode-1b": (decode, "1b"), "hf-decode-1b": (hf_decode, "1b"), "decode-7b": (decode, "7b"),
+           "decode-7b-int8": (functools.partial(decode, quantization="int8"), "7b"),
+           "decode-7b-int4": (functools.partial(decode, quantization="int4"), "7b"),
            "throughput": (throughput, "1b"), "hf-throughput": (hf_throughput, "1b"), "ttft-8k": (ttft, "1b"),
            "hf-ttft-8k": (hf_ttft, "1b")}
 

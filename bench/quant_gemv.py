@@ -1,15 +1,21 @@
-# Batch-1 quantized GEMV on the GPU: pipeloom's int8 / int4 kernels against the bf16 cuBLAS GEMV, weights/s.
+# Batch-1 quantized GEMVs inside CUDA graphs: bf16 cuBLAS, the int8 GEMV configs, int4 Triton and tinygemm.
 """The matmuls of one decode step of a 7B Llama at batch 1, as the engine runs them (q/k/v and gate/up fused),
 each timed inside a CUDA graph of ``--calls`` back-to-back launches (as a captured decode step runs them), so
 the figure is kernel time, not launch overhead::
 
-    python bench/quant_gemv.py                       # 7B shapes, bf16 / int8 / int4 (g128)
-    python bench/quant_gemv.py --smoke               # CPU: tiny shapes, Triton interpreter, correctness only
+    python bench/quant_gemv.py                             # 7B shapes, every variant below
+    python bench/quant_gemv.py --best-int8 best.txt        # also write the fastest int8 config's name
+    TRITON_INTERPRET=1 python bench/quant_gemv.py --smoke  # CPU: tiny shapes, correctness only
 
-Prints, per shape and variant, microseconds per call, the weight bytes read per call over that time (GB/s),
-the speed-up over bf16, the chosen autotune config and the largest error against the dequantized bf16
-matmul. Batch-1 decode is bound by these bytes: the end-to-end int8 / int4 speed-ups can only approach the
-GEMV speed-ups here.
+Variants: ``bf16`` (``F.linear``: cuBLAS), ``int8 <config>`` for each configuration of
+``kernels/int8_gemv.py`` (fixed tiles, no autotuning; ``--int8-configs`` picks some), ``int8 aten`` (torch's
+own ``aten._weight_int8pack_mm`` where this torch has it), ``int4 triton`` (pipeloom's int4 kernel, a
+4-tile autotune) and ``int4 tinygemm`` (``aten._weight_int4pack_mm`` over our int4 weights converted by
+``kernels/int4_tinygemm.py``, CUDA only). Each is first checked against the float32 matmul of its own
+dequantized weight (relative error over the output's largest magnitude at most ``--tolerance``); a failing
+variant prints WRONG and is not timed. Rows print as they are measured; the summary at the end (also on
+Ctrl-C / SIGINT) adds up one decoder layer's four GEMVs per variant: microseconds, weight bytes over that
+time, and the speed-up over bf16, which bounds what the variant can give a bandwidth-bound batch-1 decode.
 """
 
 from __future__ import annotations
@@ -17,19 +23,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 SHAPES_7B = {"qkv": (12288, 4096), "wo": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
-SHAPES_SMOKE = {"qkv": (96, 128), "down": (64, 256)}
+SHAPES_SMOKE = {"qkv": (96, 256), "down": (40, 320)}  # ragged against the int8 tiles; int4 in groups of 64
 
 
 def graph_time(fn, calls: int, repeats: int) -> float:
     """Median seconds per call of ``fn`` replayed ``calls`` times in one CUDA graph (eager on CPU)."""
     if not torch.cuda.is_available():
-        import time
-
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -38,7 +43,7 @@ def graph_time(fn, calls: int, repeats: int) -> float:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            fn()  # autotune and compile outside the capture
+            fn()  # compile and autotune outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -57,56 +62,124 @@ def graph_time(fn, calls: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def variants(x: torch.Tensor, w16: torch.Tensor, group_size: int) -> dict:
-    """Variant -> (fn(), weight bytes it reads, the float reference output, its autotuner or None)."""
+def variants(x: torch.Tensor, w: torch.Tensor, group_size: int, int8_configs: list[str]) -> list[tuple]:
+    """(name, fn(), weight bytes it reads, float32 reference output) per variant runnable here."""
     from pipeloom.inference.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+    from pipeloom.kernels import int4_tinygemm
     from pipeloom.kernels import quant_matmul as qm
+    from pipeloom.kernels.int8_gemv import int8_gemv
 
-    q8, s8 = quantize_int8(w16)  # scales in the model's dtype, as quantize_model stores them
-    q4, s4, z4 = quantize_int4(w16, group_size)
-    return {
-        "bf16": (lambda: F.linear(x, w16), w16.numel() * w16.element_size(), F.linear(x, w16), None),
-        "int8": (lambda: qm.int8_matmul_triton(x, q8, s8), q8.numel() + s8.numel() * s8.element_size(),
-                 F.linear(x, dequantize_int8(q8, s8).to(x.dtype)), qm._int8_tuned),
-        "int4": (lambda: qm.int4_matmul_triton(x, q4, s4, z4, group_size),
-                 q4.numel() + 2 * s4.numel() * s4.element_size(),
-                 F.linear(x, dequantize_int4(q4, s4, z4, group_size).to(x.dtype)), qm._int4_tuned),
-    }
+    xf = x.float()
+    q8, s8 = quantize_int8(w)  # scales in the model's dtype, as quantize_model stores them
+    q4, s4, z4 = quantize_int4(w, group_size)
+    ref8 = xf @ dequantize_int8(q8, s8).t()
+    ref4 = xf @ dequantize_int4(q4, s4, z4, group_size).t()
+    bytes8 = q8.numel() + s8.numel() * s8.element_size()
+    bytes4 = q4.numel() + 2 * s4.numel() * s4.element_size()
+    out = [("bf16", lambda: F.linear(x, w), w.numel() * w.element_size(), xf @ w.float().t())]
+    out += [(f"int8 {name}", lambda name=name: int8_gemv(x, q8, s8, config=name), bytes8, ref8)
+            for name in int8_configs]
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        out.append(("int8 aten", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8), bytes8, ref8))
+    out.append(("int4 triton", lambda: qm.int4_matmul_triton(x, q4, s4, z4, group_size), bytes4, ref4))
+    if int4_tinygemm.available(x.device) and x.dtype == torch.bfloat16:
+        n, k = w.shape
+        if int4_tinygemm.unsupported(n, k, group_size) is None:
+            tw, tsz = int4_tinygemm.pack(q4, s4, z4, group_size)
+            out.append(("int4 tinygemm", lambda: int4_tinygemm.int4_matmul_tinygemm(x, tw, tsz, group_size),
+                        tw.numel() * tw.element_size() + tsz.numel() * tsz.element_size(), ref4))
+    return out
+
+
+def summary(rows: list[dict], shapes: dict) -> str | None:
+    """Print one layer's four GEMVs added up per variant; return the fastest int8 config's name (or None)."""
+    base = {r["shape"]: r["us"] for r in rows if r["variant"] == "bf16"}
+    totals = {}
+    for r in rows:
+        if r.get("us") is not None:
+            totals.setdefault(r["variant"], {})[r["shape"]] = r
+    print("\nsummary: one decoder layer's GEMVs (" + ", ".join(shapes) + ")", flush=True)
+    print(f"{'variant':26s} {'us':>9s} {'GB/s':>7s} {'vs bf16':>8s}  shapes")
+    best, best_us = None, None
+    for variant, per in totals.items():
+        us = sum(r["us"] for r in per.values())
+        nbytes = sum(r["bytes"] for r in per.values())
+        same = [s for s in per if s in base]
+        speedup = sum(base[s] for s in same) / sum(per[s]["us"] for s in same) if same else float("nan")
+        complete = len(per) == len(shapes)
+        print(f"{variant:26s} {us:9.2f} {nbytes / us / 1e3:7.0f} {speedup:7.2f}x  {len(per)}/{len(shapes)}"
+              f"{'' if complete else ' (incomplete)'}")
+        if variant.startswith("int8 ") and variant != "int8 aten" and complete and (best_us is None or us < best_us):
+            best, best_us = variant.split(" ", 1)[1], us
+    if best:
+        print(f"fastest int8 config over the layer: {best} ({best_us:.2f} us)")
+    return best
 
 
 def main(argv=None) -> list[dict]:
+    from pipeloom.kernels.int8_gemv import CONFIGS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=50, help="launches per CUDA graph")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10, help="graph replays timed (median)")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--int8-configs", default=",".join(CONFIGS), help="int8 GEMV configs to time")
+    parser.add_argument("--tolerance", type=float, default=1e-2, help="max |y - ref| / max |ref| to pass")
+    parser.add_argument("--best-int8", help="write the fastest int8 config's name to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = parser.parse_args(argv)
+    configs = [c for c in args.int8_configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--int8-configs: unknown {unknown}; choose from {','.join(CONFIGS)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("on CPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = SHAPES_SMOKE if args.smoke else SHAPES_7B
     calls, repeats = (2, 1) if args.smoke else (args.calls, args.repeats)
+    group_size = 64 if args.smoke else args.group_size
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {dtype}, {calls} calls per graph, median of {repeats}",
+          flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
-    rows = []
-    print(f"{'shape':8s} {'N x K':>12s} {'variant':6s} {'us/call':>8s} {'GB/s':>7s} {'vs bf16':>7s} "
-          f"{'max err':>8s}  config")
-    for name, (n, k) in shapes.items():
-        w = torch.randn(n, k, device=device, generator=gen, dtype=torch.float32).mul_(0.02)
-        x = torch.randn(1, k, device=device, generator=gen, dtype=torch.float32).to(dtype)
-        w16 = w.to(dtype)
-        base = None
-        for variant, (fn, nbytes, ref, tuner) in variants(x, w16, args.group_size).items():
-            err = (fn().float() - ref.float()).abs().max().item()
-            seconds = graph_time(fn, calls, repeats)
-            base = seconds if variant == "bf16" else base
-            config = getattr(tuner, "best_config", None) if tuner is not None and device.type == "cuda" else None
-            row = {"shape": name, "n": n, "k": k, "variant": variant, "us": seconds * 1e6,
-                   "gb_per_s": nbytes / seconds / 1e9, "speedup": base / seconds, "max_err": err,
-                   "config": str(config) if config else ""}
-            rows.append(row)
-            print(f"{name:8s} {f'{n} x {k}':>12s} {variant:6s} {row['us']:8.2f} {row['gb_per_s']:7.0f} "
-                  f"{row['speedup']:6.2f}x {err:8.1e}  {row['config']}")
+    rows: list[dict] = []
+    print(f"{'shape':8s} {'N x K':>12s} {'variant':26s} {'us/call':>8s} {'GB/s':>7s} {'vs bf16':>7s} "
+          f"{'rel err':>8s}", flush=True)
+    try:
+        for shape, (n, k) in shapes.items():
+            w = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(dtype)
+            x = torch.randn(1, k, device=device, generator=gen).to(dtype)
+            base = None
+            for variant, fn, nbytes, ref in variants(x, w, group_size, configs):
+                row = {"shape": shape, "n": n, "k": k, "variant": variant, "bytes": nbytes, "us": None}
+                try:
+                    rel = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+                    row["rel_err"] = rel
+                    if not rel <= args.tolerance:
+                        print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:26s} WRONG: relative error {rel:.3g} > "
+                              f"{args.tolerance}", flush=True)
+                        rows.append(row)
+                        continue
+                    seconds = graph_time(fn, calls, repeats)
+                except (RuntimeError, ValueError, NotImplementedError) as err:  # one variant must not stop the rest
+                    print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:26s} error: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:150]}", flush=True)
+                    rows.append(row)
+                    continue
+                base = seconds if variant == "bf16" else base
+                row.update(us=seconds * 1e6, gb_per_s=nbytes / seconds / 1e9,
+                           speedup=base / seconds if base else float("nan"))
+                rows.append(row)
+                print(f"{shape:8s} {f'{n} x {k}':>12s} {variant:26s} {row['us']:8.2f} {row['gb_per_s']:7.0f} "
+                      f"{row['speedup']:6.2f}x {rel:8.1e}", flush=True)
+            del w, x
+    except KeyboardInterrupt:  # the device script's timeout sends SIGINT: still summarise what was measured
+        print("interrupted", flush=True)
+    best = summary(rows, shapes)
+    if args.best_int8 and best:
+        with open(args.best_int8, "w") as f:
+            f.write(best + "\n")
     return rows
 
 

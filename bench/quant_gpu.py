@@ -187,7 +187,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers a decode step reads, the embedding table excepted (one row per token)."""
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen or name.startswith("embed.") or "rope_" in name:
+        if id(t) in seen or name.startswith("embed.") or "rope_" in name or "tinygemm_" in name:  # a copy
             continue
         seen.add(id(t))
         inner = getattr(t, "qdata", None)  # torchao subclasses: count their packed data

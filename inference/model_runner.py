@@ -154,13 +154,19 @@ def share_rope_tables(model: torch.nn.Module) -> int:
     return shared
 
 
-def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+def _fuse_linears(linears) -> tuple[torch.Tensor | torch.nn.Module, torch.Tensor | None, list[int]] | None:
     """(concatenated weight, bias or None, output sizes) of plain ``nn.Linear``s over one input, each linear's
-    parameters re-pointed at views of the concatenation; None when any is not a plain Linear."""
+    parameters re-pointed at views of the concatenation; for pipeloom's quantized layers (alike) ONE quantized
+    layer over their stacked rows in place of the weight (``quant.linear.fuse_quantized``); None otherwise."""
+    from pipeloom.inference.quant.linear import QuantizedLinear, fuse_quantized
+
+    sizes = [lin.out_features for lin in linears]
+    if all(isinstance(lin, QuantizedLinear) for lin in linears):
+        fused = fuse_quantized(list(linears))
+        return None if fused is None else (fused, None, sizes)
     if not all(type(lin) is torch.nn.Linear and type(lin.weight) in (torch.Tensor, torch.nn.Parameter)
                for lin in linears):
         return None
-    sizes = [lin.out_features for lin in linears]
     with torch.no_grad():
         weight = torch.cat([lin.weight for lin in linears])  # (sum of outputs, D)
         bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])

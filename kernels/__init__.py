@@ -1,6 +1,7 @@
 # pipeloom.kernels: fused Triton kernels with torch fallbacks; `use_triton` is the one place a path is chosen.
 """Fused kernels, one file per operation (cross_entropy, linear_cross_entropy, rmsnorm, add_rmsnorm, layernorm,
-rotary, swiglu, and the inference ones: paged_attention, paged_decode, kv_fp8, quant_matmul). Each file holds a
+rotary, swiglu, and the inference ones: paged_attention, paged_decode, kv_fp8, quant_matmul with int8_gemv and
+int4_tinygemm). Each file holds a
 torch reference, the Triton kernel(s), a launcher and an ``autograd.Function``; its public function
 (``rmsnorm(x, w)``, ...) asks :func:`use_triton` which path to run.
 

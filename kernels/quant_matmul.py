@@ -6,14 +6,19 @@
   ``W = q * s + m`` per group of g columns.
 
 Batch-1 decode reads every weight once per token, so its speed is bytes read / bandwidth (the gpt-fast
-argument). Under ``torch.compile`` torchao's int8/int4 weight-only layouts decoded slower than bf16 on an
-H200, so these kernels stream the packed bytes directly: each program owns ``BLOCK_N`` output channels,
-walks K in ``BLOCK_K`` steps, dequantizes in registers and reduces ``x * w`` on the CUDA cores (for M <= 16
-rows a tensor-core tile would be mostly padding). Rows beyond :data:`MAX_KERNEL_ROWS` (prefill) take the
-torch path: dequantize, then one cuBLAS matmul. Both kernels accumulate in float32.
+argument). Rows beyond :data:`MAX_KERNEL_ROWS` (prefill) take the torch path: dequantize, then one cuBLAS
+matmul. For 1-16 rows:
 
-The kernels are registered as custom ops (``pipeloom::int8_matmul``, ``pipeloom::int4_matmul``) so that a
-``torch.compile``d decode step (CUDA graphs included) calls them as opaque nodes.
+* int8: the GEMV of ``kernels/int8_gemv.py`` (one reduction per program, int8 -> float32 by bit tricks;
+  fixed configurations named there, ``PIPELOOM_INT8_GEMV`` picks one);
+* int4: on a CUDA GPU with bf16 activations, torch's tinygemm kernel (``kernels/int4_tinygemm.py``; its
+  weight layout is built once per layer by :class:`~pipeloom.inference.quant.QuantizedLinear`), else the
+  Triton kernel below: each program owns ``BLOCK_N`` output channels, walks K in ``BLOCK_J`` packed-byte
+  steps, dequantizes in registers and reduces on the CUDA cores, over a few fixed tile shapes.
+
+The Triton kernels accumulate in float32 and are registered as custom ops (``pipeloom::int8_matmul``,
+``pipeloom::int4_matmul``) so that a ``torch.compile``d decode step (CUDA graphs included) calls them as
+opaque nodes.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from pipeloom import features
 from pipeloom.kernels import interpreted, tl, triton
+from pipeloom.kernels.int8_gemv import MAX_ROWS, int8_gemv
 
-MAX_KERNEL_ROWS = 16  # more rows than this: dequantize + cuBLAS (the GEMM is no longer bandwidth bound)
+MAX_KERNEL_ROWS = MAX_ROWS  # 16; more rows than this: dequantize + cuBLAS (the GEMM is no longer bandwidth bound)
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -53,30 +59,6 @@ def int4_matmul_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ kernels
-
-
-@triton.jit
-def _int8_matmul_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # X (M, K) float, W (N, K) int8, S (N,), B (N,), Y (M, N); one program per BLOCK_N output channels.
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)  # (BM, BK)
-        w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)  # (BN, BK)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
-    acc = acc * tl.load(S + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -112,19 +94,13 @@ def _int4_matmul_kernel(X, W, S, Z, B, Y, M, N, K, stride_xm, stride_wn, stride_
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _configs(block_k_name: str) -> list:
-    """Tile shapes to autotune over. Small ``BLOCK_N`` gives more programs (a GEMV needs many bytes in flight
-    on every SM: a 4096-channel layer is 1,024 programs at 4 channels each); long ``BLOCK_K`` steps load wide
-    contiguous row segments."""
-    return [triton.Config({"BLOCK_N": bn, block_k_name: bk}, num_warps=w)
-            for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (1, 2, 4, 8)
-            if not (bn == 32 and w == 1) and not (bn == 4 and w == 8)]
-
-
-_int8_tuned = _int4_tuned = None
-if features.has("triton"):  # autotuned launchers for the GPU; the interpreter launches the plain kernels
-    _int8_tuned = triton.autotune(_configs("BLOCK_K"), key=["N", "K", "BLOCK_M"])(_int8_matmul_kernel)
-    _int4_tuned = triton.autotune(_configs("BLOCK_J"), key=["N", "K", "BLOCK_M"])(_int4_matmul_kernel)
+# A few tile shapes for the int4 kernel (its autotune over 44 shapes ran out of device time on the H200):
+# small BLOCK_N for many programs, long packed-byte steps for wide contiguous loads.
+INT4_TILES = ((4, 256, 1), (4, 512, 2), (8, 256, 2), (16, 128, 4))  # (BLOCK_N, BLOCK_J, warps)
+_int4_tuned = None
+if features.has("triton"):  # an autotuned launcher for the GPU; the interpreter launches the plain kernel
+    _int4_tuned = triton.autotune([triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w)
+                                   for bn, bj, w in INT4_TILES], key=["N", "K", "BLOCK_M"])(_int4_matmul_kernel)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -136,26 +112,10 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x2, m, max(triton.next_power_of_2(m), 1)
 
 
-def _tuned() -> bool:
-    """Autotune on a GPU; fixed small tiles under the interpreter (it runs every config otherwise)."""
-    return not interpreted() and os.environ.get("PIPELOOM_QUANT_AUTOTUNE", "1") == "1"
-
-
 def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the int8 kernel: x (..., K) with at most MAX_KERNEL_ROWS rows -> (..., N) in ``x.dtype``."""
-    x2, m, block_m = _rows(x)
-    n, k = qweight.shape
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    args = (x2, qweight, scale, bias if bias is not None else scale, y, m, n, k, x2.stride(0), qweight.stride(0),
-            y.stride(0))
-    if _tuned():
-        _int8_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None,
-                                                                      BLOCK_M=block_m)
-    else:
-        _int8_matmul_kernel[(triton.cdiv(n, 16),)](*args, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=16,
-                                                   BLOCK_K=64)
-    return y.reshape(*x.shape[:-1], n)
+    """The int8 GEMV (``kernels/int8_gemv.py``): x (..., K) with at most MAX_KERNEL_ROWS rows -> (..., N)."""
+    return int8_gemv(x, qweight, scale, bias)
 
 
 def int4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -167,10 +127,10 @@ def int4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     args = (x2, packed, scale, offset, bias if bias is not None else scale, y, m, n, k, x2.stride(0),
             packed.stride(0), scale.stride(0), y.stride(0))
-    if _tuned():
+    if not interpreted() and os.environ.get("PIPELOOM_QUANT_AUTOTUNE", "1") == "1":
         _int4_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, GROUP=group_size,
                                                                       HAS_BIAS=bias is not None, BLOCK_M=block_m)
-    else:
+    else:  # the interpreter (it would run every config), or autotuning switched off: one fixed tile
         _int4_matmul_kernel[(triton.cdiv(n, 16),)](*args, GROUP=group_size, HAS_BIAS=bias is not None,
                                                    BLOCK_M=block_m, BLOCK_N=16, BLOCK_J=32)
     return y.reshape(*x.shape[:-1], n)

@@ -52,9 +52,10 @@ class PagedBatch:
     # program, int32; None: built from query_start on the host (CUDA graphs pass static ones)
     dense: list[tuple[int, int]] = field(default_factory=list)  # (first row, tokens) of whole new prompts that
     # the Triton path hands to SDPA's fused causal attention (their tiles are left out of ``tiles``)
-    fused: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = field(default_factory=dict)
+    fused: dict[torch.nn.Module, tuple[torch.Tensor | torch.nn.Module, torch.Tensor | None, list[int]]] = field(
+        default_factory=dict)
     # ^ Attention -> (wq|wk|wv weight, bias or None, split sizes); SwiGLU -> (w1|w3 ...): concatenated once by
-    # the runner, so each is one GEMM
+    # the runner, so each is one GEMM (quantized linears: one quantized layer over their stacked rows instead)
     decode_splits: int | None = None  # a decode batch (ONE new token per sequence): attention and the cache
     # write run as the split-K decode kernel (kernels/paged_decode.py) with this many splits; None: the general path
     rope: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # (cos table, sin table, cos rows, sin rows)
@@ -87,6 +88,8 @@ class PagedBatch:
         if fused is None:
             return None
         weight, bias, sizes = fused
+        if isinstance(weight, torch.nn.Module):  # a fused quantized layer
+            return weight(x).split(sizes, dim=-1)
         return torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
 
     def attend(self, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

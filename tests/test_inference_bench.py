@@ -45,3 +45,30 @@ def test_engine_speed_quick_run_prints_the_table(capsys):
     assert sorted(set(throughput)) == ["overlap off", "overlap on"] and len(throughput) == len(rows) - 2
     assert all("error" not in r[1] and float(r[2].split()[0].replace(",", "")) > 0 for r in rows)
     assert "| what | setting |" in capsys.readouterr().out
+
+
+def test_engine_speed_quantized_decode_rows(capsys):
+    """--quant runs the decode part for each weight quantization in the same process and prints each one's
+    speed-up over the unquantized model (CPU: the torch paths; the GPU run takes the kernels)."""
+    spec = importlib.util.spec_from_file_location("engine_speed", BENCH.parent / "engine_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = bench.main(["--quick", "--device", "cpu", "--paths", "graphs", "--parts", "decode-1b",
+                           "--quant", "none,int8,int4"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r[0] for r in rows] == ["decode tiny graphs"] * 2 + ["decode tiny graphs int8"] * 2 + \
+        ["decode tiny graphs int4"] * 2
+    assert all(float(r[2].split()[0]) > 0 for r in rows)
+    assert all("x unquantized" in r[4] for r in rows[2:]) and "x unquantized" not in rows[0][4]
+    # the floor counts a quantized model's codes and scales: fewer bytes than its float weights
+    from pipeloom.inference.quant import quantize_model
+    from pipeloom.models import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(**bench.infer_gpu.SIZES["tiny"], max_seq_len=32))
+    before = bench.infer_gpu.weight_bytes(model)
+    quantize_model(model, "int8")
+    assert 0.3 * before < bench.infer_gpu.weight_bytes(model) < 0.7 * before

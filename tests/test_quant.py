@@ -272,3 +272,35 @@ def test_quantized_model_compiles_as_one_graph(mode):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
+def test_runner_fuses_quantized_projections(seed, mode):
+    """The inference runner's q/k/v and gate/up fusion covers quantized layers: ONE layer over their stacked rows
+    (exact: quantization is per output row) whose outputs are the separate layers', the layers re-pointed at its
+    buffers (no second copy) and the saved state unchanged."""
+    from pipeloom.inference.model_runner import fuse_gate_up, fuse_qkv
+    from pipeloom.inference.quant.linear import fuse_quantized
+
+    model = Transformer(ModelConfig(family="llama", vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=2,
+                                    ffn_hidden=256, max_seq_len=32))
+    quantize_model(model, mode, group_size=64)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    layers = (attn.wq, attn.wk, attn.wv, mlp.w1, mlp.w3)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        separate = [m(x) for m in layers]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        fused = {**fuse_qkv(model), **fuse_gate_up(model)}
+        (qkv, bias, sizes), (gate_up, _, mlp_sizes) = fused[attn], fused[mlp]
+        assert isinstance(qkv, QuantizedLinear) and bias is None and sizes == [128, 64, 64] and mlp_sizes == [256, 256]
+        together = [*qkv(x).split(sizes, dim=-1), *gate_up(x).split(mlp_sizes, dim=-1)]
+        for got, want in zip(together, separate):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip([m(x) for m in layers], separate):  # the re-pointed layers still compute the same
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    row_bytes = qkv.qweight.stride(0) * qkv.qweight.element_size()
+    assert attn.wk.qweight.data_ptr() == qkv.qweight.data_ptr() + 128 * row_bytes  # views, not copies
+    saved = model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items())
+    assert fuse_quantized([QuantizedLinear(128, 8, "int8"), QuantizedLinear(128, 8, "int4", group_size=64)]) is None

@@ -57,3 +57,25 @@ def test_kv_fp8_bench_quick_run(tmp_path):
     auto, fp8 = report["rows"]
     assert fp8["tokens_held"] > 1.5 * auto["tokens_held"] and fp8["ms_per_token"] > 0
     assert report["prompt_lookup"]["same_tokens"] and "tokens held" in done.stdout
+
+
+def test_gemv_bench_smoke_checks_every_variant(tmp_path):
+    """bench/quant_gemv.py --smoke (tiny shapes, Triton interpreter): the int8 configs asked for (every one is
+    checked in tests/test_quant_kernels.py), torch's int8 kernel where it exists and the int4 kernel pass the
+    check against the float32 reference, and the summary names the fastest int8 config (for the device script)."""
+    configs = ["n4k512w1s3", "n8k1024w4s2"]
+    best = tmp_path / "best.txt"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "quant_gemv.py"), "--smoke", "--best-int8", str(best),
+                           "--int8-configs", ",".join(configs)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    print(done.stdout[-4000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WRONG" not in done.stdout and "error:" not in done.stdout
+    for name in configs:
+        assert done.stdout.count(f"int8 {name} ") == 3, name  # two shapes and the summary
+    assert "int4 triton" in done.stdout and "summary" in done.stdout
+    assert best.read_text().strip() in configs
+    unknown = subprocess.run([sys.executable, str(REPO / "bench" / "quant_gemv.py"), "--smoke", "--int8-configs", "n1"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert unknown.returncode != 0 and "unknown ['n1']" in unknown.stderr

@@ -8,6 +8,7 @@ from .apply import (
     MODES,
     QuantConfig,
     load_quantized,
+    prepare_kernels,
     prepare_quantized,
     quantization_report,
     quantize_model,
@@ -16,6 +17,6 @@ from .apply import (
 from .evaluate import VAL_MARGIN, quantized_validation, validation_loss, validation_report
 from .linear import QuantizedLinear
 
-__all__ = ["MODES", "VAL_MARGIN", "QuantConfig", "QuantizedLinear", "load_quantized", "prepare_quantized",
-           "quantization_report", "quantize_model", "quantized_validation", "save_quantized", "validation_loss",
-           "validation_report"]
+__all__ = ["MODES", "VAL_MARGIN", "QuantConfig", "QuantizedLinear", "load_quantized", "prepare_kernels",
+           "prepare_quantized", "quantization_report", "quantize_model", "quantized_validation", "save_quantized",
+           "validation_loss", "validation_report"]

@@ -10,8 +10,9 @@ so quantizing it saves no bandwidth) and, unless ``skip_head=False``, the output
 most sensitive layer; gpt-fast and torchao's examples keep it in bf16 too). An int4 layer whose input width
 is not a multiple of ``group_size`` stays in float (counted in :func:`quantization_report`).
 
-``backend="pipeloom"`` (default) uses :class:`~.linear.QuantizedLinear` (runs on CPU; Triton kernels on a
-GPU). ``backend="torchao"`` calls torchao's ``quantize_`` with ``Int8WeightOnlyConfig``,
+``backend="pipeloom"`` (default) uses :class:`~.linear.QuantizedLinear` (runs on CPU; on a GPU the int8 Triton
+GEMV and, for int4, torch's tinygemm kernel: ``kernels="triton"`` keeps int4 on pipeloom's Triton kernel).
+``backend="torchao"`` calls torchao's ``quantize_`` with ``Int8WeightOnlyConfig``,
 ``Int4WeightOnlyConfig(group_size, tile-packed)``, ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` or
 ``Float8WeightOnlyConfig``; on CPU (torchao 0.18, torch 2.13) only int8 and fp8 weight-only work there, int4
 needs a CUDA GPU and bf16 weights, and fp8 activations need compute capability 8.9.
@@ -29,7 +30,7 @@ from pipeloom import features
 from torch import nn
 
 from . import formats
-from .linear import QUANT_MODES, QuantizedLinear
+from .linear import LAYER_BACKENDS, QUANT_MODES, QuantizedLinear
 
 MODES = ("none",) + QUANT_MODES
 QUANT_BACKENDS = ("pipeloom", "torchao")
@@ -45,7 +46,7 @@ class QuantConfig:
     skip_head: bool = True  # keep the output head in float
     fp8_activations: bool = True  # fp8: quantize activations per row at run time (W8A8); False: weight-only
     backend: str = "pipeloom"  # pipeloom (QuantizedLinear) | torchao (torchao.quantization.quantize_)
-    kernels: str = "auto"  # pipeloom backend: auto (Triton where usable) | triton | torch
+    kernels: str = "auto"  # pipeloom backend: auto (tinygemm/Triton where usable) | triton | torch | tinygemm
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -54,8 +55,10 @@ class QuantConfig:
             raise ValueError(f"quantization backend={self.backend!r}; choose one of {QUANT_BACKENDS}")
         if self.group_size not in formats.GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size} must be one of {formats.GROUP_SIZES}")
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernels={self.kernels!r}; choose 'auto', 'triton' or 'torch'")
+        if self.kernels not in LAYER_BACKENDS:
+            raise ValueError(f"kernels={self.kernels!r}; choose one of {LAYER_BACKENDS}")
+        if self.kernels == "tinygemm" and self.mode not in ("none", "int4"):
+            raise ValueError(f"kernels='tinygemm' runs int4 weights only, not mode={self.mode!r}; use 'auto'")
 
 
 def _targets(model: nn.Module, config: QuantConfig) -> list[str]:
@@ -187,9 +190,17 @@ def load_quantized(path: str, device: torch.device | str = "cpu", model: nn.Modu
         if unexpected or missing:
             raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _retie(model)
+    prepare_kernels(model)
     if hasattr(model, "init_buffers"):
         model.init_buffers()  # rotary tables are not saved
     return model.eval()
+
+
+def prepare_kernels(model: nn.Module) -> int:
+    """Build the derived kernel layouts (tinygemm's, for int4 layers on a GPU) of every quantized layer where
+    they can run; returns how many were built. ``quantize_model`` and ``load_quantized`` call it; call it again
+    after moving a quantized model to another GPU, before compiling or capturing CUDA graphs."""
+    return sum(m.prepare_tinygemm() for m in model.modules() if isinstance(m, QuantizedLinear) and m.mode == "int4")
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -205,11 +216,13 @@ def _retie(model: nn.Module) -> None:
 
 
 def quantization_report(model: nn.Module) -> dict[str, int]:
-    """Counts and bytes: quantized linears, float linears left, bytes of quantized layers, of all weights."""
+    """Counts and bytes: quantized linears, float linears left, bytes of quantized layers, of all weights (kernel
+    layouts derived from the saved buffers, tinygemm's, not counted)."""
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     floats = [m for m in model.modules() if type(m) is nn.Linear]
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers(recurse=True)):
+    buffers = [b for name, b in model.named_buffers() if not name.rpartition(".")[2].startswith("tinygemm_")]
+    for t in list(model.parameters()) + buffers:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()

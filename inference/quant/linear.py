@@ -14,8 +14,14 @@ floating buffer) leaves them alone; they are viewed as ``torch.float8_e4m3fn`` i
 is persistent: ``state_dict()`` holds the quantized model, and :func:`~.apply.prepare_quantized` builds the
 empty structure that ``load_state_dict`` fills.
 
-Forward: int8/int4 call ``pipeloom.kernels.quant_matmul`` (the Triton kernel for decode-sized inputs on a
-GPU, the torch reference otherwise); fp8 quantizes the activations per row at run time and runs a
+Forward: int8/int4 call ``pipeloom.kernels.quant_matmul`` (the Triton kernels for decode-sized inputs on a
+GPU, the torch reference otherwise); int4 on a CUDA GPU (compute capability 8.0+) with bf16 activations runs
+torch's tinygemm kernel instead (``pipeloom.kernels.int4_tinygemm``, the default where it can run;
+``backend="triton"`` keeps ours, ``backend="tinygemm"`` insists on it). tinygemm wants its own weight layout:
+:meth:`QuantizedLinear.prepare_tinygemm` builds it from the int4 buffers into two *non-persistent* buffers
+(not saved; rebuilt after loading or moving), called by ``quantize_model`` / ``load_quantized`` on a GPU and
+otherwise by the first eager forward that needs it (never inside a CUDA-graph capture or a compile trace:
+those fall back to the Triton kernel). fp8 quantizes the activations per row at run time and runs a
 rowwise-scaled float8 GEMM (``torch._scaled_mm``) - or, with ``fp8_activations=False``, multiplies by the
 float8 weight converted to the input dtype (exact: e4m3 values are bf16 values) and scales after.
 """
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pipeloom.kernels.quant_matmul import BACKENDS, int4_matmul, int8_matmul
+from pipeloom.kernels import int4_tinygemm
+from pipeloom.kernels.quant_matmul import BACKENDS, int4_matmul, int8_matmul, kernel_usable
 from torch import nn
 
 from . import formats
 
 QUANT_MODES = ("int8", "int4", "fp8")
+LAYER_BACKENDS = BACKENDS + ("tinygemm",)  # tinygemm: int4 only, torch's CUDA kernel
 
 
 class QuantizedLinear(nn.Module):
@@ -41,12 +49,14 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if mode not in QUANT_MODES:
             raise ValueError(f"mode={mode!r}; a QuantizedLinear is one of {QUANT_MODES}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+        if backend not in LAYER_BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {LAYER_BACKENDS}")
+        if backend == "tinygemm" and mode != "int4":
+            raise ValueError(f"backend='tinygemm' runs int4 weights only, this layer is {mode}; use 'auto'")
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.group_size = group_size if mode == "int4" else 0
         self.fp8_activations = fp8_activations
-        self.backend = backend  # "auto": the Triton kernel where usable; "triton"; "torch"
+        self.backend = backend  # "auto": tinygemm / Triton where usable; "triton"; "torch"; "tinygemm" (int4)
         n, k = out_features, in_features
         empty = dict(device=device)
         if mode == "int8":
@@ -57,6 +67,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, **empty))
             self.register_buffer("scale", torch.empty(n, k // group_size, dtype=dtype, **empty))
             self.register_buffer("offset", torch.empty(n, k // group_size, dtype=dtype, **empty))
+            # tinygemm's layout of the same weight (prepare_tinygemm); derived, so not saved
+            self.register_buffer("tinygemm_weight", None, persistent=False)
+            self.register_buffer("tinygemm_scales_zeros", None, persistent=False)
+            self.register_load_state_dict_post_hook(_drop_tinygemm)  # new codes: the old layout is stale
         else:
             self.register_buffer("qweight", torch.empty(n, k, dtype=torch.uint8, **empty))
             self.register_buffer("scale", torch.empty(n, dtype=torch.float32, **empty))
@@ -85,7 +99,54 @@ class QuantizedLinear(nn.Module):
                 q.scale.copy_(scale)
             if linear.bias is not None:
                 q.bias.copy_(linear.bias.detach())
+        q.prepare_tinygemm()
         return q
+
+    # ------------------------------------------------------------------ tinygemm (int4 on CUDA)
+
+    def tinygemm_unsupported(self) -> str | None:
+        """Why this layer cannot run tinygemm where its buffers are now, or None when it can."""
+        if self.mode != "int4":
+            return f"tinygemm runs int4 weights, this layer is {self.mode}"
+        if self.backend not in ("auto", "tinygemm"):
+            return f"backend={self.backend!r}"
+        if self.scale.dtype != torch.bfloat16:
+            return f"tinygemm runs bfloat16 models, this layer's scales are {self.scale.dtype}"
+        if not int4_tinygemm.available(self.qweight.device):
+            return (f"the weights are on {self.qweight.device}; tinygemm needs a CUDA GPU of compute capability "
+                    "8.0+ and a torch with aten._weight_int4pack_mm")
+        return int4_tinygemm.unsupported(self.out_features, self.in_features, self.group_size)
+
+    def prepare_tinygemm(self) -> bool:
+        """Build tinygemm's weight layout from the int4 buffers where it can run; True when it is ready."""
+        if self.tinygemm_unsupported() is not None:
+            return False
+        with torch.no_grad():
+            weight, scales_zeros = int4_tinygemm.pack(self.qweight, self.scale, self.offset, self.group_size)
+        self.tinygemm_weight, self.tinygemm_scales_zeros = weight, scales_zeros
+        return True
+
+    def _tinygemm_ready(self, x: torch.Tensor) -> bool:
+        """Run tinygemm on ``x``? Prepares the layout on first use outside a capture or a compile trace."""
+        if self.backend == "tinygemm":
+            if not (x.is_cuda and x.dtype == torch.bfloat16):
+                raise ValueError(f"backend='tinygemm' needs bfloat16 CUDA activations, got {x.dtype} on {x.device}; "
+                                 "use backend='auto'")
+        elif not (x.is_cuda and x.dtype == torch.bfloat16 and kernel_usable(x)):
+            return False
+        w = self.tinygemm_weight
+        if w is not None and w.device == x.device and self.tinygemm_scales_zeros.dtype == torch.bfloat16:
+            return True
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            if self.backend == "tinygemm":
+                raise RuntimeError("backend='tinygemm': call prepare_tinygemm() (or quantize on the GPU) before "
+                                   "compiling or capturing a CUDA graph")
+            return False  # the Triton kernel this time; packing here would be captured or traced
+        if self.prepare_tinygemm():
+            return True
+        if self.backend == "tinygemm":
+            raise ValueError(f"backend='tinygemm' cannot run this layer: {self.tinygemm_unsupported()}")
+        return False
 
     @property
     def fp8_weight(self) -> torch.Tensor:
@@ -106,6 +167,9 @@ class QuantizedLinear(nn.Module):
         if self.mode == "int8":
             return int8_matmul(x, self.qweight, self.scale, self.bias, backend=self.backend)
         if self.mode == "int4":
+            if self.backend in ("auto", "tinygemm") and self._tinygemm_ready(x):
+                return int4_tinygemm.int4_matmul_tinygemm(x, self.tinygemm_weight, self.tinygemm_scales_zeros,
+                                                          self.group_size, self.bias)
             return int4_matmul(x, self.qweight, self.scale, self.offset, self.group_size, self.bias,
                                backend=self.backend)
         return self._fp8_forward(x)
@@ -121,11 +185,50 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def weight_bytes(self) -> int:
-        """Bytes of every buffer (codes, scales, offsets, bias): what a decode step reads for this layer."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the saved buffers (codes, scales, offsets, bias): what a decode step reads for this layer
+        (tinygemm's layout of an int4 weight holds the same bytes: int32 tiles of the codes, (G, N, 2) bf16)."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers()
+                   if name not in self._non_persistent_buffers_set)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
         act = f", fp8_activations={self.fp8_activations}" if self.mode == "fp8" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}{act}, "
                 f"bias={self.bias is not None}, backend={self.backend}")
+
+
+def _drop_tinygemm(module: QuantizedLinear, incompatible_keys) -> None:
+    """After ``load_state_dict``: forget tinygemm's layout of the previous weights (rebuilt on the next eager
+    forward, or by ``prepare_kernels``)."""
+    module.tinygemm_weight = module.tinygemm_scales_zeros = None
+
+
+def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """ONE layer computing the outputs of ``layers`` (over the same input) side by side, their buffers
+    re-pointed at row views of its own (no second copy): quantization is per output row (int8/fp8 scales,
+    int4 row groups), so stacking rows is exact. The inference runner fuses q/k/v and gate/up this way, one
+    GEMV instead of three or two per step. None when the layers differ in mode, input, group, backend, dtype,
+    device or bias."""
+    first = layers[0]
+    key = lambda m: (m.mode, m.in_features, m.group_size, m.backend, m.fp8_activations, m.scale.dtype,
+                     m.qweight.device, m.bias is None)
+    if not all(isinstance(m, QuantizedLinear) and key(m) == key(first) for m in layers):
+        return None
+    sizes = [m.out_features for m in layers]
+    fused = QuantizedLinear(first.in_features, sum(sizes), first.mode, bias=first.bias is not None,
+                            group_size=first.group_size or 128, dtype=first.scale.dtype, device="meta",
+                            fp8_activations=first.fp8_activations, backend=first.backend)
+    names = ["qweight", "scale"] + (["offset"] if first.mode == "int4" else []) + \
+        (["bias"] if first.bias is not None else [])
+    with torch.no_grad():
+        for name in names:
+            whole = torch.cat([getattr(m, name) for m in layers])  # (sum of outputs, ...)
+            setattr(fused, name, whole)
+            for m, part in zip(layers, whole.split(sizes)):
+                setattr(m, name, part)
+    for m in layers:
+        if m.mode == "int4":
+            m.tinygemm_weight = m.tinygemm_scales_zeros = None  # layouts of the old storage: rebuilt if needed
+    if first.mode == "int4":
+        fused.prepare_tinygemm()
+    return fused
