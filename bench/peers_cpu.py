@@ -419,13 +419,17 @@ def run_schedule(shape: str, schedule: str, cfg: dict, x, y, ref_loss: float, re
 def pipeloom_profile(engine: Engine, x, y) -> list[dict] | None:
     """Per rank, one more pipeloom step split into compute, communication and the time between actions."""
     runtime = engine.step.runtime
-    dist.barrier()
-    start = time.perf_counter()
-    runtime.step(x, y)
-    after_actions = time.perf_counter()
-    dist.barrier()
-    wall = time.perf_counter() - start
-    ivs = sorted(runtime.last_timeline.intervals, key=lambda iv: iv.start)
+    every, runtime.timeline_every = runtime.timeline_every, 1  # this step measured, whatever the sampling period
+    try:
+        dist.barrier()
+        start = time.perf_counter()
+        result = runtime.step(x, y)
+        after_actions = time.perf_counter()
+        dist.barrier()
+        wall = time.perf_counter() - start
+    finally:
+        runtime.timeline_every = every
+    ivs = sorted(result.timeline.intervals, key=lambda iv: iv.start)
     compute = sum(iv.duration for iv in ivs if iv.action.kind.is_compute)
     other = sum(iv.duration for iv in ivs if not iv.action.kind.is_comm and not iv.action.kind.is_compute)
     comm, end = 0.0, None  # union of the communication intervals (one batched exchange spans several)

@@ -27,8 +27,8 @@ def test_smoke_runs_all_engines_and_they_do_the_same_work():
     About 30 s on the 2-core box (two shapes); the first run with deepspeed installed also JIT-builds its CPU shm op
     (about 2 minutes, cached afterwards), hence the generous timeout.
     """
-    done = subprocess.run([sys.executable, str(BENCH), "--smoke"], cwd=REPO, capture_output=True, text=True,
-                          timeout=280, check=False)
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--profile"], cwd=REPO, capture_output=True,
+                          text=True, timeout=280, check=False)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in done.stdout.splitlines()
@@ -45,6 +45,12 @@ def test_smoke_runs_all_engines_and_they_do_the_same_work():
                      done.stdout)
     assert same, done.stdout
     assert float(same.group(1)) < 1e-5 and float(same.group(2)) < 1e-5, same.group(0)
+    # --profile: one more step per rank split into parts, measured even where the runtime samples its timelines
+    profiles = [line for line in done.stdout.splitlines() if re.match(r"\s+\S+\s+\S+\s+rank \d:", line)]
+    assert len(profiles) == 2 * 4 * 4, done.stdout  # shapes x schedules x ranks
+    for line in profiles:
+        wall, span, *parts = (float(v) for v in line.split(":", 1)[1].split("|"))
+        assert 0 < span <= wall and min(parts) > -0.05, line  # this step only: no part from an older timeline
 
 
 def test_missing_deepspeed_is_skipped_with_a_message(monkeypatch, capsys):
