@@ -5,8 +5,9 @@ the cache after they are written; its keys and values live in the blocks ``block
 ``block * block_size + offset``. New token i of sequence s sits at position ``seq_lens[s] - query_lens[s] + i``
 and attends causally to cache positions ``0 ..`` its own. Prefill chunks and decode tokens mix freely.
 
-Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd), or uint8 (..., hd + 4) rows of e4m3
-codes and a float32 scale for an fp8 cache (``kernels/kv_fp8.py``; both paths dequantize what they read);
+Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd), or for an fp8 cache uint8 (..., hd + 4)
+bytes per token and head holding per block a plane of e4m3 codes and a plane of float32 scales
+(``kernels/kv_fp8.py``: the reference dequantizes, the kernel applies the scales to scores and softmax weights);
 grouped-query attention reads key/value
 head ``h // (Hq / Hkv)`` for query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
 
@@ -24,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from pipeloom.kernels import tl, triton, use_triton
-from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, write_rows
+from pipeloom.kernels.kv_fp8 import is_fp8, kernel_views, load_codes, read_blocks, write_rows
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -72,14 +73,14 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_lens: list[int],
                           seq_lens: list[int], block_tables: torch.Tensor) -> torch.Tensor:
     """The reference: per sequence, gather its cache blocks and run SDPA with a causal offset mask."""
-    _, block_size, n_kv, width = k_cache.shape
-    n_heads = q.size(1)
+    _, block_size, n_kv, _ = k_cache.shape
+    n_heads, hd = q.size(1), q.size(2)
     out = torch.empty_like(q)  # (N, Hq, hd)
     start = 0
     for s, (n, length) in enumerate(zip(query_lens, seq_lens)):
         blocks = block_tables[s, : -(-length // block_size)].long()
-        k = read_rows(k_cache[blocks].reshape(-1, n_kv, width)[:length], q.dtype).transpose(0, 1)  # (Hkv, L, hd)
-        v = read_rows(v_cache[blocks].reshape(-1, n_kv, width)[:length], q.dtype).transpose(0, 1)
+        k = read_blocks(k_cache, blocks, q.dtype).reshape(-1, n_kv, hd)[:length].transpose(0, 1)  # (Hkv, L, hd)
+        v = read_blocks(v_cache, blocks, q.dtype).reshape(-1, n_kv, hd)[:length].transpose(0, 1)
         if n_kv != n_heads:
             k = k.repeat_interleave(n_heads // n_kv, dim=0)  # (Hq, L, hd)
             v = v.repeat_interleave(n_heads // n_kv, dim=0)
@@ -94,20 +95,10 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 @triton.jit
-def _load_rows(CACHE, off, dims, mask, row_ok, HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
-    # Rows (len(off), BLOCK_D) of a cache at row offsets `off`; an fp8 cache's rows are e4m3 codes then a float32
-    # scale at byte HEAD_DIM (kernels/kv_fp8.py): dequantized to float32 here.
-    x = tl.load(CACHE + off[:, None] + dims[None, :], mask=mask, other=0)
-    if FP8:
-        scale = tl.load((CACHE + off + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=row_ok, other=0.0)
-        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
-    return x
-
-
-@triton.jit
 def _paged_attention_kernel(
-    Q, K, V, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
-    scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
+    Q, K, V, K_SCALE, V_SCALE, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
+    scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, stride_sh, stride_on,
+    stride_oh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):
@@ -140,10 +131,15 @@ def _paged_attention_kernel(
         k_ok = kpos < seq_len
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
-        k = _load_rows(K, off, dims, k_ok[:, None] & d_ok[None, :], k_ok, HEAD_DIM, FP8)  # (BLOCK_N, BLOCK_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
+        rows_ok = k_ok[:, None] & d_ok[None, :]
+        if FP8:  # codes as exact q.dtype values; each key's and value's scale multiplies outside the dots
+            soff = block * stride_sb + (kpos % BLOCK_SIZE) * stride_ss + kvh * stride_sh  # (BLOCK_N,)
+            k = load_codes(K, off, dims, rows_ok, q.dtype)  # (BLOCK_N, BLOCK_D)
+            k_s = tl.load(K_SCALE + soff, mask=k_ok, other=0.0)
+            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * (k_s * scale)[None, :]  # (BLOCK_M, BLOCK_N)
+        else:
+            k = tl.load(K + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+            scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
         visible = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -151,12 +147,15 @@ def _paged_attention_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, off, dims, k_ok[:, None] & d_ok[None, :], k_ok, HEAD_DIM, FP8)
-        if UPCAST:
-            v = v.to(tl.float32)
-        elif FP8:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if FP8:
+            v = load_codes(V, off, dims, rows_ok, q.dtype)
+            pv = tl.dot((p * tl.load(V_SCALE + soff, mask=k_ok, other=0.0)[None, :]).to(q.dtype), v)
+        else:
+            v = tl.load(V + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv.to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = OUT + (q_begin + tok)[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh + dims[None, :]
@@ -198,10 +197,15 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q) if out is None else out
     block_n = 64 if block_size >= 64 else max(16, block_size)
     grid = (tiles[0].numel(), n_kv)
+    k_data, k_scales, strides, scale_strides = kernel_views(k_cache)
+    v_data, v_scales, v_strides, _ = kernel_views(v_cache)
+    if v_strides != strides or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share one layout; got {k_cache.dtype} {tuple(k_cache.shape)} "
+                         f"and {v_cache.dtype} {tuple(v_cache.shape)}")
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, query_start, seq_lens, block_tables, tiles[0], tiles[1],
-        1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), block_tables.stride(0),
+        q, k_data, v_data, k_scales, v_scales, out, query_start, seq_lens, block_tables, tiles[0], tiles[1],
+        1.0 / math.sqrt(hd), q.stride(0), q.stride(1), *strides, *scale_strides, out.stride(0), out.stride(1),
+        block_tables.stride(0),
         GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_M=block_m, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
     )

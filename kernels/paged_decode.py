@@ -19,9 +19,11 @@ With ``cos`` and ``sin`` (whole rotary tables (P, hd), :mod:`pipeloom.kernels.ro
 kernel first rotates ``q`` and ``k`` by the new token's position ``seq_lens[s] - 1`` (rounded to their dtype, as
 the separate rotary kernel stores them), so a decode step launches no rotary kernel of its own.
 
-An fp8 cache (``kernels/kv_fp8.py``: uint8 rows of e4m3 codes and a float32 scale) is read dequantized; the new
-token's key and value are quantized in registers, stored, and used in their dequantized form, so the kernel
-attends over exactly the values the torch reference reads back from the cache.
+An fp8 cache (``kernels/kv_fp8.py``: per block a plane of e4m3 codes and a plane of float32 scales, one per token
+and head) is read as codes, converted exactly to q's dtype for the dots, with each key's scale applied to its
+score and each value's scale to its softmax weight (``q . (c s) = (q . c) s``), so no tile is multiplied out.
+The new token's key and value are quantized in registers and stored, and attended as those codes and scales,
+so the kernel attends over exactly the values the torch reference reads back from the cache.
 
 :func:`paged_decode` is the entry point (``backend`` "torch", "triton" or "auto"). Under ``torch.compile`` it
 is the custom op ``torch.ops.pipeloom.paged_decode`` (a fake implementation gives its output shape), so a
@@ -35,8 +37,7 @@ import math
 
 import torch
 from pipeloom.kernels import tl, triton, use_triton
-from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, round_e4m3, write_rows
-from pipeloom.kernels.paged_attention import _load_rows
+from pipeloom.kernels.kv_fp8 import is_fp8, kernel_views, load_codes, read_blocks, round_e4m3, write_rows
 from pipeloom.kernels.rotary import rotary_torch
 
 MAX_SPLITS = 16  # the reduce kernel merges at most this many (a power of two)
@@ -58,14 +59,14 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     (B, Hq, hd)."""
     if cos is not None:
         q, k = rotate_new_tokens(q, k, seq_lens, cos, sin)
-    _, _, n_kv, width = k_cache.shape
+    n_kv = k_cache.size(2)
     write_rows(k_cache, k, slot_mapping)
     write_rows(v_cache, v, slot_mapping)
     b, n_heads, hd = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     blocks = block_tables.long()  # (B, W)
-    keys = read_rows(k_cache[blocks].reshape(b, -1, n_kv, width), dtype)  # (B, W*bs, Hkv, hd)
-    values = read_rows(v_cache[blocks].reshape(b, -1, n_kv, width), dtype)
+    keys = read_blocks(k_cache, blocks, dtype).reshape(b, -1, n_kv, hd)  # (B, W*bs, Hkv, hd)
+    values = read_blocks(v_cache, blocks, dtype).reshape(b, -1, n_kv, hd)
     qg = q.to(dtype).view(b, n_kv, n_heads // n_kv, hd)  # (B, Hkv, G, hd)
     scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) / math.sqrt(hd)  # (B, Hkv, G, L)
     visible = torch.arange(keys.size(1), device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
@@ -76,9 +77,9 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_NEW, V_NEW, K, V, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML, COS, SIN,
+    Q, K_NEW, V_NEW, K, V, K_SCALE, V_SCALE, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML, COS, SIN,
     scale, stride_qn, stride_qh, stride_kn, stride_kh_new, stride_vn, stride_vh_new,
-    stride_kb, stride_ks, stride_kh, stride_bt, stride_on, stride_oh, stride_rope,
+    stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, stride_sh, stride_bt, stride_on, stride_oh, stride_rope,
     N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr,
@@ -115,23 +116,22 @@ def _decode_split_kernel(
         k_new = (k_new.to(tl.float32) * cos + k_partner.to(tl.float32) * sin).to(k_new.dtype)
     if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
         q = q.to(tl.float32)
-    if FP8:  # e4m3 codes and one float32 scale per row (kernels/kv_fp8.py); attend over the dequantized values
+    if FP8:  # e4m3 codes and one float32 scale per row (kernels/kv_fp8.py): the new token is attended as stored
         k_scale = tl.max(tl.abs(k_new.to(tl.float32)), 0) / 448.0  # e4m3fn's largest finite value (FP8_MAX)
         k_scale = tl.where(k_scale > 0, k_scale, 1.0)
         v_scale = tl.max(tl.abs(v_new.to(tl.float32)), 0) / 448.0
         v_scale = tl.where(v_scale > 0, v_scale, 1.0)
         k_code = round_e4m3(tl.clamp(k_new.to(tl.float32) / k_scale, -448.0, 448.0)).to(tl.float8e4nv)
         v_code = round_e4m3(tl.clamp(v_new.to(tl.float32) / v_scale, -448.0, 448.0)).to(tl.float8e4nv)
-        k_new = k_code.to(tl.float32) * k_scale
-        v_new = v_code.to(tl.float32) * v_scale
     if (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
         slot = tl.load(SLOTS + s).to(tl.int64)
         row = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        if FP8:
+        if FP8:  # codes into the code plane, scales into the scale plane (kernels/kv_fp8.py)
             tl.store(K + row + dims, k_code.to(tl.uint8, bitcast=True), mask=d_ok)
             tl.store(V + row + dims, v_code.to(tl.uint8, bitcast=True), mask=d_ok)
-            tl.store((K + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), k_scale)
-            tl.store((V + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), v_scale)
+            srow = (slot // BLOCK_SIZE) * stride_sb + (slot % BLOCK_SIZE) * stride_ss + kvh * stride_sh
+            tl.store(K_SCALE + srow, k_scale)
+            tl.store(V_SCALE + srow, v_scale)
         else:
             tl.store(K + row + dims, k_new.to(K.dtype.element_ty), mask=d_ok)
             tl.store(V + row + dims, v_new.to(V.dtype.element_ty), mask=d_ok)
@@ -144,24 +144,35 @@ def _decode_split_kernel(
         cached = k_ok & (kpos != last)
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
-        is_new = (kpos == last)[:, None]
-        k = _load_rows(K, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
-        k = tl.where(is_new, k_new[None, :].to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
+        is_new = kpos == last
+        rows_ok = cached[:, None] & d_ok[None, :]
+        if FP8:  # codes as exact q.dtype values; each key's and value's scale multiplies outside the dots
+            soff = block * stride_sb + (kpos % BLOCK_SIZE) * stride_ss + kvh * stride_sh  # (BLOCK_N,)
+            k = load_codes(K, off, dims, rows_ok, q.dtype)
+            k = tl.where(is_new[:, None], k_code[None, :].to(q.dtype), k)  # (BLOCK_N, BLOCK_D)
+            k_s = tl.where(is_new, k_scale, tl.load(K_SCALE + soff, mask=cached, other=0.0))  # (BLOCK_N,)
+            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * (k_s * scale)[None, :]  # (BLOCK_G, BLOCK_N)
+        else:
+            k = tl.load(K + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
+            k = tl.where(is_new[:, None], k_new[None, :].to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
+            scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
         scores = tl.where(k_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
-        v = tl.where(is_new, v_new[None, :].to(v.dtype), v)
-        if UPCAST:
-            v = v.to(tl.float32)
-        elif FP8:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if FP8:
+            v = load_codes(V, off, dims, rows_ok, q.dtype)
+            v = tl.where(is_new[:, None], v_code[None, :].to(q.dtype), v)
+            v_s = tl.where(is_new, v_scale, tl.load(V_SCALE + soff, mask=cached, other=0.0))
+            pv = tl.dot((p * v_s[None, :]).to(q.dtype), v)
+        else:
+            v = tl.load(V + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
+            v = tl.where(is_new[:, None], v_new[None, :].to(v.dtype), v)
+            if UPCAST:
+                v = v.to(tl.float32)
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv.to(tl.float32)
         m_i = m_new
     if SPLITS == 1:
         out = acc / l_i[:, None]  # every sequence has >= 1 key: l_i > 0
@@ -236,12 +247,16 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         part_ml = torch.empty(b, n_heads, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = out  # unused
+    k_data, k_scales, strides, scale_strides = kernel_views(k_cache)
+    v_data, v_scales, v_strides, _ = kernel_views(v_cache)
+    if v_strides != strides or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share one layout; got {k_cache.dtype} {tuple(k_cache.shape)} "
+                         f"and {v_cache.dtype} {tuple(v_cache.shape)}")
     _decode_split_kernel[(b, n_kv, splits)](
-        q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, out, part_o, part_ml,
+        q, k, v, k_data, v_data, k_scales, v_scales, slot_mapping, seq_lens, block_tables, out, part_o, part_ml,
         cos if rotary else q, sin if rotary else q,
         1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
-        out.stride(1), cos.stride(0) if rotary else 0,
+        *strides, *scale_strides, block_tables.stride(0), out.stride(0), out.stride(1), cos.stride(0) if rotary else 0,
         N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
         ROTARY=rotary,
