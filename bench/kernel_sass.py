@@ -45,9 +45,9 @@ def ptx_stats(compiled) -> dict:
     """Global load instructions of the PTX by type, ``cp.async`` copies by size, and ptxas's registers/spills."""
     ptx = compiled.asm["ptx"]
     loads = collections.Counter(re.findall(r"\bld\.global(?:\.\w+)*?\.((?:v\d\.)?[bsuf]\d+)\b", ptx))
-    copies = collections.Counter(re.findall(r"\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)*\s+\[[^\]]+\],\s*\[[^\]]+\],"
-                                            r"\s*(?:0x)?(\d+)", ptx))
-    stats = {"loads": dict(loads), "cp_async": {f"{k}B": v for k, v in copies.items()}}
+    copies = collections.Counter(int(n, 0) for n in re.findall(
+        r"\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx))
+    stats = {"loads": dict(loads), "cp_async": {f"{k}B": v for k, v in sorted(copies.items())}}
     stats.update(_ptxas(ptx, compiled.metadata.target.arch))
     return stats
 
@@ -55,7 +55,10 @@ def ptx_stats(compiled) -> dict:
 def _ptxas(ptx: str, arch) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas()
+    try:
+        ptxas = get_ptxas(int(arch))  # Triton 3.9
+    except TypeError:
+        ptxas = get_ptxas()  # older Triton
     ptxas = getattr(ptxas, "path", ptxas)
     suffix = "a" if int(arch) >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
