@@ -12,8 +12,10 @@ of the sequence's keys, ``BLOCK_N`` keys per iteration, with an online softmax (
 2205.14135). With ``splits == 1`` it writes the output; otherwise each split writes its partial sum, running
 max and normaliser, and a second kernel merges the splits. The number of splits is a launch constant (CUDA
 graphs capture it): a split whose share is empty writes an empty partial. The new token's key and value are
-stored into the cache by the program that covers its position, which takes them from registers rather than
-reading the slot back, so the write costs no extra kernel and needs no ordering inside the program.
+stored into the cache by the program that covers its position, which attends to them from registers rather
+than reading the slot back: its online softmax starts from the new token (score ``q . k``, weight 1, value
+``v``) and every tile it loads leaves that slot masked, so the write costs no extra kernel and needs no
+ordering inside the program, and the tiles go into the dots as loaded (no per-element select).
 
 With ``cos`` and ``sin`` (whole rotary tables (P, hd), :mod:`pipeloom.kernels.rotary`'s rotate_half layout) the
 kernel first rotates ``q`` and ``k`` by the new token's position ``seq_lens[s] - 1`` (rounded to their dtype, as
@@ -135,40 +137,44 @@ def _decode_split_kernel(
         else:
             tl.store(K + row + dims, k_new.to(K.dtype.element_ty), mask=d_ok)
             tl.store(V + row + dims, v_new.to(V.dtype.element_ty), mask=d_ok)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    # The new token's key and value never go through memory: the program covering its position starts its online
+    # softmax from it (score q . k, weight 1, value v), and every loaded tile leaves that slot masked. So the
+    # tiles feed the dots as loaded, with no per-element select.
+    covers = (lo <= last) & (last < hi)
+    if FP8:
+        s_new = tl.sum(q.to(tl.float32) * k_code.to(tl.float32)[None, :], 1) * (k_scale * scale)  # (BLOCK_G,)
+        v_row = v_code.to(tl.float32) * v_scale  # (BLOCK_D,)
+    else:
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+        v_row = v_new.to(tl.float32)
+    m_i = tl.where(covers, s_new, float("-inf"))
+    l_i = tl.where(covers, 1.0, 0.0) + tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.where(covers, 1.0, 0.0) * v_row[None, :] + tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        k_ok = kpos < hi
-        cached = k_ok & (kpos != last)
+        cached = (kpos < hi) & (kpos != last)
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
-        is_new = kpos == last
         rows_ok = cached[:, None] & d_ok[None, :]
         if FP8:  # codes as exact q.dtype values; each key's and value's scale multiplies outside the dots
             soff = block * stride_sb + (kpos % BLOCK_SIZE) * stride_ss + kvh * stride_sh  # (BLOCK_N,)
-            k = load_codes(K, off, dims, rows_ok, q.dtype)
-            k = tl.where(is_new[:, None], k_code[None, :].to(q.dtype), k)  # (BLOCK_N, BLOCK_D)
-            k_s = tl.where(is_new, k_scale, tl.load(K_SCALE + soff, mask=cached, other=0.0))  # (BLOCK_N,)
+            k = load_codes(K, off, dims, rows_ok, q.dtype)  # (BLOCK_N, BLOCK_D)
+            k_s = tl.load(K_SCALE + soff, mask=cached, other=0.0)  # (BLOCK_N,)
             scores = tl.dot(q, tl.trans(k)).to(tl.float32) * (k_s * scale)[None, :]  # (BLOCK_G, BLOCK_N)
         else:
-            k = tl.load(K + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
-            k = tl.where(is_new[:, None], k_new[None, :].to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
+            k = tl.load(K + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
             scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
-        scores = tl.where(k_ok[None, :], scores, float("-inf"))
+        scores = tl.where(cached[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep p and alpha at 0
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8:
             v = load_codes(V, off, dims, rows_ok, q.dtype)
-            v = tl.where(is_new[:, None], v_code[None, :].to(q.dtype), v)
-            v_s = tl.where(is_new, v_scale, tl.load(V_SCALE + soff, mask=cached, other=0.0))
-            pv = tl.dot((p * v_s[None, :]).to(q.dtype), v)
+            pv = tl.dot((p * tl.load(V_SCALE + soff, mask=cached, other=0.0)[None, :]).to(q.dtype), v)
         else:
             v = tl.load(V + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
-            v = tl.where(is_new[:, None], v_new[None, :].to(v.dtype), v)
             if UPCAST:
                 v = v.to(tl.float32)
             pv = tl.dot(p.to(v.dtype), v)
