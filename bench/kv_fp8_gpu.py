@@ -142,11 +142,48 @@ def kernel_rows(args, config, device, dtype) -> list[dict]:
                 # same random draws: the fp8 cache holds the bf16 cache's values quantized (within e4m3's bound)
                 row["max_abs_diff_vs_bf16"] = float((outs["fp8"] - outs["auto"]).abs().max())
             rows.append(row)
-            name = "bf16" if kv == "auto" else "fp8 "
+            name = "fp8 " if kv == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
             extra = (f"  {row['speedup_vs_bf16']:.2f}x bf16, max |out fp8 - out bf16| {row['max_abs_diff_vs_bf16']:.3g}"
                      if kv == "fp8" else "")
             print(f"  batch {batch:3d} {name} cache: {row['us_per_call']:9.2f} us/call  {read / 1e6:9.1f} MB KV  "
                   f"{row['gb_per_s']:8.1f} GB/s{extra}", flush=True)
+            del case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# (keys per iteration, warps, pipeline stages, splits: 0 by batch size) of the split kernel; the first is the default
+SWEEP = [(64, 4, 3, 0), (32, 4, 3, 0), (128, 4, 3, 0), (64, 8, 3, 0), (128, 8, 3, 0), (64, 4, 2, 0), (64, 4, 4, 0),
+         (64, 4, 3, 16)]
+
+
+def sweep_rows(args, config, device, dtype) -> list[dict]:
+    """The decode kernel under each tiling of ``SWEEP``, per batch size and cache: us/call and KV GB/s."""
+    from pipeloom.kernels.paged_decode import paged_decode_triton
+
+    rows = []
+    print("decode kernel tilings (block_n, warps, stages, splits; 0 = by batch size):", flush=True)
+    for batch in args.batches:
+        for kv in ("auto", "fp8"):
+            case = kernel_case(config, batch, args.context, kv, device, dtype)
+            read = case.pop("bytes")
+            for block_n, warps, stages, splits in SWEEP:
+                def call(case=case, block_n=block_n, warps=warps, stages=stages, splits=splits):
+                    return paged_decode_triton(**case, splits=splits, block_n=block_n, num_warps=warps,
+                                               num_stages=stages)
+
+                try:
+                    seconds = graph_time(call, args.calls, args.repeats)
+                except Exception as error:  # a tiling the compiler rejects (shared memory): report it, go on
+                    print(f"  batch {batch:3d} {kv:4s} {(block_n, warps, stages, splits)}: failed: "
+                          f"{type(error).__name__}: {str(error)[:120]}", flush=True)
+                    continue
+                rows.append({"batch": batch, "kv_cache_dtype": kv, "block_n": block_n, "num_warps": warps,
+                             "num_stages": stages, "splits": splits, "us_per_call": seconds * 1e6,
+                             "gb_per_s": read / seconds / 1e9})
+                print(f"  batch {batch:3d} {'bf16' if kv == 'auto' else 'fp8 '} {(block_n, warps, stages, splits)}: "
+                      f"{seconds * 1e6:9.2f} us/call {read / seconds / 1e9:8.1f} GB/s", flush=True)
             del case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -197,7 +234,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-7b")
     parser.add_argument("--context", type=int, default=8192, help="tokens in the cache when decoding")
-    parser.add_argument("--parts", default="kernel,engine", help="comma-separated: kernel, engine")
+    parser.add_argument("--parts", default="kernel,engine", help="comma-separated: kernel, engine, sweep")
     parser.add_argument("--batches", default="1,16", help="batch sizes of the kernel part")
     parser.add_argument("--calls", type=int, default=20, help="kernel calls per CUDA graph")
     parser.add_argument("--repeats", type=int, default=10, help="graph replays timed (median)")
@@ -210,9 +247,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU (tests)")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
-    unknown = set(parts) - {"kernel", "engine"}
+    unknown = set(parts) - {"kernel", "engine", "sweep"}
     if unknown:
-        parser.error(f"--parts: unknown part(s) {sorted(unknown)}; choose from kernel, engine")
+        parser.error(f"--parts: unknown part(s) {sorted(unknown)}; choose from kernel, engine, sweep")
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
         args.context, args.tokens, args.budget, args.memory_fraction = 96, 12, 64, 0.01
@@ -221,15 +258,15 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "model": "tiny" if args.quick else args.model, "context": args.context}
+    config = model_config(args)
     if "kernel" in parts:
-        from pipeloom.models import get_model_config
-
-        config = model_config(args)
         rate = copy_rate(device, args.calls, args.repeats)
         if rate:
             print(f"device-to-device copy: {rate:,.0f} GB/s (read + written)", flush=True)
         report["copy_gb_per_s"] = rate
-        report["kernel"] = kernel_rows(args, config if args.quick else get_model_config(args.model), device, dtype)
+        report["kernel"] = kernel_rows(args, config, device, dtype)
+    if "sweep" in parts:
+        report["sweep"] = sweep_rows(args, config, device, dtype)
     if "engine" in parts:
         engine_part(args, device, dtype, report)
     if args.out:

@@ -229,10 +229,13 @@ def num_sms(device: torch.device) -> int:
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
                         block_tables: torch.Tensor, splits: int = 0, cos: torch.Tensor | None = None,
-                        sin: torch.Tensor | None = None) -> torch.Tensor:
+                        sin: torch.Tensor | None = None, *, block_n: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """The Triton path: (B, Hq, hd) output; writes k/v (B, Hkv, hd) at ``slot_mapping`` (B,), rotated first by the
     tables ``cos``, ``sin`` (P, hd) when given. ``splits`` 0: :func:`decode_splits` of the batch size and the
-    longest sequence the block tables can hold."""
+    longest sequence the block tables can hold. ``block_n`` (keys per iteration, a power of two >= 16),
+    ``num_warps``, ``num_stages``: the split kernel's tiling, None for the defaults (64 keys up to head size 128,
+    else 32; Triton's 4 warps, 3 stages); bench/kv_fp8_gpu.py --sweep times alternatives."""
     b, n_heads, hd = q.shape
     rotary = cos is not None
     if rotary and (cos.shape != sin.shape or cos.dim() != 2 or cos.shape[-1] != hd or hd % 2
@@ -246,7 +249,10 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         raise ValueError(f"splits={splits} must be 0 (by batch size) or a power of two in [1, {MAX_SPLITS}]")
     group = n_heads // n_kv
     out = torch.empty_like(q)
-    block_n = 64 if hd <= 128 else 32
+    block_n = block_n or (64 if hd <= 128 else 32)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
+    tiling = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     block_d = triton.next_power_of_2(hd)
     if splits > 1:
         part_o = torch.empty(b, n_heads, splits, hd, dtype=torch.float32, device=q.device)
@@ -265,7 +271,7 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         *strides, *scale_strides, block_tables.stride(0), out.stride(0), out.stride(1), cos.stride(0) if rotary else 0,
         N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
-        ROTARY=rotary,
+        ROTARY=rotary, **tiling,
     )
     if splits > 1:
         _decode_merge_kernel[(b, n_heads)](part_o, part_ml, out, out.stride(0), out.stride(1), N_HEADS=n_heads,
