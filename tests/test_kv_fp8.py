@@ -261,6 +261,32 @@ def test_triton_fp8_engine_forward_matches_the_torch_path(device):
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
 
 
+def test_fp8_decode_kernel_compiles_to_wide_loads_without_spills():
+    """What the layout is for, checked without a GPU: the split-K decode kernel over an fp8 cache at the 7B shape,
+    compiled for sm_90 (Triton's NVIDIA backend and its ptxas, as bench/kernel_sass.py does), reads the cache with
+    16-byte copies, no one-byte loads, and spills no registers. The first layout (rows of 132 bytes) compiled to
+    128 one-byte loads per thread and iteration, no asynchronous copies, 255 registers and 876 B of spills."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiles real kernels: not under the interpreter")
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton's NVIDIA backend is not installed")
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass_under_test", path)
+    sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass)
+    from pipeloom.kernels.paged_decode import _decode_split_kernel
+
+    args, kwargs = sass.decode_kernel_args("fp8")
+    stats = sass.ptx_stats(sass.compile_for(_decode_split_kernel, *args, arch=90, **kwargs))
+    print(stats)
+    assert not [t for t in stats["loads"] if t.endswith("8")], stats  # b8 / u8 / s8: one byte per load
+    assert stats["cp_async"].get("16B", 0) + stats["cp_async"].get("8B", 0) >= 8, stats
+    assert stats["spill_store_bytes"] == 0 and stats["spill_load_bytes"] == 0, stats
+
+
 def test_interpreter_runs_fp8_triton_tests(triton_child):
     """Without a GPU: the test_triton_* tests above in a child pytest under TRITON_INTERPRET=1; all must pass."""
     triton_child.run(__file__, "fp8 KV")
