@@ -14,14 +14,16 @@ block the bytes are two planes, not rows::
              scales [Hkv][block_size]      float32
 
 so a (block, kv head) is ``block_size * hd`` contiguous code bytes starting on a 16-byte boundary (hd a multiple
-of 16) and ``block_size`` contiguous scales. The kernels read codes with 16-byte vector loads and keep the scales
-out of the inner product (``q . (c s) = (q . c) s`` per key, ``sum_j p_j c_j s_j = (p s) . c`` per value: the
-e4m3 codes convert exactly to bfloat16). The first layout, rows of hd codes with their scale after them (132
-bytes), put rows off 16-byte boundaries: the compiler could prove no alignment for a row, so the decode kernel
-read the cache one byte per load and could not pipeline its copies, and decoded at 8k context 3.5x slower than
-bfloat16 (bench/RESULTS.md). Index a cache only through :func:`planes` (views shaped like a bfloat16 cache:
-codes (num_blocks, block_size, Hkv, hd), scales (num_blocks, block_size, Hkv)); the allocation's own dims past
-the first three are bytes, not positions. ``hd`` must be a multiple of 4 (aligned scales).
+of 16) and ``block_size`` contiguous scales. The kernels stream codes with 16-byte (and 8-byte) asynchronous
+copies and keep the scales out of the inner products (``q . (c s) = (q . c) s`` per key, ``sum_j p_j c_j s_j =
+(p s) . c`` per value; e4m3 codes convert exactly to bfloat16). The first layout, rows of hd codes with their
+scale after them (132 bytes apart), put rows off 16-byte boundaries, so the compiler could prove no alignment:
+compiled for sm_90 (bench/kernel_sass.py) the decode kernel read the cache with 128 one-byte loads per thread
+and tile step, no asynchronous copies, and ran out of registers (255, 876 B spilled); it decoded at 8k context
+3.5x slower than bfloat16 (bench/RESULTS.md). Index a cache only through :func:`planes` (views shaped like a
+bfloat16 cache: codes (num_blocks, block_size, Hkv, hd), scales (num_blocks, block_size, Hkv)): the allocation's
+shape gives the sizes, but its element [b, t, h] is not token t's row. ``hd`` must be a multiple of 4 (aligned
+scales).
 
 This file holds the torch side (quantize, dequantize, the planes, write and read) and :func:`round_e4m3`, the
 rounding the decode kernel quantizes with; the kernels in ``paged_attention.py`` and ``paged_decode.py`` read the
@@ -152,6 +154,14 @@ def load_codes(CACHE, off, dims, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def f16_range(x):
+    # 2^floor(log2 x) for float32 x > 0 (1 where x is 0 or subnormal): dividing by it is exact and leaves values up
+    # to x below 2, in float16's range; the fp8 kernels scale q and the softmax weights by it before float16 dots.
+    p = (x.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(p > 0, p, 1.0)
+
+
+@triton.jit
 def round_e4m3(y):
     # y (float32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, as torch's cast does. Done by hand
     # so that the cast after it is exact: Triton 3.9's interpreter drops the carry when rounding up crosses a power
@@ -167,5 +177,5 @@ def round_e4m3(y):
 
 
 __all__ = ["FP8_MAX", "KV_CACHE_DTYPES", "bytes_per_token_head", "cache_dtype", "check_kv_cache_dtype",
-           "dequantize_rows", "is_fp8", "kernel_views", "load_codes", "planes", "quantize_cache", "quantize_rows",
-           "read_blocks", "round_e4m3", "row_width", "write_rows"]
+           "dequantize_rows", "f16_range", "is_fp8", "kernel_views", "load_codes", "planes", "quantize_cache",
+           "quantize_rows", "read_blocks", "round_e4m3", "row_width", "write_rows"]

@@ -7,7 +7,8 @@ and attends causally to cache positions ``0 ..`` its own. Prefill chunks and dec
 
 Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd), or for an fp8 cache uint8 (..., hd + 4)
 bytes per token and head holding per block a plane of e4m3 codes and a plane of float32 scales
-(``kernels/kv_fp8.py``: the reference dequantizes, the kernel applies the scales to scores and softmax weights);
+(``kernels/kv_fp8.py``: the reference dequantizes, the kernel runs float16 dots over the codes and applies the
+scales to scores and softmax weights, as the decode kernel does);
 grouped-query attention reads key/value
 head ``h // (Hq / Hkv)`` for query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
 
@@ -25,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 from pipeloom.kernels import tl, triton, use_triton
-from pipeloom.kernels.kv_fp8 import is_fp8, kernel_views, load_codes, read_blocks, write_rows
+from pipeloom.kernels.kv_fp8 import f16_range, is_fp8, kernel_views, load_codes, read_blocks, write_rows
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -120,6 +121,10 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
         q = q.to(tl.float32)
+    if FP8:  # float16 dots over the codes; q scaled into float16's range (exactly, see paged_decode.py)
+        q_pow = f16_range(tl.max(tl.abs(q.to(tl.float32)), 1))  # (BLOCK_M,)
+        q16 = (q.to(tl.float32) * (1.0 / q_pow)[:, None]).to(tl.float16)
+        q_mult = q_pow * scale
     pos = seq_len - q_len + tok  # (BLOCK_M,) absolute position of each row's token
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -132,11 +137,11 @@ def _paged_attention_kernel(
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
         rows_ok = k_ok[:, None] & d_ok[None, :]
-        if FP8:  # codes as exact q.dtype values; each key's and value's scale multiplies outside the dots
+        if FP8:  # codes as exact float16 values; each key's and value's scale multiplies outside the dots
             soff = block * stride_sb + (kpos % BLOCK_SIZE) * stride_ss + kvh * stride_sh  # (BLOCK_N,)
-            k = load_codes(K, off, dims, rows_ok, q.dtype)  # (BLOCK_N, BLOCK_D)
+            k = load_codes(K, off, dims, rows_ok, tl.float16)  # (BLOCK_N, BLOCK_D)
             k_s = tl.load(K_SCALE + soff, mask=k_ok, other=0.0)
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * (k_s * scale)[None, :]  # (BLOCK_M, BLOCK_N)
+            scores = tl.dot(q16, tl.trans(k)) * q_mult[:, None] * k_s[None, :]  # (BLOCK_M, BLOCK_N) float32
         else:
             k = tl.load(K + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
             scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
@@ -147,9 +152,11 @@ def _paged_attention_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8:
-            v = load_codes(V, off, dims, rows_ok, q.dtype)
-            pv = tl.dot((p * tl.load(V_SCALE + soff, mask=k_ok, other=0.0)[None, :]).to(q.dtype), v)
+        if FP8:  # weights p * s (p <= 1) over a power of two near the tile's largest scale: in float16's range
+            v = load_codes(V, off, dims, rows_ok, tl.float16)
+            v_s = tl.load(V_SCALE + soff, mask=k_ok, other=0.0)
+            v_pow = f16_range(tl.max(v_s, 0))
+            pv = tl.dot((p * (v_s * (1.0 / v_pow))[None, :]).to(tl.float16), v) * v_pow
         else:
             v = tl.load(V + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
             if UPCAST:

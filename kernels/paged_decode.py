@@ -22,8 +22,11 @@ kernel first rotates ``q`` and ``k`` by the new token's position ``seq_lens[s] -
 the separate rotary kernel stores them), so a decode step launches no rotary kernel of its own.
 
 An fp8 cache (``kernels/kv_fp8.py``: per block a plane of e4m3 codes and a plane of float32 scales, one per token
-and head) is read as codes, converted exactly to q's dtype for the dots, with each key's scale applied to its
-score and each value's scale to its softmax weight (``q . (c s) = (q . c) s``), so no tile is multiplied out.
+and head) is read as codes, converted exactly to float16 for float16 dots (one conversion instruction per pair of
+codes), with each key's scale applied to its score and each value's scale to its softmax weight (``q . (c s) =
+(q . c) s``), so no tile is multiplied out; q and the weights are first divided by powers of two near their
+largest magnitudes (exact), so both fit float16's range (which holds a bfloat16 q exactly and the weights more
+precisely than bfloat16 would).
 The new token's key and value are quantized in registers and stored, and attended as those codes and scales,
 so the kernel attends over exactly the values the torch reference reads back from the cache.
 
@@ -39,7 +42,7 @@ import math
 
 import torch
 from pipeloom.kernels import tl, triton, use_triton
-from pipeloom.kernels.kv_fp8 import is_fp8, kernel_views, load_codes, read_blocks, round_e4m3, write_rows
+from pipeloom.kernels.kv_fp8 import f16_range, is_fp8, kernel_views, load_codes, read_blocks, round_e4m3, write_rows
 from pipeloom.kernels.rotary import rotary_torch
 
 MAX_SPLITS = 16  # the reduce kernel merges at most this many (a power of two)
@@ -125,6 +128,11 @@ def _decode_split_kernel(
         v_scale = tl.where(v_scale > 0, v_scale, 1.0)
         k_code = round_e4m3(tl.clamp(k_new.to(tl.float32) / k_scale, -448.0, 448.0)).to(tl.float8e4nv)
         v_code = round_e4m3(tl.clamp(v_new.to(tl.float32) / v_scale, -448.0, 448.0)).to(tl.float8e4nv)
+        # the dots run in float16, which e4m3 converts to in one instruction per pair; q is divided by a power of
+        # two near its row's largest magnitude (exact) so that it fits float16's range whatever the model's
+        q_pow = f16_range(tl.max(tl.abs(q.to(tl.float32)), 1))  # (BLOCK_G,)
+        q16 = (q.to(tl.float32) * (1.0 / q_pow)[:, None]).to(tl.float16)  # (BLOCK_G, BLOCK_D), |q16| < 2
+        q_mult = q_pow * scale
     if (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
         slot = tl.load(SLOTS + s).to(tl.int64)
         row = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
@@ -156,11 +164,11 @@ def _decode_split_kernel(
         block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
         off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
         rows_ok = cached[:, None] & d_ok[None, :]
-        if FP8:  # codes as exact q.dtype values; each key's and value's scale multiplies outside the dots
+        if FP8:  # codes as exact float16 values; each key's and value's scale multiplies outside the dots
             soff = block * stride_sb + (kpos % BLOCK_SIZE) * stride_ss + kvh * stride_sh  # (BLOCK_N,)
-            k = load_codes(K, off, dims, rows_ok, q.dtype)  # (BLOCK_N, BLOCK_D)
+            k = load_codes(K, off, dims, rows_ok, tl.float16)  # (BLOCK_N, BLOCK_D)
             k_s = tl.load(K_SCALE + soff, mask=cached, other=0.0)  # (BLOCK_N,)
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * (k_s * scale)[None, :]  # (BLOCK_G, BLOCK_N)
+            scores = tl.dot(q16, tl.trans(k)) * q_mult[:, None] * k_s[None, :]  # (BLOCK_G, BLOCK_N) float32
         else:
             k = tl.load(K + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
             scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
@@ -170,9 +178,11 @@ def _decode_split_kernel(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8:
-            v = load_codes(V, off, dims, rows_ok, q.dtype)
-            pv = tl.dot((p * tl.load(V_SCALE + soff, mask=cached, other=0.0)[None, :]).to(q.dtype), v)
+        if FP8:  # weights p * s (p <= 1) over a power of two near the tile's largest scale: in float16's range
+            v = load_codes(V, off, dims, rows_ok, tl.float16)
+            v_s = tl.load(V_SCALE + soff, mask=cached, other=0.0)  # (BLOCK_N,)
+            v_pow = f16_range(tl.max(v_s, 0))
+            pv = tl.dot((p * (v_s * (1.0 / v_pow))[None, :]).to(tl.float16), v) * v_pow
         else:
             v = tl.load(V + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
             if UPCAST:
