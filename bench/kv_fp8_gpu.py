@@ -95,12 +95,12 @@ def kernel_case(config, batch: int, context: int, kv_cache_dtype: str, device, d
     num_blocks = batch * width + 1
     caches = []
     fp8 = kv_cache_dtype == "fp8"
-    for _ in range(2):  # K, V: the same float32 draws for either cache, 4096 blocks at a time
+    for kind in ("key", "value"):  # the same float32 draws for either cache, 4096 blocks at a time
         cache = torch.empty(num_blocks, bs, kv_heads, hd + 4 if fp8 else hd, dtype=torch.uint8 if fp8 else dtype,
                             device=device)
         for b in range(0, num_blocks, 4096):
             part = torch.randn(min(4096, num_blocks - b), bs, kv_heads, hd, generator=g, device=device)
-            cache[b : b + part.size(0)] = quantize_cache(part) if fp8 else part.to(dtype)
+            cache[b : b + part.size(0)] = quantize_cache(part, kind) if fp8 else part.to(dtype)
         caches.append(cache)
     tables = torch.randperm(num_blocks - 1, generator=g, device=device)[: batch * width].view(batch, width).int()
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)

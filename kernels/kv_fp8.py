@@ -72,9 +72,15 @@ def bytes_per_token_head(head_dim: int, model_dtype: torch.dtype, kv_cache_dtype
     return head_dim * model_dtype.itemsize
 
 
-def planes(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of an fp8 ``cache`` (num_blocks, block_size, Hkv, hd + 4) uint8, contiguous: the codes (num_blocks,
-    block_size, Hkv, hd) uint8 and the scales (num_blocks, block_size, Hkv) float32 (see the module docstring)."""
+KINDS = ("key", "value")
+
+
+def planes(cache: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of an fp8 ``cache`` (num_blocks, block_size, Hkv, hd + 4) uint8, contiguous, of keys or values
+    (``kind``): the codes (num_blocks, block_size, Hkv, hd) uint8 and the scales (num_blocks, block_size, Hkv)
+    float32 (see the module docstring: key codes are rows per token, value codes rows per dimension)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; choose 'key' or 'value'")
     nb, bs, h, width = cache.shape
     hd = width - SCALE_BYTES
     if not is_fp8(cache) or not cache.is_contiguous() or hd % SCALE_BYTES or cache.storage_offset() % SCALE_BYTES:
@@ -83,20 +89,22 @@ def planes(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                          f"{'contiguous' if cache.is_contiguous() else 'strided'}, offset {cache.storage_offset()}")
     per_block = bs * h * width  # bytes
     base = cache.storage_offset()
-    codes = cache.as_strided((nb, bs, h, hd), (per_block, hd, bs * hd, 1), base)
+    strides = (per_block, hd, bs * hd, 1) if kind == "key" else (per_block, 1, bs * hd, bs)
+    codes = cache.as_strided((nb, bs, h, hd), strides, base)
     words = cache.view(-1).view(torch.float32)  # the same bytes as float32 (storage offset base / 4)
     scales = words.as_strided((nb, bs, h), (per_block // SCALE_BYTES, 1, bs), (base + bs * h * hd) // SCALE_BYTES)
     return codes, scales
 
 
-def kernel_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
-    """What a Triton kernel reads a cache through: (data, scales, data strides (block, slot, head), scale strides).
-    fp8: the code plane and the scale plane; otherwise the cache itself, with the cache as an unused scale
-    pointer and zero scale strides."""
+def kernel_views(cache: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...],
+                                                         tuple[int, ...]]:
+    """What a Triton kernel reads a cache of keys or values through: (data, scales, data strides (block, slot,
+    head, dim), scale strides (block, slot, head)). fp8: the code plane and the scale plane; otherwise the cache
+    itself, with the cache as an unused scale pointer and zero scale strides."""
     if is_fp8(cache):
-        codes, scales = planes(cache)
-        return codes, scales, codes.stride()[:3], scales.stride()
-    return cache, cache, cache.stride()[:3], (0, 0, 0)
+        codes, scales = planes(cache, kind)
+        return codes, scales, codes.stride(), scales.stride()
+    return cache, cache, cache.stride(), (0, 0, 0)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,44 +121,43 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     return (codes.view(FP8).float() * scales[..., None].float()).to(dtype)
 
 
-def quantize_cache(x: torch.Tensor) -> torch.Tensor:
-    """An fp8 cache (num_blocks, block_size, Hkv, hd + 4) holding the values ``x`` (num_blocks, block_size, Hkv, hd)
-    quantized (what writing every slot would leave)."""
+def quantize_cache(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """An fp8 cache of keys or values (``kind``), (num_blocks, block_size, Hkv, hd + 4), holding the values ``x``
+    (num_blocks, block_size, Hkv, hd) quantized (what writing every slot would leave)."""
     nb, bs, h, hd = x.shape
     cache = torch.zeros(nb, bs, h, hd + SCALE_BYTES, dtype=torch.uint8, device=x.device)
-    codes, scales = planes(cache)
+    codes, scales = planes(cache, kind)
     codes[:], scales[:] = quantize_rows(x)
     return cache
 
 
-def write_rows(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store rows ``x`` (N, Hkv, hd) at ``slots`` (N,) of ``cache`` (num_blocks, block_size, Hkv, width), quantizing
-    them when the cache is fp8."""
+def write_rows(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, kind: str) -> None:
+    """Store rows ``x`` (N, Hkv, hd) at ``slots`` (N,) of a cache of keys or values (``kind``), (num_blocks,
+    block_size, Hkv, width), quantizing them when the cache is fp8."""
     nb, bs, h, width = cache.shape
     if not is_fp8(cache):
         cache.view(nb * bs, h, width).index_copy_(0, slots, x.to(cache.dtype))
         return
-    codes, scales = planes(cache)
+    codes, scales = planes(cache, kind)
     new_codes, new_scales = quantize_rows(x)
     where = (slots // bs, slots % bs)
     codes.index_put_(where, new_codes)
     scales.index_put_(where, new_scales)
 
 
-def read_blocks(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Blocks ``blocks`` (any shape, long) of a cache as values (*blocks.shape, block_size, Hkv, hd) of ``dtype``."""
+def read_blocks(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype, kind: str) -> torch.Tensor:
+    """Blocks ``blocks`` (any shape, long) of a cache of keys or values (``kind``) as values (*blocks.shape,
+    block_size, Hkv, hd) of ``dtype``."""
     if not is_fp8(cache):
         return cache[blocks].to(dtype)
-    codes, scales = planes(cache)
+    codes, scales = planes(cache, kind)
     return dequantize_rows(codes[blocks], scales[blocks], dtype)
 
 
 @triton.jit
-def load_codes(CACHE, off, dims, mask, DTYPE: tl.constexpr):
-    # A tile (len(off), len(dims)) of e4m3 codes from the code plane at row offsets `off`, as exact DTYPE values
-    # (bfloat16, float16 and float32 hold every e4m3 value); masked entries are 0.
-    codes = tl.load(CACHE + off[:, None] + dims[None, :], mask=mask, other=0)
-    return codes.to(tl.float8e4nv, bitcast=True).to(DTYPE)
+def as_float16(codes):
+    # e4m3 codes (uint8) as their exact float16 values (one conversion instruction per pair on sm_89+)
+    return codes.to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
 
 @triton.jit
@@ -176,6 +183,6 @@ def round_e4m3(y):
     return tl.where(rest > 0.5, f + 1.0, tl.where(rest < 0.5, f, f + odd)) * step
 
 
-__all__ = ["FP8_MAX", "KV_CACHE_DTYPES", "bytes_per_token_head", "cache_dtype", "check_kv_cache_dtype",
-           "dequantize_rows", "f16_range", "is_fp8", "kernel_views", "load_codes", "planes", "quantize_cache",
-           "quantize_rows", "read_blocks", "round_e4m3", "row_width", "write_rows"]
+__all__ = ["FP8_MAX", "KINDS", "KV_CACHE_DTYPES", "as_float16", "bytes_per_token_head", "cache_dtype",
+           "check_kv_cache_dtype", "dequantize_rows", "f16_range", "is_fp8", "kernel_views", "planes",
+           "quantize_cache", "quantize_rows", "read_blocks", "round_e4m3", "row_width", "write_rows"]

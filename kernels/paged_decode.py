@@ -42,7 +42,8 @@ import math
 
 import torch
 from pipeloom.kernels import tl, triton, use_triton
-from pipeloom.kernels.kv_fp8 import f16_range, is_fp8, kernel_views, load_codes, read_blocks, round_e4m3, write_rows
+from pipeloom.kernels.kv_fp8 import as_float16, f16_range, is_fp8, kernel_views, read_blocks, round_e4m3, write_rows
+from pipeloom.kernels.paged_attention import check_pair, load_keys, load_tile, per_block, tile_offsets
 from pipeloom.kernels.rotary import rotary_torch
 
 MAX_SPLITS = 16  # the reduce kernel merges at most this many (a power of two)
@@ -65,13 +66,13 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     if cos is not None:
         q, k = rotate_new_tokens(q, k, seq_lens, cos, sin)
     n_kv = k_cache.size(2)
-    write_rows(k_cache, k, slot_mapping)
-    write_rows(v_cache, v, slot_mapping)
+    write_rows(k_cache, k, slot_mapping, "key")
+    write_rows(v_cache, v, slot_mapping, "value")
     b, n_heads, hd = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     blocks = block_tables.long()  # (B, W)
-    keys = read_blocks(k_cache, blocks, dtype).reshape(b, -1, n_kv, hd)  # (B, W*bs, Hkv, hd)
-    values = read_blocks(v_cache, blocks, dtype).reshape(b, -1, n_kv, hd)
+    keys = read_blocks(k_cache, blocks, dtype, "key").reshape(b, -1, n_kv, hd)  # (B, W*bs, Hkv, hd)
+    values = read_blocks(v_cache, blocks, dtype, "value").reshape(b, -1, n_kv, hd)
     qg = q.to(dtype).view(b, n_kv, n_heads // n_kv, hd)  # (B, Hkv, G, hd)
     scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) / math.sqrt(hd)  # (B, Hkv, G, L)
     visible = torch.arange(keys.size(1), device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
@@ -84,10 +85,11 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
 def _decode_split_kernel(
     Q, K_NEW, V_NEW, K, V, K_SCALE, V_SCALE, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML, COS, SIN,
     scale, stride_qn, stride_qh, stride_kn, stride_kh_new, stride_vn, stride_vh_new,
-    stride_kb, stride_ks, stride_kh, stride_sb, stride_ss, stride_sh, stride_bt, stride_on, stride_oh, stride_rope,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_sb, stride_ss, stride_sh,
+    stride_bt, stride_on, stride_oh, stride_rope,
     N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr,
+    PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr,
 ):
     # Program (sequence s, kv head, split): the GROUP query heads of `kvh` over one share of s's keys.
     s = tl.program_id(0)
@@ -135,16 +137,18 @@ def _decode_split_kernel(
         q_mult = q_pow * scale
     if (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
         slot = tl.load(SLOTS + s).to(tl.int64)
-        row = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        if FP8:  # codes into the code plane, scales into the scale plane (kernels/kv_fp8.py)
-            tl.store(K + row + dims, k_code.to(tl.uint8, bitcast=True), mask=d_ok)
-            tl.store(V + row + dims, v_code.to(tl.uint8, bitcast=True), mask=d_ok)
-            srow = (slot // BLOCK_SIZE) * stride_sb + (slot % BLOCK_SIZE) * stride_ss + kvh * stride_sh
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_dst = K + block * stride_kb + offset * stride_ks + kvh * stride_kh + dims
+        v_dst = V + block * stride_vb + offset * stride_vs + kvh * stride_vh + dims * stride_vd
+        if FP8:  # codes into the code planes, scales into the scale planes (kernels/kv_fp8.py)
+            tl.store(k_dst, k_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            tl.store(v_dst, v_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            srow = block * stride_sb + offset * stride_ss + kvh * stride_sh
             tl.store(K_SCALE + srow, k_scale)
             tl.store(V_SCALE + srow, v_scale)
         else:
-            tl.store(K + row + dims, k_new.to(K.dtype.element_ty), mask=d_ok)
-            tl.store(V + row + dims, v_new.to(V.dtype.element_ty), mask=d_ok)
+            tl.store(k_dst, k_new.to(K.dtype.element_ty), mask=d_ok)
+            tl.store(v_dst, v_new.to(V.dtype.element_ty), mask=d_ok)
     # The new token's key and value never go through memory: the program covering its position starts its online
     # softmax from it (score q . k, weight 1, value v), and every loaded tile leaves that slot masked. So the
     # tiles feed the dots as loaded, with no per-element select.
@@ -158,33 +162,38 @@ def _decode_split_kernel(
     m_i = tl.where(covers, s_new, float("-inf"))
     l_i = tl.where(covers, 1.0, 0.0) + tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.where(covers, 1.0, 0.0) * v_row[None, :] + tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table_row = BLOCK_TABLES + s * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        cached = (kpos < hi) & (kpos != last)
-        block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
-        off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
-        rows_ok = cached[:, None] & d_ok[None, :]
+        block, slot, kpos, block_ok = tile_offsets(table_row, start, hi, BLOCK_N, BLOCK_SIZE, PER_BLOCK)
+        cached = (kpos < hi) & (kpos != last)  # (NB, BLOCK_SIZE) or (BLOCK_N,): keys read from the cache
+        k_rows = block * stride_kb + slot * stride_ks + kvh * stride_kh
+        if FP8:  # value codes: their own plane layout (dim-major)
+            v_rows = block * stride_vb + slot * stride_vs + kvh * stride_vh
+        else:  # a float cache: values laid out as keys (check_pair)
+            v_rows = k_rows
+        k = load_tile(K, k_rows, dims, 1, cached, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)  # (BLOCK_N, BLOCK_D)
         if FP8:  # codes as exact float16 values; each key's and value's scale multiplies outside the dots
-            soff = block * stride_sb + (kpos % BLOCK_SIZE) * stride_ss + kvh * stride_sh  # (BLOCK_N,)
-            k = load_codes(K, off, dims, rows_ok, tl.float16)  # (BLOCK_N, BLOCK_D)
-            k_s = tl.load(K_SCALE + soff, mask=cached, other=0.0)  # (BLOCK_N,)
-            scores = tl.dot(q16, tl.trans(k)) * q_mult[:, None] * k_s[None, :]  # (BLOCK_G, BLOCK_N) float32
+            s_rows = block * stride_sb + slot * stride_ss + kvh * stride_sh
+            k_s = load_keys(K_SCALE, s_rows, cached, BLOCK_N, PER_BLOCK)  # (BLOCK_N,)
+            scores = tl.dot(q16, tl.trans(as_float16(k))) * q_mult[:, None] * k_s[None, :]  # (BLOCK_G, BLOCK_N)
         else:
-            k = tl.load(K + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
             scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
-        scores = tl.where(cached[None, :], scores, float("-inf"))
+        kp = start + tl.arange(0, BLOCK_N)
+        scores = tl.where(((kp < hi) & (kp != last))[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep p and alpha at 0
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8:  # weights p * s (p <= 1) over a power of two near the tile's largest scale: in float16's range
-            v = load_codes(V, off, dims, rows_ok, tl.float16)
-            v_s = tl.load(V_SCALE + soff, mask=cached, other=0.0)  # (BLOCK_N,)
+        if FP8:  # value codes by whole blocks (dim-major: contiguous along keys; the slots not attended have p = 0
+            # and scale 0, and their codes are finite); weights p * s over a power of two near the tile's largest
+            # scale, in float16's range
+            v = load_tile(V, v_rows, dims, stride_vd, block_ok, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)
+            v_s = load_keys(V_SCALE, s_rows, cached, BLOCK_N, PER_BLOCK)  # (BLOCK_N,)
             v_pow = f16_range(tl.max(v_s, 0))
-            pv = tl.dot((p * (v_s * (1.0 / v_pow))[None, :]).to(tl.float16), v) * v_pow
+            pv = tl.dot((p * (v_s * (1.0 / v_pow))[None, :]).to(tl.float16), as_float16(v)) * v_pow
         else:
-            v = tl.load(V + off[:, None] + dims[None, :], mask=rows_ok, other=0.0)
+            v = load_tile(V, v_rows, dims, stride_vd, cached, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)
             if UPCAST:
                 v = v.to(tl.float32)
             pv = tl.dot(p.to(v.dtype), v)
@@ -269,19 +278,18 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         part_ml = torch.empty(b, n_heads, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = out  # unused
-    k_data, k_scales, strides, scale_strides = kernel_views(k_cache)
-    v_data, v_scales, v_strides, _ = kernel_views(v_cache)
-    if v_strides != strides or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"k_cache and v_cache must share one layout; got {k_cache.dtype} {tuple(k_cache.shape)} "
-                         f"and {v_cache.dtype} {tuple(v_cache.shape)}")
+    k_data, k_scales, k_strides, scale_strides = kernel_views(k_cache, "key")
+    v_data, v_scales, v_strides, v_scale_strides = kernel_views(v_cache, "value")
+    check_pair(k_cache, v_cache, k_strides, v_strides, scale_strides, v_scale_strides)
     _decode_split_kernel[(b, n_kv, splits)](
         q, k, v, k_data, v_data, k_scales, v_scales, slot_mapping, seq_lens, block_tables, out, part_o, part_ml,
         cos if rotary else q, sin if rotary else q,
         1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *strides, *scale_strides, block_tables.stride(0), out.stride(0), out.stride(1), cos.stride(0) if rotary else 0,
+        *k_strides[:3], *v_strides, *scale_strides, block_tables.stride(0), out.stride(0), out.stride(1),
+        cos.stride(0) if rotary else 0,
         N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
-        ROTARY=rotary, **tiling,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, PER_BLOCK=per_block(block_size, block_n, k_cache),
+        UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache), ROTARY=rotary, **tiling,
     )
     if splits > 1:
         _decode_merge_kernel[(b, n_heads)](part_o, part_ml, out, out.stride(0), out.stride(1), N_HEADS=n_heads,
