@@ -10,20 +10,25 @@ A cache is a ``torch.uint8`` tensor allocated as (num_blocks, block_size, Hkv, h
 bytes per token and head, so for hd = 128 the pool holds 256/132 = 1.94x the tokens of bfloat16. Inside each
 block the bytes are two planes, not rows::
 
-    block b: codes  [Hkv][block_size][hd]  uint8  (e4m3 bits, head-major)
+    block b: codes  [Hkv][block_size][hd]  uint8 (e4m3 bits), keys: a row of hd per token
+                    [Hkv][hd][block_size]  uint8,             values: a row of block_size per dimension
              scales [Hkv][block_size]      float32
 
-so a (block, kv head) is ``block_size * hd`` contiguous code bytes starting on a 16-byte boundary (hd a multiple
-of 16) and ``block_size`` contiguous scales. The kernels stream codes with 16-byte (and 8-byte) asynchronous
-copies and keep the scales out of the inner products (``q . (c s) = (q . c) s`` per key, ``sum_j p_j c_j s_j =
-(p s) . c`` per value; e4m3 codes convert exactly to bfloat16). The first layout, rows of hd codes with their
-scale after them (132 bytes apart), put rows off 16-byte boundaries, so the compiler could prove no alignment:
-compiled for sm_90 (bench/kernel_sass.py) the decode kernel read the cache with 128 one-byte loads per thread
-and tile step, no asynchronous copies, and ran out of registers (255, 876 B spilled); it decoded at 8k context
-3.5x slower than bfloat16 (bench/RESULTS.md). Index a cache only through :func:`planes` (views shaped like a
-bfloat16 cache: codes (num_blocks, block_size, Hkv, hd), scales (num_blocks, block_size, Hkv)): the allocation's
-shape gives the sizes, but its element [b, t, h] is not token t's row. ``hd`` must be a multiple of 4 (aligned
-scales).
+so the codes of a (block, kv head) are ``block_size * hd`` contiguous bytes starting on a 16-byte boundary (hd a
+multiple of 16) and its scales ``block_size`` contiguous floats. Keys are rows per token because ``q . k`` runs
+along the head dimension; values are rows per dimension (as in vLLM's paged value cache) because ``p @ v`` runs
+along the keys, whose pairs the float16 tensor-core operand wants adjacent. The kernels stream codes with 16-byte
+asynchronous copies, convert them to float16 (one instruction per pair) and keep the scales out of the inner
+products (``q . (c s) = (q . c) s`` per key, ``sum_j p_j c_j s_j = (p s) . c`` per value).
+
+The first layout, rows of hd codes with their scale after them (132 bytes apart), put rows off 16-byte
+boundaries, so the compiler could prove no alignment: compiled for sm_90 (bench/kernel_sass.py) the decode kernel
+read the cache with 128 one-byte loads per thread and step of 64 keys, no asynchronous copies, ran out of
+registers (255, 876 B spilled) and spent 3178 instructions per step against 711 for a bfloat16 cache (now 532
+against 392); it decoded at 8k context 3.5x slower than bfloat16 (bench/RESULTS.md). Index a cache only through
+:func:`planes` (views shaped like a bfloat16 cache: codes (num_blocks, block_size, Hkv, hd), scales (num_blocks,
+block_size, Hkv)), saying whether it holds keys or values: the allocation's shape gives the sizes, but its element
+[b, t, h] is not token t's row. ``hd`` must be a multiple of 4 (aligned scales).
 
 This file holds the torch side (quantize, dequantize, the planes, write and read) and :func:`round_e4m3`, the
 rounding the decode kernel quantizes with; the kernels in ``paged_attention.py`` and ``paged_decode.py`` read the
