@@ -115,6 +115,11 @@ def kernel_case(config, batch: int, context: int, kv_cache_dtype: str, device, d
                 block_tables=tables, cos=cos, sin=sin, bytes=read)
 
 
+def cache_name(kv_cache_dtype: str, dtype: torch.dtype) -> str:
+    """"fp8 " or the float cache's dtype, for the printed rows."""
+    return "fp8 " if kv_cache_dtype == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def kernel_rows(args, config, device, dtype) -> list[dict]:
     """The decode kernel alone for each batch size and cache: us/call, KV GB/s, output difference fp8 vs bf16."""
     from pipeloom.kernels.paged_decode import paged_decode
@@ -142,8 +147,9 @@ def kernel_rows(args, config, device, dtype) -> list[dict]:
                 # same random draws: the fp8 cache holds the bf16 cache's values quantized (within e4m3's bound)
                 row["max_abs_diff_vs_bf16"] = float((outs["fp8"] - outs["auto"]).abs().max())
             rows.append(row)
-            name = "fp8 " if kv == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-            extra = (f"  {row['speedup_vs_bf16']:.2f}x bf16, max |out fp8 - out bf16| {row['max_abs_diff_vs_bf16']:.3g}"
+            name = cache_name(kv, dtype)
+            extra = (f"  {row['speedup_vs_bf16']:.2f}x the float cache, max |out fp8 - out float| "
+                     f"{row['max_abs_diff_vs_bf16']:.3g}"
                      if kv == "fp8" else "")
             print(f"  batch {batch:3d} {name} cache: {row['us_per_call']:9.2f} us/call  {read / 1e6:9.1f} MB KV  "
                   f"{row['gb_per_s']:8.1f} GB/s{extra}", flush=True)
@@ -182,7 +188,7 @@ def sweep_rows(args, config, device, dtype) -> list[dict]:
                 rows.append({"batch": batch, "kv_cache_dtype": kv, "block_n": block_n, "num_warps": warps,
                              "num_stages": stages, "splits": splits, "us_per_call": seconds * 1e6,
                              "gb_per_s": read / seconds / 1e9})
-                print(f"  batch {batch:3d} {'bf16' if kv == 'auto' else 'fp8 '} {(block_n, warps, stages, splits)}: "
+                print(f"  batch {batch:3d} {cache_name(kv, dtype)} {(block_n, warps, stages, splits)}: "
                       f"{seconds * 1e6:9.2f} us/call {read / seconds / 1e9:8.1f} GB/s", flush=True)
             del case
             if device.type == "cuda":
