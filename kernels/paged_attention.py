@@ -8,9 +8,9 @@ and attends causally to cache positions ``0 ..`` its own. Prefill chunks and dec
 Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd), or for an fp8 cache uint8 (..., hd + 4)
 bytes per token and head holding per block a plane of e4m3 codes and a plane of float32 scales
 (``kernels/kv_fp8.py``: the reference dequantizes, the kernel runs float16 dots over the codes and applies the
-scales to scores and softmax weights, as the decode kernel does);
-grouped-query attention reads key/value
-head ``h // (Hq / Hkv)`` for query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
+scales to scores and softmax weights, as the decode kernel does; ``tile_offsets``, ``load_tile`` and
+``load_keys`` here are shared with it); grouped-query attention reads key/value head ``h // (Hq / Hkv)`` for
+query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
 
 Two paths: :func:`paged_attention_torch` gathers each sequence's blocks and calls SDPA with the causal
 offset mask (CPU, float64, any dtype); :func:`paged_attention_triton` is one kernel over (query tile,

@@ -26,9 +26,9 @@ and head) is read as codes, converted exactly to float16 for float16 dots (one c
 codes), with each key's scale applied to its score and each value's scale to its softmax weight (``q . (c s) =
 (q . c) s``), so no tile is multiplied out; q and the weights are first divided by powers of two near their
 largest magnitudes (exact), so both fit float16's range (which holds a bfloat16 q exactly and the weights more
-precisely than bfloat16 would).
-The new token's key and value are quantized in registers and stored, and attended as those codes and scales,
-so the kernel attends over exactly the values the torch reference reads back from the cache.
+precisely than bfloat16 would). The new token's key and value are quantized in registers and stored, and
+attended as those codes and scales, so the kernel attends over exactly the values the torch reference reads back
+from the cache.
 
 :func:`paged_decode` is the entry point (``backend`` "torch", "triton" or "auto"). Under ``torch.compile`` it
 is the custom op ``torch.ops.pipeloom.paged_decode`` (a fake implementation gives its output shape), so a
@@ -262,15 +262,15 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         raise ValueError(f"cos and sin must be rotary tables (P, {hd}) of one layout with unit stride along the "
                          f"head dimension (even), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     _, block_size, n_kv, _ = k_cache.shape
+    block_n = block_n or (64 if hd <= 128 else 32)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
     if splits == 0:
-        splits = decode_splits(b, n_kv, block_tables.size(1) * block_size, num_sms(q.device))
+        splits = decode_splits(b, n_kv, block_tables.size(1) * block_size, num_sms(q.device), block_n)
     if splits < 1 or splits > MAX_SPLITS or splits & (splits - 1):
         raise ValueError(f"splits={splits} must be 0 (by batch size) or a power of two in [1, {MAX_SPLITS}]")
     group = n_heads // n_kv
     out = torch.empty_like(q)
-    block_n = block_n or (64 if hd <= 128 else 32)
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
     tiling = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     block_d = triton.next_power_of_2(hd)
     if splits > 1:
