@@ -254,7 +254,7 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     tables ``cos``, ``sin`` (P, hd) when given. ``splits`` 0: :func:`decode_splits` of the batch size and the
     longest sequence the block tables can hold. ``block_n`` (keys per iteration, a power of two >= 16),
     ``num_warps``, ``num_stages``: the split kernel's tiling, None for the defaults (64 keys up to head size 128,
-    else 32; Triton's 4 warps, 3 stages); bench/kv_fp8_gpu.py --sweep times alternatives."""
+    else 32; Triton's 4 warps, 3 stages); bench/kv_fp8_gpu.py --parts sweep times alternatives."""
     b, n_heads, hd = q.shape
     rotary = cos is not None
     if rotary and (cos.shape != sin.shape or cos.dim() != 2 or cos.shape[-1] != hd or hd % 2
