@@ -1,14 +1,22 @@
-# The fp8 KV cache on the GPU: tokens the pool holds against bf16, and engine decode speed at a long context.
-"""One process, one GPU, random weights (a 7B Llama by default), through the inference engine::
+# The fp8 KV cache on the GPU: the decode kernel alone (bf16 vs fp8 cache), tokens held, engine decode at 8k.
+"""One process, one GPU, random weights (a 7B Llama by default)::
 
-    python bench/kv_fp8_gpu.py --model llama-7b --context 8192      # bf16 cache, then fp8 cache
-    python bench/kv_fp8_gpu.py --quick                              # CPU smoke run, tiny model (tests)
+    python bench/kv_fp8_gpu.py --model llama-7b --context 8192      # kernel, then engine: bf16 cache, fp8 cache
+    python bench/kv_fp8_gpu.py --parts kernel                       # the decode kernel only (seconds)
+    python bench/kv_fp8_gpu.py --quick                              # CPU smoke run, tiny shapes (tests)
 
-For each ``kv_cache_dtype`` (auto = the model's bfloat16, fp8 = e4m3 rows with a scale per token and head) an
-``LLMEngine`` is sized from ``--memory-fraction`` of the device, one request of ``--context`` prompt tokens is
+``kernel``: the split-K decode attention kernel (``kernels/paged_decode.py``, as a decode step launches it: the
+new token's write, rotary, ``splits`` chosen by batch size) alone, over one layer's cache of ``--context`` tokens
+per sequence at the model's shape (7B: 32 heads, 32 kv heads, head size 128; blocks of 16, shuffled block tables),
+timed inside a CUDA graph of ``--calls`` back-to-back launches for batch sizes ``--batches``; prints us/call, the
+KV bytes read per call over that time (GB/s: codes and scales for fp8) and the largest difference between the
+two caches' outputs. A device-to-device copy gives the card's streaming rate in the same process.
+
+``engine``: for each ``kv_cache_dtype`` (auto = the model's bfloat16, fp8 = e4m3 with a scale per token and head)
+an ``LLMEngine`` is sized from ``--memory-fraction`` of the device, one request of ``--context`` prompt tokens is
 prefilled, and ``--tokens`` greedy tokens are decoded at batch 1 (CUDA graphs): prints the blocks and tokens the
-pool holds, the decode ms/token (the engine's recorded decode iterations, median) and the greedy tokens' agreement
-with the bf16 cache. Also ``--speculative`` runs prompt lookup through the engine on a repetitive prompt.
+pool holds, the decode ms/token (the engine's recorded decode iterations) and the greedy tokens' agreement with
+the bf16 cache. Also ``--speculative`` runs prompt lookup through the engine on a repetitive prompt.
 """
 
 from __future__ import annotations
@@ -23,14 +31,9 @@ import torch
 
 
 def build_model(args, device, dtype):
-    from pipeloom.models import ModelConfig, Transformer, get_model_config
+    from pipeloom.models import Transformer
 
-    length = max(args.context, 640) + args.tokens + 16  # 640: the code prompt of --speculative
-    if args.quick:
-        config = ModelConfig(family="llama", vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                             ffn_hidden=256, max_seq_len=length)
-    else:
-        config = get_model_config(args.model, max_seq_len=length)
+    config = model_config(args)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(config)
@@ -39,6 +42,158 @@ def build_model(args, device, dtype):
     model = model.to(dtype).eval()
     model.init_buffers()
     return model
+
+
+def graph_time(fn, calls: int, repeats: int) -> float:
+    """Median seconds per call of ``fn`` replayed ``calls`` times in one CUDA graph (plain calls on CPU)."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def copy_rate(device, calls: int, repeats: int) -> float | None:
+    """GB/s of a device-to-device copy of 1 GiB (bytes read + written), the card's streaming rate."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(1 << 29, dtype=torch.int16, device=device)
+    dst = torch.empty_like(src)
+    seconds = graph_time(lambda: dst.copy_(src), calls, repeats)
+    return 2 * (1 << 30) / seconds / 1e9
+
+
+def kernel_case(config, batch: int, context: int, kv_cache_dtype: str, device, dtype, seed: int = 0) -> dict:
+    """One layer's decode inputs: caches of ``context`` tokens per sequence (shuffled blocks of 16), the new
+    token at position ``context - 1``, rotary tables; the KV bytes a call reads."""
+    from pipeloom.kernels.kv_fp8 import bytes_per_token_head, quantize_cache
+
+    heads, kv_heads, hd, bs = config.n_heads, config.n_kv_heads, config.head_dim, 16
+    g = torch.Generator(device=device).manual_seed(seed)
+    width = -(-context // bs)
+    num_blocks = batch * width + 1
+    caches = []
+    fp8 = kv_cache_dtype == "fp8"
+    for kind in ("key", "value"):  # the same float32 draws for either cache, 4096 blocks at a time
+        cache = torch.empty(num_blocks, bs, kv_heads, hd + 4 if fp8 else hd, dtype=torch.uint8 if fp8 else dtype,
+                            device=device)
+        for b in range(0, num_blocks, 4096):
+            part = torch.randn(min(4096, num_blocks - b), bs, kv_heads, hd, generator=g, device=device)
+            cache[b : b + part.size(0)] = quantize_cache(part, kind) if fp8 else part.to(dtype)
+        caches.append(cache)
+    tables = torch.randperm(num_blocks - 1, generator=g, device=device)[: batch * width].view(batch, width).int()
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    last = torch.arange(batch, device=device)
+    slots = tables[last, (context - 1) // bs].long() * bs + (context - 1) % bs
+    q = torch.randn(batch, heads, hd, generator=g, device=device).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, hd, generator=g, device=device).to(dtype) for _ in range(2))
+    angles = torch.arange(context, device=device)[:, None] / 10000 ** (torch.arange(0, hd, 2, device=device) / hd)
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    read = 2 * batch * context * kv_heads * bytes_per_token_head(hd, dtype, kv_cache_dtype)
+    return dict(q=q, k=k, v=v, k_cache=caches[0], v_cache=caches[1], slot_mapping=slots, seq_lens=lens,
+                block_tables=tables, cos=cos, sin=sin, bytes=read)
+
+
+def cache_name(kv_cache_dtype: str, dtype: torch.dtype) -> str:
+    """"fp8 " or the float cache's dtype, for the printed rows."""
+    return "fp8 " if kv_cache_dtype == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def kernel_rows(args, config, device, dtype) -> list[dict]:
+    """The decode kernel alone for each batch size and cache: us/call, KV GB/s, output difference fp8 vs bf16."""
+    from pipeloom.kernels.paged_decode import paged_decode
+
+    rows = []
+    print(f"decode attention kernel alone, one layer ({config.n_heads} heads, {config.n_kv_heads} kv heads, head size "
+          f"{config.head_dim}), context {args.context}, {args.calls} calls per CUDA graph, median of {args.repeats}:",
+          flush=True)
+    for batch in args.batches:
+        outs = {}
+        for kv in ("auto", "fp8"):
+            case = kernel_case(config, batch, args.context, kv, device, dtype)
+            read = case.pop("bytes")
+
+            def call(case=case):
+                return paged_decode(**case, backend="auto")
+
+            outs[kv] = call().float()
+            seconds = graph_time(call, args.calls, args.repeats)
+            row = {"batch": batch, "kv_cache_dtype": kv, "us_per_call": seconds * 1e6, "kv_bytes": read,
+                   "gb_per_s": read / seconds / 1e9}
+            if kv == "fp8":
+                base = rows[-1]
+                row["speedup_vs_bf16"] = base["us_per_call"] / row["us_per_call"]
+                # same random draws: the fp8 cache holds the bf16 cache's values quantized (within e4m3's bound)
+                row["max_abs_diff_vs_bf16"] = float((outs["fp8"] - outs["auto"]).abs().max())
+            rows.append(row)
+            name = cache_name(kv, dtype)
+            extra = (f"  {row['speedup_vs_bf16']:.2f}x the float cache, max |out fp8 - out float| "
+                     f"{row['max_abs_diff_vs_bf16']:.3g}"
+                     if kv == "fp8" else "")
+            print(f"  batch {batch:3d} {name} cache: {row['us_per_call']:9.2f} us/call  {read / 1e6:9.1f} MB KV  "
+                  f"{row['gb_per_s']:8.1f} GB/s{extra}", flush=True)
+            del case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# (keys per iteration, warps, pipeline stages, splits: 0 by batch size) of the split kernel; the first is the default
+SWEEP = [(64, 4, 3, 0), (32, 4, 3, 0), (128, 4, 3, 0), (64, 8, 3, 0), (128, 8, 3, 0), (64, 4, 2, 0), (64, 4, 4, 0),
+         (64, 4, 3, 16)]
+
+
+def sweep_rows(args, config, device, dtype) -> list[dict]:
+    """The decode kernel under each tiling of ``SWEEP``, per batch size and cache: us/call and KV GB/s."""
+    from pipeloom.kernels.paged_decode import paged_decode_triton
+
+    rows = []
+    print("decode kernel tilings (block_n, warps, stages, splits; 0 = by batch size):", flush=True)
+    for batch in args.batches:
+        for kv in ("auto", "fp8"):
+            case = kernel_case(config, batch, args.context, kv, device, dtype)
+            read = case.pop("bytes")
+            for block_n, warps, stages, splits in SWEEP:
+                def call(case=case, block_n=block_n, warps=warps, stages=stages, splits=splits):
+                    return paged_decode_triton(**case, splits=splits, block_n=block_n, num_warps=warps,
+                                               num_stages=stages)
+
+                try:
+                    seconds = graph_time(call, args.calls, args.repeats)
+                except Exception as error:  # a tiling the compiler rejects (shared memory): report it, go on
+                    print(f"  batch {batch:3d} {kv:4s} {(block_n, warps, stages, splits)}: failed: "
+                          f"{type(error).__name__}: {str(error)[:120]}", flush=True)
+                    continue
+                rows.append({"batch": batch, "kv_cache_dtype": kv, "block_n": block_n, "num_warps": warps,
+                             "num_stages": stages, "splits": splits, "us_per_call": seconds * 1e6,
+                             "gb_per_s": read / seconds / 1e9})
+                print(f"  batch {batch:3d} {cache_name(kv, dtype)} {(block_n, warps, stages, splits)}: "
+                      f"{seconds * 1e6:9.2f} us/call {read / seconds / 1e9:8.1f} GB/s", flush=True)
+            del case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
 
 def decode_at_context(model, args, kv_cache_dtype: str, prompt: list[int], speculative: bool = False) -> dict:
@@ -84,7 +239,11 @@ def decode_at_context(model, args, kv_cache_dtype: str, prompt: list[int], specu
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-7b")
-    parser.add_argument("--context", type=int, default=8192, help="prompt tokens before the timed decode")
+    parser.add_argument("--context", type=int, default=8192, help="tokens in the cache when decoding")
+    parser.add_argument("--parts", default="kernel,engine", help="comma-separated: kernel, engine, sweep")
+    parser.add_argument("--batches", default="1,16", help="batch sizes of the kernel part")
+    parser.add_argument("--calls", type=int, default=20, help="kernel calls per CUDA graph")
+    parser.add_argument("--repeats", type=int, default=10, help="graph replays timed (median)")
     parser.add_argument("--tokens", type=int, default=128, help="greedy tokens decoded")
     parser.add_argument("--budget", type=int, default=2048, help="chunked-prefill token budget")
     parser.add_argument("--memory-fraction", type=float, default=0.85)
@@ -93,14 +252,55 @@ def main(argv=None) -> dict:
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU (tests)")
     args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"kernel", "engine", "sweep"}
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {sorted(unknown)}; choose from kernel, engine, sweep")
+    args.batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
         args.context, args.tokens, args.budget, args.memory_fraction = 96, 12, 64, 0.01
+        args.calls, args.repeats, args.batches = 2, 1, [1, 3]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "model": "tiny" if args.quick else args.model, "context": args.context}
+    config = model_config(args)
+    if "kernel" in parts:
+        rate = copy_rate(device, args.calls, args.repeats)
+        if rate:
+            print(f"device-to-device copy: {rate:,.0f} GB/s (read + written)", flush=True)
+        report["copy_gb_per_s"] = rate
+        report["kernel"] = kernel_rows(args, config, device, dtype)
+    if "sweep" in parts:
+        report["sweep"] = sweep_rows(args, config, device, dtype)
+    if "engine" in parts:
+        engine_part(args, device, dtype, report)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def model_config(args):
+    """The benchmarked model's configuration (a tiny Llama with --quick)."""
+    from pipeloom.models import ModelConfig, get_model_config
+
+    length = max(args.context, 640) + args.tokens + 16  # 640: the code prompt of --speculative
+    if args.quick:
+        return ModelConfig(family="llama", vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                           ffn_hidden=256, max_seq_len=length)
+    return get_model_config(args.model, max_seq_len=length)
+
+
+def engine_part(args, device, dtype, report) -> None:
+    """Engine decode at ``--context`` for the bf16 and the fp8 cache (and prompt lookup with --speculative)."""
     model = build_model(args, device, dtype)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=g).tolist()
-    rows = [decode_at_context(model, args, kv, prompt) for kv in ("auto", "fp8")]
+    rows = []
+    for kv in ("auto", "fp8"):
+        rows.append(decode_at_context(model, args, kv, prompt))
+        print(f"engine, {kv} cache: {rows[-1]['ms_per_token']:.3f} ms/token", flush=True)
     base = rows[0]
     print(f"{'kv cache':9s} {'blocks':>8s} {'tokens held':>12s} {'x bf16':>7s} {'decode ms/token':>16s} "
           f"{'same tokens':>12s}   (context {args.context}, {args.tokens} tokens, {device})")
@@ -109,8 +309,7 @@ def main(argv=None) -> dict:
         row["agreement"] = same
         print(f"{row['kv_cache_dtype']:9s} {row['blocks']:8d} {row['tokens_held']:12,d} "
               f"{row['tokens_held'] / base['tokens_held']:6.2f}x {row['ms_per_token']:16.3f} {same:12.2f}")
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "model": "tiny" if args.quick else args.model, "context": args.context, "rows": rows}
+    report["rows"] = rows
     if args.speculative:
         from quant_gpu import PROMPT  # code with repeated identifiers (bench/quant_gpu.py)
 
@@ -123,10 +322,6 @@ def main(argv=None) -> dict:
               f"({plain['ms_per_token'] / spec['ms_per_token']:.2f}x); {spec['spec']}; same tokens: {same}")
         report["prompt_lookup"] = {"plain_ms_per_token": plain["ms_per_token"], "ms_per_token": spec["ms_per_token"],
                                    "stats": spec["spec"], "same_tokens": same}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    return report
 
 
 if __name__ == "__main__":

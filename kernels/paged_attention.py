@@ -5,10 +5,12 @@ the cache after they are written; its keys and values live in the blocks ``block
 ``block * block_size + offset``. New token i of sequence s sits at position ``seq_lens[s] - query_lens[s] + i``
 and attends causally to cache positions ``0 ..`` its own. Prefill chunks and decode tokens mix freely.
 
-Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd), or uint8 (..., hd + 4) rows of e4m3
-codes and a float32 scale for an fp8 cache (``kernels/kv_fp8.py``; both paths dequantize what they read);
-grouped-query attention reads key/value
-head ``h // (Hq / Hkv)`` for query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
+Layout: ``q`` (N, Hq, hd); caches (num_blocks, block_size, Hkv, hd), or for an fp8 cache uint8 (..., hd + 4)
+bytes per token and head holding per block a plane of e4m3 codes and a plane of float32 scales
+(``kernels/kv_fp8.py``: the reference dequantizes, the kernel runs float16 dots over the codes and applies the
+scales to scores and softmax weights, as the decode kernel does; ``tile_offsets``, ``load_tile`` and
+``load_keys`` here are shared with it); grouped-query attention reads key/value head ``h // (Hq / Hkv)`` for
+query head ``h``. Softmax scale ``1/sqrt(hd)``, as the training path's SDPA.
 
 Two paths: :func:`paged_attention_torch` gathers each sequence's blocks and calls SDPA with the causal
 offset mask (CPU, float64, any dtype); :func:`paged_attention_triton` is one kernel over (query tile,
@@ -24,15 +26,15 @@ import math
 import torch
 import torch.nn.functional as F
 from pipeloom.kernels import tl, triton, use_triton
-from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, write_rows
+from pipeloom.kernels.kv_fp8 import as_float16, f16_range, is_fp8, kernel_views, read_blocks, write_rows
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new keys/values ``k``, ``v`` (N, Hkv, hd) at cache slots ``slot_mapping`` (N,) long (quantized rows
     for an fp8 cache)."""
-    write_rows(k_cache, k, slot_mapping)
-    write_rows(v_cache, v, slot_mapping)
+    write_rows(k_cache, k, slot_mapping, "key")
+    write_rows(v_cache, v, slot_mapping, "value")
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, backend: str = "auto",
@@ -72,14 +74,14 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_lens: list[int],
                           seq_lens: list[int], block_tables: torch.Tensor) -> torch.Tensor:
     """The reference: per sequence, gather its cache blocks and run SDPA with a causal offset mask."""
-    _, block_size, n_kv, width = k_cache.shape
-    n_heads = q.size(1)
+    _, block_size, n_kv, _ = k_cache.shape
+    n_heads, hd = q.size(1), q.size(2)
     out = torch.empty_like(q)  # (N, Hq, hd)
     start = 0
     for s, (n, length) in enumerate(zip(query_lens, seq_lens)):
         blocks = block_tables[s, : -(-length // block_size)].long()
-        k = read_rows(k_cache[blocks].reshape(-1, n_kv, width)[:length], q.dtype).transpose(0, 1)  # (Hkv, L, hd)
-        v = read_rows(v_cache[blocks].reshape(-1, n_kv, width)[:length], q.dtype).transpose(0, 1)
+        k = read_blocks(k_cache, blocks, q.dtype, "key").reshape(-1, n_kv, hd)[:length].transpose(0, 1)  # (Hkv, L, hd)
+        v = read_blocks(v_cache, blocks, q.dtype, "value").reshape(-1, n_kv, hd)[:length].transpose(0, 1)
         if n_kv != n_heads:
             k = k.repeat_interleave(n_heads // n_kv, dim=0)  # (Hq, L, hd)
             v = v.repeat_interleave(n_heads // n_kv, dim=0)
@@ -94,22 +96,57 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 @triton.jit
-def _load_rows(CACHE, off, dims, mask, row_ok, HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
-    # Rows (len(off), BLOCK_D) of a cache at row offsets `off`; an fp8 cache's rows are e4m3 codes then a float32
-    # scale at byte HEAD_DIM (kernels/kv_fp8.py): dequantized to float32 here.
-    x = tl.load(CACHE + off[:, None] + dims[None, :], mask=mask, other=0)
-    if FP8:
-        scale = tl.load((CACHE + off + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=row_ok, other=0.0)
-        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
+def tile_offsets(table_row, start, limit, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr):
+    # Keys start .. start + BLOCK_N of one sequence (block table row `table_row`): (cache block, slot in block,
+    # position, block_ok). PER_BLOCK (BLOCK_SIZE a power of two dividing BLOCK_N, `start` a multiple of BLOCK_N):
+    # shapes (NB, 1), (1, BLOCK_SIZE), (NB, BLOCK_SIZE), (NB, 1), whole cache blocks, one table read each, so a
+    # block's rows are known contiguous; else per key, all (BLOCK_N,). Blocks from `limit` on are not read.
+    if PER_BLOCK:
+        bidx = start // BLOCK_SIZE + tl.arange(0, BLOCK_N // BLOCK_SIZE)  # (NB,)
+        block_ok = (bidx * BLOCK_SIZE < limit)[:, None]
+        block = tl.load(table_row + bidx[:, None], mask=block_ok, other=0).to(tl.int64)
+        slot = tl.arange(0, BLOCK_SIZE)[None, :]
+        kpos = bidx[:, None] * BLOCK_SIZE + slot
+    else:
+        kpos = start + tl.arange(0, BLOCK_N)
+        block_ok = kpos < limit
+        block = tl.load(table_row + kpos // BLOCK_SIZE, mask=block_ok, other=0).to(tl.int64)
+        slot = kpos % BLOCK_SIZE
+    return block, slot, kpos, block_ok
+
+
+@triton.jit
+def load_tile(BASE, rows, dims, stride_d, row_ok, d_ok, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PER_BLOCK: tl.constexpr):
+    # The (BLOCK_N, BLOCK_D) tile at row offsets `rows` (shaped as tile_offsets gives them) and dims * stride_d;
+    # masked entries 0. Whole blocks load as (NB, BLOCK_SIZE, BLOCK_D), so a dim-major block (value codes) is
+    # seen as BLOCK_SIZE contiguous bytes per dim.
+    if PER_BLOCK:
+        x = tl.load(BASE + rows[:, :, None] + dims[None, None, :] * stride_d,
+                    mask=row_ok[:, :, None] & d_ok[None, None, :], other=0)
+        x = tl.reshape(x, (BLOCK_N, BLOCK_D))
+    else:
+        x = tl.load(BASE + rows[:, None] + dims[None, :] * stride_d, mask=row_ok[:, None] & d_ok[None, :], other=0)
+    return x
+
+
+@triton.jit
+def load_keys(BASE, rows, row_ok, BLOCK_N: tl.constexpr, PER_BLOCK: tl.constexpr):
+    # The (BLOCK_N,) values (scales) at `rows` (shaped as tile_offsets gives them); masked entries 0.
+    x = tl.load(BASE + rows, mask=row_ok, other=0.0)
+    if PER_BLOCK:
+        x = tl.reshape(x, (BLOCK_N,))
     return x
 
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
-    scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
+    Q, K, V, K_SCALE, V_SCALE, OUT, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILE_SEQ, TILE_START,
+    scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_sb, stride_ss, stride_sh, stride_on, stride_oh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     # Program (tile, kv head): rows = BLOCK_M // GROUP new tokens x GROUP query heads sharing kv head `kvh`.
     tile = tl.program_id(0)
@@ -129,38 +166,74 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
         q = q.to(tl.float32)
+    if FP8:  # float16 dots over the codes; q scaled into float16's range (exactly, see paged_decode.py)
+        q_pow = f16_range(tl.max(tl.abs(q.to(tl.float32)), 1))  # (BLOCK_M,)
+        q16 = (q.to(tl.float32) * (1.0 / q_pow)[:, None]).to(tl.float16)
+        q_mult = q_pow * scale
     pos = seq_len - q_len + tok  # (BLOCK_M,) absolute position of each row's token
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # keys up to the tile's last token's position; positions beyond are masked anyway
     last = tl.minimum(seq_len, seq_len - q_len + tok0 + BLOCK_M // GROUP)
+    table_row = BLOCK_TABLES + s * stride_bt
     for start in range(0, last, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        k_ok = kpos < seq_len
-        block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
-        k = _load_rows(K, off, dims, k_ok[:, None] & d_ok[None, :], k_ok, HEAD_DIM, FP8)  # (BLOCK_N, BLOCK_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
-        visible = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+        block, slot, kpos, block_ok = tile_offsets(table_row, start, seq_len, BLOCK_N, BLOCK_SIZE, PER_BLOCK)
+        key_ok = kpos < seq_len  # (NB, BLOCK_SIZE) or (BLOCK_N,)
+        k_rows = block * stride_kb + slot * stride_ks + kvh * stride_kh
+        if FP8:  # value codes: their own plane layout (dim-major)
+            v_rows = block * stride_vb + slot * stride_vs + kvh * stride_vh
+        else:  # a float cache: values laid out as keys (check_pair)
+            v_rows = k_rows
+        k = load_tile(K, k_rows, dims, 1, key_ok, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)  # (BLOCK_N, BLOCK_D)
+        if FP8:  # codes as exact float16 values; each key's and value's scale multiplies outside the dots
+            s_rows = block * stride_sb + slot * stride_ss + kvh * stride_sh
+            k_s = load_keys(K_SCALE, s_rows, key_ok, BLOCK_N, PER_BLOCK)  # (BLOCK_N,)
+            scores = tl.dot(q16, tl.trans(as_float16(k))) * q_mult[:, None] * k_s[None, :]  # (BLOCK_M, BLOCK_N)
+        else:
+            scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
+        kp = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+        visible = (kp[None, :] <= pos[:, None]) & (kp < seq_len)[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, off, dims, k_ok[:, None] & d_ok[None, :], k_ok, HEAD_DIM, FP8)
-        if UPCAST:
-            v = v.to(tl.float32)
-        elif FP8:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if FP8:  # value codes by whole blocks (dim-major: contiguous along keys); weights p * s in float16's range
+            v = load_tile(V, v_rows, dims, stride_vd, block_ok, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)
+            v_s = load_keys(V_SCALE, s_rows, key_ok, BLOCK_N, PER_BLOCK)
+            v_pow = f16_range(tl.max(v_s, 0))
+            pv = tl.dot((p * (v_s * (1.0 / v_pow))[None, :]).to(tl.float16), as_float16(v)) * v_pow
+        else:
+            v = load_tile(V, v_rows, dims, stride_vd, key_ok, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)
+            if UPCAST:
+                v = v.to(tl.float32)
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv.to(tl.float32)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = OUT + (q_begin + tok)[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh + dims[None, :]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def per_block(block_size: int, block_n: int, k_cache: torch.Tensor) -> bool:
+    """Whether the kernels tile keys by whole cache blocks (``tile_offsets``): for an fp8 cache (whose value codes
+    need it to be read as contiguous runs) with a power-of-two block size dividing the keys per iteration. A float
+    cache keeps the per-key tiles, which the compiler pipelines better for it (bench/kernel_sass.py)."""
+    return is_fp8(k_cache) and block_size & (block_size - 1) == 0 and block_n % block_size == 0
+
+
+def check_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, k_strides, v_strides, scale_strides,
+               v_scale_strides) -> None:
+    """A ValueError unless the key and value caches are one kind of cache: dtype, shape, keys with unit stride along
+    the head dimension, the same scale layout, and for a float cache the same strides (the kernels read both
+    through the keys' offsets)."""
+    if (v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or k_strides[3] != 1
+            or v_scale_strides != scale_strides or (not is_fp8(k_cache) and v_strides != k_strides)):
+        raise ValueError(f"k_cache and v_cache must be one kind of cache, laid out alike; got {k_cache.dtype} "
+                         f"{tuple(k_cache.shape)} strides {tuple(k_strides)} and {v_cache.dtype} "
+                         f"{tuple(v_cache.shape)} strides {tuple(v_strides)}")
 
 
 def query_tiles(query_lens: list[int], group: int, block_m: int) -> tuple[list[int], list[int]]:
@@ -198,11 +271,15 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q) if out is None else out
     block_n = 64 if block_size >= 64 else max(16, block_size)
     grid = (tiles[0].numel(), n_kv)
+    k_data, k_scales, k_strides, scale_strides = kernel_views(k_cache, "key")
+    v_data, v_scales, v_strides, v_scale_strides = kernel_views(v_cache, "value")
+    check_pair(k_cache, v_cache, k_strides, v_strides, scale_strides, v_scale_strides)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, query_start, seq_lens, block_tables, tiles[0], tiles[1],
-        1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), block_tables.stride(0),
+        q, k_data, v_data, k_scales, v_scales, out, query_start, seq_lens, block_tables, tiles[0], tiles[1],
+        1.0 / math.sqrt(hd), q.stride(0), q.stride(1), *k_strides[:3], *v_strides, *scale_strides, out.stride(0),
+        out.stride(1), block_tables.stride(0),
         GROUP=group, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_M=block_m, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
+        BLOCK_N=block_n, PER_BLOCK=per_block(block_size, block_n, k_cache), UPCAST=q.device.type == "cpu",
+        FP8=is_fp8(k_cache),
     )
     return out

@@ -12,16 +12,23 @@ of the sequence's keys, ``BLOCK_N`` keys per iteration, with an online softmax (
 2205.14135). With ``splits == 1`` it writes the output; otherwise each split writes its partial sum, running
 max and normaliser, and a second kernel merges the splits. The number of splits is a launch constant (CUDA
 graphs capture it): a split whose share is empty writes an empty partial. The new token's key and value are
-stored into the cache by the program that covers its position, which takes them from registers rather than
-reading the slot back, so the write costs no extra kernel and needs no ordering inside the program.
+stored into the cache by the program that covers its position, which attends to them from registers rather
+than reading the slot back: its online softmax starts from the new token (score ``q . k``, weight 1, value
+``v``) and every tile it loads leaves that slot masked, so the write costs no extra kernel and needs no
+ordering inside the program, and the tiles go into the dots as loaded (no per-element select).
 
 With ``cos`` and ``sin`` (whole rotary tables (P, hd), :mod:`pipeloom.kernels.rotary`'s rotate_half layout) the
 kernel first rotates ``q`` and ``k`` by the new token's position ``seq_lens[s] - 1`` (rounded to their dtype, as
 the separate rotary kernel stores them), so a decode step launches no rotary kernel of its own.
 
-An fp8 cache (``kernels/kv_fp8.py``: uint8 rows of e4m3 codes and a float32 scale) is read dequantized; the new
-token's key and value are quantized in registers, stored, and used in their dequantized form, so the kernel
-attends over exactly the values the torch reference reads back from the cache.
+An fp8 cache (``kernels/kv_fp8.py``: per block a plane of e4m3 codes and a plane of float32 scales, one per token
+and head) is read as codes, converted exactly to float16 for float16 dots (one conversion instruction per pair of
+codes), with each key's scale applied to its score and each value's scale to its softmax weight (``q . (c s) =
+(q . c) s``), so no tile is multiplied out; q and the weights are first divided by powers of two near their
+largest magnitudes (exact), so both fit float16's range (which holds a bfloat16 q exactly and the weights more
+precisely than bfloat16 would). The new token's key and value are quantized in registers and stored, and
+attended as those codes and scales, so the kernel attends over exactly the values the torch reference reads back
+from the cache.
 
 :func:`paged_decode` is the entry point (``backend`` "torch", "triton" or "auto"). Under ``torch.compile`` it
 is the custom op ``torch.ops.pipeloom.paged_decode`` (a fake implementation gives its output shape), so a
@@ -35,8 +42,8 @@ import math
 
 import torch
 from pipeloom.kernels import tl, triton, use_triton
-from pipeloom.kernels.kv_fp8 import is_fp8, read_rows, round_e4m3, write_rows
-from pipeloom.kernels.paged_attention import _load_rows
+from pipeloom.kernels.kv_fp8 import as_float16, f16_range, is_fp8, kernel_views, read_blocks, round_e4m3, write_rows
+from pipeloom.kernels.paged_attention import check_pair, load_keys, load_tile, per_block, tile_offsets
 from pipeloom.kernels.rotary import rotary_torch
 
 MAX_SPLITS = 16  # the reduce kernel merges at most this many (a power of two)
@@ -58,14 +65,14 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     (B, Hq, hd)."""
     if cos is not None:
         q, k = rotate_new_tokens(q, k, seq_lens, cos, sin)
-    _, _, n_kv, width = k_cache.shape
-    write_rows(k_cache, k, slot_mapping)
-    write_rows(v_cache, v, slot_mapping)
+    n_kv = k_cache.size(2)
+    write_rows(k_cache, k, slot_mapping, "key")
+    write_rows(v_cache, v, slot_mapping, "value")
     b, n_heads, hd = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     blocks = block_tables.long()  # (B, W)
-    keys = read_rows(k_cache[blocks].reshape(b, -1, n_kv, width), dtype)  # (B, W*bs, Hkv, hd)
-    values = read_rows(v_cache[blocks].reshape(b, -1, n_kv, width), dtype)
+    keys = read_blocks(k_cache, blocks, dtype, "key").reshape(b, -1, n_kv, hd)  # (B, W*bs, Hkv, hd)
+    values = read_blocks(v_cache, blocks, dtype, "value").reshape(b, -1, n_kv, hd)
     qg = q.to(dtype).view(b, n_kv, n_heads // n_kv, hd)  # (B, Hkv, G, hd)
     scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) / math.sqrt(hd)  # (B, Hkv, G, L)
     visible = torch.arange(keys.size(1), device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
@@ -76,12 +83,13 @@ def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_NEW, V_NEW, K, V, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML, COS, SIN,
+    Q, K_NEW, V_NEW, K, V, K_SCALE, V_SCALE, SLOTS, SEQ_LENS, BLOCK_TABLES, OUT, PART_O, PART_ML, COS, SIN,
     scale, stride_qn, stride_qh, stride_kn, stride_kh_new, stride_vn, stride_vh_new,
-    stride_kb, stride_ks, stride_kh, stride_bt, stride_on, stride_oh, stride_rope,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_sb, stride_ss, stride_sh,
+    stride_bt, stride_on, stride_oh, stride_rope,
     N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr,
+    PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr,
 ):
     # Program (sequence s, kv head, split): the GROUP query heads of `kvh` over one share of s's keys.
     s = tl.program_id(0)
@@ -115,53 +123,81 @@ def _decode_split_kernel(
         k_new = (k_new.to(tl.float32) * cos + k_partner.to(tl.float32) * sin).to(k_new.dtype)
     if UPCAST:  # the interpreter's dot on bfloat16 is wrong (Triton 3.9): compute in float32 there
         q = q.to(tl.float32)
-    if FP8:  # e4m3 codes and one float32 scale per row (kernels/kv_fp8.py); attend over the dequantized values
+    if FP8:  # e4m3 codes and one float32 scale per row (kernels/kv_fp8.py): the new token is attended as stored
         k_scale = tl.max(tl.abs(k_new.to(tl.float32)), 0) / 448.0  # e4m3fn's largest finite value (FP8_MAX)
         k_scale = tl.where(k_scale > 0, k_scale, 1.0)
         v_scale = tl.max(tl.abs(v_new.to(tl.float32)), 0) / 448.0
         v_scale = tl.where(v_scale > 0, v_scale, 1.0)
         k_code = round_e4m3(tl.clamp(k_new.to(tl.float32) / k_scale, -448.0, 448.0)).to(tl.float8e4nv)
         v_code = round_e4m3(tl.clamp(v_new.to(tl.float32) / v_scale, -448.0, 448.0)).to(tl.float8e4nv)
-        k_new = k_code.to(tl.float32) * k_scale
-        v_new = v_code.to(tl.float32) * v_scale
+        # the dots run in float16, which e4m3 converts to in one instruction per pair; q is divided by a power of
+        # two near its row's largest magnitude (exact) so that it fits float16's range whatever the model's
+        q_pow = f16_range(tl.max(tl.abs(q.to(tl.float32)), 1))  # (BLOCK_G,)
+        q16 = (q.to(tl.float32) * (1.0 / q_pow)[:, None]).to(tl.float16)  # (BLOCK_G, BLOCK_D), |q16| < 2
+        q_mult = q_pow * scale
     if (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
         slot = tl.load(SLOTS + s).to(tl.int64)
-        row = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        if FP8:
-            tl.store(K + row + dims, k_code.to(tl.uint8, bitcast=True), mask=d_ok)
-            tl.store(V + row + dims, v_code.to(tl.uint8, bitcast=True), mask=d_ok)
-            tl.store((K + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), k_scale)
-            tl.store((V + row + HEAD_DIM).to(tl.pointer_type(tl.float32)), v_scale)
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_dst = K + block * stride_kb + offset * stride_ks + kvh * stride_kh + dims
+        v_dst = V + block * stride_vb + offset * stride_vs + kvh * stride_vh + dims * stride_vd
+        if FP8:  # codes into the code planes, scales into the scale planes (kernels/kv_fp8.py)
+            tl.store(k_dst, k_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            tl.store(v_dst, v_code.to(tl.uint8, bitcast=True), mask=d_ok)
+            srow = block * stride_sb + offset * stride_ss + kvh * stride_sh
+            tl.store(K_SCALE + srow, k_scale)
+            tl.store(V_SCALE + srow, v_scale)
         else:
-            tl.store(K + row + dims, k_new.to(K.dtype.element_ty), mask=d_ok)
-            tl.store(V + row + dims, v_new.to(V.dtype.element_ty), mask=d_ok)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            tl.store(k_dst, k_new.to(K.dtype.element_ty), mask=d_ok)
+            tl.store(v_dst, v_new.to(V.dtype.element_ty), mask=d_ok)
+    # The new token's key and value never go through memory: the program covering its position starts its online
+    # softmax from it (score q . k, weight 1, value v), and every loaded tile leaves that slot masked. So the
+    # tiles feed the dots as loaded, with no per-element select.
+    covers = (lo <= last) & (last < hi)
+    if FP8:
+        s_new = tl.sum(q.to(tl.float32) * k_code.to(tl.float32)[None, :], 1) * (k_scale * scale)  # (BLOCK_G,)
+        v_row = v_code.to(tl.float32) * v_scale  # (BLOCK_D,)
+    else:
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+        v_row = v_new.to(tl.float32)
+    m_i = tl.where(covers, s_new, float("-inf"))
+    l_i = tl.where(covers, 1.0, 0.0) + tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.where(covers, 1.0, 0.0) * v_row[None, :] + tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table_row = BLOCK_TABLES + s * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        k_ok = kpos < hi
-        cached = k_ok & (kpos != last)
-        block = tl.load(BLOCK_TABLES + s * stride_bt + kpos // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
-        off = block * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh  # (BLOCK_N,)
-        is_new = (kpos == last)[:, None]
-        k = _load_rows(K, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
-        k = tl.where(is_new, k_new[None, :].to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
-        scores = tl.where(k_ok[None, :], scores, float("-inf"))
+        block, slot, kpos, block_ok = tile_offsets(table_row, start, hi, BLOCK_N, BLOCK_SIZE, PER_BLOCK)
+        cached = (kpos < hi) & (kpos != last)  # (NB, BLOCK_SIZE) or (BLOCK_N,): keys read from the cache
+        k_rows = block * stride_kb + slot * stride_ks + kvh * stride_kh
+        if FP8:  # value codes: their own plane layout (dim-major)
+            v_rows = block * stride_vb + slot * stride_vs + kvh * stride_vh
+        else:  # a float cache: values laid out as keys (check_pair)
+            v_rows = k_rows
+        k = load_tile(K, k_rows, dims, 1, cached, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)  # (BLOCK_N, BLOCK_D)
+        if FP8:  # codes as exact float16 values; each key's and value's scale multiplies outside the dots
+            s_rows = block * stride_sb + slot * stride_ss + kvh * stride_sh
+            k_s = load_keys(K_SCALE, s_rows, cached, BLOCK_N, PER_BLOCK)  # (BLOCK_N,)
+            scores = tl.dot(q16, tl.trans(as_float16(k))) * q_mult[:, None] * k_s[None, :]  # (BLOCK_G, BLOCK_N)
+        else:
+            scores = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
+        kp = start + tl.arange(0, BLOCK_N)
+        scores = tl.where(((kp < hi) & (kp != last))[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep p and alpha at 0
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, off, dims, cached[:, None] & d_ok[None, :], cached, HEAD_DIM, FP8)
-        v = tl.where(is_new, v_new[None, :].to(v.dtype), v)
-        if UPCAST:
-            v = v.to(tl.float32)
-        elif FP8:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if FP8:  # value codes by whole blocks (dim-major: contiguous along keys; the slots not attended have p = 0
+            # and scale 0, and their codes are finite); weights p * s over a power of two near the tile's largest
+            # scale, in float16's range
+            v = load_tile(V, v_rows, dims, stride_vd, block_ok, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)
+            v_s = load_keys(V_SCALE, s_rows, cached, BLOCK_N, PER_BLOCK)  # (BLOCK_N,)
+            v_pow = f16_range(tl.max(v_s, 0))
+            pv = tl.dot((p * (v_s * (1.0 / v_pow))[None, :]).to(tl.float16), as_float16(v)) * v_pow
+        else:
+            v = load_tile(V, v_rows, dims, stride_vd, cached, d_ok, BLOCK_N, BLOCK_D, PER_BLOCK)
+            if UPCAST:
+                v = v.to(tl.float32)
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv.to(tl.float32)
         m_i = m_new
     if SPLITS == 1:
         out = acc / l_i[:, None]  # every sequence has >= 1 key: l_i > 0
@@ -212,10 +248,13 @@ def num_sms(device: torch.device) -> int:
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
                         block_tables: torch.Tensor, splits: int = 0, cos: torch.Tensor | None = None,
-                        sin: torch.Tensor | None = None) -> torch.Tensor:
+                        sin: torch.Tensor | None = None, *, block_n: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """The Triton path: (B, Hq, hd) output; writes k/v (B, Hkv, hd) at ``slot_mapping`` (B,), rotated first by the
     tables ``cos``, ``sin`` (P, hd) when given. ``splits`` 0: :func:`decode_splits` of the batch size and the
-    longest sequence the block tables can hold."""
+    longest sequence the block tables can hold. ``block_n`` (keys per iteration, a power of two >= 16),
+    ``num_warps``, ``num_stages``: the split kernel's tiling, None for the defaults (64 keys up to head size 128,
+    else 32; Triton's 4 warps, 3 stages); bench/kv_fp8_gpu.py --parts sweep times alternatives."""
     b, n_heads, hd = q.shape
     rotary = cos is not None
     if rotary and (cos.shape != sin.shape or cos.dim() != 2 or cos.shape[-1] != hd or hd % 2
@@ -223,28 +262,34 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         raise ValueError(f"cos and sin must be rotary tables (P, {hd}) of one layout with unit stride along the "
                          f"head dimension (even), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     _, block_size, n_kv, _ = k_cache.shape
+    block_n = block_n or (64 if hd <= 128 else 32)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
     if splits == 0:
-        splits = decode_splits(b, n_kv, block_tables.size(1) * block_size, num_sms(q.device))
+        splits = decode_splits(b, n_kv, block_tables.size(1) * block_size, num_sms(q.device), block_n)
     if splits < 1 or splits > MAX_SPLITS or splits & (splits - 1):
         raise ValueError(f"splits={splits} must be 0 (by batch size) or a power of two in [1, {MAX_SPLITS}]")
     group = n_heads // n_kv
     out = torch.empty_like(q)
-    block_n = 64 if hd <= 128 else 32
+    tiling = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     block_d = triton.next_power_of_2(hd)
     if splits > 1:
         part_o = torch.empty(b, n_heads, splits, hd, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(b, n_heads, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = out  # unused
+    k_data, k_scales, k_strides, scale_strides = kernel_views(k_cache, "key")
+    v_data, v_scales, v_strides, v_scale_strides = kernel_views(v_cache, "value")
+    check_pair(k_cache, v_cache, k_strides, v_strides, scale_strides, v_scale_strides)
     _decode_split_kernel[(b, n_kv, splits)](
-        q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, out, part_o, part_ml,
+        q, k, v, k_data, v_data, k_scales, v_scales, slot_mapping, seq_lens, block_tables, out, part_o, part_ml,
         cos if rotary else q, sin if rotary else q,
         1.0 / math.sqrt(hd), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
-        out.stride(1), cos.stride(0) if rotary else 0,
+        *k_strides[:3], *v_strides, *scale_strides, block_tables.stride(0), out.stride(0), out.stride(1),
+        cos.stride(0) if rotary else 0,
         N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache),
-        ROTARY=rotary,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, PER_BLOCK=per_block(block_size, block_n, k_cache),
+        UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache), ROTARY=rotary, **tiling,
     )
     if splits > 1:
         _decode_merge_kernel[(b, n_heads)](part_o, part_ml, out, out.stride(0), out.stride(1), N_HEADS=n_heads,

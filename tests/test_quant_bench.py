@@ -44,8 +44,9 @@ def test_unknown_variant_is_named():
 
 
 def test_kv_fp8_bench_quick_run(tmp_path):
-    """bench/kv_fp8_gpu.py --quick: the fp8 pool holds more tokens than the float one; prompt lookup through the
-    engine reproduces plain greedy decoding."""
+    """bench/kv_fp8_gpu.py --quick: the decode kernel part times both caches at each batch size and the fp8 cache
+    reads fewer bytes with outputs near the float cache's; the fp8 pool holds more tokens than the float one;
+    prompt lookup through the engine reproduces plain greedy decoding."""
     out = tmp_path / "kv.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(REPO / "bench" / "kv_fp8_gpu.py"), "--quick", "--speculative", "--out",
@@ -56,6 +57,12 @@ def test_kv_fp8_bench_quick_run(tmp_path):
     report = json.loads(out.read_text())
     auto, fp8 = report["rows"]
     assert fp8["tokens_held"] > 1.5 * auto["tokens_held"] and fp8["ms_per_token"] > 0
+    kernel = report["kernel"]
+    assert [(r["batch"], r["kv_cache_dtype"]) for r in kernel] == [(1, "auto"), (1, "fp8"), (3, "auto"), (3, "fp8")]
+    for plain, eight in (kernel[:2], kernel[2:]):
+        assert plain["us_per_call"] > 0 and eight["us_per_call"] > 0 and eight["kv_bytes"] < plain["kv_bytes"]
+        assert 0 < eight["max_abs_diff_vs_bf16"] < 0.1  # the same draws, quantized to e4m3
+    assert "us/call" in done.stdout
     assert report["prompt_lookup"]["same_tokens"] and "tokens held" in done.stdout
 
 
