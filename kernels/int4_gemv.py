@@ -77,7 +77,7 @@ CONFIGS = {c.name: c for c in (
     Int4GemvConfig(16, 1024, 1, 2),  # 16 rows per thread: fewest instructions per weight, most registers
 )}
 DEFAULT_CONFIG = "n8k1024w1s3"
-INTERPRETER_CONFIG = Int4GemvConfig(8, 256, 1, 1)  # few programs: the interpreter runs them one at a time
+INTERPRETER_CONFIG = Int4GemvConfig(32, 256, 1, 1)  # few programs: the interpreter runs them one by one, paying per op
 
 
 def int4_gemv_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -98,49 +98,33 @@ def scales_offsets(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _split4(v):
-    # (T, 4) -> four (T,): v[:, j] for j = 0..3, by two splits of the last dimension in registers
-    t: tl.constexpr = v.shape[0]
-    even, odd = tl.split(tl.reshape(v, (t, 2, 2)))  # j = 2a, 2a + 1
-    v0, v2 = tl.split(even)
-    v1, v3 = tl.split(odd)
-    return v0, v1, v2, v3
-
-
-@triton.jit
-def _bf16_pair(v):
-    # int32 holding two bf16 (low half first) -> the two as float32: a shift and a mask, no conversion unit
-    return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _columns(x_ptrs, valid, MASKED: tl.constexpr, BF16: tl.constexpr):
-    # the 8 columns of one word of each chunk, (T,) float32 each. BF16: x_ptrs (T, 4) int32 pairs of bf16,
-    # else (T, 8) of x's dtype
+def _word(part, w, x_ptrs, valid, MASKED: tl.constexpr, BF16: tl.constexpr):
+    # part (BN, T) + the 8 products of word w (BN, T) with its columns: part + sum_i x_i q_i 2^(A - 149), and the
+    # sum of the 8 columns (T,). x_ptrs: BF16 (T, 4) int32 pairs of bf16 (converted by a shift and a mask), else
+    # (T, 8) of x's dtype. Column i of the word, masked in place (i < 4) or after a 12-bit shift (i >= 4), is the
+    # subnormal q 2^p 2^-149; x_i is scaled by 2^(A - p) with A = 64: every product is x q 2^(A - 149).
+    # (Splits, not helper functions: the interpreter pays per call.)
     if MASKED:
         x = tl.load(x_ptrs, mask=valid[:, None], other=0)
     else:
         x = tl.load(x_ptrs)
+    t: tl.constexpr = x.shape[0]
     if BF16:
-        p0, p1, p2, p3 = _split4(x)
-        x0, x1 = _bf16_pair(p0)
-        x2, x3 = _bf16_pair(p1)
-        x4, x5 = _bf16_pair(p2)
-        x6, x7 = _bf16_pair(p3)
+        a, b = tl.split(tl.reshape(x, (t, 2, 2)))  # pairs 0, 2 | 1, 3: columns (0, 1), (4, 5) | (2, 3), (6, 7)
+        p0, p2 = tl.split(a)
+        p1, p3 = tl.split(b)
+        x0, x1 = (p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True)
+        x2, x3 = (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True)
+        x4, x5 = (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True)
+        x6, x7 = (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True)
     else:
-        t: tl.constexpr = x.shape[0]
         even, odd = tl.split(tl.reshape(x.to(tl.float32), (t, 4, 2)))  # (T, 4): columns 2j, 2j + 1
-        x0, x2, x4, x6 = _split4(even)
-        x1, x3, x5, x7 = _split4(odd)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _word(part, w, x_ptrs, valid, MASKED: tl.constexpr, BF16: tl.constexpr):
-    # part (BN, T) + the 8 products of word w (BN, T) with its columns: part + sum_i x_i q_i 2^(A - 149), and the
-    # sum of the 8 columns (T,). Column i of the word, masked in place (i < 4) or after a 12-bit shift (i >= 4), is
-    # the subnormal q 2^(4 i') 2^-149; x_i is scaled by 2^(A - 4 i') with A = 64: every product is x q 2^(A - 149)
-    x0, x1, x2, x3, x4, x5, x6, x7 = _columns(x_ptrs, valid, MASKED, BF16)
+        e02, e13 = tl.split(tl.reshape(even, (t, 2, 2)))
+        o02, o13 = tl.split(tl.reshape(odd, (t, 2, 2)))
+        x0, x4 = tl.split(e02)
+        x2, x6 = tl.split(e13)
+        x1, x5 = tl.split(o02)
+        x3, x7 = tl.split(o13)
     hi = w.to(tl.uint32, bitcast=True) >> 12  # columns 4..7 to bits 4..19 (no mask at bit 0: one LOP3 each)
     part += (w & 0x0000F).to(tl.float32, bitcast=True) * (x0 * 2.0**64)[None, :]
     part += (w & 0x000F0).to(tl.float32, bitcast=True) * (x1 * 2.0**60)[None, :]
@@ -164,9 +148,10 @@ def _int4_step(acc, w_ptrs, x_ptrs, sm_ptrs, valid, MASKED: tl.constexpr, BF16: 
         w = tl.load(w_ptrs)
     if BF16:
         if MASKED:
-            s, m = _bf16_pair(tl.load(sm_ptrs, mask=valid[None, :], other=0))
+            sm = tl.load(sm_ptrs, mask=valid[None, :], other=0)
         else:
-            s, m = _bf16_pair(tl.load(sm_ptrs))
+            sm = tl.load(sm_ptrs)
+        s, m = (sm << 16).to(tl.float32, bitcast=True), (sm & -65536).to(tl.float32, bitcast=True)  # (BN, T)
     else:
         if MASKED:
             sm = tl.load(sm_ptrs, mask=valid[None, :, None], other=0.0)
@@ -189,16 +174,6 @@ def _int4_step(acc, w_ptrs, x_ptrs, sm_ptrs, valid, MASKED: tl.constexpr, BF16: 
 
 
 @triton.jit
-def _pair_ptrs(sm_rows, g, BF16: tl.constexpr):
-    # the (scale, offset) pair of group g (T,) in each row (BN, 1): BF16 one int32, else two elements
-    if BF16:
-        ptrs = sm_rows + g[None, :]  # (BN, T)
-    else:
-        ptrs = sm_rows[:, :, None] + 2 * g[None, :, None] + tl.arange(0, 2)[None, None, :]  # (BN, T, 2)
-    return ptrs
-
-
-@triton.jit
 def _int4_gemv_kernel(X, W, SM, B, Y, M, N, K, stride_xm, stride_wn, stride_smn, stride_ym,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -216,18 +191,27 @@ def _int4_gemv_kernel(X, W, SM, B, Y, M, N, K, stride_xm, stride_wn, stride_smn,
     PER_WORD: tl.constexpr = 4 if BF16 else 8  # elements of X per word of codes
     x_ptrs = X + row * stride_xm + offs_t[:, None] * (4 * PER_WORD) + tl.arange(0, PER_WORD)[None, :]  # (T, PER_WORD)
     sm_rows = SM + rows_w[:, None].to(tl.int64) * stride_smn  # (BN, 1)
+    pair = tl.arange(0, 2)[None, None, :]  # (1, 1, 2): scale, offset (not BF16)
     kw = K // 8
     full = kw // (4 * BLOCK_T)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for i in tl.range(0, full, num_stages=NUM_STAGES):
         g = (i * (32 * BLOCK_T) + offs_t * 32) // GROUP  # (T,) group of each chunk
-        acc = _int4_step(acc, w_ptrs + i * (4 * BLOCK_T), x_ptrs + i * (4 * PER_WORD * BLOCK_T),
-                         _pair_ptrs(sm_rows, g, BF16), None, MASKED=False, BF16=BF16)
+        if BF16:
+            sm_ptrs = sm_rows + g[None, :]  # (BN, T) int32 (s, m) pairs
+        else:
+            sm_ptrs = sm_rows[:, :, None] + 2 * g[None, :, None] + pair  # (BN, T, 2)
+        acc = _int4_step(acc, w_ptrs + i * (4 * BLOCK_T), x_ptrs + i * (4 * PER_WORD * BLOCK_T), sm_ptrs, None,
+                         MASKED=False, BF16=BF16)
     if full * (4 * BLOCK_T) < kw:  # the ragged last step: whole chunks valid or not (K is a multiple of 32)
         valid = full * (4 * BLOCK_T) + offs_t * 4 < kw
         g = tl.where(valid, (full * (32 * BLOCK_T) + offs_t * 32) // GROUP, 0)
-        acc = _int4_step(acc, w_ptrs + full * (4 * BLOCK_T), x_ptrs + full * (4 * PER_WORD * BLOCK_T),
-                         _pair_ptrs(sm_rows, g, BF16), valid, MASKED=True, BF16=BF16)
+        if BF16:
+            sm_ptrs = sm_rows + g[None, :]
+        else:
+            sm_ptrs = sm_rows[:, :, None] + 2 * g[None, :, None] + pair
+        acc = _int4_step(acc, w_ptrs + full * (4 * BLOCK_T), x_ptrs + full * (4 * PER_WORD * BLOCK_T), sm_ptrs,
+                         valid, MASKED=True, BF16=BF16)
     y = tl.sum(acc, axis=1) * 2.0**85  # (BN,) the one reduction across lanes; 2^(149 - A)
     if HAS_BIAS:
         y += tl.load(B + rows_w).to(tl.float32)

@@ -165,7 +165,7 @@ class QuantizedLinear(nn.Module):
         pairs = self.gemv_scale_offset
         if pairs is not None and pairs.device == x.device and pairs.dtype == self.scale.dtype:
             return pairs
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         with torch.no_grad():
             self.gemv_scale_offset = scales_offsets(self.scale, self.offset)
