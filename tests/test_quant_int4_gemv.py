@@ -77,8 +77,8 @@ def test_triton_int4_gemv_configs(device, seed, config):
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 def test_triton_int4_gemv_rows_groups_and_dtypes(device, seed, group_size):
     """The small interpreter tile (256 columns per step) over 1..16 rows, ragged N, a K with full steps and (but
-    for g = 256) a ragged tail, x in float32 / bf16 / fp16 (fp16: the generic path), an x row view at an odd offset (the bf16
-    path needs 4-byte alignment, else the generic one), and x values from 1e-3 to 1e4 and exact zeros."""
+    for g = 256) a ragged tail, x in float32 / bf16 / fp16 (fp16: the generic path), an x row view at an odd
+    offset (the bf16 path needs 4-byte alignment, else the generic one), and x from 1e-3 to 1e4 and exact zeros."""
     n, k = 13, 3 * 256 + group_size % 256  # a ragged tail but for g = 256 (then K is whole steps)
     many = 16 if group_size == 64 else 7
     for dtype, rows in ((torch.float32, 1), (torch.bfloat16, 2), (torch.float16, 5), (torch.float32, many)):
