@@ -171,13 +171,21 @@ def test_forced_triton_backend_sends_prefill_to_torch(monkeypatch):
     assert out.shape == ref.shape and torch.isfinite(out).all()
 
 
-def test_int4_kernel_choice_is_named(monkeypatch):
-    from pipeloom.inference.quant.linear import INT4_KERNEL_ENV, int4_kernel_choice
+def test_int4_kernel_choice_is_read_when_a_layer_is_built(monkeypatch):
+    """PIPELOOM_INT4_KERNEL decides what backend='auto' runs on a GPU, read when the layer is built (a fused layer
+    keeps its parts' choice); a bad value is named."""
+    from pipeloom.inference.quant.linear import INT4_KERNEL_ENV, fuse_quantized, int4_kernel_choice
 
     monkeypatch.delenv(INT4_KERNEL_ENV, raising=False)
     assert int4_kernel_choice() == "triton"
+    assert not QuantizedLinear(64, 8, "int4", group_size=32).auto_tinygemm
     monkeypatch.setenv(INT4_KERNEL_ENV, "tinygemm")
-    assert int4_kernel_choice() == "tinygemm"
+    parts = [QuantizedLinear.from_linear(nn.Linear(64, 8), "int4", group_size=32) for _ in range(2)]
+    assert all(p.auto_tinygemm and p._runs_tinygemm() for p in parts)
+    monkeypatch.setenv(INT4_KERNEL_ENV, "triton")
+    assert fuse_quantized(parts).auto_tinygemm
+    parts[0].backend = "torch"
+    assert not parts[0]._runs_tinygemm()
     monkeypatch.setenv(INT4_KERNEL_ENV, "marlin")
     with pytest.raises(ValueError, match="PIPELOOM_INT4_KERNEL='marlin'"):
         int4_kernel_choice()

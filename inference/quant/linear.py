@@ -16,16 +16,17 @@ empty structure that ``load_state_dict`` fills.
 
 Forward: int8/int4 call ``pipeloom.kernels.quant_matmul`` (the Triton GEMVs for decode-sized inputs on a GPU,
 the torch reference otherwise). For int4 on a CUDA GPU ``backend="auto"`` runs the kernel that
-``PIPELOOM_INT4_KERNEL`` names: ``triton`` (default: pipeloom's GEMV, ``kernels/int4_gemv.py``) or
-``tinygemm`` (torch's kernel, ``kernels/int4_tinygemm.py``; compute capability 8.0+, bf16 activations);
-``backend="triton"`` / ``"tinygemm"`` insist on one. Both want a layout of their own, built once per layer into
-*non-persistent* buffers (not saved; rebuilt after loading or moving) by :meth:`QuantizedLinear.prepare_kernels`:
-the GEMV's (s, m) pairs (``gemv_scale_offset``, (N, G, 2)), or tinygemm's tiles and (G, N, 2) scales and zeros.
-``quantize_model`` / ``load_quantized`` call it; otherwise the first eager forward that needs a layout builds it
-(never inside a CUDA-graph capture or a compile trace: there the GEMV builds its pairs per call and tinygemm
-falls back to the GEMV). fp8 quantizes the activations per row at run time and runs a
-rowwise-scaled float8 GEMM (``torch._scaled_mm``) - or, with ``fp8_activations=False``, multiplies by the
-float8 weight converted to the input dtype (exact: e4m3 values are bf16 values) and scales after.
+``PIPELOOM_INT4_KERNEL`` names when the layer is built: ``triton`` (default: pipeloom's GEMV,
+``kernels/int4_gemv.py``) or ``tinygemm`` (torch's kernel, ``kernels/int4_tinygemm.py``; compute capability
+8.0+, bf16 activations); ``backend="triton"`` / ``"tinygemm"`` insist on one. Both want a layout of their own,
+built once per layer into *non-persistent* buffers (not saved; rebuilt after loading or moving) by
+:meth:`QuantizedLinear.prepare_kernels`: the GEMV's (s, m) pairs (``gemv_scale_offset``, (N, G, 2)), or
+tinygemm's tiles and (G, N, 2) scales and zeros. ``quantize_model`` / ``load_quantized`` call it; otherwise the
+first eager forward that needs a layout builds it (never inside a CUDA-graph capture or a compile trace: there
+the GEMV builds its pairs per call and tinygemm falls back to the GEMV). fp8 quantizes the activations per row
+at run time and runs a rowwise-scaled float8 GEMM (``torch._scaled_mm``) - or, with ``fp8_activations=False``,
+multiplies by the float8 weight converted to the input dtype (exact: e4m3 values are bf16 values) and scales
+after.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.group_size = group_size if mode == "int4" else 0
         self.fp8_activations = fp8_activations
-        self.backend = backend  # "auto": tinygemm / Triton where usable; "triton"; "torch"; "tinygemm" (int4)
+        self.backend = backend  # "auto": the GEMVs (or tinygemm) where usable; "triton"; "torch"; "tinygemm" (int4)
+        # int4 on a GPU with backend "auto": tinygemm instead of the GEMV ($PIPELOOM_INT4_KERNEL, read once here so
+        # that a compiled forward reads an attribute, not the environment)
+        self.auto_tinygemm = mode == "int4" and int4_kernel_choice() == "tinygemm"
         n, k = out_features, in_features
         empty = dict(device=device)
         if mode == "int8":
@@ -122,7 +126,7 @@ class QuantizedLinear(nn.Module):
 
     def _runs_tinygemm(self) -> bool:
         """Decode-sized inputs on a GPU go to tinygemm (else to the GEMV or the torch path)."""
-        return self.backend == "tinygemm" or (self.backend == "auto" and int4_kernel_choice() == "tinygemm")
+        return self.backend == "tinygemm" or (self.backend == "auto" and self.auto_tinygemm)
 
     def tinygemm_unsupported(self) -> str | None:
         """Why this layer cannot run tinygemm where its buffers are now, or None when it can."""
@@ -259,13 +263,14 @@ def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
     device or bias."""
     first = layers[0]
     key = lambda m: (m.mode, m.in_features, m.group_size, m.backend, m.fp8_activations, m.scale.dtype,
-                     m.qweight.device, m.bias is None)
+                     m.qweight.device, m.bias is None, m.auto_tinygemm)
     if not all(isinstance(m, QuantizedLinear) and key(m) == key(first) for m in layers):
         return None
     sizes = [m.out_features for m in layers]
     fused = QuantizedLinear(first.in_features, sum(sizes), first.mode, bias=first.bias is not None,
                             group_size=first.group_size or 128, dtype=first.scale.dtype, device="meta",
                             fp8_activations=first.fp8_activations, backend=first.backend)
+    fused.auto_tinygemm = first.auto_tinygemm
     names = ["qweight", "scale"] + (["offset"] if first.mode == "int4" else []) + \
         (["bias"] if first.bias is not None else [])
     with torch.no_grad():
