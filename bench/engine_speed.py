@@ -12,8 +12,9 @@
   alternating repeats, medians); ``unfused`` is ``graphs`` with the runner's ``fuse_decode`` off (the eager
   composites below the fusion threshold: the path before the decode fusion). ``--quant none,int8,int4`` runs
   each path with weight-only quantized models too (``LLM(quantization=...)``; int8: the Triton GEMV,
-  ``PIPELOOM_INT8_GEMV`` picks its config; int4: tinygemm on the GPU, ``int4:triton`` pipeloom's kernel) and
-  prints each one's speed-up over the unquantized model of the same path. Also the GPU time of one batch-1
+  ``PIPELOOM_INT8_GEMV`` picks its config; int4: ``PIPELOOM_INT4_KERNEL``'s kernel on the GPU (pipeloom's GEMV
+  unless it says tinygemm), ``int4:triton`` / ``int4:tinygemm`` insist on one; ``+head`` quantizes the output
+  head too) and prints each one's speed-up over the unquantized model of the same path. Also the GPU time of one batch-1
   graph replay (CUDA events) and the kernels it launches (torch.profiler), against the bandwidth floor = weight
   bytes / measured copy rate, and on any device the kernels of one batch-1 decode step counted from Python
   (``counted kernels/token``: aten ops that launch one plus Triton launches, inference/launch_count.py).
@@ -108,13 +109,14 @@ def decode_paths(size: str, args, env, rows: list) -> None:
             rows.append((f"decode {size} {path} {quant}", "skipped", f"--budget {args.budget:.0f} s spent", "", ""))
             print(" | ".join(rows[-1]), flush=True)
             continue
-        mode, _, kernels = quant.partition(":")
+        spec, _, suffix = quant.partition("+")
+        mode, _, kernels = spec.partition(":")
         label = f"decode {size} {path}" + ("" if mode == "none" else f" {quant}")
         try:
             start = time.perf_counter()
             llm = infer_gpu.our_llm(size, args, max_seq_len=args.prompt + args.long + 16, token_budget=None,
                                     policy="continuous", max_num_seqs=args.decode_seqs, quantization=mode,
-                                    quant_kernels=kernels or "auto", **PATHS[path])
+                                    quant_kernels=kernels or "auto", quant_head=suffix == "head", **PATHS[path])
             if path in UNFUSED:
                 llm.engine.runner.fuse_decode = False  # read when the graphs are captured, in the warm-up
             per_token(llm, prompt, 2, 8)  # warm up: captures (and compiles) the graphs
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quant", default="none",
                         help="decode parts: weight quantizations to run, comma-separated: none, int8, int4, fp8; "
-                             "MODE:KERNELS picks the quantized layers' kernels (e.g. int4:triton, int4:tinygemm)")
+                             "MODE:KERNELS picks the quantized layers' kernels (e.g. int4:triton, int4:tinygemm); "
+                             "a +head suffix quantizes the output head too (e.g. int4:triton+head)")
     parser.add_argument("--decode-seqs", type=int, default=1,
                         help="decode: max_num_seqs (1: one graph, one compilation)")
     parser.add_argument("--requests", type=int, default=256)
@@ -240,6 +243,10 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     ours, theirs, start = [], None, time.perf_counter()
     args.started = start
     parts = args.parts.split(",")
+    for quant in args.quant.split(","):
+        spec, plus, suffix = quant.partition("+")
+        if plus and suffix != "head" or spec.partition(":")[0] not in ("none", "int8", "int4", "fp8"):
+            raise ValueError(f"--quant: {quant!r} is not MODE[:KERNELS][+head] with MODE none, int8, int4 or fp8")
     for part in parts:
         if part not in ("decode-1b", "decode-7b", "throughput", "throughput-compiled", "hf"):
             raise ValueError(f"--parts: unknown part {part!r}; choose from decode-1b, decode-7b, throughput, "

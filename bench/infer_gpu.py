@@ -77,9 +77,11 @@ def matmul_rate(device, n: int) -> float:
     return 2 * n**3 / statistics.median(times[2:])
 
 
-def our_llm(size: str, args, max_seq_len: int, quantization: str = "none", quant_kernels: str = "auto", **options):
+def our_llm(size: str, args, max_seq_len: int, quantization: str = "none", quant_kernels: str = "auto",
+            quant_head: bool = False, **options):
     """pipeloom's LLM over a random-weight model of ``size``; ``quantization`` none | int8 | int4 | fp8 is applied
-    as ``LLM(quantization=...)`` does (groups of 128), with ``quant_kernels`` (auto | triton | torch | tinygemm)."""
+    as ``LLM(quantization=...)`` does (groups of 128), with ``quant_kernels`` (auto | triton | torch | tinygemm) and
+    the output head too when ``quant_head`` (``LLM(quant_head=True)``)."""
     from pipeloom.inference import LLM
     from pipeloom.inference.quant import quantize_model
     from pipeloom.models import ModelConfig, Transformer
@@ -89,7 +91,7 @@ def our_llm(size: str, args, max_seq_len: int, quantization: str = "none", quant
         model = Transformer(ModelConfig(**SIZES[size], max_seq_len=max_seq_len))
     model = model.to(args.dtype)
     model.init_buffers()
-    quantize_model(model, quantization, 128, kernels=quant_kernels)
+    quantize_model(model, quantization, 128, kernels=quant_kernels, skip_head=not quant_head)
     return LLM(model, dtype=str(args.dtype).removeprefix("torch."), device=str(args.device),
                gpu_memory_fraction=args.kv_fraction, **options)
 

@@ -47,6 +47,7 @@ class InferenceSection:
     prefix_caching: bool = True  # share full KV blocks of equal prefixes
     quantization: str = "none"  # weights: none | int8 (per channel) | int4 (group-wise) | fp8 (e4m3, per row)
     quant_group_size: int = 128  # int4: input columns per scale (32, 64, 128 or 256)
+    quant_head: bool = False  # quantize the output head too (default: kept in the model's dtype, as gpt-fast does)
     kv_cache_dtype: str = "auto"  # KV cache: auto (the model's dtype) | fp8 (e4m3 + a scale per token and head)
     speculative: str = "none"  # speculative decoding: none | ngram (prompt lookup, verified exactly)
     num_speculative_tokens: int = 4  # guesses per decode step and sequence (speculative=ngram)

@@ -97,11 +97,14 @@ def check_quantization(mode: str, group_size: int = 128) -> None:
         raise ValueError(f"inference.quant_group_size={group_size}; choose one of {GROUP_SIZES}")
 
 
-def apply_quantization(model: torch.nn.Module, mode: str = "none", group_size: int = 128) -> torch.nn.Module:
+def apply_quantization(model: torch.nn.Module, mode: str = "none", group_size: int = 128,
+                       quant_head: bool = False) -> torch.nn.Module:
     """``model`` with its linears quantized to ``mode`` (``inference.quantization``: none | int8 | int4 | fp8), in
-    place, before the engine captures graphs or compiles. A model loaded quantized keeps its own recipe (asking
-    for another mode is an error). fp8 runs rowwise-scaled ``torch._scaled_mm`` on Hopper-class GPUs (compute
-    capability 8.9+) and its float32 emulation elsewhere (CPU included: the reference path, not fast)."""
+    place, before the engine captures graphs or compiles; the output head too when ``quant_head``
+    (``inference.quant_head``; kept in the model's dtype by default, as gpt-fast does: the logits are the most
+    sensitive layer). A model loaded quantized keeps its own recipe (asking for another mode is an error). fp8
+    runs rowwise-scaled ``torch._scaled_mm`` on Hopper-class GPUs (compute capability 8.9+) and its float32
+    emulation elsewhere (CPU included: the reference path, not fast)."""
     from pipeloom.inference.quant import quantize_model
 
     check_quantization(mode, group_size)
@@ -113,7 +116,7 @@ def apply_quantization(model: torch.nn.Module, mode: str = "none", group_size: i
         return model
     if mode != "none" and next(model.parameters()).dtype == torch.float64:
         raise ValueError(f"inference.quantization={mode!r} needs a float32/bfloat16/float16 model, not float64")
-    return quantize_model(model, mode, group_size)
+    return quantize_model(model, mode, group_size, skip_head=not quant_head)
 
 
 def _load_pipeloom_checkpoint(path: str):
@@ -150,8 +153,8 @@ class LLM:
     (``torch.compile`` the decode forward that the CUDA graphs capture: True or a mode; slower start);
     ``overlap`` (prepare the next iteration while the device runs one, for plain greedy requests; "auto": on
     CUDA). ``quantization``: none | int8 | int4 | fp8 weights
-    (:func:`apply_quantization`; ``quant_group_size`` columns per int4 scale), applied to the loaded float
-    model before the engine is built. ``model`` may also be a file written by
+    (:func:`apply_quantization`; ``quant_group_size`` columns per int4 scale; ``quant_head``: the output head
+    too), applied to the loaded float model before the engine is built. ``model`` may also be a file written by
     ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 KV cache: about twice the tokens per byte).
     ``speculative``: "none" or "ngram" (prompt lookup: ``num_speculative_tokens`` guesses per decode, verified
@@ -164,7 +167,8 @@ class LLM:
                  gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True, attention: str = "auto",
                  cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
                  eos_token_id: int | None = None, quantization: str = "none", quant_group_size: int = 128,
-                 kv_cache_dtype: str = "auto", speculative: str = "none", num_speculative_tokens: int = 4):
+                 quant_head: bool = False, kv_cache_dtype: str = "auto", speculative: str = "none",
+                 num_speculative_tokens: int = 4):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
@@ -174,7 +178,7 @@ class LLM:
         if speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"inference.speculative={speculative!r}; choose one of {', '.join(SPECULATIVE_METHODS)}")
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
-        self.model = apply_quantization(self.model, quantization, quant_group_size)
+        self.model = apply_quantization(self.model, quantization, quant_group_size, quant_head)
         eos = eos if eos_token_id is None else eos_token_id  # an explicit id wins, 0 included
         spec = {} if speculative == "none" else {"num_speculative_tokens": num_speculative_tokens}
         engine_class = LLMEngine if speculative == "none" else SpeculativeEngine

@@ -11,14 +11,15 @@ matmul. For 1-16 rows:
 
 * int8: the GEMV of ``kernels/int8_gemv.py`` (one reduction per program, int8 -> float32 by bit tricks;
   fixed configurations named there, ``PIPELOOM_INT8_GEMV`` picks one);
-* int4: on a CUDA GPU with bf16 activations, torch's tinygemm kernel (``kernels/int4_tinygemm.py``; its
-  weight layout is built once per layer by :class:`~pipeloom.inference.quant.QuantizedLinear`), else the
-  Triton kernel below: each program owns ``BLOCK_N`` output channels, walks K in ``BLOCK_J`` packed-byte
-  steps, dequantizes in registers and reduces on the CUDA cores, over a few fixed tile shapes.
+* int4: the GEMV of ``kernels/int4_gemv.py`` (one AND and one FMA per weight, group scales applied once per
+  32 columns; ``PIPELOOM_INT4_GEMV`` picks its configuration). It reads the scales and offsets as (s, m) pairs:
+  :func:`int4_matmul` builds them per call, :class:`~pipeloom.inference.quant.QuantizedLinear` once per layer
+  (:func:`int4_pairs_matmul`). On a GPU the layer may run torch's tinygemm instead
+  (``kernels/int4_tinygemm.py``; ``PIPELOOM_INT4_KERNEL`` chooses for ``backend="auto"``).
 
 The Triton kernels accumulate in float32 and are registered as custom ops (``pipeloom::int8_matmul``,
-``pipeloom::int4_matmul``) so that a ``torch.compile``d decode step (CUDA graphs included) calls them as
-opaque nodes.
+``pipeloom::int4_matmul``, ``pipeloom::int4_gemv``) so that a ``torch.compile``d decode step (CUDA graphs
+included) calls them as opaque nodes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import os
 import torch
 import torch.nn.functional as F
 from pipeloom import features
-from pipeloom.kernels import interpreted, tl, triton
+from pipeloom.kernels import interpreted
+from pipeloom.kernels.int4_gemv import int4_gemv, scales_offsets
 from pipeloom.kernels.int8_gemv import MAX_ROWS, int8_gemv
 
 MAX_KERNEL_ROWS = MAX_ROWS  # 16; more rows than this: dequantize + cuBLAS (the GEMM is no longer bandwidth bound)
@@ -61,57 +63,6 @@ def int4_matmul_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
 # ------------------------------------------------------------------------------------------ kernels
 
 
-@triton.jit
-def _int4_matmul_kernel(X, W, S, Z, B, Y, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_J: tl.constexpr):
-    # X (M, K), W (N, K/2) uint8 packed (low nibble: column 2j), S scales / Z offsets (N, K/GROUP), Y (M, N).
-    # BLOCK_J packed bytes = 2 * BLOCK_J columns per step; even and odd columns are reduced separately.
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_J)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    half = K // 2
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, half, BLOCK_J):
-        jj = j0 + offs_j
-        mask_j = jj < half
-        mask_w = mask_n[:, None] & mask_j[None, :]
-        b = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + jj[None, :], mask=mask_w, other=0).to(tl.int32)
-        g = (2 * jj) // GROUP  # (BJ,) group of columns 2j and 2j+1
-        s = tl.load(S + offs_n[:, None] * stride_sn + g[None, :], mask=mask_w, other=0.0).to(tl.float32)
-        m = tl.load(Z + offs_n[:, None] * stride_sn + g[None, :], mask=mask_w, other=0.0).to(tl.float32)
-        w_even = (b & 0xF).to(tl.float32) * s + m  # (BN, BJ)
-        w_odd = (b >> 4).to(tl.float32) * s + m
-        mask_x = mask_m[:, None] & mask_j[None, :]
-        x_even = tl.load(X + offs_m[:, None] * stride_xm + 2 * jj[None, :], mask=mask_x, other=0.0).to(tl.float32)
-        x_odd = tl.load(X + offs_m[:, None] * stride_xm + 2 * jj[None, :] + 1, mask=mask_x, other=0.0).to(tl.float32)
-        acc += tl.sum(x_even[:, None, :] * w_even[None, :, :], axis=2)  # (BM, BN)
-        acc += tl.sum(x_odd[:, None, :] * w_odd[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
-
-
-# A few tile shapes for the int4 kernel (its autotune over 44 shapes ran out of device time on the H200):
-# small BLOCK_N for many programs, long packed-byte steps for wide contiguous loads.
-INT4_TILES = ((4, 256, 1), (4, 512, 2), (8, 256, 2), (16, 128, 4))  # (BLOCK_N, BLOCK_J, warps)
-_int4_tuned = None
-if features.has("triton"):  # an autotuned launcher for the GPU; the interpreter launches the plain kernel
-    _int4_tuned = triton.autotune([triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w)
-                                   for bn, bj, w in INT4_TILES], key=["N", "K", "BLOCK_M"])(_int4_matmul_kernel)
-
-
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    x2 = x.reshape(-1, x.size(-1)).contiguous()  # (M, K)
-    m = x2.size(0)
-    if m > MAX_KERNEL_ROWS:
-        raise ValueError(f"the quantized matmul kernels take at most {MAX_KERNEL_ROWS} rows, got {m}; "
-                         "use the torch path (backend='torch') for prefill-sized inputs")
-    return x2, m, max(triton.next_power_of_2(m), 1)
-
-
 def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The int8 GEMV (``kernels/int8_gemv.py``): x (..., K) with at most MAX_KERNEL_ROWS rows -> (..., N)."""
@@ -120,20 +71,9 @@ def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 
 def int4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                        group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the int4 kernel: x (..., K) with at most MAX_KERNEL_ROWS rows -> (..., N) in ``x.dtype``."""
-    x2, m, block_m = _rows(x)
-    n, k = packed.size(0), 2 * packed.size(1)
-    scale, offset = scale.contiguous(), offset.contiguous()
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    args = (x2, packed, scale, offset, bias if bias is not None else scale, y, m, n, k, x2.stride(0),
-            packed.stride(0), scale.stride(0), y.stride(0))
-    if not interpreted() and os.environ.get("PIPELOOM_QUANT_AUTOTUNE", "1") == "1":
-        _int4_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, GROUP=group_size,
-                                                                      HAS_BIAS=bias is not None, BLOCK_M=block_m)
-    else:  # the interpreter (it would run every config), or autotuning switched off: one fixed tile
-        _int4_matmul_kernel[(triton.cdiv(n, 16),)](*args, GROUP=group_size, HAS_BIAS=bias is not None,
-                                                   BLOCK_M=block_m, BLOCK_N=16, BLOCK_J=32)
-    return y.reshape(*x.shape[:-1], n)
+    """The int4 GEMV (``kernels/int4_gemv.py``) over pairs built for this call: x (..., K), at most
+    MAX_KERNEL_ROWS rows -> (..., N)."""
+    return int4_gemv(x, packed, scales_offsets(scale, offset), group_size, bias)
 
 
 # ------------------------------------------------------------------------------------------ custom ops
@@ -160,6 +100,17 @@ def _(x, packed, scale, offset, group_size, bias):
     return x.new_empty(*x.shape[:-1], packed.size(0))
 
 
+@torch.library.custom_op("pipeloom::int4_gemv", mutates_args=())
+def _int4_pairs_op(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    return int4_gemv(x, packed, scale_offset, group_size, bias)
+
+
+@_int4_pairs_op.register_fake
+def _(x, packed, scale_offset, group_size, bias):
+    return x.new_empty(*x.shape[:-1], packed.size(0))
+
+
 # ------------------------------------------------------------------------------------------ dispatch
 
 
@@ -181,16 +132,20 @@ def kernel_usable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and interpreted()
 
 
-def _choose(x: torch.Tensor, backend: str) -> bool:
+def runs_kernel(x: torch.Tensor, backend: str) -> bool:
+    """Run the kernel? ``triton``: whenever the rows fit (prefill-sized inputs take the torch path under every
+    backend: the kernels are GEMVs); ``auto``: where :func:`kernel_usable`; ``torch``: never."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
-    return backend == "triton" or (backend == "auto" and kernel_usable(x))
+    if backend == "triton":
+        return 0 < x.numel() <= MAX_KERNEL_ROWS * x.size(-1)
+    return backend == "auto" and kernel_usable(x)
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 backend: str = "auto") -> torch.Tensor:
     """``x W^T + b`` for an int8 per-channel weight: the kernel for few rows where usable, else torch."""
-    if _choose(x, backend):
+    if runs_kernel(x, backend):
         return _int8_op(x, qweight, scale, bias)
     return int8_matmul_torch(x, qweight, scale, bias)
 
@@ -198,6 +153,18 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
                 bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """``x W^T + b`` for an int4 group-wise weight: the kernel for few rows where usable, else torch."""
-    if _choose(x, backend):
+    if runs_kernel(x, backend):
         return _int4_op(x, packed, scale, offset, group_size, bias)
+    return int4_matmul_torch(x, packed, scale, offset, group_size, bias)
+
+
+def int4_pairs_matmul(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor | None, scale: torch.Tensor,
+                      offset: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """:func:`int4_matmul` with the kernel's (s, m) pairs built once by the caller (``scale_offset``, from
+    ``int4_gemv.scales_offsets``; None: built for this call); the torch path uses ``scale`` and ``offset``."""
+    if runs_kernel(x, backend):
+        if scale_offset is None:
+            return _int4_op(x, packed, scale, offset, group_size, bias)
+        return _int4_pairs_op(x, packed, scale_offset, group_size, bias)
     return int4_matmul_torch(x, packed, scale, offset, group_size, bias)

@@ -57,13 +57,17 @@ def test_engine_speed_quantized_decode_rows(capsys):
     torch.set_num_threads(1)
     try:
         rows = bench.main(["--quick", "--device", "cpu", "--paths", "graphs", "--parts", "decode-1b",
-                           "--quant", "none,int8,int4"])
+                           "--quant", "none,int8,int4,int8+head"])
+        with pytest.raises(ValueError, match="int8\\+tail"):
+            bench.main(["--quick", "--device", "cpu", "--parts", "decode-1b", "--quant", "int8+tail"])
     finally:
         torch.set_num_threads(threads)
     assert [r[0] for r in rows] == ["decode tiny graphs"] * 2 + ["decode tiny graphs int8"] * 2 + \
-        ["decode tiny graphs int4"] * 2
+        ["decode tiny graphs int4"] * 2 + ["decode tiny graphs int8+head"] * 2
     assert all(float(r[2].split()[0]) > 0 for r in rows)
     assert all("x unquantized" in r[4] for r in rows[2:]) and "x unquantized" not in rows[0][4]
+    floor = {r[0]: float(r[3].split()[1]) for r in rows}  # "floor X ms (...)": weight bytes / copy rate
+    assert floor["decode tiny graphs int8+head"] < floor["decode tiny graphs int8"]  # +head: the head in int8 too
     # the floor counts a quantized model's codes and scales: fewer bytes than its float weights
     from pipeloom.inference.quant import quantize_model
     from pipeloom.models import ModelConfig, Transformer

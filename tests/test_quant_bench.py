@@ -67,22 +67,27 @@ def test_kv_fp8_bench_quick_run(tmp_path):
 
 
 def test_gemv_bench_smoke_checks_every_variant(tmp_path):
-    """bench/quant_gemv.py --smoke (tiny shapes, Triton interpreter): the int8 configs asked for (every one is
-    checked in tests/test_quant_kernels.py), torch's int8 kernel where it exists and the int4 kernel pass the
-    check against the float32 reference, and the summary names the fastest int8 config (for the device script)."""
-    configs = ["n4k512w1s3", "n8k1024w4s2"]
-    best = tmp_path / "best.txt"
+    """bench/quant_gemv.py --smoke (tiny shapes, Triton interpreter): the int8 and int4 GEMV configs asked for
+    (every one is checked in tests/test_quant_kernels.py and tests/test_quant_int4_gemv.py), torch's int8 kernel
+    where it exists and the head's GEMV pass the check against the float32 reference, and the summary names the
+    fastest int8 config and int4 choice (the device script reads them)."""
+    configs, configs4 = ["n4k512w1s3"], ["n8k1024w1s3", "n16k1024w1s2"]
+    best, best4 = tmp_path / "best.txt", tmp_path / "best4.txt"
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "quant_gemv.py"), "--smoke", "--best-int8", str(best),
-                           "--int8-configs", ",".join(configs)],
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "quant_gemv.py"), "--smoke", "--head",
+                           "--best-int8", str(best), "--best-int4", str(best4), "--int8-configs", ",".join(configs),
+                           "--int4-configs", ",".join(configs4)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     print(done.stdout[-4000:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WRONG" not in done.stdout and "error:" not in done.stdout
-    for name in configs:
-        assert done.stdout.count(f"int8 {name} ") == 3, name  # two shapes and the summary
-    assert "int4 triton" in done.stdout and "summary" in done.stdout
-    assert best.read_text().strip() in configs
-    unknown = subprocess.run([sys.executable, str(REPO / "bench" / "quant_gemv.py"), "--smoke", "--int8-configs", "n1"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert unknown.returncode != 0 and "unknown ['n1']" in unknown.stderr
+    for name in [f"int8 {c}" for c in configs] + [f"int4 {c}" for c in configs4]:
+        assert done.stdout.count(f"{name} ") == 4, name  # two shapes, the head and the summary
+    assert "summary" in done.stdout and "head " in done.stdout
+    assert best.read_text().strip() == configs[0]
+    choice, gemv_choice = best4.read_text().splitlines()
+    assert choice in configs4 and gemv_choice == choice  # no tinygemm on CPU
+    for flag, name in (("--int8-configs", "n1"), ("--int4-configs", "n2")):
+        unknown = subprocess.run([sys.executable, str(REPO / "bench" / "quant_gemv.py"), "--smoke", flag, name],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert unknown.returncode != 0 and f"unknown ['{name}']" in unknown.stderr

@@ -128,6 +128,21 @@ def test_quantized_model_saved_and_reloaded_generates_the_same(trained, tmp_path
         LLM(model=str(path), device="cpu", dtype="float32", num_blocks=16, quantization="int8")
 
 
+def test_quant_head_is_an_explicit_option():
+    """The output head stays in float unless ``quant_head`` (``inference.quant_head``) asks for it too."""
+    from pipeloom.inference.quant import QuantizedLinear
+
+    model = Transformer(ModelConfig(family="llama", vocab_size=96, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                                    ffn_hidden=128, max_seq_len=64)).eval()
+    plain = _llm(model, quantization="int8")
+    assert type(plain.model.head.out) is torch.nn.Linear
+    assert isinstance(plain.model.blocks[0].attn.wq, QuantizedLinear)
+    headed = _llm(model, quantization="int8", quant_head=True)
+    assert isinstance(headed.model.head.out, QuantizedLinear) and headed.model.head.out.mode == "int8"
+    assert not headed.model.quant_config.skip_head
+    assert len(_generate(headed, [[1, 2, 3, 4]], 4)[0]) == 4
+
+
 def test_bad_quantization_values_are_named():
     with pytest.raises(ValueError, match="inference.quantization='int3'"):
         LLM(model="llama-tiny", device="cpu", num_blocks=16, quantization="int3")
@@ -145,7 +160,8 @@ def test_generate_config_selects_quantization_fp8_kv_and_speculation(tmp_path):
     with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
         cfg = compose(config_name="generate", overrides=[
             "prompts=[[1,2,3,4,5]]", "sampling.max_tokens=5", "sampling.temperature=0",
-            "sampling.ignore_eos=true", "inference.quantization=int8", "inference.token_budget=64", "kv.num_blocks=32",
+            "sampling.ignore_eos=true", "inference.quantization=int8", "inference.quant_head=true",
+            "inference.token_budget=64", "kv.num_blocks=32",
             "inference.kv_cache_dtype=fp8", "inference.speculative=ngram", "inference.num_speculative_tokens=2",
             "device=cpu", "progress=false"])
         bad = compose(config_name="generate", overrides=["inference.quantization=fp4", "device=cpu", "progress=false"])

@@ -189,13 +189,13 @@ def test_triton_model_decode_runs_the_kernels(device, seed, monkeypatch):
 
     calls = {"int8": 0, "int4": 0}
     for mode in calls:
-        fn = getattr(qm, f"{mode}_matmul_triton")
+        fn = getattr(qm, f"{mode}_gemv")
 
         def counted(*args, _fn=fn, _mode=mode, **kwargs):
             calls[_mode] += 1
             return _fn(*args, **kwargs)
 
-        monkeypatch.setattr(qm, f"{mode}_matmul_triton", counted)
+        monkeypatch.setattr(qm, f"{mode}_gemv", counted)
     config = ModelConfig(family="llama", vocab_size=96, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                          ffn_hidden=256, max_seq_len=32)
     for mode in ("int8", "int4"):
@@ -218,7 +218,9 @@ def test_triton_model_decode_runs_the_kernels(device, seed, monkeypatch):
 def test_triton_kernel_limits_and_compile(device, seed):
     q, s = formats.quantize_int8(torch.randn(16, 64, device=device))
     with pytest.raises(ValueError, match="at most 16 rows"):
-        qm.int8_matmul(torch.randn(17, 64, device=device), q, s, backend="triton")
+        gemv.int8_gemv(torch.randn(17, 64, device=device), q, s)
+    many = torch.randn(17, 64, device=device)  # backend='triton' sends prefill-sized inputs to the torch path
+    torch.testing.assert_close(qm.int8_matmul(many, q, s, backend="triton"), qm.int8_matmul_torch(many, q, s))
     x = torch.randn(2, 64, device=device)
     compiled = torch.compile(lambda t: qm.int8_matmul(t, q, s, backend="triton"), backend="aot_eager",
                              fullgraph=True)  # the custom op traces through its fake

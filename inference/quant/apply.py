@@ -197,10 +197,11 @@ def load_quantized(path: str, device: torch.device | str = "cpu", model: nn.Modu
 
 
 def prepare_kernels(model: nn.Module) -> int:
-    """Build the derived kernel layouts (tinygemm's, for int4 layers on a GPU) of every quantized layer where
-    they can run; returns how many were built. ``quantize_model`` and ``load_quantized`` call it; call it again
-    after moving a quantized model to another GPU, before compiling or capturing CUDA graphs."""
-    return sum(m.prepare_tinygemm() for m in model.modules() if isinstance(m, QuantizedLinear) and m.mode == "int4")
+    """Build the derived kernel layouts of every int4 layer where its kernel can run (the GEMV's (s, m) pairs, or
+    tinygemm's tiles: ``QuantizedLinear.prepare_kernels``); returns how many were built. ``quantize_model`` and
+    ``load_quantized`` call it; call it again after moving a quantized model to another GPU, before compiling or
+    capturing CUDA graphs."""
+    return sum(m.prepare_kernels() for m in model.modules() if isinstance(m, QuantizedLinear) and m.mode == "int4")
 
 
 def _on_meta(model: nn.Module) -> bool:

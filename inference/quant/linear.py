@@ -14,30 +14,48 @@ floating buffer) leaves them alone; they are viewed as ``torch.float8_e4m3fn`` i
 is persistent: ``state_dict()`` holds the quantized model, and :func:`~.apply.prepare_quantized` builds the
 empty structure that ``load_state_dict`` fills.
 
-Forward: int8/int4 call ``pipeloom.kernels.quant_matmul`` (the Triton kernels for decode-sized inputs on a
-GPU, the torch reference otherwise); int4 on a CUDA GPU (compute capability 8.0+) with bf16 activations runs
-torch's tinygemm kernel instead (``pipeloom.kernels.int4_tinygemm``, the default where it can run;
-``backend="triton"`` keeps ours, ``backend="tinygemm"`` insists on it). tinygemm wants its own weight layout:
-:meth:`QuantizedLinear.prepare_tinygemm` builds it from the int4 buffers into two *non-persistent* buffers
-(not saved; rebuilt after loading or moving), called by ``quantize_model`` / ``load_quantized`` on a GPU and
-otherwise by the first eager forward that needs it (never inside a CUDA-graph capture or a compile trace:
-those fall back to the Triton kernel). fp8 quantizes the activations per row at run time and runs a
-rowwise-scaled float8 GEMM (``torch._scaled_mm``) - or, with ``fp8_activations=False``, multiplies by the
-float8 weight converted to the input dtype (exact: e4m3 values are bf16 values) and scales after.
+Forward: int8/int4 call ``pipeloom.kernels.quant_matmul`` (the Triton GEMVs for decode-sized inputs on a GPU,
+the torch reference otherwise). For int4 on a CUDA GPU ``backend="auto"`` runs the kernel that
+``PIPELOOM_INT4_KERNEL`` names when the layer is built: ``tinygemm`` (default: torch's kernel,
+``kernels/int4_tinygemm.py``; compute capability 8.0+, bf16 activations; 60 us per 7B layer on an H200) or
+``triton`` (pipeloom's GEMV, ``kernels/int4_gemv.py``: 125 us there; the path wherever tinygemm cannot run);
+``backend="triton"`` / ``"tinygemm"`` insist on one. Both want a layout of their own,
+built once per layer into *non-persistent* buffers (not saved; rebuilt after loading or moving) by
+:meth:`QuantizedLinear.prepare_kernels`: the GEMV's (s, m) pairs (``gemv_scale_offset``, (N, G, 2)), or
+tinygemm's tiles and (G, N, 2) scales and zeros. ``quantize_model`` / ``load_quantized`` call it; otherwise the
+first eager forward that needs a layout builds it (never inside a CUDA-graph capture or a compile trace: there
+the GEMV builds its pairs per call and tinygemm falls back to the GEMV). fp8 quantizes the activations per row
+at run time and runs a rowwise-scaled float8 GEMM (``torch._scaled_mm``) - or, with ``fp8_activations=False``,
+multiplies by the float8 weight converted to the input dtype (exact: e4m3 values are bf16 values) and scales
+after.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
-from pipeloom.kernels import int4_tinygemm
-from pipeloom.kernels.quant_matmul import BACKENDS, int4_matmul, int8_matmul, kernel_usable
+from pipeloom.kernels import int4_tinygemm, interpreted
+from pipeloom.kernels.int4_gemv import scales_offsets
+from pipeloom.kernels.quant_matmul import BACKENDS, int4_pairs_matmul, int8_matmul, kernel_usable, runs_kernel
 from torch import nn
 
 from . import formats
 
 QUANT_MODES = ("int8", "int4", "fp8")
 LAYER_BACKENDS = BACKENDS + ("tinygemm",)  # tinygemm: int4 only, torch's CUDA kernel
+INT4_KERNEL_ENV = "PIPELOOM_INT4_KERNEL"  # what backend="auto" runs for int4 on a CUDA GPU
+INT4_KERNELS = ("triton", "tinygemm")
+
+
+def int4_kernel_choice() -> str:
+    """``$PIPELOOM_INT4_KERNEL`` (``tinygemm`` when unset: twice our GEMV's speed on an H200, ``bench/RESULTS.md``):
+    the int4 kernel ``backend="auto"`` runs on a GPU; where tinygemm cannot run, the GEMV does."""
+    choice = os.environ.get(INT4_KERNEL_ENV, "tinygemm")
+    if choice not in INT4_KERNELS:
+        raise ValueError(f"{INT4_KERNEL_ENV}={choice!r}; choose one of {INT4_KERNELS}")
+    return choice
 
 
 class QuantizedLinear(nn.Module):
@@ -56,7 +74,10 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.group_size = group_size if mode == "int4" else 0
         self.fp8_activations = fp8_activations
-        self.backend = backend  # "auto": tinygemm / Triton where usable; "triton"; "torch"; "tinygemm" (int4)
+        self.backend = backend  # "auto": the GEMVs (or tinygemm) where usable; "triton"; "torch"; "tinygemm" (int4)
+        # int4 on a GPU with backend "auto": tinygemm instead of the GEMV ($PIPELOOM_INT4_KERNEL, read once here so
+        # that a compiled forward reads an attribute, not the environment)
+        self.auto_tinygemm = mode == "int4" and int4_kernel_choice() == "tinygemm"
         n, k = out_features, in_features
         empty = dict(device=device)
         if mode == "int8":
@@ -67,10 +88,11 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, **empty))
             self.register_buffer("scale", torch.empty(n, k // group_size, dtype=dtype, **empty))
             self.register_buffer("offset", torch.empty(n, k // group_size, dtype=dtype, **empty))
-            # tinygemm's layout of the same weight (prepare_tinygemm); derived, so not saved
+            # the kernels' layouts of the same weight (prepare_kernels); derived, so not saved
+            self.register_buffer("gemv_scale_offset", None, persistent=False)  # (N, G, 2): the GEMV's (s, m)
             self.register_buffer("tinygemm_weight", None, persistent=False)
             self.register_buffer("tinygemm_scales_zeros", None, persistent=False)
-            self.register_load_state_dict_post_hook(_drop_tinygemm)  # new codes: the old layout is stale
+            self.register_load_state_dict_post_hook(_drop_layouts)  # new codes: the old layouts are stale
         else:
             self.register_buffer("qweight", torch.empty(n, k, dtype=torch.uint8, **empty))
             self.register_buffer("scale", torch.empty(n, dtype=torch.float32, **empty))
@@ -99,10 +121,14 @@ class QuantizedLinear(nn.Module):
                 q.scale.copy_(scale)
             if linear.bias is not None:
                 q.bias.copy_(linear.bias.detach())
-        q.prepare_tinygemm()
+        q.prepare_kernels()
         return q
 
-    # ------------------------------------------------------------------ tinygemm (int4 on CUDA)
+    # ------------------------------------------------------------------ int4 kernels: the GEMV and tinygemm
+
+    def _runs_tinygemm(self) -> bool:
+        """Decode-sized inputs on a GPU go to tinygemm (else to the GEMV or the torch path)."""
+        return self.backend == "tinygemm" or (self.backend == "auto" and self.auto_tinygemm)
 
     def tinygemm_unsupported(self) -> str | None:
         """Why this layer cannot run tinygemm where its buffers are now, or None when it can."""
@@ -126,6 +152,31 @@ class QuantizedLinear(nn.Module):
         self.tinygemm_weight, self.tinygemm_scales_zeros = weight, scales_zeros
         return True
 
+    def prepare_kernels(self) -> bool:
+        """Build the layout the int4 kernel this layer runs wants, where it can run (a GPU, or the Triton
+        interpreter): tinygemm's, or the GEMV's (s, m) pairs. True when one was built."""
+        if self.mode != "int4" or self.backend == "torch":
+            return False
+        if self._runs_tinygemm() and self.prepare_tinygemm():
+            return True
+        if self.backend == "tinygemm" or not (self.qweight.is_cuda or interpreted()):
+            return False
+        with torch.no_grad():
+            self.gemv_scale_offset = scales_offsets(self.scale, self.offset)
+        return True
+
+    def _gemv_pairs(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The GEMV's (s, m) pairs for ``x``'s device, built on first eager use; None inside a capture or a compile
+        trace (the op then builds them per call)."""
+        pairs = self.gemv_scale_offset
+        if pairs is not None and pairs.device == x.device and pairs.dtype == self.scale.dtype:
+            return pairs
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        with torch.no_grad():
+            self.gemv_scale_offset = scales_offsets(self.scale, self.offset)
+        return self.gemv_scale_offset
+
     def _tinygemm_ready(self, x: torch.Tensor) -> bool:
         """Run tinygemm on ``x``? Prepares the layout on first use outside a capture or a compile trace."""
         if self.backend == "tinygemm":
@@ -139,9 +190,9 @@ class QuantizedLinear(nn.Module):
             return True
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             if self.backend == "tinygemm":
-                raise RuntimeError("backend='tinygemm': call prepare_tinygemm() (or quantize on the GPU) before "
+                raise RuntimeError("backend='tinygemm': call prepare_kernels() (or quantize on the GPU) before "
                                    "compiling or capturing a CUDA graph")
-            return False  # the Triton kernel this time; packing here would be captured or traced
+            return False  # the GEMV this time; packing here would be captured or traced
         if self.prepare_tinygemm():
             return True
         if self.backend == "tinygemm":
@@ -167,11 +218,13 @@ class QuantizedLinear(nn.Module):
         if self.mode == "int8":
             return int8_matmul(x, self.qweight, self.scale, self.bias, backend=self.backend)
         if self.mode == "int4":
-            if self.backend in ("auto", "tinygemm") and self._tinygemm_ready(x):
+            if self._runs_tinygemm() and self._tinygemm_ready(x):
                 return int4_tinygemm.int4_matmul_tinygemm(x, self.tinygemm_weight, self.tinygemm_scales_zeros,
                                                           self.group_size, self.bias)
-            return int4_matmul(x, self.qweight, self.scale, self.offset, self.group_size, self.bias,
-                               backend=self.backend)
+            backend = "auto" if self.backend == "tinygemm" else self.backend
+            pairs = self._gemv_pairs(x) if runs_kernel(x, backend) else None
+            return int4_pairs_matmul(x, self.qweight, pairs, self.scale, self.offset, self.group_size, self.bias,
+                                     backend=backend)
         return self._fp8_forward(x)
 
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +239,8 @@ class QuantizedLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of the saved buffers (codes, scales, offsets, bias): what a decode step reads for this layer
-        (tinygemm's layout of an int4 weight holds the same bytes: int32 tiles of the codes, (G, N, 2) bf16)."""
+        (the kernels' layouts of an int4 weight hold the same bytes: the GEMV reads the codes and (s, m) pairs,
+        tinygemm int32 tiles of the codes and (G, N, 2) bf16)."""
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers()
                    if name not in self._non_persistent_buffers_set)
 
@@ -197,10 +251,10 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend}")
 
 
-def _drop_tinygemm(module: QuantizedLinear, incompatible_keys) -> None:
-    """After ``load_state_dict``: forget tinygemm's layout of the previous weights (rebuilt on the next eager
+def _drop_layouts(module: QuantizedLinear, incompatible_keys) -> None:
+    """After ``load_state_dict``: forget the kernels' layouts of the previous weights (rebuilt on the next eager
     forward, or by ``prepare_kernels``)."""
-    module.tinygemm_weight = module.tinygemm_scales_zeros = None
+    module.gemv_scale_offset = module.tinygemm_weight = module.tinygemm_scales_zeros = None
 
 
 def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
@@ -211,13 +265,14 @@ def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
     device or bias."""
     first = layers[0]
     key = lambda m: (m.mode, m.in_features, m.group_size, m.backend, m.fp8_activations, m.scale.dtype,
-                     m.qweight.device, m.bias is None)
+                     m.qweight.device, m.bias is None, m.auto_tinygemm)
     if not all(isinstance(m, QuantizedLinear) and key(m) == key(first) for m in layers):
         return None
     sizes = [m.out_features for m in layers]
     fused = QuantizedLinear(first.in_features, sum(sizes), first.mode, bias=first.bias is not None,
                             group_size=first.group_size or 128, dtype=first.scale.dtype, device="meta",
                             fp8_activations=first.fp8_activations, backend=first.backend)
+    fused.auto_tinygemm = first.auto_tinygemm
     names = ["qweight", "scale"] + (["offset"] if first.mode == "int4" else []) + \
         (["bias"] if first.bias is not None else [])
     with torch.no_grad():
@@ -228,7 +283,7 @@ def fuse_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
                 setattr(m, name, part)
     for m in layers:
         if m.mode == "int4":
-            m.tinygemm_weight = m.tinygemm_scales_zeros = None  # layouts of the old storage: rebuilt if needed
+            _drop_layouts(m, None)  # layouts of the old storage: rebuilt if needed
     if first.mode == "int4":
-        fused.prepare_tinygemm()
+        fused.prepare_kernels()
     return fused
