@@ -23,11 +23,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+# graph_time: the CUDA-graph timer of the GEMV bench beside this file (bench/ is scripts, not a package)
+_spec = importlib.util.spec_from_file_location("quant_gemv", Path(__file__).resolve().parent / "quant_gemv.py")
+quant_gemv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quant_gemv)
+graph_time = quant_gemv.graph_time
 
 
 def build_model(args, device, dtype):
@@ -42,36 +50,6 @@ def build_model(args, device, dtype):
     model = model.to(dtype).eval()
     model.init_buffers()
     return model
-
-
-def graph_time(fn, calls: int, repeats: int) -> float:
-    """Median seconds per call of ``fn`` replayed ``calls`` times in one CUDA graph (plain calls on CPU)."""
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return (time.perf_counter() - start) / calls
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times)
 
 
 def copy_rate(device, calls: int, repeats: int) -> float | None:
