@@ -39,11 +39,11 @@ decode shapes), :data:`DEFAULT_CONFIG` runs unless ``PIPELOOM_INT4_GEMV`` names 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
-from pipeloom.kernels import interpreted, tl, triton
+from pipeloom.kernels import tl, triton
+from pipeloom.kernels.int8_gemv import named_config
 
 MAX_ROWS = 16
 ENV_CONFIG = "PIPELOOM_INT4_GEMV"
@@ -221,12 +221,7 @@ def _int4_gemv_kernel(X, W, SM, B, Y, M, N, K, stride_xm, stride_wn, stride_smn,
 def config_for(name: str | None = None) -> Int4GemvConfig:
     """The configuration ``name``, else ``$PIPELOOM_INT4_GEMV``, else :data:`DEFAULT_CONFIG` (a small fixed
     one under the interpreter unless named)."""
-    name = name or os.environ.get(ENV_CONFIG)
-    if name is None:
-        return INTERPRETER_CONFIG if interpreted() else CONFIGS[DEFAULT_CONFIG]
-    if name not in CONFIGS:
-        raise ValueError(f"int4 GEMV config {name!r} (argument or {ENV_CONFIG}) is not one of {sorted(CONFIGS)}")
-    return CONFIGS[name]
+    return named_config(name, ENV_CONFIG, CONFIGS, DEFAULT_CONFIG, INTERPRETER_CONFIG, "int4 GEMV")
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor, group_size: int,

@@ -150,15 +150,21 @@ def _int8_gemv_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
              mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+def named_config(name: str | None, env: str, configs: dict, default: str, interpreter_config, what: str):
+    """The configuration ``name``, else ``$env``'s, else ``configs[default]`` (``interpreter_config`` under the
+    interpreter unless named); an unknown name is a ValueError naming ``what`` and the choices."""
+    name = name or os.environ.get(env)
+    if name is None:
+        return interpreter_config if interpreted() else configs[default]
+    if name not in configs:
+        raise ValueError(f"{what} config {name!r} (argument or {env}) is not one of {sorted(configs)}")
+    return configs[name]
+
+
 def config_for(name: str | None = None) -> GemvConfig:
     """The configuration ``name``, else ``$PIPELOOM_INT8_GEMV``, else :data:`DEFAULT_CONFIG` (a small fixed
     one under the interpreter unless named)."""
-    name = name or os.environ.get(ENV_CONFIG)
-    if name is None:
-        return INTERPRETER_CONFIG if interpreted() else CONFIGS[DEFAULT_CONFIG]
-    if name not in CONFIGS:
-        raise ValueError(f"int8 GEMV config {name!r} (argument or {ENV_CONFIG}) is not one of {sorted(CONFIGS)}")
-    return CONFIGS[name]
+    return named_config(name, ENV_CONFIG, CONFIGS, DEFAULT_CONFIG, INTERPRETER_CONFIG, "int8 GEMV")
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
