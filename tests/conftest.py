@@ -38,6 +38,15 @@ def pool4() -> RankPool:
     return rank_pool(4)
 
 
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (``torch.manual_seed``), printed so that a failure can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    print(f"seed {value}")
+    return value
+
+
 def pytest_sessionfinish(session, exitstatus):
     for pool in _POOLS.values():
         pool.close(kill=True)

@@ -28,12 +28,18 @@ def test_quick_run_reports_every_variant(capsys):
     assert "copy" in printed and "throughput" in printed
 
 
-def test_engine_speed_quick_run_prints_the_table(capsys):
-    """bench/engine_speed.py (the decode paths with overlap on/off, offline throughput) on CPU, tiny shapes; the
-    compiled path and HF generate_batch are left to the GPU run (minutes of compilation / CPU time here)."""
+def _engine_speed():
+    """bench/engine_speed.py as a module (bench/ is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("engine_speed", BENCH.parent / "engine_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_engine_speed_quick_run_prints_the_table(capsys):
+    """bench/engine_speed.py (the decode paths with overlap on/off, offline throughput) on CPU, tiny shapes; the
+    compiled path and HF generate_batch are left to the GPU run (minutes of compilation / CPU time here)."""
+    bench = _engine_speed()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -50,9 +56,7 @@ def test_engine_speed_quick_run_prints_the_table(capsys):
 def test_engine_speed_quantized_decode_rows(capsys):
     """--quant runs the decode part for each weight quantization in the same process and prints each one's
     speed-up over the unquantized model (CPU: the torch paths; the GPU run takes the kernels)."""
-    spec = importlib.util.spec_from_file_location("engine_speed", BENCH.parent / "engine_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _engine_speed()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -56,15 +56,6 @@ def close(
 
 
 @pytest.fixture
-def seed() -> int:
-    """A fresh seed per test, printed so that a failure can be replayed."""
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    print(f"seed {value}")
-    return value
-
-
-@pytest.fixture
 def kernels():
     """(kernel modules by name, device) for the Triton path: CUDA, or CPU under the interpreter."""
     if not features.has("triton"):

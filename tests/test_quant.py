@@ -13,7 +13,6 @@ The values are printed (run with -s).
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -34,14 +33,6 @@ from torch import nn
 
 SLACK = 1e-6  # float32 evaluation of q * s (+ m): relative to |W| (or the output's |x| @ |W|)
 VAL_MARGIN = {"int8": 0.005, "int4": 0.03, "fp8": 0.02}  # allowed validation-loss increase, nats
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    print(f"seed {value}")
-    return value
 
 
 def _quantize(mode, w, group_size, scale_dtype):

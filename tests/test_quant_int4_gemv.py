@@ -29,14 +29,6 @@ def device(triton_child):
     return triton_child.device("test_interpreter_runs_int4_gemv_tests")
 
 
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    print(f"seed {value}")
-    return value
-
-
 def _weights(n: int, k: int, group_size: int, dtype: torch.dtype, device) -> tuple:
     w = torch.randn(n, k, device=device) * 0.05 + 0.02
     packed, s, m = formats.quantize_int4(w, group_size, dtype)

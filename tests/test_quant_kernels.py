@@ -12,7 +12,6 @@ As in tests/test_kernels.py, TRITON_INTERPRET=1 must be set before triton is imp
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -33,14 +32,6 @@ def device():
     if torch.cuda.is_available():
         return torch.device("cuda")
     pytest.skip("no GPU and no TRITON_INTERPRET=1: these run in a child process (test_interpreter_runs_...)")
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    print(f"seed {value}")
-    return value
 
 
 def check(actual, expected, mag, dtype, what):

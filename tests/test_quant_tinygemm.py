@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -19,14 +18,6 @@ from pipeloom.inference.quant import QuantConfig, QuantizedLinear, formats, quan
 from pipeloom.kernels import int4_tinygemm as tg
 from pipeloom.kernels import quant_matmul as qm
 from torch import nn
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    print(f"seed {value}")
-    return value
 
 
 def _quantized(n: int, k: int, group_size: int, shift: float = 0.0):
