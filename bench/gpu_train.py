@@ -12,7 +12,12 @@ default; ``-torchkernels`` in a pipeloom variant's name switches them off (``set
 ``-float8-tensorwise`` / ``-float8-rowwise`` converts the linears to torchao's float8 training layers
 (``pipeloom.training.float8``: torchao's per-recipe size thresholds, or ``-minN`` for one threshold N),
 ``-blocks`` compiles each transformer block on its own (as ``train.compile`` does: one graph the blocks share,
-far less compile time than the whole unrolled model) with the embedding, head and loss eager.
+far less compile time than the whole unrolled model) with the embedding, head and loss eager; ``-headc`` with
+``-blocks`` compiles the final norm, head and loss as one more graph (Inductor fuses the float32 upcast into
+the cross-entropy instead of materialising float32 logits); ``-f8head`` converts the output head to float8 too
+(by default it stays in bf16, as torchtitan keeps its ``output`` layer); ``-fastacc`` gives the float8 backward
+GEMMs fast accumulation as well; ``-cdt`` turns on Inductor's coordinate-descent tuning of its generated kernels
+(the float8 casts among them) for that variant's compile.
 
     python bench/gpu_train.py --size 1.3b --variants baseline-compile,pipeloom-compile,\
         pipeloom-compile-float8-tensorwise,pipeloom-compile-float8-rowwise
@@ -107,6 +112,7 @@ class PipeloomLoss(nn.Module):
     def __init__(self, model, fused_head: bool):
         super().__init__()
         self.model, self.fused_head = model, fused_head
+        self.head_loss = None  # -headc: a compiled (hidden, targets) -> loss of the final norm, head and loss
 
     def trunk(self, idx):
         x = self.model.embed(idx)
@@ -115,6 +121,11 @@ class PipeloomLoss(nn.Module):
         return self.model.head.norm(x)  # (B, T, D)
 
     def forward(self, idx, targets):
+        if self.head_loss is not None:
+            x = self.model.embed(idx)
+            for block in self.model.blocks:
+                x = block(x)
+            return self.head_loss(x, targets)
         if not self.fused_head:
             return self.model.loss(self.model(idx), targets)
         from pipeloom.kernels.linear_cross_entropy import linear_cross_entropy
@@ -134,16 +145,21 @@ def build(variant: str, size: str, device: str):
                                   dropout=0.0)
         model = PipeloomLoss(Transformer(config).to(device), fused_head="fused" in variant)
         if "float8" in variant:
-            from pipeloom.training.float8 import apply_float8
+            from pipeloom.training.float8 import DEFAULT_SKIP, apply_float8
 
             recipe, min_dim = float8_of(variant)
-            print(f"  {variant}: {apply_float8({0: model.model}, recipe, min_dim=min_dim).summary()}", flush=True)
+            skip = () if "f8head" in variant else DEFAULT_SKIP
+            report = apply_float8({0: model.model}, recipe, min_dim=min_dim, skip=skip, fast_accum="fastacc" in variant)
+            print(f"  {variant}: {report.summary()}", flush=True)
     compiled = "compile" in variant or "best" in variant
     if compiled and "blocks" in variant and isinstance(model, PipeloomLoss):
         from pipeloom.training.parts import compile_blocks  # per block, as the launcher's train.compile does
 
         compile_blocks([model.model])  # one graph shared by the blocks; embedding, head and loss stay eager
         model._trunk = model.trunk
+        if "headc" in variant and not model.fused_head:
+            inner = model.model
+            model.head_loss = torch.compile(lambda h, t: inner.loss(inner.head(h), t))
         return model, model, sum(p.numel() for p in model.parameters()), (layers, d, B, T)
     if isinstance(model, PipeloomLoss):
         model._trunk = torch.compile(model.trunk) if compiled else model.trunk
@@ -174,6 +190,13 @@ def run_variant(variant: str, size: str, steps: int, warmup: int, device: str, p
 
 
 def _run_variant(variant: str, size: str, steps: int, warmup: int, device: str, profile: bool) -> dict:
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(coordinate_descent_tuning="cdt" in variant.split("-")):
+        return _measure_variant(variant, size, steps, warmup, device, profile)
+
+
+def _measure_variant(variant: str, size: str, steps: int, warmup: int, device: str, profile: bool) -> dict:
     torch.manual_seed(0)
     model, step_fn, n_params, (layers, d, B, T) = build(variant, size, device)
     fused = device == "cuda"
@@ -268,6 +291,7 @@ def main() -> None:
     parser.add_argument("--curve-seq", type=int, default=0, help="sequence length of the curve run (0: the size's)")
     parser.add_argument("--curve-batch", type=int, default=0, help="sequences per step of the curve run (0: size)")
     parser.add_argument("--curve-min-dim", type=int, default=None, help="train.float8_min_dim (default: table)")
+    parser.add_argument("--curve-fast-accum", action="store_true", help="train.float8_fast_accum=true (float8 run)")
     parser.add_argument("--no-compile", action="store_true", help="curve run without torch.compile (CPU smoke)")
     parser.add_argument("--out", default="runs/gpu_train_curve", help="folder of the curve run")
     parser.add_argument("--plot-from", default="", help="draw curve.png from DIR/curve.json and exit")
@@ -281,7 +305,7 @@ def main() -> None:
             return
         run_curves(args.out, size=SIZES[args.curve_size], steps=args.curve, recipes=args.curve_float8.split(","),
                    seq=args.curve_seq, batch=args.curve_batch, compile=not args.no_compile,
-                   min_dim=args.curve_min_dim)
+                   min_dim=args.curve_min_dim, fast_accum=args.curve_fast_accum)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rate = matmul_rate(device)

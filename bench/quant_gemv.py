@@ -7,22 +7,25 @@ the figure is kernel time, not launch overhead::
     python bench/quant_gemv.py --best-int8 b8 --best-int4 b4   # also write the fastest int8 / int4 choice
     TRITON_INTERPRET=1 python bench/quant_gemv.py --smoke  # CPU: tiny shapes, correctness only
 
-Variants: ``bf16`` (``F.linear``: cuBLAS), ``int8 <config>`` for each configuration of
-``kernels/int8_gemv.py`` (fixed tiles, no autotuning; ``--int8-configs`` picks some), ``int8 aten`` (torch's
-own ``aten._weight_int8pack_mm`` where this torch has it), ``int4 <config>`` for each configuration of
-``kernels/int4_gemv.py`` (``--int4-configs``; its (s, m) pairs built once, as a layer holds them) and
-``int4 tinygemm`` (``aten._weight_int4pack_mm`` over our int4 weights converted by ``kernels/int4_tinygemm.py``,
-CUDA only). Each is first checked against the float32 matmul of its own dequantized weight (relative error over
-the output's largest magnitude at most ``--tolerance``); a failing variant prints WRONG and is not timed. Rows
-print as they are measured; the summary at the end (also on Ctrl-C / SIGINT) adds up one decoder layer's four
-GEMVs per variant: microseconds, weight bytes over that time, and the speed-up over bf16, which bounds what the
-variant can give a bandwidth-bound batch-1 decode. ``--head`` also times the output head's GEMV (32000 x 4096,
-outside the layer sums): what ``quant_head`` would read.
-"""
+Variants: ``bf16`` (``F.linear``: cuBLAS), ``int8 <config>`` for each configuration of ``kernels/int8_gemv.py``
+(fixed tiles, no autotuning; ``--int8-configs`` picks some), ``int8 aten`` (torch's own
+``aten._weight_int8pack_mm`` where this torch has it), ``int4 <config>`` for each configuration of
+``kernels/int4_gemv.py`` (``--int4-configs``; its (s, m) pairs built once, as a layer holds them) and ``int4
+tinygemm`` (``aten._weight_int4pack_mm`` over our int4 weights converted by ``kernels/int4_tinygemm.py``, CUDA
+only), and where the ``gemlite`` package is installed ``int4 gemlite`` (GemLite's Triton kernel of its own choice,
+autotuned on first use) and ``int4 gemlite KIND`` for each ``--gemlite-kinds`` (measured on an H200,
+``bench/RESULTS.md``: its split-K GEMV passes and streams 0.94 TB/s; its GEMV and reverse split-K GEMV miss the
+tolerance, relative errors 0.02-0.04, cause not investigated). Each is first checked against the float32 matmul of
+its own dequantized weight (relative error over the output's largest magnitude at most ``--tolerance``); a failing
+variant prints WRONG and is not timed. Rows print as they are measured; the summary at the end (also on Ctrl-C /
+SIGINT) adds up one decoder layer's four GEMVs per variant: microseconds, weight bytes over that time, and the
+speed-up over bf16, which bounds what the variant can give a bandwidth-bound batch-1 decode. ``--head`` also times
+the output head's GEMV (32000 x 4096, outside the layer sums): what ``quant_head`` would read."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -65,8 +68,31 @@ def graph_time(fn, calls: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def gemlite_layer(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
+    """Our int4 weight (``q * s + m`` per group) as a GemLite layer (github.com/dropbox/gemlite, Triton kernels).
+
+    GemLite's "fma mode" computes ``fma(q, s, z)`` per weight with z a per-group offset, our format exactly:
+    it derives z as ``-zero * scale`` from a zero point, so our offsets are written over its (G, N) ones after
+    packing. Importing gemlite queries CUDA device 0, hence only here, on a GPU.
+    """
+    from gemlite.core import DType, GemLiteLinearTriton
+    from pipeloom.inference.quant.formats import unpack_int4
+
+    n, k = packed.size(0), 2 * packed.size(1)
+    layer = GemLiteLinearTriton(4, group_size=group_size, in_features=k, out_features=n, input_dtype=DType.BF16,
+                                output_dtype=DType.BF16)
+    with torch.no_grad():
+        zero = (-(offset.float() / scale.float())).to(scale.dtype)
+        layer.pack(unpack_int4(packed).contiguous(), scale, zero, bias=None, fma_mode=True)
+        if layer.W_group_mode != 4 or tuple(layer.zeros.shape) != (k // group_size, n):
+            raise RuntimeError(f"gemlite packed W_group_mode={layer.W_group_mode}, offsets {tuple(layer.zeros.shape)}: "
+                               "not the fma mode (q * s + m) this conversion was written for")
+        layer.zeros.copy_(offset.t())  # (G, N)
+    return layer
+
+
 def variants(x: torch.Tensor, w: torch.Tensor, group_size: int, int8_configs: list[str],
-             int4_configs: list[str]) -> list[tuple]:
+             int4_configs: list[str], gemlite_kinds: list[str] = ()) -> list[tuple]:
     """(name, fn(), weight bytes it reads, float32 reference output) per variant runnable here."""
     from pipeloom.inference.quant.formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
     from pipeloom.kernels import int4_tinygemm
@@ -88,8 +114,14 @@ def variants(x: torch.Tensor, w: torch.Tensor, group_size: int, int8_configs: li
         out.append(("int8 aten", lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8), bytes8, ref8))
     out += [(f"int4 {name}", lambda name=name: int4_gemv(x, q4, pairs, group_size, config=name), bytes4, ref4)
             for name in int4_configs]
+    n, k = w.shape
+    if x.is_cuda and importlib.util.find_spec("gemlite") is not None and x.dtype == torch.bfloat16:
+        layer = gemlite_layer(q4, s4, z4, group_size)
+        nbytes = sum(t.numel() * t.element_size() for t in (layer.W_q, layer.scales, layer.zeros))
+        out.append(("int4 gemlite", lambda: layer(x), nbytes, ref4))
+        out += [(f"int4 gemlite {kind}", lambda kind=kind: layer.forward_manual(x, matmul_type=kind), nbytes, ref4)
+                for kind in gemlite_kinds]
     if int4_tinygemm.available(x.device) and x.dtype == torch.bfloat16:
-        n, k = w.shape
         if int4_tinygemm.unsupported(n, k, group_size) is None:
             tw, tsz = int4_tinygemm.pack(q4, s4, z4, group_size)
             out.append(("int4 tinygemm", lambda: int4_tinygemm.int4_matmul_tinygemm(x, tw, tsz, group_size),
@@ -138,6 +170,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--int8-configs", default=",".join(CONFIGS), help="int8 GEMV configs to time")
     parser.add_argument("--int4-configs", default=",".join(INT4_CONFIGS), help="int4 GEMV configs to time")
+    parser.add_argument("--gemlite-kinds", default="",
+                        help="GemLite kernels to time by name besides its own choice (int4 gemlite), e.g. "
+                             "GEMV_REVSPLITK,GEMV,GEMV_SPLITK (CUDA and the gemlite package only)")
     parser.add_argument("--head", action="store_true", help="also time the output head's GEMV (not in the sums)")
     parser.add_argument("--tolerance", type=float, default=1e-2, help="max |y - ref| / max |ref| to pass")
     parser.add_argument("--best-int8", help="write the fastest int8 config's name to this file")
@@ -153,6 +188,7 @@ def main(argv=None) -> list[dict]:
     unknown = [c for c in configs4 if c not in INT4_CONFIGS]
     if unknown:
         raise SystemExit(f"--int4-configs: unknown {unknown}; choose from {','.join(INT4_CONFIGS)}")
+    gemlite_kinds = [c for c in args.gemlite_kinds.split(",") if c]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("on CPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1")
@@ -173,7 +209,7 @@ def main(argv=None) -> list[dict]:
             w = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(dtype)
             x = torch.randn(1, k, device=device, generator=gen).to(dtype)
             base = None
-            for variant, fn, nbytes, ref in variants(x, w, group_size, configs, configs4):
+            for variant, fn, nbytes, ref in variants(x, w, group_size, configs, configs4, gemlite_kinds):
                 row = {"shape": shape, "n": n, "k": k, "variant": variant, "bytes": nbytes, "us": None}
                 try:
                     rel = ((fn().float() - ref).abs().max() / ref.abs().max()).item()

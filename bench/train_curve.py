@@ -20,7 +20,8 @@ def _compose(overrides: list[str]):
 
 
 def curve_overrides(size, steps: int, float8: str, cache: str, *, seq: int = 0, batch: int = 0,
-                    compile: bool = True, min_dim: int | None = None, max_bytes: int = 64_000_000) -> list[str]:
+                    compile: bool = True, min_dim: int | None = None, max_bytes: int = 64_000_000,
+                    fast_accum: bool = False) -> list[str]:
     """The launcher overrides of one curve run: GPT shapes ``size = (layers, dim, heads, batch, seq)``."""
     layers, dim, heads, B, T = size
     B, T = batch or B, seq or T
@@ -30,7 +31,8 @@ def curve_overrides(size, steps: int, float8: str, cache: str, *, seq: int = 0, 
             f"train.float8={float8}", "optimizer.lr=3e-4", "optimizer.min_lr=3e-5",
             f"optimizer.warmup_steps={max(1, steps // 10)}", "train.eval_every=0", "train.eval_batches=4",
             "train.timeline=false", "checkpoint.save_final=false", "logger.kind=jsonl", "train.log_every=1",
-            "schedule.microbatches=1"] + ([f"train.float8_min_dim={min_dim}"] if min_dim else [])
+            "schedule.microbatches=1"] + ([f"train.float8_min_dim={min_dim}"] if min_dim else []) + (
+            ["train.float8_fast_accum=true"] if fast_accum and float8 != "off" else [])
 
 
 def final_loss(losses: list[float]) -> float:
@@ -40,7 +42,8 @@ def final_loss(losses: list[float]) -> float:
 
 
 def run_curves(out: str, *, size, steps: int, recipes=("tensorwise",), seq: int = 0, batch: int = 0,
-               compile: bool = True, min_dim: int | None = None, max_bytes: int = 64_000_000) -> dict:
+               compile: bool = True, min_dim: int | None = None, max_bytes: int = 64_000_000,
+               fast_accum: bool = False) -> dict:
     """Run bf16, then float8 with each recipe; write curve.json (+ curve.png); print the comparison."""
     from pipeloom.launch.train import run
     from pipeloom.training import read_metrics
@@ -52,7 +55,7 @@ def run_curves(out: str, *, size, steps: int, recipes=("tensorwise",), seq: int 
         name = "bf16" if float8 == "off" else f"float8-{float8}"
         run_dir = os.path.join(out, name)
         run(_compose(curve_overrides(size, steps, float8, cache, seq=seq, batch=batch, compile=compile,
-                                     min_dim=min_dim, max_bytes=max_bytes)), run_dir=run_dir)
+                                     min_dim=min_dim, max_bytes=max_bytes, fast_accum=fast_accum)), run_dir=run_dir)
         records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         losses = [r["loss"] for r in sorted((r for r in records if "loss" in r), key=lambda r: r["step"])]
         speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][len(losses) // 2:]

@@ -110,6 +110,8 @@ class TrainSection:
     compile: bool = False  # torch.compile each transformer block (Inductor; the first steps pay the compile time)
     float8: str = "off"  # float8 linears through torchao: off | tensorwise | rowwise (training/float8.py)
     float8_min_dim: Optional[int] = None  # convert linears with in and out features >= this; None: torchao's table
+    float8_head: bool = False  # the output head in float8 too (default: bf16, as torchtitan keeps its output layer)
+    float8_fast_accum: bool = False  # fast float8 accumulation in the backward GEMMs too (faster, less exact)
     timeline: bool = True  # at the end, draw the measured timeline of the last step next to the simulated one
     sample_tokens: int = 0  # at the end, print this many tokens sampled from the final checkpoint (any layout)
     stop_after: Optional[int] = None  # stop (as if killed) after this step, without a final save; for tests
@@ -214,6 +216,10 @@ def check_config(cfg: Any, world_size: int) -> dict[str, Any]:
         if value not in valid:
             raise ConfigError(key, value, f"valid choices: {', '.join(valid)}")
     _positive("train.float8_min_dim", tr.float8_min_dim)
+    for key in ("float8_head", "float8_fast_accum"):
+        if getattr(tr, key) and tr.float8 == "off":
+            raise ConfigError(f"train.{key}", getattr(tr, key), "applies to float8 linears: set train.float8="
+                              "tensorwise|rowwise too, or leave it false")
     if tr.float8 != "off":
         from pipeloom import features
 

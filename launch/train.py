@@ -97,7 +97,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     parts = build_parts(model_config, plan, mesh=mesh, seed=cfg.train.seed, device=device,
                         sequence_parallel=par.sequence_parallel, recompute=cfg.model.recompute, split=par.split,
                         init_state=init_state, compile=cfg.train.compile, float8=cfg.train.float8,
-                        float8_min_dim=cfg.train.float8_min_dim)
+                        float8_min_dim=cfg.train.float8_min_dim, float8_head=cfg.train.float8_head,
+                        float8_fast_accum=cfg.train.float8_fast_accum)
     autocast = autocast_for(device, cfg.train.mixed_precision)
     opt = cfg.optimizer
     zero_group = mesh.dp_group if opt.zero and mesh is not None and dp > 1 else None
@@ -153,7 +154,8 @@ def run(cfg: DictConfig, run_dir: str | None = None):
     return result
 
 
-_BUILD_KEYS = ("device", "compile", "float8", "float8_min_dim")  # train.* read by the build, not by the loop
+# train.* read by the build, not by the loop
+_BUILD_KEYS = ("device", "compile", "float8", "float8_min_dim", "float8_head", "float8_fast_accum")
 
 
 def _run_dir() -> str:

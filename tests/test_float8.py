@@ -66,6 +66,25 @@ def test_each_pipeline_rank_converts_only_its_stages_linears():
     assert len(seen) == 4 * 7
 
 
+def test_float8_head_and_fast_accum_reach_the_layers_and_a_compiled_float8_head():
+    """``float8_head`` converts the output head too (and ``compile`` then compiles the head, so its casts fuse);
+    ``float8_fast_accum`` gives the backward GEMMs fast accumulation, the forward keeps torchao's choice."""
+    config = get_model_config("gpt-tiny", n_layers=2, dim=32, n_heads=4, vocab_size=64, max_seq_len=16)
+    plan = get_schedule("1f1b", pp=1, microbatches=1)
+    plain = build_parts(config, plan, float8="tensorwise", float8_min_dim=16)
+    assert "head.out" in plain.float8.skipped and type(plain.model.head.out) is nn.Linear
+    fast = build_parts(config, plan, float8="tensorwise", float8_min_dim=16, float8_head=True, float8_fast_accum=True,
+                       compile=True)
+    assert "head.out" in fast.float8.converted and "head.out" in _float8_names(fast.model)
+    assert fast.model.head._compiled_call_impl is not None  # compiled (lazily: nothing ran here)
+    assert plain.model.head._compiled_call_impl is None
+    for parts, fast_backward in ((plain, False), (fast, True)):
+        layer = parts.model.blocks[0].mlp.fc
+        assert layer.config.gemm_config_output.use_fast_accum  # torchao's tensorwise recipe: fast forward
+        assert layer.config.gemm_config_grad_input.use_fast_accum is fast_backward
+        assert layer.config.gemm_config_grad_weight.use_fast_accum is fast_backward
+
+
 def _compose(*overrides):
     with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
@@ -106,6 +125,10 @@ def test_float8_on_cpu_trains_like_bf16_in_pipeline_stages_and_leaves_tp_shards_
     assert "float8 tensorwise: 12 linears converted, 1 kept in high precision: head.out" in capsys.readouterr().out
     assert on[3] < on[1] - 0.1 and on != off  # float8 runs here (torch emulates the scaled matmuls) and learns
     assert all(abs(on[s] - off[s]) < 0.02 * off[s] for s in off), (on, off)
+    head = _launch(str(tmp_path / "head"), cache, "train.float8=tensorwise", "train.float8_head=true",
+                   "train.float8_fast_accum=true")  # the launcher's keys reach the build
+    assert "float8 tensorwise: 13 linears converted" in capsys.readouterr().out
+    assert all(abs(head[s] - off[s]) < 0.02 * off[s] for s in off), (head, off)
     staged = pool2.run(_launch, str(tmp_path / "pp2"), cache, "train.float8=rowwise", "parallel.pp=2",
                        timeout=180)[0]
     assert all(abs(staged[s] - off[s]) < 0.02 * off[s] for s in off), (staged, off)
@@ -117,7 +140,9 @@ def test_float8_on_cpu_trains_like_bf16_in_pipeline_stages_and_leaves_tp_shards_
 
 
 @pytest.mark.parametrize("overrides, key, value", [(["train.float8=fp8"], "train.float8", "fp8"),
-                                                   (["train.float8_min_dim=0"], "train.float8_min_dim", 0)])
+                                                   (["train.float8_min_dim=0"], "train.float8_min_dim", 0),
+                                                   (["train.float8_head=true"], "train.float8_head", True),
+                                                   (["train.float8_fast_accum=true"], "train.float8_fast_accum", True)])
 def test_bad_float8_values_name_the_key(overrides, key, value):
     with pytest.raises(ConfigError) as info:
         check_config(_compose(*overrides), 1)

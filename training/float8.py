@@ -101,22 +101,31 @@ def float8_filter(recipe: str, min_dim: int | None = None, skip=DEFAULT_SKIP,
 
 
 def apply_float8(modules: dict[int, nn.Module], recipe: str, *, min_dim: int | None = None, skip=DEFAULT_SKIP,
-                 name_of: Callable[[str], str] = lambda fqn: fqn) -> Float8Report:
+                 name_of: Callable[[str], str] = lambda fqn: fqn, fast_accum: bool = False) -> Float8Report:
     """Convert the linears of ``modules`` (``{stage: module}``, as ``ModelParts.modules``) in place.
 
     Apply after tensor parallelism and before ``torch.compile``. Returns the :class:`Float8Report`.
+    ``fast_accum``: the backward GEMMs (input and weight gradients) also use Hopper's fast float8
+    accumulation, as torchao's recipes already do for the forward GEMM (``use_fast_accum``: partial sums
+    kept in fewer bits inside the tensor core, promoted to float32 less often; faster, less exact).
     """
     from pipeloom import features
 
     if recipe not in FLOAT8_RECIPES:
         raise ValueError(f"float8 recipe {recipe!r}; choose one of {FLOAT8_RECIPES}")
     features.require("torchao", "float8 training")
+    import dataclasses
+
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.config import Float8GemmConfig
 
     from pipeloom.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     report = Float8Report(recipe)
     config = Float8LinearConfig.from_recipe_name(recipe)
+    if fast_accum:
+        config = dataclasses.replace(config, gemm_config_grad_input=Float8GemmConfig(use_fast_accum=True),
+                                     gemm_config_grad_weight=Float8GemmConfig(use_fast_accum=True))
     for module in modules.values():
         for fqn, m in module.named_modules():
             if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):

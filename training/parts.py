@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from pipeloom.models import ModelConfig, Transformer
+from pipeloom.models.transformer import Head
 from pipeloom.schedules import Plan
 from pipeloom.schedules.ir import Kind
 from torch import nn
@@ -114,7 +115,8 @@ def param_specs(modules: dict[int, nn.Module], aliases: dict[str, str], n_layers
 def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, device: str | torch.device = "cpu",
                 sequence_parallel: bool = False, recompute: str = "none", split: str = "uniform",
                 init_state: StateSource | None = None, compile: bool | str = False, float8: str = "off",
-                float8_min_dim: int | None = None) -> ModelParts:
+                float8_min_dim: int | None = None, float8_head: bool = False,
+                float8_fast_accum: bool = False) -> ModelParts:
     """Build this rank's part of the model (see the module docstring).
 
     Per-stage: the model is built on the meta device and split into the plan's stages there; only the
@@ -129,8 +131,10 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
     another ``torch.compile`` backend). ``float8``: ``"tensorwise"`` or ``"rowwise"`` converts this rank's
     large enough linears to torchao's float8 training layers after tensor parallelism, before compiling
     (:func:`~pipeloom.training.float8.apply_float8`; ``float8_min_dim`` its size threshold; the report is
-    ``ModelParts.float8``). Leaves the default generator where the dense build leaves it
-    (seeded with ``seed``, then one draw), whatever the layout.
+    ``ModelParts.float8``); ``float8_head`` converts the output head too (subject to the same size rule),
+    and with ``compile`` the head is then compiled as well, so that the casts of its logits-sized gradient
+    fuse; ``float8_fast_accum`` gives the backward GEMMs fast accumulation. Leaves the default generator
+    where the dense build leaves it (seeded with ``seed``, then one draw), whatever the layout.
     """
     from pipeloom.parallel.apply import RecomputePolicy, apply_recompute, apply_tp
 
@@ -162,16 +166,21 @@ def build_parts(config: ModelConfig, plan: Plan, *, mesh=None, seed: int = 0, de
             apply_tp(model, mesh, sequence_parallel=sequence_parallel)  # other stages' layers: meta shards
     report = None
     if float8 != "off":
-        from .float8 import apply_float8
+        from .float8 import DEFAULT_SKIP, apply_float8
 
-        report = apply_float8(modules, float8, min_dim=float8_min_dim,
+        report = apply_float8(modules, float8, min_dim=float8_min_dim, skip=() if float8_head else DEFAULT_SKIP,
+                              fast_accum=float8_fast_accum,
                               name_of=(lambda fqn: _stage_to_model_name(fqn, config.n_layers)) if staged else str)
     if recompute != "none":
         for module in modules.values():
             apply_recompute(module, RecomputePolicy(recompute))
     step_context = contextlib.nullcontext
     if compile:
-        compile_blocks(modules.values(), backend="inductor" if compile is True else compile)
+        backend = "inductor" if compile is True else compile
+        compile_blocks(modules.values(), backend=backend)
+        if report is not None and any(name.startswith("head.") for name in report.converted):
+            for head in (m for module in modules.values() for m in module.modules() if isinstance(m, Head)):
+                head.compile(backend=backend)  # a float8 head: its casts of (tokens, vocab) gradients fuse
         if any(a.kind is Kind.W for actions in plan.ranks for a in actions):
             step_context = no_donated_buffers
     specs = param_specs(modules, aliases, config.n_layers, staged, tp_rank=mesh.tp_rank if mesh is not None else 0)
