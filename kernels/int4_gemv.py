@@ -6,7 +6,7 @@ Batch-1 decode streams the packed codes once per token. An H200 at ~4 TB/s bring
 per clock, and an SM issues 128 lane-instructions per clock: a kernel that spends more than ~4 instructions per
 weight cannot reach the bandwidth (dequantize-then-multiply spends ~6-10, one of them an I2F conversion at a
 quarter of the FMA rate). What this kernel does about it (SASS of the default config: ~3 instructions per weight,
-counted by ``tests/test_quant_kernels.py``'s sm_90 compile test):
+counted by ``tests/test_quant_int4_gemv.py``'s sm_90 compile test):
 
 * **The algebra of groups**: ``y_n = sum_g (s_ng * sum_{k in g} x_k q_nk + m_ng * X_g)`` with ``X_g`` the sum
   of x over the group, so the inner loop multiplies x by the bare code: one FMA per weight. Thread t of a step
@@ -28,8 +28,14 @@ counted by ``tests/test_quant_kernels.py``'s sm_90 compile test):
   derived buffer).
 * **Unmasked loads**: rows past N read row ``n % N`` (never stored); full steps carry no mask, a ragged last step
   of K runs once after the loop with a per-chunk mask (K is a multiple of g, so of 32: chunks are whole).
-* ``num_stages`` software-pipelines the K loop (``tl.range``: cp.async copies of the next steps' codes, x and
-  pairs in flight while one computes); x of M rows runs as M programs of one row at adjacent program ids, so the
+* **No shared memory** (``num_stages=1``, the default config): the codes go from global memory straight into
+  registers, one 16-byte load per row and step. Software pipelining (``num_stages > 1``: cp.async copies of the
+  next steps into shared memory) cost this kernel 3x on an H200: Triton laid the copied tile out with the row
+  index fastest within each thread's 16 bytes, so a warp's 16-byte reads fell into the same banks (8-way
+  conflicts). ncu measured 0.15-0.34 instructions issued per cycle and scheduler, 40% of stalls waiting on shared
+  memory and the L1/shared pipe 84% busy at 0.86 TB/s of DRAM (``bench/RESULTS.md``). The tile is now loaded as
+  (rows, words), which Triton copies row-contiguous, but the copy-free config is still the fastest: 2.7 TB/s per
+  7B layer against tinygemm's 1.8 TB/s. x of M rows runs as M programs of one row at adjacent program ids, so the
   other rows' programs find the codes in L2.
 
 Configurations are named ``n{BLOCK_N}k{BLOCK_K}w{warps}s{stages}`` with BLOCK_K the columns per step (BLOCK_K / 2
@@ -66,17 +72,17 @@ class Int4GemvConfig:
         return f"n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
 
 
-# Chosen by reading the sm_90 SASS (no GPU here): 1 warp with 8 rows per thread is ~3.1 instructions per weight,
-# 16 rows ~2.8 (at 250 registers), 4 rows ~3.7; every config has 2-4 KB of codes per program per step.
+# Read off the sm_90 SASS: 8 rows per thread is ~3.1 instructions per weight, 16 rows ~2.8, 4 rows ~3.7. Measured on
+# an H200 (bench/RESULTS.md, one 7B layer's four GEMVs): n8k2048w2s1 39.9 us, n8k1024w1s1 41.2, n4k1024w1s1 43.7,
+# n16k1024w1s1 48.3, tinygemm 59.9; every config with shared-memory stages 111 us or more.
 CONFIGS = {c.name: c for c in (
-    Int4GemvConfig(8, 1024, 1, 3),  # 8 rows x 512 bytes per step, 3 stages (the int8 GEMV's best tile, doubled)
-    Int4GemvConfig(4, 1024, 1, 3),  # half the rows: twice the programs for the 4096-row GEMVs
-    Int4GemvConfig(8, 1024, 1, 4),  # one more step in flight per program
-    Int4GemvConfig(16, 1024, 2, 3),  # two warps of 8 rows sharing the step's x (one cp.async copy)
-    Int4GemvConfig(8, 2048, 2, 3),  # two warps split each step's 2048 columns: 8 KB per step
-    Int4GemvConfig(16, 1024, 1, 2),  # 16 rows per thread: fewest instructions per weight, most registers
+    Int4GemvConfig(8, 2048, 2, 1),  # the default: two warps per step of 2048 columns, 8 rows per thread
+    Int4GemvConfig(8, 1024, 1, 1),  # one warp per step of 1024 columns
+    Int4GemvConfig(4, 1024, 1, 1),  # 4 rows per thread: twice the programs
+    Int4GemvConfig(16, 1024, 1, 1),  # 16 rows per thread: x loads shared by more rows, more registers
+    Int4GemvConfig(16, 1024, 2, 3),  # the fastest with shared-memory stages (cp.async), for comparison
 )}
-DEFAULT_CONFIG = "n8k1024w1s3"
+DEFAULT_CONFIG = "n8k2048w2s1"
 INTERPRETER_CONFIG = Int4GemvConfig(32, 256, 1, 1)  # few programs: the interpreter runs them one by one, paying per op
 
 
@@ -142,10 +148,13 @@ def _int4_step(acc, w_ptrs, x_ptrs, sm_ptrs, valid, MASKED: tl.constexpr, BF16: 
     # one K step: w (BN, T, 4) int32 words; x_ptrs the columns of each chunk's first word; sm the scale and offset
     # of each chunk's group (BF16: (BN, T) int32 pairs, else (BN, T, 2)); returns
     # acc (BN, T) + s * sum(x q) + m * sum(x) over each chunk (32 columns)
+    bn: tl.constexpr = w_ptrs.shape[0]
+    t: tl.constexpr = x_ptrs.shape[0]
     if MASKED:
-        w = tl.load(w_ptrs, mask=valid[None, :, None], other=0)
+        w = tl.load(w_ptrs, mask=tl.reshape(tl.broadcast_to(valid[:, None], (t, 4)), (4 * t,))[None, :], other=0)
     else:
-        w = tl.load(w_ptrs)
+        w = tl.load(w_ptrs)  # (BN, 4T): 4T contiguous words per row, so copies into shared memory keep rows whole
+    w = tl.reshape(w, (bn, t, 4))
     if BF16:
         if MASKED:
             sm = tl.load(sm_ptrs, mask=valid[None, :], other=0)
@@ -158,8 +167,6 @@ def _int4_step(acc, w_ptrs, x_ptrs, sm_ptrs, valid, MASKED: tl.constexpr, BF16: 
         else:
             sm = tl.load(sm_ptrs)
         s, m = tl.split(sm.to(tl.float32))  # (BN, T)
-    bn: tl.constexpr = w.shape[0]
-    t: tl.constexpr = w.shape[1]
     w02, w13 = tl.split(tl.reshape(w, (bn, t, 2, 2)))  # the chunk's four words, in registers
     wa, wc = tl.split(w02)
     wb, wd = tl.split(w13)
@@ -186,8 +193,7 @@ def _int4_gemv_kernel(X, W, SM, B, Y, M, N, K, stride_xm, stride_wn, stride_smn,
     offs_n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_w = offs_n % N  # rows past N re-read a valid row; never stored
     offs_t = tl.arange(0, BLOCK_T)
-    w_ptrs = (W + rows_w[:, None, None].to(tl.int64) * stride_wn + offs_t[None, :, None] * 4
-              + tl.arange(0, 4)[None, None, :])  # (BN, T, 4)
+    w_ptrs = W + rows_w[:, None].to(tl.int64) * stride_wn + tl.arange(0, 4 * BLOCK_T)[None, :]  # (BN, 4T) words
     PER_WORD: tl.constexpr = 4 if BF16 else 8  # elements of X per word of codes
     x_ptrs = X + row * stride_xm + offs_t[:, None] * (4 * PER_WORD) + tl.arange(0, PER_WORD)[None, :]  # (T, PER_WORD)
     sm_rows = SM + rows_w[:, None].to(tl.int64) * stride_smn  # (BN, 1)

@@ -1,7 +1,7 @@
 # q6 (issues 18 and 19, one H200, ~8 min): the 7B decode GEMVs inside CUDA graphs with GemLite's int4 kernels (its own
 # choice and each named kernel) against tinygemm, pipeloom's GEMVs and bf16; then float8 training at 1.3B with the
 # final norm, head and loss compiled (-headc) and with a float8 head (-f8head), a kernel profile of the float8 step
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl/gemlite/*.whl || exit
 mkdir -p /tmp/p && ln -sfn $PWD /tmp/p/pipeloom && export PYTHONPATH=/tmp/p:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 F="Warning\|warn(\|^ *$\|Configuration class"

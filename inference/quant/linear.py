@@ -16,9 +16,9 @@ empty structure that ``load_state_dict`` fills.
 
 Forward: int8/int4 call ``pipeloom.kernels.quant_matmul`` (the Triton GEMVs for decode-sized inputs on a GPU,
 the torch reference otherwise). For int4 on a CUDA GPU ``backend="auto"`` runs the kernel that
-``PIPELOOM_INT4_KERNEL`` names when the layer is built: ``tinygemm`` (default: torch's kernel,
-``kernels/int4_tinygemm.py``; compute capability 8.0+, bf16 activations; 60 us per 7B layer on an H200) or
-``triton`` (pipeloom's GEMV, ``kernels/int4_gemv.py``: 125 us there; the path wherever tinygemm cannot run);
+``PIPELOOM_INT4_KERNEL`` names when the layer is built: ``triton`` (default: pipeloom's GEMV,
+``kernels/int4_gemv.py``; 40 us per 7B layer on an H200, 2.7 TB/s) or ``tinygemm`` (torch's kernel,
+``kernels/int4_tinygemm.py``; compute capability 8.0+, bf16 activations; 60 us there);
 ``backend="triton"`` / ``"tinygemm"`` insist on one. Both want a layout of their own,
 built once per layer into *non-persistent* buffers (not saved; rebuilt after loading or moving) by
 :meth:`QuantizedLinear.prepare_kernels`: the GEMV's (s, m) pairs (``gemv_scale_offset``, (N, G, 2)), or
@@ -50,9 +50,10 @@ INT4_KERNELS = ("triton", "tinygemm")
 
 
 def int4_kernel_choice() -> str:
-    """``$PIPELOOM_INT4_KERNEL`` (``tinygemm`` when unset: twice our GEMV's speed on an H200, ``bench/RESULTS.md``):
-    the int4 kernel ``backend="auto"`` runs on a GPU; where tinygemm cannot run, the GEMV does."""
-    choice = os.environ.get(INT4_KERNEL_ENV, "tinygemm")
+    """``$PIPELOOM_INT4_KERNEL`` (``triton`` when unset: our GEMV, 1.5x tinygemm's speed per 7B layer on an H200,
+    ``bench/RESULTS.md``): the int4 kernel ``backend="auto"`` runs on a GPU; where tinygemm cannot run, the GEMV
+    does."""
+    choice = os.environ.get(INT4_KERNEL_ENV, "triton")
     if choice not in INT4_KERNELS:
         raise ValueError(f"{INT4_KERNEL_ENV}={choice!r}; choose one of {INT4_KERNELS}")
     return choice
