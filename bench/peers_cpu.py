@@ -57,6 +57,8 @@ bubbles are mostly filled and the step time follows the CPU work of all ranks (c
 engine's overhead per message and per action) rather than the schedule's bubble; on a shared box the
 CPU-time table (summed over the ranks, barriers excluded) is the steadier of the two. ``--profile``
 splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
+``--frameworks pipeloom,pipeloom-gloo,torch`` puts pipeloom's default p2p transport on one host (shared
+memory, :mod:`pipeloom.parallel.shm_link`) beside its gloo one (``links="gloo"``), both against torch;
 ``--frameworks pipeloom,pipeloom-per-message,torch`` measures what the shape-header cache saves (the
 runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before);
 ``--frameworks pipeloom,pipeloom-directional,torch`` what per-direction p2p groups (NCCL's layout) cost on
@@ -81,8 +83,10 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-directional", "pipeloom-early-receives")
+DIAGNOSTIC = ("pipeloom-gloo", "pipeloom-per-message", "pipeloom-shared", "pipeloom-directional",
+              "pipeloom-early-receives")
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
+          "pipeloom-gloo": "pipeloom on gloo",
           "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group",
           "pipeloom-directional": "pipeloom, a p2p group per direction", "pipeloom-early-receives":
           "pipeloom, receives a run early"}
@@ -186,6 +190,12 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", 
     step.runtime = runtime
     local = [i for s in plan.stages_of(rank) for i in stage_layers(s, cfg["layers"], plan.num_stages)]
     return Engine(step, layers, local)
+
+
+def build_pipeloom_gloo(schedule: str, cfg: dict, rank: int) -> Engine:
+    """pipeloom with its p2p on gloo (``links="gloo"``: one process group for the pipeline's links) instead of
+    the shared-memory links it uses by default when every rank is on this host."""
+    return build_pipeloom(schedule, cfg, rank, links="gloo")
 
 
 def build_pipeloom_per_message(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -325,6 +335,7 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
+            "pipeloom-gloo": build_pipeloom_gloo,
             "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared,
             "pipeloom-directional": build_pipeloom_directional,
             "pipeloom-early-receives": build_pipeloom_early_receives}
@@ -462,19 +473,21 @@ def format_row(row: dict) -> str:
 def table(results: dict, frameworks: list[str]) -> str:
     """Markdown: per shape and schedule, the median step time (wall, barrier to barrier) and the median CPU
     time of the step summed over the 4 ranks (gloo's threads included), in ms, by engine, each followed by
-    the ratios first engine / each other (below 1: the first, pipeloom by default, is faster)."""
+    the ratios first engine / each other (below 1: the first, pipeloom by default, is faster), then those of
+    every other pipeloom variant / torch.pipelining when both ran (e.g. ``pipeloom-gloo``)."""
     first, others = frameworks[0], frameworks[1:]
+    pairs = [(first, f) for f in others] + [(f, "torch") for f in others
+                                            if f.startswith("pipeloom") and "torch" in frameworks]
     head = ["shape", "schedule"]
     for what in ("wall", "CPU"):
-        head += [f"{what}: {LABELS[f]}" for f in frameworks] + [f"{what}: {LABELS[first]} / {LABELS[f]}"
-                                                                for f in others]
+        head += [f"{what}: {LABELS[f]}" for f in frameworks] + [f"{what}: {LABELS[a]} / {LABELS[b]}" for a, b in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["rows"]:
         cells = [row["shape"], row["schedule"]]
         for key in ("times", "cpu"):
             t = {f: median_ms(v) for f, v in row[key].items()}
             cells += [f"{t[f]:.1f}" if f in t else "n/a" for f in frameworks]
-            cells += [f"{t[first] / t[f]:.2f}" if f in t and first in t else "n/a" for f in others]
+            cells += [f"{t[a] / t[b]:.2f}" if a in t and b in t else "n/a" for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
