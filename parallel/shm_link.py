@@ -41,6 +41,7 @@ load, is x86-64's store ordering (TSO), so :func:`host_identity` offers shared m
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import mmap
 import os
@@ -59,12 +60,11 @@ import torch
 from .errors import PipelineTimeout
 
 SHM_DIR = "/dev/shm"
-HEADER_BYTES = 4096  # the ring file's first page: the receiver's tail, int64 at offset 0
+HEADER_BYTES = 4096  # the ring file's first page: the receiver's tail, an aligned int64 at offset 0
 ALIGN = 64  # every chunk starts at a multiple of this in the ring
 CHUNK_MIN = 64 << 10  # a ring end shorter than this is skipped rather than filled with a small chunk
 DEFAULT_RING_BYTES = 8 << 20
 RECORD = struct.Struct("<qqqqq")  # tag, message bytes, offset in the message, chunk bytes, ring position
-TAIL = struct.Struct("<q")
 _READ = RECORD.size * 256
 
 
@@ -109,10 +109,10 @@ class ShmHub:
 class _Message:
     """An incoming message: where its bytes go (a posted receive's tensor, or a stash) and how many came."""
 
-    __slots__ = ("buf", "total", "received", "work")
+    __slots__ = ("buf", "total", "received", "complete", "work")
 
-    def __init__(self, buf: torch.Tensor, total: int, work=None):
-        self.buf, self.total, self.received, self.work = buf, total, 0, work
+    def __init__(self, buf: torch.Tensor, total: int):
+        self.buf, self.total, self.received, self.complete, self.work = buf, total, 0, False, None
 
 
 class _SendWork:
@@ -155,7 +155,7 @@ class _RecvWork:
             raise RuntimeError(f"{self.link.group_name}: a message of {message.total} bytes with tag {self.tag} "
                                f"arrived for a receive of {self.data.numel()} bytes; both ends must agree on shapes")
         self.message, message.work = message, self
-        if message.received == message.total:
+        if message.complete:
             self.finish()
 
     def finish(self) -> None:
@@ -179,6 +179,8 @@ class ShmLink:
         self.group_name = f"shm:{src}>{dst}"
         self.hub, self.timeout = hub, float(timeout)
         self._mm = ring
+        # One aligned 8-byte load or store (struct.pack_into would write it a byte at a time: a torn tail).
+        self._shared_tail = ctypes.c_int64.from_buffer(ring, 0)
         self.size = len(ring) - HEADER_BYTES
         self._ring = torch.frombuffer(ring, dtype=torch.uint8)[HEADER_BYTES:]  # (size,) shared with the peer
         self._data_fd, self._free_fd, self._pidfd = data_fd, free_fd, pidfd
@@ -227,8 +229,12 @@ class ShmLink:
             if left:
                 free = size - (self._head - self._tail)
                 if free < left:
-                    self._tail = TAIL.unpack_from(self._mm, 0)[0]
+                    self._tail = self._shared_tail.value
                     free = size - (self._head - self._tail)
+                if not 0 <= free <= size:
+                    raise RuntimeError(f"{self.group_name}: the ring's tail {self._tail} is out of reach of its head "
+                                       f"{self._head} (ring of {size} bytes); the peer process is not following "
+                                       f"the protocol")
                 at = self._head % size
                 contiguous = min(free, size - at)
                 if contiguous < min(left, CHUNK_MIN) and free > contiguous:  # a short end: go on at the start
@@ -299,14 +305,14 @@ class ShmLink:
             at = position % self.size
             message.buf[offset:offset + n].copy_(self._ring[at:at + n])
             self._tail = position + ((n + ALIGN - 1) & -ALIGN)
-            TAIL.pack_into(self._mm, 0, self._tail)
+            self._shared_tail.value = self._tail
             try:
                 os.write(self._free_fd, b"\0")
             except BlockingIOError:  # full of wake-ups the sender has not read: it will see the tail
                 pass
         message.received += n
         if message.received == message.total:
-            self._current = None
+            message.complete, self._current = True, None
             if message.work is not None:
                 message.work.finish()
 
