@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import PipelineCommError, PipelineTimeout
-from .shm_link import DEFAULT_RING_BYTES, ShmHub, ShmLink, connect, host_identity
+from .shm_connect import connect, host_identity
+from .shm_link import DEFAULT_RING_BYTES, ShmHub, ShmLink
 
 log = logging.getLogger("pipeloom")
 
@@ -128,8 +129,8 @@ class PipelineLinks:
                     work.wait()
         run = gathered[0]["run"]  # a name for this call's files, the same on every rank
         ends = [(f"{run}-{i}", k) for i, k in enumerate(create) if k[1] == "shm" and me in k[2:4]]
-        opened = connect([(name, k[2], k[3], k[4]) for name, k in ends], me, dist.distributed_c10d._get_default_store(),
-                         self._hub, self.ring_bytes, timeout)
+        store = dist.distributed_c10d._get_default_store()
+        opened = connect([(name, k[2], k[3], k[4]) for name, k in ends], me, store, self._hub, self.ring_bytes, timeout)
         cache.update({k: opened[name] for name, k in ends})
         if shm[me]:  # a shared-memory link exists only at its two ends
             return {(a, b): cache[shm_key(a, b)] for a, b in pairs if me in (ranks[a], ranks[b])}

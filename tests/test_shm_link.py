@@ -191,7 +191,7 @@ def refusal_worker(case: str) -> str:
                 fallback = PipelineRuntime(plan, modules, F.mse_loss, timeout=30).transport
                 PipelineRuntime(plan, modules, F.mse_loss, links="shm", timeout=30)
             finally:
-                from pipeloom.parallel.shm_link import host_identity
+                from pipeloom.parallel.shm_connect import host_identity
 
                 links_module.host_identity = host_identity
             return f"auto gave {fallback}; shm: no error"
