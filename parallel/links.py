@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import PipelineCommError, PipelineTimeout
-from .shm_connect import connect, host_identity
-from .shm_link import DEFAULT_RING_BYTES, ShmHub, ShmLink
+from .shm_connect import connect, host_identity, shm_free_bytes
+from .shm_link import DEFAULT_RING_BYTES, HEADER_BYTES, ShmHub, ShmLink
 
 log = logging.getLogger("pipeloom")
 
@@ -107,9 +107,11 @@ class PipelineLinks:
             return (group.group_name, "shm", ranks[a], ranks[b], seconds)
 
         host, why = host_identity() if transport != "gloo" else (None, "")
-        mine = {"missing": sorted({key(a, b) for a, b in pairs} - set(cache)),
-                "shm_missing": sorted({shm_key(a, b) for a, b in pairs} - set(cache)), "transport": transport,
-                "members": list(ranks), "host": host, "why": why, "run": secrets.token_hex(4)}
+        shm_missing = sorted({shm_key(a, b) for a, b in pairs} - set(cache))
+        need = (HEADER_BYTES + self.ring_bytes) * sum(k[2] == dist.get_rank() for k in shm_missing)  # rings made here
+        mine = {"missing": sorted({key(a, b) for a, b in pairs} - set(cache)), "shm_missing": shm_missing,
+                "transport": transport, "members": list(ranks), "host": host, "why": why, "need": need,
+                "free": shm_free_bytes() if host is not None else 0, "run": secrets.token_hex(4)}
         gathered = _gather_over_store(mine, timeout)
         shm = _choose_shm(gathered)
         create = sorted({tuple(k) for r, part in enumerate(gathered)
@@ -142,7 +144,14 @@ TRANSPORTS = ("gloo", "shm", "auto")  # PipelineLinks.groups(transport=...)
 
 def _choose_shm(gathered: list) -> list[bool]:
     """Per world rank: whether its pipeline's links are shared-memory ones. The same answer on every rank (all
-    read the same gathered requests), so a refusal raises everywhere, before any collective could hang."""
+    read the same gathered requests), so a refusal raises everywhere, before any collective could hang. A host
+    whose ``/dev/shm`` has less room than the rings asked of it there gets none (a ring past the room would
+    end in SIGBUS at its first touch of a missing page)."""
+    need, free = Counter(), {}
+    for part in gathered:
+        if part["host"] is not None:
+            need[part["host"]] += part["need"]
+            free[part["host"]] = min(free.get(part["host"], part["free"]), part["free"])
     out = []
     for part in gathered:
         members = part["members"]
@@ -153,6 +162,14 @@ def _choose_shm(gathered: list) -> list[bool]:
                              f"same links= and the same PIPELOOM_P2P environment variable")
         hosts = {gathered[m]["host"] for m in members}
         together = len(hosts) == 1 and None not in hosts
+        host = part["host"]
+        if together and free[host] < need[host]:
+            if part["transport"] == "shm":
+                raise ValueError(f"shared-memory p2p links (links='shm' or PIPELOOM_P2P=shm) for the pipeline of "
+                                 f"global ranks {members}: the rings need {need[host] / 2**20:.1f} MiB of /dev/shm on "
+                                 f"this host but {free[host] / 2**20:.1f} MiB are free; give it more room (docker run "
+                                 f"--shm-size), smaller rings (PipelineLinks(ring_bytes=...)), or use links='gloo'")
+            together = False
         if part["transport"] == "shm" and not together:
             why = sorted({gathered[m]["why"] for m in members if gathered[m]["why"]})
             raise ValueError(f"shared-memory p2p links (links='shm' or PIPELOOM_P2P=shm) need every rank of the "

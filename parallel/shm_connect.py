@@ -45,6 +45,15 @@ def host_identity() -> tuple[str | None, str]:
     return f"{socket.gethostname()}/{boot}/{device}", ""
 
 
+def shm_free_bytes() -> int:
+    """Bytes free in ``/dev/shm`` (0 where it cannot be read): a ring beyond them would fail at first touch."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
+
+
 def connect(links: list[tuple[str, int, int, float]], me: int, store, hub: ShmHub, ring_bytes: int,
             timeout: float) -> dict[str, ShmLink]:
     """This process's ends of ``links`` ``[(name, src, dst, timeout), ...]`` (global ranks), by name; each

@@ -178,23 +178,27 @@ def killed_worker() -> dict | None:
 
 
 def refusal_worker(case: str) -> str:
-    """Errors every rank must give alike (so none is left waiting in a collective)."""
+    """Errors every rank must give alike (so none is left waiting in a collective); where "auto" falls back to
+    gloo instead, what it chose."""
     plan = get_schedule("1f1b", pp=2, microbatches=2)
     modules = split_stages(build(2), 2)
+    if case in ("elsewhere", "full"):  # rank 1 reports another host, or rank 0 a /dev/shm without room
+        name, value = ("host_identity", lambda: ("another-host/boot/1", "")) if case == "elsewhere" else (
+            "shm_free_bytes", lambda: 4096)
+        original = getattr(links_module, name)
+        if dist.get_rank() == (1 if case == "elsewhere" else 0):
+            setattr(links_module, name, value)
+        try:
+            fallback = PipelineRuntime(plan, modules, F.mse_loss, timeout=30).transport
+            PipelineRuntime(plan, modules, F.mse_loss, links="shm", timeout=30)
+            return f"auto gave {fallback}; shm: no error"
+        except ValueError as error:
+            return f"auto gave {fallback}; shm: {error}"
+        finally:
+            setattr(links_module, name, original)
     try:
         if case == "mixed":  # the two ends of the pipeline ask for different transports
             PipelineRuntime(plan, modules, F.mse_loss, links="shm" if dist.get_rank() == 0 else "gloo", timeout=30)
-        elif case == "elsewhere":  # rank 1 reports another host: "shm" is refused, "auto" falls back to gloo
-            if dist.get_rank() == 1:
-                links_module.host_identity = lambda: ("another-host/boot/1", "")
-            try:
-                fallback = PipelineRuntime(plan, modules, F.mse_loss, timeout=30).transport
-                PipelineRuntime(plan, modules, F.mse_loss, links="shm", timeout=30)
-            finally:
-                from pipeloom.parallel.shm_connect import host_identity
-
-                links_module.host_identity = host_identity
-            return f"auto gave {fallback}; shm: no error"
         elif case == "env":
             train(2, "1f1b", env="tcp")
         return "no error"
@@ -256,7 +260,11 @@ def test_refusals_are_clear_and_alike_on_every_rank(pool2):
     for message in pool2.run(refusal_worker, "mixed"):
         assert "asked for different p2p transports" in message and "PIPELOOM_P2P" in message, message
     for message in pool2.run(refusal_worker, "elsewhere"):
+        assert message.startswith("auto gave gloo; shm: "), message
         assert "need every rank of the pipeline" in message and "another-host" in message, message
+    for message in pool2.run(refusal_worker, "full"):
+        assert message.startswith("auto gave gloo; shm: "), message
+        assert "MiB of /dev/shm" in message and "0.0 MiB are free" in message and "--shm-size" in message, message
     for message in pool2.run(refusal_worker, "env"):
         assert "PIPELOOM_P2P='tcp'" in message and "('gloo', 'shm')" in message, message
 
