@@ -159,8 +159,10 @@ class P2P:
     cache); :meth:`reset` takes, per forward message of the step, its shape key and whether it carries a
     header. ``counts`` (reset each step): ``calls`` (one per process group per posting), ``ops``
     (isend/irecv posted), ``headers`` (header ops, sent or received), ``waits`` (all waits, drained sends
-    included), ``timed_waits`` (those given a timeout), ``forward_waits`` (waits for receiving forward
-    messages, headers included) and ``early_receives`` (receives posted before their own exchange).
+    included; on shared-memory links a send is done once its bytes are in the ring, so :meth:`prune` drops it
+    and only sends still queued for room are waited), ``timed_waits`` (those given a timeout),
+    ``forward_waits`` (waits for receiving forward messages, headers included) and ``early_receives``
+    (receives posted before their own exchange).
     """
 
     def __init__(self, group, ranks: Sequence[int], rank: int, device: torch.device, timeout: float,
