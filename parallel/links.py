@@ -12,13 +12,13 @@ anything but earlier sends on that link and a rank's receives never hold up its 
 behaves as if sends were buffered, the semantics its plans are validated under
 (:func:`~pipeloom.parallel.p2p.check_rendezvous` models the NCCL rules).
 
-:class:`PipelineLinks` owns such groups. A :class:`~pipeloom.parallel.mesh.Mesh` holds one
-(``mesh.links``), a caller may pass one to several runtimes, and a runtime given neither makes its own;
-nothing is kept in module globals. ``transport="auto"`` (the runtime's default for a gloo pipeline on CPU)
-gives shared-memory links when every rank of the pipeline reports the same host (hostname, boot id and
-``/dev/shm`` device, gathered through the store) and gloo groups otherwise; ``"shm"`` insists on them and
-``"gloo"`` never uses them. Groups are created with the runtime's timeout, which is then the
-deadline of every wait on them (the runtime waits without a timeout of its own, see
+:class:`PipelineLinks` owns such groups. A :class:`~pipeloom.parallel.mesh.Mesh` holds one (``mesh.links``),
+a caller may pass one to several runtimes, and a runtime given neither makes its own; nothing is kept in
+module globals. ``transport="auto"`` (the runtime's default for a gloo pipeline on CPU) gives shared-memory
+links when every rank of the pipeline reports the same host (hostname, boot id and ``/dev/shm`` device,
+gathered through the store) and that ``/dev/shm`` has room for their rings, and gloo groups otherwise;
+``"shm"`` insists on them and ``"gloo"`` never uses them. Groups are created with the runtime's timeout,
+which is then the deadline of every wait on them (the runtime waits without a timeout of its own, see
 :mod:`pipeloom.parallel.p2p`). An owner that outlives ``destroy_process_group`` notices the new default
 group and creates its links again instead of handing out dead ones.
 
@@ -85,14 +85,13 @@ class PipelineLinks:
 
     def groups(self, group, ranks: Sequence[int], pairs, device=None, timeout: float = 300.0,
                per_direction: bool = True, transport: str = "gloo") -> dict[tuple[int, int], object]:
-        """``{(src, dst) pipeline ranks: link}`` for ``pairs`` (those with this rank at one end, on shared memory) of
-        the pipeline ``group`` whose members are
-        ``ranks`` (global, by pipeline rank). ``transport``: ``"gloo"`` (process groups of the pipeline's
-        backend; ``per_direction=False`` puts every link of the pipeline on one group of its own, enough where
-        sends are buffered, gloo; see the runtime's ``links``), ``"shm"`` (:class:`ShmLink` ends; every rank of
-        the pipeline must be on this host) or ``"auto"`` (shm where every rank of the pipeline is on this host,
-        else gloo). Every rank of a pipeline must ask for the same transport. Collective over the world; see the
-        class docstring."""
+        """``{(src, dst) pipeline ranks: link}`` for ``pairs`` of the pipeline ``group`` whose members are ``ranks``
+        (global, by pipeline rank); on shared memory only the pairs with this rank at one end. ``transport``:
+        ``"gloo"`` (process groups of the pipeline's backend; ``per_direction=False`` puts every link of the
+        pipeline on one group of its own, enough where sends are buffered, gloo; see the runtime's ``links``),
+        ``"shm"`` (:class:`ShmLink` ends; every rank of the pipeline must be on this host, with room in its
+        ``/dev/shm``) or ``"auto"`` (shm where that holds, else gloo). Every rank of a pipeline must ask for the
+        same transport. Collective over the world; see the class docstring."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r}; choose one of {TRANSPORTS}")
         cache = self._current()
