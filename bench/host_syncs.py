@@ -9,7 +9,8 @@ read; the optimizer step inside the runtime) for ``--warmup`` steps, then counts
 reading the loss once at the end as a logging loop does every few steps. Counted, by patching the
 calls (the same on any pipeloom version, so a checkout before a change measures its "before"):
 
-* ``timed waits``: ``Work.wait(timeout)`` calls. On NCCL each one makes the host poll until the transfer
+* ``timed waits``: ``Work.wait(timeout)`` calls (a process group's, or a shared-memory link's on one CPU
+  host). On NCCL each one makes the host poll until the transfer
   is done (an asynchronous receive turned into a host sync); ``untimed waits`` only order the stream.
 * ``tensor reads``: ``Tensor.item/tolist/__float__/__int__/__bool__`` calls inside the step, by the
   tensor's device and the function that made them. A read of a device tensor is a host sync on a GPU; on
@@ -73,6 +74,12 @@ class Counting:
             return counted
 
         self._patch(dist.Work, "wait", wait)
+        try:  # on one CPU host the runtime's p2p runs over shared-memory links, whose works are not dist.Work
+            from pipeloom.parallel import shm_link
+        except ImportError:  # a pipeloom from before them
+            shm_link = None
+        for cls in (shm_link._SendWork, shm_link._RecvWork) if shm_link is not None else ():
+            self._patch(cls, "wait", wait)
         for name in READS:
             self._patch(torch.Tensor, name, read(name))
         self._patch(torch.cuda, "synchronize", synchronize)

@@ -56,7 +56,10 @@ Reading the numbers: 4 ranks on 2 cores means a waiting rank's core runs another
 bubbles are mostly filled and the step time follows the CPU work of all ranks (compute plus each
 engine's overhead per message and per action) rather than the schedule's bubble; on a shared box the
 CPU-time table (summed over the ranks, barriers excluded) is the steadier of the two. ``--profile``
-splits one pipeloom step per rank (compute, communication wait, bookkeeping) from its timeline;
+splits one step of each pipeloom engine per rank (compute, communication wait, bookkeeping) from its
+timeline, with the context switches of all the rank's threads in it;
+``--frameworks pipeloom,pipeloom-gloo,torch`` puts pipeloom's default p2p transport on one host (shared
+memory, :mod:`pipeloom.parallel.shm_link`) beside its gloo one (``links="gloo"``), both against torch;
 ``--frameworks pipeloom,pipeloom-per-message,torch`` measures what the shape-header cache saves (the
 runtime's ``shapes="per-message"`` mode sends a header with every activation, as pipeloom did before);
 ``--frameworks pipeloom,pipeloom-directional,torch`` what per-direction p2p groups (NCCL's layout) cost on
@@ -67,6 +70,7 @@ gloo, ``pipeloom-shared`` what one group for every link does;
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import statistics
 import sys
@@ -81,8 +85,10 @@ from torch import nn
 
 PP = 4
 FRAMEWORKS = ("pipeloom", "torch", "deepspeed")  # the default comparison
-DIAGNOSTIC = ("pipeloom-per-message", "pipeloom-shared", "pipeloom-directional", "pipeloom-early-receives")
+DIAGNOSTIC = ("pipeloom-gloo", "pipeloom-per-message", "pipeloom-shared", "pipeloom-directional",
+              "pipeloom-early-receives")
 LABELS = {"pipeloom": "pipeloom", "torch": "torch.pipelining", "deepspeed": "DeepSpeed",
+          "pipeloom-gloo": "pipeloom on gloo",
           "pipeloom-per-message": "pipeloom, header per message", "pipeloom-shared": "pipeloom, one p2p group",
           "pipeloom-directional": "pipeloom, a p2p group per direction", "pipeloom-early-receives":
           "pipeloom, receives a run early"}
@@ -186,6 +192,12 @@ def build_pipeloom(schedule: str, cfg: dict, rank: int, shapes: str = "cached", 
     step.runtime = runtime
     local = [i for s in plan.stages_of(rank) for i in stage_layers(s, cfg["layers"], plan.num_stages)]
     return Engine(step, layers, local)
+
+
+def build_pipeloom_gloo(schedule: str, cfg: dict, rank: int) -> Engine:
+    """pipeloom with its p2p on gloo (``links="gloo"``: one process group for the pipeline's links) instead of
+    the shared-memory links it uses by default when every rank is on this host."""
+    return build_pipeloom(schedule, cfg, rank, links="gloo")
 
 
 def build_pipeloom_per_message(schedule: str, cfg: dict, rank: int) -> Engine:
@@ -325,6 +337,7 @@ def _use_deepspeed_gpipe(engine) -> None:
 
 
 BUILDERS = {"pipeloom": build_pipeloom, "torch": build_torch, "deepspeed": build_deepspeed,
+            "pipeloom-gloo": build_pipeloom_gloo,
             "pipeloom-per-message": build_pipeloom_per_message, "pipeloom-shared": build_pipeloom_shared,
             "pipeloom-directional": build_pipeloom_directional,
             "pipeloom-early-receives": build_pipeloom_early_receives}
@@ -412,7 +425,8 @@ def run_schedule(shape: str, schedule: str, cfg: dict, x, y, ref_loss: float, re
         per_rank = [None] * PP
         dist.all_gather_object(per_rank, cpu[name])
         cpu[name] = [sum(step) for step in zip(*per_rank)]
-    profile = pipeloom_profile(engines["pipeloom"], x, y) if cfg["profile"] and "pipeloom" in engines else None
+    profile = {name: pipeloom_profile(engines[name], x, y) for name in names
+               if cfg["profile"] and name.startswith("pipeloom")}
     return {"shape": shape, "schedule": schedule, "checks": checks, "times": times, "cpu": cpu, "profile": profile}
 
 
@@ -422,9 +436,11 @@ def pipeloom_profile(engine: Engine, x, y) -> list[dict] | None:
     every, runtime.timeline_every = runtime.timeline_every, 1  # this step measured, whatever the sampling period
     try:
         dist.barrier()
+        switches = context_switches()
         start = time.perf_counter()
         result = runtime.step(x, y)
         after_actions = time.perf_counter()
+        switches = context_switches() - switches
         dist.barrier()
         wall = time.perf_counter() - start
     finally:
@@ -440,10 +456,24 @@ def pipeloom_profile(engine: Engine, x, y) -> list[dict] | None:
             end = iv.end
     last = max(iv.end for iv in ivs)
     mine = {"rank": dist.get_rank(), "wall": wall, "actions": last - start, "compute": compute, "comm": comm,
-            "update": other, "tail": after_actions - last, "gaps": (last - start) - compute - comm - other}
+            "update": other, "tail": after_actions - last, "gaps": (last - start) - compute - comm - other,
+            "switches": switches}
     gathered = [None] * PP
     dist.all_gather_object(gathered, mine)
     return gathered
+
+
+def context_switches() -> int:
+    """Context switches (voluntary and not) of every thread of this process so far, gloo's included; 0 without
+    /proc."""
+    total = 0
+    for status in glob.glob("/proc/self/task/*/status"):
+        try:
+            with open(status) as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except OSError:  # the thread ended meanwhile
+            continue
+    return total
 
 
 # ----- output ------------------------------------------------------------------------------------------
@@ -462,19 +492,21 @@ def format_row(row: dict) -> str:
 def table(results: dict, frameworks: list[str]) -> str:
     """Markdown: per shape and schedule, the median step time (wall, barrier to barrier) and the median CPU
     time of the step summed over the 4 ranks (gloo's threads included), in ms, by engine, each followed by
-    the ratios first engine / each other (below 1: the first, pipeloom by default, is faster)."""
+    the ratios first engine / each other (below 1: the first, pipeloom by default, is faster), then those of
+    every other pipeloom variant / torch.pipelining when both ran (e.g. ``pipeloom-gloo``)."""
     first, others = frameworks[0], frameworks[1:]
+    pairs = [(first, f) for f in others] + [(f, "torch") for f in others
+                                            if f.startswith("pipeloom") and "torch" in frameworks]
     head = ["shape", "schedule"]
     for what in ("wall", "CPU"):
-        head += [f"{what}: {LABELS[f]}" for f in frameworks] + [f"{what}: {LABELS[first]} / {LABELS[f]}"
-                                                                for f in others]
+        head += [f"{what}: {LABELS[f]}" for f in frameworks] + [f"{what}: {LABELS[a]} / {LABELS[b]}" for a, b in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["rows"]:
         cells = [row["shape"], row["schedule"]]
         for key in ("times", "cpu"):
             t = {f: median_ms(v) for f, v in row[key].items()}
             cells += [f"{t[f]:.1f}" if f in t else "n/a" for f in frameworks]
-            cells += [f"{t[first] / t[f]:.2f}" if f in t and first in t else "n/a" for f in others]
+            cells += [f"{t[a] / t[b]:.2f}" if a in t and b in t else "n/a" for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -488,14 +520,17 @@ def same_work(results: dict) -> str:
 
 
 def profile_text(results: dict) -> str:
-    lines = [("pipeloom per rank, one step (ms): wall | actions span | compute | comm wait | update | between "
-              "actions | after the last action (loss broadcast, drain)")]
-    for row in results["rows"]:
-        for p in row["profile"] or []:
-            lines.append(f"  {row['shape']:<8} {row['schedule']:<17} rank {p['rank']}: {p['wall'] * 1e3:7.1f} "
-                         f"| {p['actions'] * 1e3:7.1f} "
-                         f"| {p['compute'] * 1e3:7.1f} | {p['comm'] * 1e3:7.1f} | {p['update'] * 1e3:5.1f} "
-                         f"| {p['gaps'] * 1e3:6.1f} | {p['tail'] * 1e3:5.1f}")
+    lines = []
+    for name in dict.fromkeys(name for row in results["rows"] for name in row["profile"] or {}):
+        lines.append(f"{LABELS[name]} per rank, one step (ms): wall | actions span | compute | comm wait | update "
+                     f"| between actions | after the last action (loss broadcast, drain) | context switches (all "
+                     f"threads)")
+        for row in results["rows"]:
+            for p in (row["profile"] or {}).get(name) or []:
+                lines.append(f"  {row['shape']:<8} {row['schedule']:<17} rank {p['rank']}: {p['wall'] * 1e3:7.1f} "
+                             f"| {p['actions'] * 1e3:7.1f} "
+                             f"| {p['compute'] * 1e3:7.1f} | {p['comm'] * 1e3:7.1f} | {p['update'] * 1e3:5.1f} "
+                             f"| {p['gaps'] * 1e3:6.1f} | {p['tail'] * 1e3:5.1f} | {p['switches']:5d}")
     return "\n".join(lines)
 
 
@@ -514,7 +549,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma list of {list(SCHEDULES)}")
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
                         help=f"comma list of {list(FRAMEWORKS + DIAGNOSTIC)}; the first is the numerator of the ratios")
-    parser.add_argument("--profile", action="store_true", help="split one pipeloom step per rank")
+    parser.add_argument("--profile", action="store_true", help="split one step of each pipeloom engine per rank")
     parser.add_argument("--smoke", action="store_true", help=f"tiny sizes, one timed step: {SMOKE_SHAPES}")
     return parser.parse_args(argv)
 

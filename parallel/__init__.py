@@ -2,7 +2,8 @@
 """Parallelism applied to plain models.
 
 Pipeline parallelism (``stage``, ``runtime`` with ``runtime_setup`` and the compiled ``program``, ``p2p`` and
-its ``links``, ``backward``, ``versions``, ``tied``, ``microbatch``, ``measure``)::
+its ``links`` - process groups, or shared memory between ranks of one host: ``shm_link``, ``shm_connect`` -,
+``backward``, ``versions``, ``tied``, ``microbatch``, ``measure``)::
 
     from pipeloom.parallel import PipelineRuntime, split_stages
     plan = get_schedule("1f1b", pp=4, microbatches=8)

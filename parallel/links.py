@@ -1,6 +1,8 @@
-# Pipeline links: per-direction p2p groups (owned by a Mesh or the caller), the hang watch, NCCL's rules.
-"""One process group per direction of each pipeline link (on gloo one for the whole pipeline) and who owns
-them; naming a hang without waiting on it; NCCL's matching rules replayed on recorded calls.
+# Pipeline links: shared-memory links or per-direction p2p groups (owned by a Mesh or the caller), hangs, NCCL's rules.
+"""The transport of each pipeline link and who owns it: shared-memory links (:mod:`pipeloom.parallel.shm_link`)
+where every rank of a CPU pipeline is on this host, else one process group per direction of each link (on
+gloo one for the whole pipeline); naming a hang without waiting on it; NCCL's matching rules replayed on
+recorded calls.
 
 On NCCL every batched p2p call of a process group runs on one stream, in posting order, and a send
 completes only when its receive has been posted; a call that mixes directions or peers can therefore
@@ -10,10 +12,13 @@ anything but earlier sends on that link and a rank's receives never hold up its 
 behaves as if sends were buffered, the semantics its plans are validated under
 (:func:`~pipeloom.parallel.p2p.check_rendezvous` models the NCCL rules).
 
-:class:`PipelineLinks` owns such groups. A :class:`~pipeloom.parallel.mesh.Mesh` holds one
-(``mesh.links``), a caller may pass one to several runtimes, and a runtime given neither makes its own;
-nothing is kept in module globals. Groups are created with the runtime's timeout, which is then the
-deadline of every wait on them (the runtime waits without a timeout of its own, see
+:class:`PipelineLinks` owns such groups. A :class:`~pipeloom.parallel.mesh.Mesh` holds one (``mesh.links``),
+a caller may pass one to several runtimes, and a runtime given neither makes its own; nothing is kept in
+module globals. ``transport="auto"`` (the runtime's default for a gloo pipeline on CPU) gives shared-memory
+links when every rank of the pipeline reports the same host (hostname, boot id and ``/dev/shm`` device,
+gathered through the store) and that ``/dev/shm`` has room for their rings, and gloo groups otherwise;
+``"shm"`` insists on them and ``"gloo"`` never uses them. Groups are created with the runtime's timeout,
+which is then the deadline of every wait on them (the runtime waits without a timeout of its own, see
 :mod:`pipeloom.parallel.p2p`). An owner that outlives ``destroy_process_group`` notices the new default
 group and creates its links again instead of handing out dead ones.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 import weakref
@@ -38,25 +44,31 @@ import torch
 import torch.distributed as dist
 
 from .errors import PipelineCommError, PipelineTimeout
+from .shm_connect import connect, host_identity, shm_free_bytes
+from .shm_link import DEFAULT_RING_BYTES, HEADER_BYTES, ShmHub, ShmLink
 
 log = logging.getLogger("pipeloom")
 
 
 class PipelineLinks:
-    """The p2p groups of every pipeline of one world: ``(pp group, "link", src, dst, timeout)`` (a direction
-    of a link) or ``(pp group, "pipeline", *members, timeout)`` (all of a pipeline's links) ``-> group``.
+    """The p2p links of every pipeline of one world: ``(pp group, "link", src, dst, timeout)`` (a direction of a
+    link, a process group), ``(pp group, "pipeline", *members, timeout)`` (all of a pipeline's links, one process
+    group) or ``(pp group, "shm", src, dst, timeout)`` (a direction of a link, a :class:`ShmLink` end) ``-> link``.
 
     :meth:`groups` is collective over the whole world (``new_group`` is): every rank calls it, with its
     own pipeline group. The pairs of all ranks are gathered through the rendezvous store (so a rank that
     never arrives is named after ``timeout`` seconds), every link some rank lacks is created on every
-    rank in one sorted order, and each new link carries one small message at once, in that order: NCCL
+    rank in one sorted order, and each new link group carries one small message at once, in that order: NCCL
     creates a communicator at its first use and blocks both ends until the other arrives, which inside a
-    step could stall a sender until its receiver reaches the link.
+    step could stall a sender until its receiver reaches the link. Shared-memory links (rings of
+    ``ring_bytes``) are then set up by their two ends only.
     """
 
-    def __init__(self):
+    def __init__(self, ring_bytes: int = DEFAULT_RING_BYTES):
+        self.ring_bytes = ring_bytes
         self._groups: dict[tuple, object] = {}
         self._world = None  # weak reference to the default group the cached links belong to
+        self._hub = ShmHub()  # this process's shared-memory links with sends queued
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -64,29 +76,49 @@ class PipelineLinks:
     def _current(self) -> dict[tuple, object]:
         world = dist.group.WORLD
         if self._world is None or self._world() is not world:  # first use, or torch.distributed re-initialised
-            self._groups = {}
+            for link in self._groups.values():
+                if isinstance(link, ShmLink):
+                    link.close()
+            self._groups, self._hub = {}, ShmHub()
             self._world = weakref.ref(world)
         return self._groups
 
     def groups(self, group, ranks: Sequence[int], pairs, device=None, timeout: float = 300.0,
-               per_direction: bool = True) -> dict[tuple[int, int], object]:
-        """``{(src, dst) pipeline ranks: link group}`` for ``pairs`` of the pipeline ``group`` whose members are
-        ``ranks`` (global, by pipeline rank). ``per_direction=False`` puts every link of the pipeline on one
-        group of its own (enough where sends are buffered, gloo; see the runtime's ``links``). Collective
-        over the world; see the class docstring."""
+               per_direction: bool = True, transport: str = "gloo") -> dict[tuple[int, int], object]:
+        """``{(src, dst) pipeline ranks: link}`` for ``pairs`` of the pipeline ``group`` whose members are ``ranks``
+        (global, by pipeline rank); on shared memory only the pairs with this rank at one end. ``transport``:
+        ``"gloo"`` (process groups of the pipeline's backend; ``per_direction=False`` puts every link of the
+        pipeline on one group of its own, enough where sends are buffered, gloo; see the runtime's ``links``),
+        ``"shm"`` (:class:`ShmLink` ends; every rank of the pipeline must be on this host, with room in its
+        ``/dev/shm``) or ``"auto"`` (shm where that holds, else gloo). Every rank of a pipeline must ask for the
+        same transport. Collective over the world; see the class docstring."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r}; choose one of {TRANSPORTS}")
         cache = self._current()
         seconds = float(timeout)
+        pairs = set(pairs)
 
         def key(a: int, b: int) -> tuple:  # flat (it travels as JSON); the kind keeps pp=2's two layouts apart
             return (group.group_name, "link", ranks[a], ranks[b], seconds) if per_direction else \
                 (group.group_name, "pipeline", *sorted(ranks), seconds)
 
-        mine = sorted({key(a, b) for a, b in set(pairs)})
-        missing = [k for k in mine if k not in cache]
-        gathered = _gather_over_store({"missing": missing}, timeout)
-        create = sorted({tuple(k) for part in gathered for k in part["missing"]}, key=lambda k: (len(k), k))
+        def shm_key(a: int, b: int) -> tuple:
+            return (group.group_name, "shm", ranks[a], ranks[b], seconds)
+
+        host, why = host_identity() if transport != "gloo" else (None, "")
+        shm_missing = sorted({shm_key(a, b) for a, b in pairs} - set(cache))
+        need = (HEADER_BYTES + self.ring_bytes) * sum(k[2] == dist.get_rank() for k in shm_missing)  # rings made here
+        mine = {"missing": sorted({key(a, b) for a, b in pairs} - set(cache)), "shm_missing": shm_missing,
+                "transport": transport, "members": list(ranks), "host": host, "why": why, "need": need,
+                "free": shm_free_bytes() if host is not None else 0, "run": secrets.token_hex(4)}
+        gathered = _gather_over_store(mine, timeout)
+        shm = _choose_shm(gathered)
+        create = sorted({tuple(k) for r, part in enumerate(gathered)
+                         for k in part["shm_missing" if shm[r] else "missing"]}, key=lambda k: (len(k), k))
         backend, me = dist.get_backend(group), dist.get_rank()
         for k in create:
+            if k[1] == "shm":
+                continue
             members, seconds_ = sorted(k[2:-1]), k[-1]
             cache[k] = link = dist.new_group(members, backend=backend, timeout=timedelta(seconds=seconds_))
             if me in members and k[1] == "link":  # a new link: one message at once (NCCL's communicator)
@@ -96,7 +128,55 @@ class PipelineLinks:
                                 group=link)
                 for work in dist.batch_isend_irecv([op]):
                     work.wait()
-        return {(a, b): cache[key(a, b)] for a, b in set(pairs)}
+        run = gathered[0]["run"]  # a name for this call's files, the same on every rank
+        ends = [(f"{run}-{i}", k) for i, k in enumerate(create) if k[1] == "shm" and me in k[2:4]]
+        store = dist.distributed_c10d._get_default_store()
+        opened = connect([(name, k[2], k[3], k[4]) for name, k in ends], me, store, self._hub, self.ring_bytes, timeout)
+        cache.update({k: opened[name] for name, k in ends})
+        if shm[me]:  # a shared-memory link exists only at its two ends
+            return {(a, b): cache[shm_key(a, b)] for a, b in pairs if me in (ranks[a], ranks[b])}
+        return {(a, b): cache[key(a, b)] for a, b in pairs}
+
+
+TRANSPORTS = ("gloo", "shm", "auto")  # PipelineLinks.groups(transport=...)
+
+
+def _choose_shm(gathered: list) -> list[bool]:
+    """Per world rank: whether its pipeline's links are shared-memory ones. The same answer on every rank (all
+    read the same gathered requests), so a refusal raises everywhere, before any collective could hang. A host
+    whose ``/dev/shm`` has less room than the rings asked of it there gets none (a ring past the room would
+    end in SIGBUS at its first touch of a missing page)."""
+    need, free = Counter(), {}
+    for part in gathered:
+        if part["host"] is not None:
+            need[part["host"]] += part["need"]
+            free[part["host"]] = min(free.get(part["host"], part["free"]), part["free"])
+    out = []
+    for part in gathered:
+        members = part["members"]
+        asked = {gathered[m]["transport"] for m in members}
+        if len(asked) > 1:
+            raise ValueError(f"the ranks of the pipeline of global ranks {members} asked for different p2p transports "
+                             f"{ {m: gathered[m]['transport'] for m in members} }; build every rank's runtime with the "
+                             f"same links= and the same PIPELOOM_P2P environment variable")
+        hosts = {gathered[m]["host"] for m in members}
+        together = len(hosts) == 1 and None not in hosts
+        host = part["host"]
+        if together and free[host] < need[host]:
+            if part["transport"] == "shm":
+                raise ValueError(f"shared-memory p2p links (links='shm' or PIPELOOM_P2P=shm) for the pipeline of "
+                                 f"global ranks {members}: the rings need {need[host] / 2**20:.1f} MiB of /dev/shm on "
+                                 f"this host but {free[host] / 2**20:.1f} MiB are free; give it more room (docker run "
+                                 f"--shm-size), smaller rings (PipelineLinks(ring_bytes=...)), or use links='gloo'")
+            together = False
+        if part["transport"] == "shm" and not together:
+            why = sorted({gathered[m]["why"] for m in members if gathered[m]["why"]})
+            raise ValueError(f"shared-memory p2p links (links='shm' or PIPELOOM_P2P=shm) need every rank of the "
+                             f"pipeline of global ranks {members} on this host with a usable /dev/shm; their hosts: "
+                             f"{ {m: gathered[m]['host'] for m in members} }{'; ' + '; '.join(why) if why else ''}. "
+                             f"Use links='gloo' (or PIPELOOM_P2P=gloo)")
+        out.append(part["transport"] != "gloo" and together)
+    return out
 
 
 def _gather_over_store(value, timeout: float) -> list:

@@ -37,13 +37,19 @@ after the transfer, NCCL's watchdog enforces the group's deadline, and a :class:
 (sleeping, never spinning) names the oldest receive still open past ``timeout`` before the watchdog
 tears the process down. Only a caller's own process group (``links="shared"``, gloo) keeps timed waits.
 
-Messages between two ranks are matched by tag on gloo. NCCL ignores tags and matches in posting order,
-so there the transfers are *ordered* (see :class:`P2P`): a rank posts a peer's messages in the order
-the peer sends them, keeping any that arrive before their own receive action (ZB-V on 4 ranks sends in
-an order its receiver does not follow); the header then goes with the first new-key message in the
-sender's order, which is the order this receiver takes them in. NCCL also does not buffer sends, hence
-one process group per direction of each link (:mod:`pipeloom.parallel.links`); :func:`check_rendezvous`
-replays the calls a run recorded (``P2P.log``) under NCCL's rules, so CPU tests catch deadlocks.
+On a CPU pipeline whose ranks share one host the links are :class:`~pipeloom.parallel.shm_link.ShmLink`
+ends instead of gloo groups (the runtime's default): they take the same ``send``/``recv`` calls and give works
+with the same ``wait``/``is_completed``, a send completes as soon as its bytes are in the shared ring (no
+rendezvous), and their waits end at the link's deadline like a gloo group's.
+
+Messages between two ranks are matched by tag on gloo (and on shared-memory links). NCCL ignores tags and
+matches in posting order, so there the transfers are *ordered* (see :class:`P2P`): a rank posts a peer's
+messages in the order the peer sends them, keeping any that arrive before their own receive action (ZB-V
+on 4 ranks sends in an order its receiver does not follow); the header then goes with the first new-key
+message in the sender's order, which is the order this receiver takes them in. NCCL also does not buffer
+sends, hence one process group per direction of each link (:mod:`pipeloom.parallel.links`);
+:func:`check_rendezvous` replays the calls a run recorded (``P2P.log``) under NCCL's rules, so CPU tests
+catch deadlocks.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ import torch.distributed as dist
 
 from .errors import PipelineCommError, PipelineTimeout
 from .links import HangWatch, check_rendezvous
+from .shm_link import ShmLink
 
 __all__ = ["P2P", "PipelineCommError", "PipelineTimeout", "TensorSpec", "Transfer", "check_rendezvous",
            "inbound_messages"]
@@ -152,8 +159,10 @@ class P2P:
     cache); :meth:`reset` takes, per forward message of the step, its shape key and whether it carries a
     header. ``counts`` (reset each step): ``calls`` (one per process group per posting), ``ops``
     (isend/irecv posted), ``headers`` (header ops, sent or received), ``waits`` (all waits, drained sends
-    included), ``timed_waits`` (those given a timeout), ``forward_waits`` (waits for receiving forward
-    messages, headers included) and ``early_receives`` (receives posted before their own exchange).
+    included; on shared-memory links a send is done once its bytes are in the ring, so :meth:`prune` drops it
+    and only sends still queued for room are waited), ``timed_waits`` (those given a timeout),
+    ``forward_waits`` (waits for receiving forward messages, headers included) and ``early_receives``
+    (receives posted before their own exchange).
     """
 
     def __init__(self, group, ranks: Sequence[int], rank: int, device: torch.device, timeout: float,
@@ -251,8 +260,9 @@ class P2P:
             works = []
             for _, send, x, t, _ in entries:
                 peer = self._group_rank.get((id(group), t.peer))
-                if peer is None:
-                    peer = self._group_rank[(id(group), t.peer)] = dist.get_group_rank(group, self.ranks[t.peer])
+                if peer is None:  # a shared-memory link takes the global rank
+                    peer = self._group_rank[(id(group), t.peer)] = self.ranks[t.peer] if isinstance(
+                        group, ShmLink) else dist.get_group_rank(group, self.ranks[t.peer])
                 x = torch.view_as_real(x) if x.is_complex() else x
                 works.append(group.send([x], peer, tag_of(t)) if send else group.recv([x], peer, tag_of(t)))
         self.counts["calls"] += 1

@@ -72,16 +72,17 @@ from .links import PipelineLinks
 from .measure import ActionClock, estimate_comm
 from .microbatch import batch_size, check_chunk_specs, split_batch, split_extras
 from .p2p import P2P, PipelineCommError, PipelineTimeout, inbound_messages
+from .shm_link import ShmLink
 from .program import Program
-from .runtime_setup import (device_of, forward_orders, link_pairs, pipeline_group, signature, stage_params,
-                            update_average_group)
+from .runtime_setup import (device_of, forward_orders, link_pairs, p2p_transport, pipeline_group, signature,
+                            stage_params, update_average_group)
 from .tied import TiedParameters
 from .versions import StageVersions, update_groups
 
 __all__ = ["PipelineCommError", "PipelineRuntime", "PipelineTimeout", "StepResult"]
 
 SHAPE_MODES = ("cached", "per-message")  # PipelineRuntime(shapes=...): how activations' shapes travel
-LINK_MODES = ("auto", "directional", "pipeline", "shared")  # PipelineRuntime(links=...): the p2p groups
+LINK_MODES = ("auto", "shm", "gloo", "directional", "pipeline", "shared")  # PipelineRuntime(links=...): the p2p links
 
 
 class StepResult:
@@ -174,16 +175,23 @@ class PipelineRuntime:
         shapes: ``"cached"`` (default): an activation's shape header is sent once per shape key (see the
             module docstring); every rank must be given the inputs. ``"per-message"``: a header before
             every activation, for stages whose output shapes depend on the data.
-        links: which process groups carry the p2p; the runtime's own are owned by the mesh (or made for this
-            runtime), and building the runtime is then collective over the whole world. ``"directional"``:
-            every direction of every pipeline link gets its own group, so NCCL's unbuffered sends cannot wait
-            behind this rank's receives. ``"pipeline"``: one group of its own for all of the pipeline's p2p
-            (gloo, whose sends are buffered: one I/O thread per rank then serves every link, as with the
-            world group; per-link groups cost 1F1B about 20% of its step on the shared 2-core box,
-            bench/RESULTS.md). ``"auto"`` (default): directional on NCCL (any backend but gloo), pipeline on
-            gloo. A :class:`~pipeloom.parallel.links.PipelineLinks`: ``"auto"`` with that owner, shared
-            between runtimes. ``"shared"``: every transfer on ``pp_group`` itself - no world collective,
-            waits with a timeout, safe only where sends are buffered (gloo).
+        links: which links carry the p2p; the runtime's own are owned by the mesh (or made for this runtime),
+            and building the runtime is then collective over the whole world. ``"auto"`` (default): on a gloo
+            pipeline of CPU tensors, shared-memory links (:mod:`pipeloom.parallel.shm_link`: a ring and a FIFO
+            doorbell per direction, sends buffered, no rendezvous) when every rank of the pipeline is on this
+            host, else ``"gloo"``; the ``PIPELOOM_P2P`` environment variable (``gloo`` or ``shm``) overrides that
+            choice; on NCCL, ``"directional"``. ``"shm"``: shared-memory links, or an error naming the ranks'
+            hosts. ``"gloo"``: gloo process groups, laid out as ``"pipeline"``. ``"directional"``: every
+            direction of every pipeline link gets its own group, so NCCL's unbuffered sends cannot wait behind
+            this rank's receives. ``"pipeline"``: one group of its own for all of the pipeline's p2p (gloo, whose
+            sends are buffered: one I/O thread per rank then serves every link, as with the world group;
+            per-link groups cost 1F1B about 20% of its step on the shared 2-core box, bench/RESULTS.md). A
+            :class:`~pipeloom.parallel.links.PipelineLinks`: ``"auto"`` with that owner, shared between
+            runtimes. ``"shared"``: every transfer on ``pp_group`` itself - no world collective, waits with a
+            timeout, safe only where sends are buffered (gloo). :attr:`transport` says what was chosen
+            (``"shm"``, else the backend's name). Only the pipeline's p2p moves to shared memory (tied
+            parameters' gradient exchange included, it goes through the same links); the loss broadcast and
+            data- and tensor-parallel collectives stay on their process groups.
         extras_chunks: ``{extra name: chunk spec}``, how :meth:`step` cuts each extra into microbatches
             (:func:`~pipeloom.parallel.microbatch.split_extras`: ``"split"`` or a dim, ``"replicate"``).
         timeline_every: time every n-th step's actions (the first step always); 0 never.
@@ -258,6 +266,7 @@ class PipelineRuntime:
         self.versions = ({s: StageVersions(s, m, self.actions) for s, m in self.modules.items()}
                          if versioned else {})
         self.p2p, self.links = None, None
+        self.transport = dist.get_backend(self.pp_group) if self.plan.pp > 1 else None  # "shm" on shared memory
         if self.plan.pp > 1:
             self.p2p = self._build_p2p(ordered_messages, links)
         self._boundaries = forward_orders(self.plan, self.rank, self.p2p is not None and self.p2p.inbound is not None)
@@ -283,14 +292,17 @@ class PipelineRuntime:
         inbound = inbound_messages(self.plan, self.rank) if ordered_messages else None
         link_groups = None
         if links != "shared":
+            transport = p2p_transport(links, backend, self.device)
             owner = links if isinstance(links, PipelineLinks) else (
                 self.mesh.links if self.mesh is not None else PipelineLinks())
             self.links = owner
-            per_direction = links == "directional" or (links != "pipeline" and backend != "gloo")
+            per_direction = links == "directional" or (links not in ("pipeline", "gloo") and backend != "gloo")
             # NCCL's watchdog enforces the groups' deadline; it comes a little after the HangWatch names the hang.
             deadline = self.timeout if backend == "gloo" else self.timeout + max(5.0, 0.1 * self.timeout)
             link_groups = owner.groups(self.pp_group, self.pp_ranks, link_pairs(self.plan, self.tied_groups),
-                                       self.device, deadline, per_direction=per_direction)
+                                       self.device, deadline, per_direction=per_direction, transport=transport)
+            if any(isinstance(link, ShmLink) for link in link_groups.values()):
+                self.transport = "shm"
         return P2P(self.pp_group, self.pp_ranks, self.rank, self.device, self.timeout, inbound=inbound,
                    links=link_groups)
 

@@ -4,6 +4,7 @@ the modules once, so that a step reads nothing but their results."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -52,6 +53,33 @@ def update_average_group(mesh, pp_group, owns_optimizers: bool):
             f"replicas drift apart. Pass mesh=Mesh.build(dp=..., pp=..., tp=...) (the runtime then reduces over "
             f"its dp group first), or build the runtime without an optimizer and step it yourself after averaging")
     return None
+
+
+P2P_ENV = "PIPELOOM_P2P"  # the transport of a gloo pipeline's links under links="auto": "gloo" or "shm"
+P2P_CHOICES = ("gloo", "shm")
+
+
+def p2p_transport(links, backend: str, device: torch.device) -> str:
+    """What :meth:`~pipeloom.parallel.links.PipelineLinks.groups` is asked for (``"gloo"``, ``"shm"`` or
+    ``"auto"``), from the runtime's ``links`` (a mode name; a ``PipelineLinks`` counts as ``"auto"``) and, under
+    ``"auto"``, the ``PIPELOOM_P2P`` environment variable. Shared memory carries CPU tensors of a gloo pipeline;
+    NCCL pipelines keep their process groups whatever the variable says."""
+    env = os.environ.get(P2P_ENV, "")
+    if env not in ("", *P2P_CHOICES):
+        raise ValueError(f"{P2P_ENV}={env!r}; choose one of {P2P_CHOICES} (or leave it unset: shared memory where "
+                         f"every rank of a CPU pipeline is on this host, else gloo)")
+    cpu_gloo = backend == "gloo" and device.type == "cpu"
+    if links == "shm" and not cpu_gloo:
+        raise ValueError(f'links="shm" carries CPU tensors between gloo ranks; this pipeline runs {backend} on '
+                         f'{device}: use links="auto"')
+    if links == "gloo" and backend != "gloo":
+        raise ValueError(f'links="gloo" picks gloo process groups over shared memory, but this pipeline\'s backend '
+                         f'is {backend}: use links="auto"')
+    if links in ("shm", "gloo"):
+        return links
+    if links in ("directional", "pipeline") or not cpu_gloo:
+        return "gloo"
+    return env or "auto"
 
 
 def link_pairs(plan: Plan, tied_groups) -> set[tuple[int, int]]:

@@ -205,13 +205,13 @@ def host_sync_worker() -> dict:
     g = torch.Generator().manual_seed(10)
     x, y = randn(g, 8, 2, D), randn(g, 8, 2, D)
     out = {}
-    for links in ("auto", "directional", "shared"):
+    for links in ("auto", "gloo", "directional", "shared"):
         runtime = PipelineRuntime(plan, split_stages(layers, 2), mse, links=links, timeline_every=3, timeout=30)
         results = [runtime.step(x, y) for _ in range(5)]
         groups = runtime.p2p.links or {}
         out[links] = {"waits": runtime.p2p.counts["waits"], "timed": runtime.p2p.counts["timed_waits"],
                       "groups": len({id(g) for g in groups.values()}), "pairs": len(groups),
-                      "own": all(g is not runtime.pp_group for g in groups.values())}
+                      "own": all(g is not runtime.pp_group for g in groups.values()), "transport": runtime.transport}
     ref, ref_loss = one_process(layers, x, y, {})
     out["timed"] = [r.timed for r in results]
     out["shared_timeline"] = results[1].timeline is results[0].timeline and results[4].timeline is results[3].timeline
@@ -282,10 +282,12 @@ def test_link_groups_are_owned_and_survive_a_reinit(pool2, tmp_path):
 def test_hot_path_waits_untimed_loss_lazy_timeline_sampled(pool2):
     out = pool2.run(host_sync_worker)
     for r in out:
-        for own in ("auto", "directional"):
+        for own in ("auto", "gloo", "directional"):
             assert r[own]["waits"] > 0 and r[own]["timed"] == 0 and r[own]["own"], r
         assert r["directional"]["groups"] == r["directional"]["pairs"] == 2, r  # a group per direction
-        assert r["auto"]["groups"] == 1 and r["auto"]["pairs"] == 2, r  # gloo: one group for the pipeline
+        assert r["gloo"]["groups"] == 1 and r["gloo"]["pairs"] == 2, r  # gloo: one group for the pipeline
+        assert r["auto"]["groups"] == r["auto"]["pairs"] == 2 and r["auto"]["transport"] == "shm", r  # one host
+        assert r["gloo"]["transport"] == r["directional"]["transport"] == "gloo", r
         assert r["shared"]["timed"] == r["shared"]["waits"] > 0, r
         assert r["timed"] == [True, False, False, True, False] and r["shared_timeline"], r
         assert r["loss_on_device"] and r["loss"] < EXACT, r
