@@ -1,5 +1,6 @@
 # bench/infer_gpu.py in its --quick mode on CPU: every pipeloom variant and the HF peers it can run here report.
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,27 @@ def test_engine_speed_quantized_decode_rows(capsys):
     before = bench.infer_gpu.weight_bytes(model)
     quantize_model(model, "int8")
     assert 0.3 * before < bench.infer_gpu.weight_bytes(model) < 0.7 * before
+
+
+def test_spec_trained_quick_run_trains_both_models_and_decodes_exactly(tmp_path, capsys):
+    """bench/spec_trained.py --quick: pipeloom-train trains a tiny target and draft on the stdlib corpus, the engine
+    loads both runs, and plain, prompt-lookup and draft-model decoding of validation-split code give the same greedy
+    tokens (the bench exits non-zero otherwise); a second call reuses the checkpoints instead of training again."""
+    spec = importlib.util.spec_from_file_location("spec_trained", BENCH.parent / "spec_trained.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = str(tmp_path / "runs")
+    report = bench.main(["--quick", "--runs", runs, "--out", str(tmp_path / "report.json")])
+    rows = report["rows"]
+    assert set(rows) == {"plain", "prompt lookup", "draft model"} and all(r["same_tokens"] for r in rows.values())
+    assert rows["draft model"]["proposed"] > 0 and 0 <= rows["prompt lookup"]["acceptance"] <= 1
+    assert report["target"]["steps"] == report["draft"]["steps"] == 30
+    from pipeloom.data.corpus import in_validation
+
+    assert in_validation(open(report["prompt_file"], "rb").read(), 0.05)  # a file the training split left out
+    printed = capsys.readouterr().out
+    assert "validation split: not trained on" in printed and "prompt lookup" in printed
+    metrics = [os.path.join(runs, role, "metrics.jsonl") for role in ("target", "draft")]
+    written = [os.stat(m).st_mtime_ns for m in metrics]
+    again = bench.main(["--quick", "--runs", runs])  # the checkpoints are there: loaded, not trained again
+    assert [os.stat(m).st_mtime_ns for m in metrics] == written and again["rows"]["plain"]["same_tokens"]

@@ -1,0 +1,203 @@
+# Speculative decoding on models trained here: prompt lookup and a draft model against plain greedy, one run.
+"""Prompt lookup only pays when the model's continuation repeats its context, which a model with random weights
+never does (``bench/RESULTS.md``: a random 7B proposed 4-8 drafts in 128 tokens and accepted none). No trained
+checkpoint can be fetched here, so this bench trains its own: ``pipeloom-train`` (``launch.train.run``, in this
+process) trains a *target* and a smaller *draft* Llama on the Python standard library's sources (byte tokens),
+then the inference engine loads both run directories, as a user serving what they trained would, and decodes a
+piece of code with many repeated identifiers from a file of the corpus's validation split (never trained on)
+three ways, each greedy at batch 1:
+
+* plain (``LLMEngine``);
+* prompt lookup (``SpeculativeEngine`` with its n-gram proposer, ``--k`` drafts per step);
+* draft model (``SpeculativeEngine`` with ``RecomputeDraftProposer`` over the draft: the reference proposer,
+  which recomputes the draft's whole context per token, so its speed says little; its acceptance is the point).
+
+Every speculative run must give exactly the plain run's tokens (greedy acceptance is exact); the table shows ms
+per token over the decode steps (prefill excluded), the speed-up over plain, and acceptance (accepted / proposed
+drafts) with tokens per target step::
+
+    python bench/spec_trained.py --target 350m --draft 25m --steps 800   # a GPU: a few minutes of training
+    python bench/spec_trained.py --quick                                 # CPU smoke run (tests use it)
+
+``--runs DIR`` keeps the trained runs (``DIR/target``, ``DIR/draft``); a run directory that already holds a final
+checkpoint is loaded instead of trained again (``--retrain`` forces training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# name -> (layers, dim, heads, kv heads, sequences per step, sequence length)
+SIZES = {"quick": (2, 64, 4, 2, 8, 128), "quick-draft": (1, 32, 2, 1, 8, 128),
+         "25m": (6, 512, 8, 4, 32, 512), "100m": (12, 768, 12, 4, 32, 512), "350m": (24, 1024, 16, 8, 32, 512)}
+
+
+def train_overrides(size: str, steps: int, cache: str, *, compile: bool, max_bytes: int) -> list[str]:
+    """The ``pipeloom-train`` overrides of one model: a Llama of ``SIZES[size]`` on the stdlib corpus, byte tokens."""
+    layers, dim, heads, kv_heads, batch, seq = SIZES[size]
+    return ["model.name=llama-1b", f"model.n_layers={layers}", f"model.dim={dim}", f"model.n_heads={heads}",
+            f"model.n_kv_heads={kv_heads}", f"model.ffn_hidden={dim * 8 // 3 // 64 * 64 or 64}",
+            f"model.max_seq_len={max(seq, 2048)}", f"data.seq_len={seq}", f"data.batch_size={batch}",
+            f"data.cache_dir={cache}", f"data.max_bytes={max_bytes}", f"train.steps={steps}",
+            f"train.compile={str(compile).lower()}", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4",
+            f"optimizer.warmup_steps={max(1, steps // 20)}", "train.eval_every=0", "train.eval_batches=2",
+            "train.timeline=false", "checkpoint.save_final=true", "logger.kind=jsonl", "schedule.microbatches=1"]
+
+
+def train(run_dir: str, size: str, steps: int, cache: str, *, compile: bool, max_bytes: int, retrain: bool) -> dict:
+    """Train (or reuse) one model in ``run_dir``; its last losses and training throughput."""
+    from hydra import compose, initialize_config_module
+    from pipeloom.launch.train import run
+    from pipeloom.training import latest_checkpoint, read_metrics
+
+    have = os.path.isdir(os.path.join(run_dir, "checkpoints")) and latest_checkpoint(
+        os.path.join(run_dir, "checkpoints")) is not None
+    if retrain or not have:
+        with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=train_overrides(size, steps, cache, compile=compile,
+                                                                         max_bytes=max_bytes))
+        run(cfg, run_dir=run_dir)
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    losses = [r["loss"] for r in sorted((r for r in records if "loss" in r), key=lambda r: r["step"])]
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"size": size, "steps": len(losses), "final_loss": statistics.mean(tail) if tail else float("nan")}
+
+
+def held_out_code(min_bytes: int, val_fraction: float = 0.05) -> tuple[str, str]:
+    """(path, code): a stdlib source file of the *validation* split (``data.corpus.in_validation``: the training
+    run never saw it) with many repeated identifiers, from its first ``def`` on, at least ``min_bytes`` long."""
+    from pipeloom.data.corpus import find_files, in_validation
+
+    best = None
+    for f in find_files(None)[1]:
+        content = open(f.path, "rb").read()
+        if len(content) < 4 * min_bytes or not in_validation(content, val_fraction):
+            continue
+        text = content.decode("utf-8", errors="replace")
+        start = text.find("\ndef ") + 1 or text.find("\n    def ") + 1
+        piece = text[start:start + 2 * min_bytes]
+        words = piece.replace("(", " ").replace(")", " ").replace(".", " ").replace(",", " ").split()
+        repeats = len(words) - len(set(words))  # identifiers seen before within the piece
+        if best is None or repeats > best[0]:
+            best = (repeats, f.path, piece)
+    if best is None:
+        raise FileNotFoundError(f"no validation-split stdlib file of at least {4 * min_bytes} bytes")
+    return best[1], best[2]
+
+
+def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, speculative: bool = False,
+           graphs: bool = True) -> dict:
+    """One engine, batch-1 greedy: a warm-up request, then ``prompt`` -> ``tokens`` new tokens, timed per step."""
+    from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
+
+    options = dict(policy="chunked-prefill", token_budget=max(256, len(prompt) + 8), max_num_seqs=1,
+                   block_size=16, cuda_graphs=graphs and torch.cuda.is_available())
+    engine = (SpeculativeEngine(model, num_speculative_tokens=k, proposer=proposer, **options) if speculative
+              else LLMEngine(model, **options))
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    engine.add_request("warm", prompt[:64], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    first = len(engine.records)
+    engine.add_request("r", prompt, params)
+    out = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            out = o if o.finished else out
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    records = engine.records[first:]
+    steps = [r.duration for r in records if r.num_prefill_tokens <= (1 + k if speculative else 0)]  # decode steps
+    ids = out.outputs[0].token_ids
+    row = {"ms_per_token": 1e3 * sum(steps) / max(len(ids) - 1, 1), "decode_steps": len(steps), "token_ids": ids}
+    if speculative:
+        stats = engine.spec_stats
+        row.update(acceptance=stats.acceptance_rate, tokens_per_step=stats.tokens_per_step, proposed=stats.proposed,
+                   accepted=stats.accepted, stats=str(stats))
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="350m", choices=sorted(SIZES))
+    parser.add_argument("--draft", default="25m", choices=sorted(SIZES))
+    parser.add_argument("--steps", type=int, default=800, help="training steps of each model")
+    parser.add_argument("--draft-steps", type=int, default=0, help="the draft's steps (0: --steps)")
+    parser.add_argument("--max-bytes", type=int, default=32_000_000, help="bytes of the stdlib corpus to train on")
+    parser.add_argument("--k", type=int, default=4, help="drafts per step")
+    parser.add_argument("--tokens", type=int, default=256, help="greedy tokens decoded")
+    parser.add_argument("--prompt-bytes", type=int, default=768, help="bytes of held-out code in the prompt")
+    parser.add_argument("--runs", default="runs/spec_trained", help="where the two training runs go (kept)")
+    parser.add_argument("--retrain", action="store_true", help="train even where a checkpoint exists")
+    parser.add_argument("--no-compile", action="store_true", help="train without torch.compile")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny models, few steps and tokens")
+    parser.add_argument("--out", default="", help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.target, args.draft, args.steps, args.tokens, args.prompt_bytes = "quick", "quick-draft", 30, 24, 160
+        args.max_bytes, args.no_compile = min(args.max_bytes, 400_000), True
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = os.path.join(args.runs, "cache")
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "k": args.k}
+    start = time.perf_counter()
+    roles = (("target", args.target, args.steps), ("draft", args.draft, args.draft_steps or args.steps))
+    for role, size, steps in roles:
+        report[role] = train(os.path.join(args.runs, role), size, steps, cache, compile=not args.no_compile,
+                             max_bytes=args.max_bytes, retrain=args.retrain)
+        print(f"{role}: {size}, {report[role]['steps']} steps, final training loss {report[role]['final_loss']:.3f} "
+              f"nats/byte", flush=True)
+    print(f"training took {time.perf_counter() - start:.0f} s", flush=True)
+
+    from pipeloom.inference.llm import load_model
+    from pipeloom.inference.spec_proposers import RecomputeDraftProposer
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    target, _, _ = load_model(os.path.join(args.runs, "target"), device=torch.device(device), dtype=dtype)
+    draft, _, _ = load_model(os.path.join(args.runs, "draft"), device=torch.device(device), dtype=dtype)
+    path, code = held_out_code(args.prompt_bytes)
+    prompt = list(code.encode())[: args.prompt_bytes]
+    report["prompt_file"] = path
+    graphs = not args.quick
+    plain = decode(target, prompt, args.tokens, args.k, graphs=graphs)
+    lookup = decode(target, prompt, args.tokens, args.k, speculative=True, graphs=graphs)
+    drafted = decode(target, prompt, args.tokens, args.k, proposer=RecomputeDraftProposer(draft), speculative=True,
+                     graphs=graphs)
+    rows = {"plain": plain, "prompt lookup": lookup, "draft model": drafted}
+    print(f"\n{device}, target {args.target} / draft {args.draft} trained here; prompt: {len(prompt)} bytes of "
+          f"{os.path.relpath(path, os.path.dirname(os.__file__))} (validation split: not trained on), {args.tokens} "
+          f"greedy tokens, k={args.k}")
+    print(f"{'decoding':14s} {'ms/token':>9s} {'vs plain':>9s} {'acceptance':>11s} {'tokens/step':>12s} "
+          f"{'same tokens':>12s}")
+    for name, row in rows.items():
+        row["speedup"] = plain["ms_per_token"] / row["ms_per_token"]
+        row["same_tokens"] = row["token_ids"] == plain["token_ids"]
+        acc = f"{row['acceptance']:.3f}" if "acceptance" in row else "-"
+        per = f"{row['tokens_per_step']:.2f}" if "tokens_per_step" in row else "1.00"
+        print(f"{name:14s} {row['ms_per_token']:9.3f} {row['speedup']:8.2f}x {acc:>11s} {per:>12s} "
+              f"{str(row['same_tokens']):>12s}")
+    print("continuation (plain):", repr(bytes(t % 256 for t in plain["token_ids"]).decode(errors="replace"))[:300])
+    report["rows"] = {name: {key: value for key, value in row.items() if key != "token_ids"}
+                      for name, row in rows.items()}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if not all(row["same_tokens"] for row in rows.values()):
+        print("speculative tokens differ from plain greedy decoding", file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
