@@ -37,22 +37,25 @@ import torch
 
 # name -> (layers, dim, heads, kv heads, sequences per step, sequence length)
 SIZES = {"quick": (2, 64, 4, 2, 8, 128), "quick-draft": (1, 32, 2, 1, 8, 128),
+         "cpu": (4, 256, 4, 2, 16, 256), "cpu-draft": (2, 128, 4, 2, 16, 256),
          "25m": (6, 512, 8, 4, 32, 512), "100m": (12, 768, 12, 4, 32, 512), "350m": (24, 1024, 16, 8, 32, 512)}
 
 
-def train_overrides(size: str, steps: int, cache: str, *, compile: bool, max_bytes: int) -> list[str]:
+def train_overrides(size: str, steps: int, cache: str, *, compile: bool, max_bytes: int, lr: float = 1e-3
+                    ) -> list[str]:
     """The ``pipeloom-train`` overrides of one model: a Llama of ``SIZES[size]`` on the stdlib corpus, byte tokens."""
     layers, dim, heads, kv_heads, batch, seq = SIZES[size]
     return ["model.name=llama-1b", f"model.n_layers={layers}", f"model.dim={dim}", f"model.n_heads={heads}",
             f"model.n_kv_heads={kv_heads}", f"model.ffn_hidden={dim * 8 // 3 // 64 * 64 or 64}",
             f"model.max_seq_len={max(seq, 2048)}", f"data.seq_len={seq}", f"data.batch_size={batch}",
             f"data.cache_dir={cache}", f"data.max_bytes={max_bytes}", f"train.steps={steps}",
-            f"train.compile={str(compile).lower()}", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4",
+            f"train.compile={str(compile).lower()}", f"optimizer.lr={lr}", f"optimizer.min_lr={lr / 10}",
             f"optimizer.warmup_steps={max(1, steps // 20)}", "train.eval_every=0", "train.eval_batches=2",
             "train.timeline=false", "checkpoint.save_final=true", "logger.kind=jsonl", "schedule.microbatches=1"]
 
 
-def train(run_dir: str, size: str, steps: int, cache: str, *, compile: bool, max_bytes: int, retrain: bool) -> dict:
+def train(run_dir: str, size: str, steps: int, cache: str, *, compile: bool, max_bytes: int, retrain: bool,
+          lr: float = 1e-3) -> dict:
     """Train (or reuse) one model in ``run_dir``; its last losses and training throughput."""
     from hydra import compose, initialize_config_module
     from pipeloom.launch.train import run
@@ -63,7 +66,7 @@ def train(run_dir: str, size: str, steps: int, cache: str, *, compile: bool, max
     if retrain or not have:
         with initialize_config_module(config_module="pipeloom.configs", version_base="1.3"):
             cfg = compose(config_name="train", overrides=train_overrides(size, steps, cache, compile=compile,
-                                                                         max_bytes=max_bytes))
+                                                                         max_bytes=max_bytes, lr=lr))
         run(cfg, run_dir=run_dir)
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     losses = [r["loss"] for r in sorted((r for r in records if "loss" in r), key=lambda r: r["step"])]
@@ -136,6 +139,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=800, help="training steps of each model")
     parser.add_argument("--draft-steps", type=int, default=0, help="the draft's steps (0: --steps)")
     parser.add_argument("--max-bytes", type=int, default=32_000_000, help="bytes of the stdlib corpus to train on")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both trainings")
     parser.add_argument("--k", type=int, default=4, help="drafts per step")
     parser.add_argument("--tokens", type=int, default=256, help="greedy tokens decoded")
     parser.add_argument("--prompt-bytes", type=int, default=768, help="bytes of held-out code in the prompt")
@@ -155,7 +159,7 @@ def main(argv=None) -> dict:
     roles = (("target", args.target, args.steps), ("draft", args.draft, args.draft_steps or args.steps))
     for role, size, steps in roles:
         report[role] = train(os.path.join(args.runs, role), size, steps, cache, compile=not args.no_compile,
-                             max_bytes=args.max_bytes, retrain=args.retrain)
+                             max_bytes=args.max_bytes, retrain=args.retrain, lr=args.lr)
         print(f"{role}: {size}, {report[role]['steps']} steps, final training loss {report[role]['final_loss']:.3f} "
               f"nats/byte", flush=True)
     print(f"training took {time.perf_counter() - start:.0f} s", flush=True)

@@ -170,6 +170,11 @@ def test_int4_kernel_choice_is_read_when_a_layer_is_built(monkeypatch):
 
     monkeypatch.delenv(INT4_KERNEL_ENV, raising=False)
     assert int4_kernel_choice() == "triton"  # the default: our GEMV, 1.5x tinygemm's speed on an H200
+    from pipeloom import features
+
+    with monkeypatch.context() as m:  # a GPU machine without triton: tinygemm rather than the torch path
+        m.setattr(features, "has", lambda name: name != "triton")
+        assert int4_kernel_choice() == "tinygemm"
     assert not QuantizedLinear(64, 8, "int4", group_size=32).auto_tinygemm
     monkeypatch.setenv(INT4_KERNEL_ENV, "tinygemm")
     assert QuantizedLinear(64, 8, "int4", group_size=32).auto_tinygemm

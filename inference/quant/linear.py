@@ -50,10 +50,12 @@ INT4_KERNELS = ("triton", "tinygemm")
 
 
 def int4_kernel_choice() -> str:
-    """``$PIPELOOM_INT4_KERNEL`` (``triton`` when unset: our GEMV, 1.5x tinygemm's speed per 7B layer on an H200,
-    ``bench/RESULTS.md``): the int4 kernel ``backend="auto"`` runs on a GPU; where tinygemm cannot run, the GEMV
-    does."""
-    choice = os.environ.get(INT4_KERNEL_ENV, "triton")
+    """``$PIPELOOM_INT4_KERNEL``: the int4 kernel ``backend="auto"`` runs on a GPU. Unset: ``triton`` (our GEMV, 1.5x
+    tinygemm's speed per 7B layer on an H200, ``bench/RESULTS.md``) where triton is installed, else ``tinygemm``;
+    where tinygemm cannot run, the GEMV (or the torch path) does."""
+    from pipeloom import features
+
+    choice = os.environ.get(INT4_KERNEL_ENV, "triton" if features.has("triton") else "tinygemm")
     if choice not in INT4_KERNELS:
         raise ValueError(f"{INT4_KERNEL_ENV}={choice!r}; choose one of {INT4_KERNELS}")
     return choice
