@@ -49,8 +49,9 @@ class InferenceSection:
     quant_group_size: int = 128  # int4: input columns per scale (32, 64, 128 or 256)
     quant_head: bool = False  # quantize the output head too (default: kept in the model's dtype, as gpt-fast does)
     kv_cache_dtype: str = "auto"  # KV cache: auto (the model's dtype) | fp8 (e4m3 + a scale per token and head)
-    speculative: str = "none"  # speculative decoding: none | ngram (prompt lookup, verified exactly)
-    num_speculative_tokens: int = 4  # guesses per decode step and sequence (speculative=ngram)
+    speculative: str = "none"  # speculative decoding, verified exactly: none | ngram (prompt lookup) | draft (a model)
+    num_speculative_tokens: int = 4  # guesses per decode step and sequence (speculative=ngram|draft)
+    draft_model: Optional[str] = None  # speculative=draft: a config name, pipeloom-train run or Hugging Face folder
 
 
 @dataclass

@@ -157,8 +157,11 @@ class LLM:
     too), applied to the loaded float model before the engine is built. ``model`` may also be a file written by
     ``pipeloom.inference.quant.save_quantized`` (loaded quantized, no float weights materialised).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 KV cache: about twice the tokens per byte).
-    ``speculative``: "none" or "ngram" (prompt lookup: ``num_speculative_tokens`` guesses per decode, verified
-    in the iteration's forward; :class:`~pipeloom.inference.speculative_engine.SpeculativeEngine`).
+    ``speculative``: "none", "ngram" (prompt lookup: ``num_speculative_tokens`` guesses per decode, verified
+    in the iteration's forward; :class:`~pipeloom.inference.speculative_engine.SpeculativeEngine`) or "draft"
+    (``draft_model`` guesses them: a config name, a pipeloom-train run or checkpoint directory, a Hugging Face
+    folder or a module, loaded like ``model`` and run from its own paged KV cache,
+    :class:`~pipeloom.inference.spec_draft.CachedDraftProposer`; its vocabulary must be the target's).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
@@ -168,7 +171,7 @@ class LLM:
                  cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
                  eos_token_id: int | None = None, quantization: str = "none", quant_group_size: int = 128,
                  quant_head: bool = False, kv_cache_dtype: str = "auto", speculative: str = "none",
-                 num_speculative_tokens: int = 4):
+                 num_speculative_tokens: int = 4, draft_model: str | torch.nn.Module | None = None):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
@@ -177,10 +180,23 @@ class LLM:
         check_quantization(quantization, quant_group_size)  # before loading: a bad value costs nothing
         if speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"inference.speculative={speculative!r}; choose one of {', '.join(SPECULATIVE_METHODS)}")
+        if (speculative == "draft") != (draft_model is not None):
+            raise ValueError("inference.speculative='draft' needs inference.draft_model (a config name, pipeloom-train "
+                             "run or Hugging Face folder), and inference.draft_model needs speculative='draft'; got "
+                             f"speculative={speculative!r}, draft_model={draft_model!r}")
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
         self.model = apply_quantization(self.model, quantization, quant_group_size, quant_head)
         eos = eos if eos_token_id is None else eos_token_id  # an explicit id wins, 0 included
         spec = {} if speculative == "none" else {"num_speculative_tokens": num_speculative_tokens}
+        if speculative == "draft":
+            from .spec_draft import CachedDraftProposer
+
+            draft, _, _ = load_model(draft_model, device=dev, dtype=dt, seed=seed, tokenizer=self.tokenizer)
+            target_vocab, draft_vocab = self.model.config.vocab_size, draft.config.vocab_size
+            if draft_vocab != target_vocab:
+                raise ValueError(f"inference.draft_model={draft_model!r} has a vocabulary of {draft_vocab} tokens, the "
+                                 f"model {target_vocab}: a draft must share the target's tokenizer")
+            spec["proposer"] = CachedDraftProposer(draft, block_size=block_size, eos_token_id=eos)
         engine_class = LLMEngine if speculative == "none" else SpeculativeEngine
         self.engine = engine_class(self.model, **spec, tokenizer=self.tokenizer, eos_token_id=eos,
                                    policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,

@@ -34,7 +34,7 @@ from .engine import LLMEngine
 from .spec_decode import SpecStats, position_histories, rejection_sample, sampling_probs
 from .spec_proposers import DraftRequest, NgramProposer, Proposer
 
-SPECULATIVE_METHODS = ("none", "ngram")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
 class _KeylessRequest:

@@ -165,8 +165,13 @@ def test_generate_config_selects_quantization_fp8_kv_and_speculation(tmp_path):
             "inference.kv_cache_dtype=fp8", "inference.speculative=ngram", "inference.num_speculative_tokens=2",
             "device=cpu", "progress=false"])
         bad = compose(config_name="generate", overrides=["inference.quantization=fp4", "device=cpu", "progress=false"])
-    cfg.model = bad.model = "llama-tiny"
+        drafted = compose(config_name="generate", overrides=[
+            "prompts=[[1,2,3,4,5]]", "sampling.max_tokens=5", "sampling.temperature=0", "sampling.ignore_eos=true",
+            "inference.speculative=draft", "inference.draft_model=llama-tiny", "kv.num_blocks=32", "device=cpu",
+            "progress=false"])
+    cfg.model = bad.model = drafted.model = "llama-tiny"
     records = run(cfg)
     assert len(records[0]["token_ids"]) == 5
+    assert len(run(drafted)[0]["token_ids"]) == 5  # inference.draft_model reaches the engine's draft proposer
     with pytest.raises(ValueError, match="inference.quantization='fp4'"):
         run(bad)

@@ -185,8 +185,21 @@ def test_llm_and_generate_config_select_speculation():
     prompt = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]
     assert (llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
             == plain.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
+    drafted = LLM(model="llama-tiny", device="cpu", dtype="float64", num_blocks=64, speculative="draft",
+                  draft_model="llama-tiny", num_speculative_tokens=3, seed=0)  # a draft with the target's weights
+    out = drafted.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out == plain.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    stats = drafted.engine.spec_stats
+    assert stats.accepted == stats.proposed > 0  # the same weights: every draft is the target's own greedy token
     with pytest.raises(ValueError, match="inference.speculative='eagle'"):
         LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="eagle")
+    with pytest.raises(ValueError, match="needs inference.draft_model"):
+        LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="draft")
+    with pytest.raises(ValueError, match="needs speculative='draft'"):
+        LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="ngram", draft_model="llama-tiny")
+    other = Transformer(get_model_config("llama-tiny", n_layers=1, vocab_size=300))
+    with pytest.raises(ValueError, match="vocabulary of 300 tokens, the model 256"):
+        LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="draft", draft_model=other)
     with pytest.raises(ValueError, match="num_speculative_tokens=0"):
         LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="ngram", num_speculative_tokens=0)
 
@@ -215,3 +228,62 @@ def test_host_block_tables_follow_a_truncated_and_regrown_table():
     assert bm.allocate(a, 4)  # a regrows to two blocks, with another block
     row = host.rows(["a"], bm)[0]
     assert host.array[row, : len(bm.tables["a"])].tolist() == list(bm.tables["a"])
+
+
+def test_cached_draft_proposes_what_the_recomputing_draft_proposes(llama):
+    """CachedDraftProposer (the draft's own paged KV cache, fed only what it has not seen) inside the engine with
+    preemption: greedy tokens equal plain greedy's, and the same acceptance counts as the recomputing reference over
+    the same draft (so the same drafts, step for step); seeded sampled requests give the reference's tokens too.
+    Rejected drafts leave the cache (commit), finished requests free their blocks (release); a cache of one block
+    starves the requests of drafts but never of correctness."""
+    from pipeloom.inference.spec_draft import CachedDraftProposer
+    from pipeloom.inference.spec_proposers import RecomputeDraftProposer
+
+    prompts, params = _prompts(), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    options = dict(policy="chunked-prefill", token_budget=32, block_size=4, num_blocks=14)
+    plain = _run(LLMEngine(llama, **options), prompts, params)
+    draft = _noisy_copy(llama, 0.2)
+    runs = {}
+    for name, proposer in (("recompute", RecomputeDraftProposer(draft)), ("cached", CachedDraftProposer(draft))):
+        engine = SpeculativeEngine(llama, num_speculative_tokens=3, proposer=proposer, **options)
+        runs[name] = (_run(engine, prompts, params), engine.spec_stats, engine.num_preemptions)
+    cached = runs["cached"][0]
+    assert [o.token_ids for o in cached] == [o.token_ids for o in plain]
+    assert (runs["cached"][1].proposed, runs["cached"][1].accepted) == (runs["recompute"][1].proposed,
+                                                                        runs["recompute"][1].accepted)
+    assert runs["cached"][1].accepted > 0 and runs["cached"][2] > 0  # drafts accepted, requests preempted
+    proposer = engine.proposer
+    assert not proposer.fed and not proposer.blocks and len(proposer.free) == proposer.runner.num_blocks
+
+    sampled = [dataclasses.replace(params, temperature=1.0, top_k=20, seed=i) for i in range(len(prompts))]
+    outs = {}
+    for name, make in (("recompute", RecomputeDraftProposer), ("cached", CachedDraftProposer)):
+        engine = SpeculativeEngine(llama, num_speculative_tokens=3, proposer=make(draft), **options)
+        outs[name] = [o.token_ids for o in _run(engine, prompts, sampled)]
+    assert outs["cached"] == outs["recompute"]
+
+    starved = CachedDraftProposer(draft, num_blocks=1, block_size=4)
+    engine = SpeculativeEngine(llama, num_speculative_tokens=3, proposer=starved, **options)
+    assert [o.token_ids for o in _run(engine, prompts, params)] == [o.token_ids for o in plain]
+    assert starved.starved > 0
+
+
+def test_cached_draft_drops_what_the_context_no_longer_holds(llama):
+    """Called without commit (as speculative_generate's one-request propose is), the cache still matches: after
+    a context whose tail changed, the positions past the first difference are dropped and fed again, and the
+    proposal equals the recomputing reference's."""
+    from pipeloom.inference.spec_draft import CachedDraftProposer
+    from pipeloom.inference.spec_proposers import RecomputeDraftProposer
+
+    draft = _noisy_copy(llama, 0.2)
+    cached, reference = CachedDraftProposer(draft, block_size=4), RecomputeDraftProposer(draft)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    context = [5, 9, 14, 3, 7, 5, 9, 14, 3]
+    first = cached.propose(context, 4, params, prompt_len=5)
+    assert first.token_ids == reference.propose(context, 4, params, prompt_len=5).token_ids
+    assert cached.fed["0"] == context + first.token_ids[:-1]
+    changed = context + [first.token_ids[0], (first.token_ids[1] + 1) % 256]  # the second draft "rejected"
+    again = cached.propose(changed, 4, params, prompt_len=5)
+    assert again.token_ids == reference.propose(changed, 4, params, prompt_len=5).token_ids
+    assert torch.allclose(again.probs, reference.propose(changed, 4, params, prompt_len=5).probs, atol=1e-9)
+    assert cached.fed["0"] == changed + again.token_ids[:-1]

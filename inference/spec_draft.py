@@ -1,0 +1,148 @@
+# A draft model with its own paged KV cache: each step feeds the draft only the tokens it has not seen yet.
+""":class:`CachedDraftProposer` drives a small draft model for speculative decoding the way the engine drives
+the target: a :class:`~pipeloom.inference.model_runner.ModelRunner` over a paged KV cache of the draft's own, one
+ragged forward per drafted position for all running requests.
+
+Per step and request, the first forward feeds the context the draft's cache does not hold yet (after a verified
+step: the accepted drafts the draft has not fed and the target's own token, usually one to k + 1 tokens), and
+each further forward feeds the previous draft token; k forwards give k drafts. The cache keeps, per request, the
+token ids it holds (``fed``). Before proposing, that record is compared with the request's context: the
+positions after their first difference (a rejected draft; the target's resampled token) are dropped and their
+blocks freed. So the cache is right whatever the caller does between steps; :meth:`commit` frees the slots of
+rejected drafts early, as the engine's contract asks, and :meth:`release` frees a request's blocks.
+
+Drafts are drawn exactly as :class:`~pipeloom.inference.spec_proposers.RecomputeDraftProposer` draws them (the
+request's own sampling distribution and generator; its logits from a cached forward instead of a full one), so the
+two propose the same tokens for greedy and for seeded requests. A request for which the cache has no free block
+gets no drafts this step (allowed by the proposer contract) and the target decodes it alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .host_inputs import INDEX, SMALL, RaggedInputs
+from .sampling import Sampler
+from .spec_decode import _race, sampling_probs
+from .spec_proposers import DraftModelProposer, DraftRequest, Proposal
+
+
+class CachedDraftProposer(DraftModelProposer):
+    """A draft model (a pipeloom ``Transformer``) proposing from its own paged KV cache of ``num_blocks`` blocks
+    (default: room for 8 sequences of the draft's ``max_seq_len``)."""
+
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
+                 eos_token_id: int | None = None, backend: str = "auto"):
+        from .model_runner import ModelRunner
+
+        per_seq = -(-model.config.max_seq_len // block_size)
+        num_blocks = 8 * per_seq if num_blocks is None else num_blocks
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks}: the draft's cache needs at least one block")
+        self.model = model
+        self.runner = ModelRunner(model, num_blocks, block_size, backend=backend, cuda_graphs=False)
+        self.block_size = block_size
+        self.free = list(range(num_blocks - 1, -1, -1))  # a stack of free block ids
+        self.blocks: dict[str, list[int]] = {}  # request -> its blocks, in order
+        self.fed: dict[str, list[int]] = {}  # request -> the token ids whose keys and values the cache holds
+        self.sampler = Sampler(eos_token_id=eos_token_id)
+        self.starved = 0  # request-steps that got no drafts for want of a free block
+
+    # ------------------------------------------------------------------ cache bookkeeping
+
+    def _keep(self, request_id: str, n: int) -> None:
+        """Keep the first ``n`` cached positions of ``request_id``; free the blocks past them."""
+        fed = self.fed.get(request_id)
+        if fed is None or len(fed) <= n:
+            return
+        del fed[n:]
+        blocks = self.blocks[request_id]
+        need = -(-n // self.block_size)
+        self.free.extend(reversed(blocks[need:]))
+        del blocks[need:]
+
+    def _reserve(self, request_id: str, length: int) -> bool:
+        """Blocks for ``length`` positions of ``request_id``; False (nothing taken) when the pool lacks them."""
+        blocks = self.blocks.setdefault(request_id, [])
+        need = -(-length // self.block_size) - len(blocks)
+        if need > len(self.free):
+            return False
+        blocks.extend(self.free.pop() for _ in range(max(need, 0)))
+        return True
+
+    def commit(self, request_id: str, num_tokens: int) -> None:
+        """The request holds ``num_tokens`` verified tokens: the last of them (the target's) was never fed here,
+        and the draft fed at its position (if any) was rejected, so at most ``num_tokens - 1`` positions stay."""
+        self._keep(request_id, max(num_tokens - 1, 0))
+
+    def release(self, request_id: str) -> None:
+        self._keep(request_id, 0)
+        self.blocks.pop(request_id, None)
+        self.fed.pop(request_id, None)
+
+    # ------------------------------------------------------------------ proposing
+
+    def _forward(self, ids: list[str], feeds: list[list[int]]) -> torch.Tensor:
+        """One ragged forward of the draft: ``feeds[s]`` appended to request ``ids[s]``'s cached tokens; the
+        logits (S, V) of each request's last fed token."""
+        bs = self.block_size
+        firsts = np.array([len(self.fed[i]) for i in ids], dtype=INDEX)
+        counts = np.array([len(f) for f in feeds], dtype=INDEX)
+        starts = np.zeros(len(ids) + 1, dtype=INDEX)
+        np.cumsum(counts, out=starts[1:])
+        seq_of_token = np.repeat(np.arange(len(ids)), counts)
+        positions = np.arange(int(starts[-1]), dtype=INDEX) - (starts[:-1] - firsts)[seq_of_token]
+        seq_lens = firsts + counts
+        width = max(1, int(-(-seq_lens.max() // bs)))
+        tables = np.zeros((len(ids), width), dtype=SMALL)
+        for s, i in enumerate(ids):
+            row = self.blocks[i][:width]
+            tables[s, : len(row)] = row
+        slots = tables[seq_of_token, positions // bs].astype(INDEX) * bs + positions % bs
+        host = RaggedInputs(ids=np.fromiter((t for f in feeds for t in f), dtype=INDEX, count=int(starts[-1])),
+                            positions=positions, slots=slots, query_start=starts.astype(SMALL),
+                            seq_lens=seq_lens.astype(SMALL), tables=tables, rows=starts[1:] - 1, missing=[])
+        input_ids, batch, rows = self.runner.tensors(host)
+        logits = self.runner.forward(input_ids, batch, rows)  # (S, V)
+        for i, f in zip(ids, feeds):
+            self.fed[i].extend(f)
+        return logits
+
+    @torch.no_grad()
+    def propose_batch(self, requests: Sequence[DraftRequest], k: int) -> list[Proposal]:
+        contexts = {r.request_id: list(r.token_ids) for r in requests}
+        live = []  # the requests drafted this step
+        for r in requests:
+            context = contexts[r.request_id]
+            fed = self.fed.setdefault(r.request_id, [])
+            n = min(len(fed), len(context) - 1)  # the newest token is always fed again: its logits draft
+            if fed[:n] != context[:n]:
+                n = next(j for j, (a, b) in enumerate(zip(fed, context)) if a != b)
+            self._keep(r.request_id, n)
+            if self._reserve(r.request_id, len(context) + k - 1):
+                live.append(r)
+            else:
+                self.starved += 1
+        tokens = {r.request_id: [] for r in requests}
+        probs = {r.request_id: [] for r in requests}
+        for step in range(k if live else 0):
+            ids = [r.request_id for r in live]
+            feeds = [contexts[i][len(self.fed[i]):] if step == 0 else tokens[i][-1:] for i in ids]
+            logits = self._forward(ids, feeds)  # (S, V)
+            for s, r in enumerate(live):
+                i = r.request_id
+                prompt, output = contexts[i][: r.prompt_len], contexts[i][r.prompt_len :]
+                q = sampling_probs(logits[s : s + 1], [r.params], prompt_ids=[prompt],
+                                   output_ids=[output + tokens[i]], sampler=self.sampler)[0]  # (V,)
+                if r.params.greedy:
+                    token = int(q.argmax())
+                else:
+                    e = torch.empty_like(q).exponential_(generator=r.generator)
+                    token = int(_race(q, e))
+                tokens[i].append(token)
+                probs[i].append(q)
+        return [Proposal(tokens[r.request_id], torch.stack(probs[r.request_id]) if probs[r.request_id] else None)
+                for r in requests]
