@@ -174,17 +174,11 @@ def sweep_rows(args, config, device, dtype) -> list[dict]:
     return rows
 
 
-def decode_at_context(model, args, kv_cache_dtype: str, prompt: list[int], speculative: bool = False) -> dict:
-    """One engine with ``kv_cache_dtype``: pool size, prefill of ``prompt``, then batch-1 decode timing."""
-    from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
+def timed_request(engine, prompt: list[int], params) -> tuple:
+    """Warm ``engine`` up with a short request, then run ``prompt`` alone under ``params``: (its finished output,
+    wall seconds from adding it to its end, the engine's step records of that request)."""
+    from pipeloom.inference import SamplingParams
 
-    options = dict(policy="chunked-prefill", token_budget=args.budget, max_num_seqs=1, block_size=16,
-                   gpu_memory_fraction=args.memory_fraction, kv_cache_dtype=kv_cache_dtype,
-                   cuda_graphs=not args.quick)
-    engine = SpeculativeEngine(model, num_speculative_tokens=args.k, **options) if speculative else \
-        LLMEngine(model, **options)
-    blocks = engine.block_manager.num_blocks
-    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     engine.add_request("warm", prompt[:64], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
@@ -197,8 +191,21 @@ def decode_at_context(model, args, kv_cache_dtype: str, prompt: list[int], specu
             out = o if o.finished else out
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    records = engine.records[first:]
+    return out, time.perf_counter() - start, engine.records[first:]
+
+
+def decode_at_context(model, args, kv_cache_dtype: str, prompt: list[int], speculative: bool = False) -> dict:
+    """One engine with ``kv_cache_dtype``: pool size, prefill of ``prompt``, then batch-1 decode timing."""
+    from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
+
+    options = dict(policy="chunked-prefill", token_budget=args.budget, max_num_seqs=1, block_size=16,
+                   gpu_memory_fraction=args.memory_fraction, kv_cache_dtype=kv_cache_dtype,
+                   cuda_graphs=not args.quick)
+    engine = SpeculativeEngine(model, num_speculative_tokens=args.k, **options) if speculative else \
+        LLMEngine(model, **options)
+    blocks = engine.block_manager.num_blocks
+    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    out, seconds, records = timed_request(engine, prompt, params)
     # decode iterations: no prompt chunk (a verification step counts its 1 + k tokens as prefill tokens)
     decode = [r.duration for r in records if r.num_prefill_tokens <= (1 + args.k if speculative else 0)]
     tokens = out.outputs[0].token_ids

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -97,6 +98,15 @@ def held_out_code(min_bytes: int, val_fraction: float = 0.05) -> tuple[str, str]
     return best[1], best[2]
 
 
+def _sibling(name: str):
+    """Another script of bench/ as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, speculative: bool = False,
            graphs: bool = True) -> dict:
     """One engine, batch-1 greedy: a warm-up request, then ``prompt`` -> ``tokens`` new tokens, timed per step."""
@@ -107,20 +117,7 @@ def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, specula
     engine = (SpeculativeEngine(model, num_speculative_tokens=k, proposer=proposer, **options) if speculative
               else LLMEngine(model, **options))
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    engine.add_request("warm", prompt[:64], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
-    first = len(engine.records)
-    engine.add_request("r", prompt, params)
-    out = None
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        for o in engine.step():
-            out = o if o.finished else out
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    records = engine.records[first:]
+    out, seconds, records = _sibling("kv_fp8_gpu").timed_request(engine, prompt, params)
     steps = [r.duration for r in records if r.num_prefill_tokens <= (1 + k if speculative else 0)]  # decode steps
     ids = out.outputs[0].token_ids
     # wall time of the whole request (prefill included, the same for every row): what a user waits for; the
