@@ -9,11 +9,17 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "infer_gpu.py"
 
 
-def test_quick_run_reports_every_variant(capsys):
-    pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("infer_gpu", BENCH)
+def _bench(name: str):
+    """bench/NAME.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_quick_run_reports_every_variant(capsys):
+    pytest.importorskip("transformers")
+    bench = _bench("infer_gpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # HF generate / generate_batch are left to the GPU run: on CPU they cost half a minute here
@@ -29,18 +35,10 @@ def test_quick_run_reports_every_variant(capsys):
     assert "copy" in printed and "throughput" in printed
 
 
-def _engine_speed():
-    """bench/engine_speed.py as a module (bench/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("engine_speed", BENCH.parent / "engine_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_engine_speed_quick_run_prints_the_table(capsys):
     """bench/engine_speed.py (the decode paths with overlap on/off, offline throughput) on CPU, tiny shapes; the
     compiled path and HF generate_batch are left to the GPU run (minutes of compilation / CPU time here)."""
-    bench = _engine_speed()
+    bench = _bench("engine_speed")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -57,7 +55,7 @@ def test_engine_speed_quick_run_prints_the_table(capsys):
 def test_engine_speed_quantized_decode_rows(capsys):
     """--quant runs the decode part for each weight quantization in the same process and prints each one's
     speed-up over the unquantized model (CPU: the torch paths; the GPU run takes the kernels)."""
-    bench = _engine_speed()
+    bench = _bench("engine_speed")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -87,9 +85,7 @@ def test_spec_trained_quick_run_trains_both_models_and_decodes_exactly(tmp_path,
     """bench/spec_trained.py --quick: pipeloom-train trains a tiny target and draft on the stdlib corpus, the engine
     loads both runs, and plain, prompt-lookup and draft-model decoding of validation-split code give the same greedy
     tokens (the bench exits non-zero otherwise); a second call reuses the checkpoints instead of training again."""
-    spec = importlib.util.spec_from_file_location("spec_trained", BENCH.parent / "spec_trained.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("spec_trained")
     runs = str(tmp_path / "runs")
     report = bench.main(["--quick", "--runs", runs, "--out", str(tmp_path / "report.json")])
     rows = report["rows"]
