@@ -98,6 +98,19 @@ def cache_name(kv_cache_dtype: str, dtype: torch.dtype) -> str:
     return "fp8 " if kv_cache_dtype == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
+def kernel_cases(args, config, device, dtype):
+    """``(batch, cache dtype, kernel arguments, KV bytes read)`` for each batch size of ``args.batches``, the
+    float cache first, then fp8; each case's tensors are freed (and CUDA's cache emptied) before the next."""
+    for batch in args.batches:
+        for kv in ("auto", "fp8"):
+            case = kernel_case(config, batch, args.context, kv, device, dtype)
+            read = case.pop("bytes")
+            yield batch, kv, case, read
+            del case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def kernel_rows(args, config, device, dtype) -> list[dict]:
     """The decode kernel alone for each batch size and cache: us/call, KV GB/s, output difference fp8 vs bf16."""
     from pipeloom.kernels.paged_decode import paged_decode
@@ -106,34 +119,27 @@ def kernel_rows(args, config, device, dtype) -> list[dict]:
     print(f"decode attention kernel alone, one layer ({config.n_heads} heads, {config.n_kv_heads} kv heads, head size "
           f"{config.head_dim}), context {args.context}, {args.calls} calls per CUDA graph, median of {args.repeats}:",
           flush=True)
-    for batch in args.batches:
-        outs = {}
-        for kv in ("auto", "fp8"):
-            case = kernel_case(config, batch, args.context, kv, device, dtype)
-            read = case.pop("bytes")
+    outs = {}
+    for batch, kv, case, read in kernel_cases(args, config, device, dtype):
+        def call(case=case):
+            return paged_decode(**case, backend="auto")
 
-            def call(case=case):
-                return paged_decode(**case, backend="auto")
-
-            outs[kv] = call().float()
-            seconds = graph_time(call, args.calls, args.repeats)
-            row = {"batch": batch, "kv_cache_dtype": kv, "us_per_call": seconds * 1e6, "kv_bytes": read,
-                   "gb_per_s": read / seconds / 1e9}
-            if kv == "fp8":
-                base = rows[-1]
-                row["speedup_vs_bf16"] = base["us_per_call"] / row["us_per_call"]
-                # same random draws: the fp8 cache holds the bf16 cache's values quantized (within e4m3's bound)
-                row["max_abs_diff_vs_bf16"] = float((outs["fp8"] - outs["auto"]).abs().max())
-            rows.append(row)
-            name = cache_name(kv, dtype)
-            extra = (f"  {row['speedup_vs_bf16']:.2f}x the float cache, max |out fp8 - out float| "
-                     f"{row['max_abs_diff_vs_bf16']:.3g}"
-                     if kv == "fp8" else "")
-            print(f"  batch {batch:3d} {name} cache: {row['us_per_call']:9.2f} us/call  {read / 1e6:9.1f} MB KV  "
-                  f"{row['gb_per_s']:8.1f} GB/s{extra}", flush=True)
-            del case
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        outs[kv] = call().float()  # the float cache's case comes first for each batch size
+        seconds = graph_time(call, args.calls, args.repeats)
+        row = {"batch": batch, "kv_cache_dtype": kv, "us_per_call": seconds * 1e6, "kv_bytes": read,
+               "gb_per_s": read / seconds / 1e9}
+        if kv == "fp8":
+            base = rows[-1]
+            row["speedup_vs_bf16"] = base["us_per_call"] / row["us_per_call"]
+            # same random draws: the fp8 cache holds the bf16 cache's values quantized (within e4m3's bound)
+            row["max_abs_diff_vs_bf16"] = float((outs["fp8"] - outs["auto"]).abs().max())
+        rows.append(row)
+        name = cache_name(kv, dtype)
+        extra = (f"  {row['speedup_vs_bf16']:.2f}x the float cache, max |out fp8 - out float| "
+                 f"{row['max_abs_diff_vs_bf16']:.3g}"
+                 if kv == "fp8" else "")
+        print(f"  batch {batch:3d} {name} cache: {row['us_per_call']:9.2f} us/call  {read / 1e6:9.1f} MB KV  "
+              f"{row['gb_per_s']:8.1f} GB/s{extra}", flush=True)
     return rows
 
 
@@ -148,29 +154,23 @@ def sweep_rows(args, config, device, dtype) -> list[dict]:
 
     rows = []
     print("decode kernel tilings (block_n, warps, stages, splits; 0 = by batch size):", flush=True)
-    for batch in args.batches:
-        for kv in ("auto", "fp8"):
-            case = kernel_case(config, batch, args.context, kv, device, dtype)
-            read = case.pop("bytes")
-            for block_n, warps, stages, splits in SWEEP:
-                def call(case=case, block_n=block_n, warps=warps, stages=stages, splits=splits):
-                    return paged_decode_triton(**case, splits=splits, block_n=block_n, num_warps=warps,
-                                               num_stages=stages)
+    for batch, kv, case, read in kernel_cases(args, config, device, dtype):
+        for block_n, warps, stages, splits in SWEEP:
+            def call(case=case, block_n=block_n, warps=warps, stages=stages, splits=splits):
+                return paged_decode_triton(**case, splits=splits, block_n=block_n, num_warps=warps,
+                                           num_stages=stages)
 
-                try:
-                    seconds = graph_time(call, args.calls, args.repeats)
-                except Exception as error:  # a tiling the compiler rejects (shared memory): report it, go on
-                    print(f"  batch {batch:3d} {kv:4s} {(block_n, warps, stages, splits)}: failed: "
-                          f"{type(error).__name__}: {str(error)[:120]}", flush=True)
-                    continue
-                rows.append({"batch": batch, "kv_cache_dtype": kv, "block_n": block_n, "num_warps": warps,
-                             "num_stages": stages, "splits": splits, "us_per_call": seconds * 1e6,
-                             "gb_per_s": read / seconds / 1e9})
-                print(f"  batch {batch:3d} {cache_name(kv, dtype)} {(block_n, warps, stages, splits)}: "
-                      f"{seconds * 1e6:9.2f} us/call {read / seconds / 1e9:8.1f} GB/s", flush=True)
-            del case
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            try:
+                seconds = graph_time(call, args.calls, args.repeats)
+            except Exception as error:  # a tiling the compiler rejects (shared memory): report it, go on
+                print(f"  batch {batch:3d} {kv:4s} {(block_n, warps, stages, splits)}: failed: "
+                      f"{type(error).__name__}: {str(error)[:120]}", flush=True)
+                continue
+            rows.append({"batch": batch, "kv_cache_dtype": kv, "block_n": block_n, "num_warps": warps,
+                         "num_stages": stages, "splits": splits, "us_per_call": seconds * 1e6,
+                         "gb_per_s": read / seconds / 1e9})
+            print(f"  batch {batch:3d} {cache_name(kv, dtype)} {(block_n, warps, stages, splits)}: "
+                  f"{seconds * 1e6:9.2f} us/call {read / seconds / 1e9:8.1f} GB/s", flush=True)
     return rows
 
 
