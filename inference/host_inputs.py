@@ -125,17 +125,33 @@ def decode_ids(requests: list, firsts: list[int]) -> tuple[np.ndarray, list[tupl
     return ids, [(int(i), requests[i].id) for i in unknown]
 
 
+def ragged_layout(firsts: np.ndarray, counts: np.ndarray, table: np.ndarray, rows: np.ndarray, block_size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where the new tokens of a ragged batch go: sequence s appends ``counts[s]`` tokens after its ``firsts[s]``
+    cached ones, its blocks are row ``rows[s]`` of ``table``. Returns (query starts (S + 1,) INDEX, positions (N,),
+    cache slots (N,), sequence lengths after the step (S,), the sequences' block tables (S, W))."""
+    starts = np.zeros(len(firsts) + 1, dtype=INDEX)
+    np.cumsum(counts, out=starts[1:])
+    if bool((counts == 1).all()):  # decodes (and one-token chunks): one token per sequence
+        positions, seq_of_token = firsts, np.arange(len(firsts))
+    else:
+        seq_of_token = np.repeat(np.arange(len(firsts)), counts)  # (N,)
+        positions = np.arange(int(starts[-1]), dtype=INDEX) - (starts[:-1] - firsts)[seq_of_token]
+    seq_lens = firsts + counts
+    width = max(1, int(-(-seq_lens.max() // block_size)))
+    slots = table[rows[seq_of_token], positions // block_size].astype(INDEX) * block_size + positions % block_size
+    return starts, positions, slots, seq_lens, table[rows, :width]
+
+
 def ragged_inputs(iteration, block_manager, tables: BlockTables) -> RaggedInputs:
     """The :class:`RaggedInputs` of ``iteration`` (vectorised; equal to building them token by token)."""
     requests, firsts, counts, samples = slice_arrays(iteration)
-    bs = block_manager.block_size
-    starts = np.zeros(len(requests) + 1, dtype=INDEX)
-    np.cumsum(counts, out=starts[1:])
+    rows = tables.rows([r.id for r in requests], block_manager)  # (S,)
+    starts, positions, slots, seq_lens, seq_tables = ragged_layout(firsts, counts, tables.array, rows,
+                                                                   block_manager.block_size)
     n = int(starts[-1])
     if bool((counts == 1).all()):  # decodes (and one-token chunks): no per-token spans to concatenate
         ids, missing = decode_ids(requests, firsts.tolist())
-        positions = firsts
-        seq_of_token = np.arange(len(requests))
     else:
         spans = [r.token_ids[f : f + c] for r, f, c in zip(requests, firsts.tolist(), counts.tolist())]
         # a span is one short when its last token is still being sampled (an overlapped step): left 0
@@ -148,15 +164,9 @@ def ragged_inputs(iteration, block_manager, tables: BlockTables) -> RaggedInputs
             known[[row for row, _ in missing]] = False
             ids, given = np.zeros(n, dtype=INDEX), ids
             ids[known] = given
-        seq_of_token = np.repeat(np.arange(len(requests)), counts)  # (N,)
-        positions = np.arange(n, dtype=INDEX) - (starts[:-1] - firsts)[seq_of_token]
-    rows = tables.rows([r.id for r in requests], block_manager)  # (S,)
-    seq_lens = firsts + counts
-    width = max(1, int(-(-seq_lens.max() // bs)))
-    block_of_token = tables.array[rows[seq_of_token], positions // bs].astype(INDEX)
-    return RaggedInputs(ids=ids, positions=positions, slots=block_of_token * bs + positions % bs,
-                        query_start=starts.astype(SMALL), seq_lens=seq_lens.astype(SMALL),
-                        tables=tables.array[rows, :width], rows=(starts[1:] - 1)[samples], missing=missing)
+    return RaggedInputs(ids=ids, positions=positions, slots=slots, query_start=starts.astype(SMALL),
+                        seq_lens=seq_lens.astype(SMALL), tables=seq_tables, rows=(starts[1:] - 1)[samples],
+                        missing=missing)
 
 
 def query_tiles_np(query_lens: np.ndarray, group: int, block_m: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .host_inputs import INDEX, SMALL, RaggedInputs
+from .host_inputs import INDEX, SMALL, RaggedInputs, ragged_layout
 from .sampling import Sampler
 from .spec_decode import _race, sampling_probs
 from .spec_proposers import DraftModelProposer, DraftRequest, Proposal
@@ -88,20 +88,13 @@ class CachedDraftProposer(DraftModelProposer):
     def _forward(self, ids: list[str], feeds: list[list[int]]) -> torch.Tensor:
         """One ragged forward of the draft: ``feeds[s]`` appended to request ``ids[s]``'s cached tokens; the
         logits (S, V) of each request's last fed token."""
-        bs = self.block_size
         firsts = np.array([len(self.fed[i]) for i in ids], dtype=INDEX)
         counts = np.array([len(f) for f in feeds], dtype=INDEX)
-        starts = np.zeros(len(ids) + 1, dtype=INDEX)
-        np.cumsum(counts, out=starts[1:])
-        seq_of_token = np.repeat(np.arange(len(ids)), counts)
-        positions = np.arange(int(starts[-1]), dtype=INDEX) - (starts[:-1] - firsts)[seq_of_token]
-        seq_lens = firsts + counts
-        width = max(1, int(-(-seq_lens.max() // bs)))
-        tables = np.zeros((len(ids), width), dtype=SMALL)
+        table = np.zeros((len(ids), max(len(self.blocks[i]) for i in ids)), dtype=SMALL)  # (S, blocks held)
         for s, i in enumerate(ids):
-            row = self.blocks[i][:width]
-            tables[s, : len(row)] = row
-        slots = tables[seq_of_token, positions // bs].astype(INDEX) * bs + positions % bs
+            table[s, : len(self.blocks[i])] = self.blocks[i]
+        starts, positions, slots, seq_lens, tables = ragged_layout(firsts, counts, table, np.arange(len(ids)),
+                                                                   self.block_size)
         host = RaggedInputs(ids=np.fromiter((t for f in feeds for t in f), dtype=INDEX, count=int(starts[-1])),
                             positions=positions, slots=slots, query_start=starts.astype(SMALL),
                             seq_lens=seq_lens.astype(SMALL), tables=tables, rows=starts[1:] - 1, missing=[])
