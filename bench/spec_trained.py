@@ -5,10 +5,11 @@ checkpoint can be fetched here, so this bench trains its own: ``pipeloom-train``
 process) trains a *target* and a smaller *draft* Llama on the Python standard library's sources (byte tokens),
 then the inference engine loads both run directories, as a user serving what they trained would, and decodes a
 piece of code with many repeated identifiers from a file of the corpus's validation split (never trained on)
-three ways, each greedy at batch 1:
+these ways, each greedy at batch 1:
 
 * plain (``LLMEngine``);
-* prompt lookup (``SpeculativeEngine`` with its n-gram proposer, ``--k`` drafts per step);
+* prompt lookup (``SpeculativeEngine`` with its n-gram proposer, ``--k`` drafts per step, ``--ngram`` sizes), its
+  verification steps replayed from CUDA graphs, and again with them run eagerly (what the graphs save);
 * draft model (``SpeculativeEngine`` with ``CachedDraftProposer`` over the draft: its own paged KV cache, one
   ragged forward per drafted position; what ``inference.speculative=draft inference.draft_model=RUN`` runs).
 
@@ -108,14 +109,20 @@ def _sibling(name: str):
 
 
 def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, speculative: bool = False,
-           graphs: bool = True) -> dict:
-    """One engine, batch-1 greedy: a warm-up request, then ``prompt`` -> ``tokens`` new tokens, timed per step."""
+           graphs: bool = True, ngram: tuple[int, int] = (1, 3), verify_graphs: bool = True) -> dict:
+    """One engine, batch-1 greedy: a warm-up request, then ``prompt`` -> ``tokens`` new tokens, timed per step.
+    ``ngram``: the n-gram sizes of prompt lookup (when ``proposer`` is None); ``verify_graphs=False`` runs the
+    verification steps eagerly (the decode graphs stay)."""
     from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
+    from pipeloom.inference.spec_proposers import NgramProposer
 
     options = dict(policy="chunked-prefill", token_budget=max(256, len(prompt) + 8), max_num_seqs=1,
                    block_size=16, cuda_graphs=graphs and torch.cuda.is_available())
+    proposer = NgramProposer(*ngram) if proposer is None else proposer
     engine = (SpeculativeEngine(model, num_speculative_tokens=k, proposer=proposer, **options) if speculative
               else LLMEngine(model, **options))
+    if not verify_graphs:
+        engine.runner.verify_graphs = None
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     out, seconds, records = _sibling("kv_fp8_gpu").timed_request(engine, prompt, params)
     steps = [r.duration for r in records if r.num_prefill_tokens <= (1 + k if speculative else 0)]  # decode steps
@@ -144,6 +151,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-bytes", type=int, default=32_000_000, help="bytes of the stdlib corpus to train on")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both trainings")
     parser.add_argument("--k", type=int, default=4, help="drafts per step")
+    parser.add_argument("--ngram", default="1,3", help="prompt lookup's smallest and largest n-gram (tokens)")
     parser.add_argument("--tokens", type=int, default=256, help="greedy tokens decoded")
     parser.add_argument("--prompt-bytes", type=int, default=768, help="bytes of held-out code in the prompt")
     parser.add_argument("--runs", default="runs/spec_trained", help="where the two training runs go (kept)")
@@ -157,7 +165,11 @@ def main(argv=None) -> dict:
         args.max_bytes, args.no_compile = min(args.max_bytes, 400_000), True
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = os.path.join(args.runs, "cache")
-    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "k": args.k}
+    ngram = tuple(int(n) for n in args.ngram.split(","))
+    if len(ngram) != 2:
+        parser.error(f"--ngram={args.ngram!r}: give the smallest and largest n-gram, e.g. 1,3")
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "k": args.k,
+                    "ngram": list(ngram)}
     start = time.perf_counter()
     roles = (("target", args.target, args.steps), ("draft", args.draft, args.draft_steps or args.steps))
     for role, size, steps in roles:
@@ -178,21 +190,24 @@ def main(argv=None) -> dict:
     report["prompt_file"] = path
     graphs = not args.quick
     plain = decode(target, prompt, args.tokens, args.k, graphs=graphs)
-    lookup = decode(target, prompt, args.tokens, args.k, speculative=True, graphs=graphs)
+    lookup = decode(target, prompt, args.tokens, args.k, speculative=True, graphs=graphs, ngram=ngram)
+    eager_verify = decode(target, prompt, args.tokens, args.k, speculative=True, graphs=graphs, ngram=ngram,
+                          verify_graphs=False)
     drafted = decode(target, prompt, args.tokens, args.k, proposer=CachedDraftProposer(draft), speculative=True,
                      graphs=graphs)
-    rows = {"plain": plain, "prompt lookup": lookup, "draft model": drafted}
+    rows = {"plain": plain, "prompt lookup": lookup, "lookup, eager verification": eager_verify,
+            "draft model": drafted}
     print(f"\n{device}, target {args.target} / draft {args.draft} trained here; prompt: {len(prompt)} bytes of "
           f"{os.path.relpath(path, os.path.dirname(os.__file__))} (validation split: not trained on), {args.tokens} "
-          f"greedy tokens, k={args.k}")
-    print(f"{'decoding':14s} {'ms/token':>9s} {'vs plain':>9s} {'acceptance':>11s} {'tokens/step':>12s} "
+          f"greedy tokens, k={args.k}, prompt lookup n-grams {ngram[0]}-{ngram[1]}")
+    print(f"{'decoding':27s} {'ms/token':>9s} {'vs plain':>9s} {'acceptance':>11s} {'tokens/step':>12s} "
           f"{'same tokens':>12s}")
     for name, row in rows.items():
         row["speedup"] = plain["ms_per_token"] / row["ms_per_token"]
         row["same_tokens"] = row["token_ids"] == plain["token_ids"]
         acc = f"{row['acceptance']:.3f}" if "acceptance" in row else "-"
         per = f"{row['tokens_per_step']:.2f}" if "tokens_per_step" in row else "1.00"
-        print(f"{name:14s} {row['ms_per_token']:9.3f} {row['speedup']:8.2f}x {acc:>11s} {per:>12s} "
+        print(f"{name:27s} {row['ms_per_token']:9.3f} {row['speedup']:8.2f}x {acc:>11s} {per:>12s} "
               f"{str(row['same_tokens']):>12s}")
     print("continuation (plain):", repr(bytes(t % 256 for t in plain["token_ids"]).decode(errors="replace"))[:300])
     report["rows"] = {name: {key: value for key, value in row.items() if key != "token_ids"}

@@ -36,7 +36,7 @@ from pipeloom.kernels.paged_attention import tile_rows
 from pipeloom.kernels.paged_decode import decode_splits, num_sms
 from pipeloom.models.kv import PagedBatch, kv_cache_shape, paged_context
 
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, VerifyGraphs
 from .host_inputs import INDEX, SMALL, BlockTables, RaggedInputs, Staging, query_tiles_np, ragged_inputs
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -184,12 +184,15 @@ class ModelRunner:
     ``compile``: False, or True / a ``torch.compile`` mode ("default", "max-autotune-no-cudagraphs") for the
     decode forward over the decode graphs' static buffers (captured in CUDA graphs on a GPU, replayed
     uncaptured elsewhere). ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 rows with a scale each,
-    :mod:`pipeloom.kernels.kv_fp8`).
+    :mod:`pipeloom.kernels.kv_fp8`). ``verify_tokens`` (0: none): where the decode graphs are used, also graphs
+    of verification steps of up to that many tokens per sequence (:meth:`run_rows`; speculative decoding's
+    last token and drafts, :class:`~pipeloom.inference.decode_graphs.VerifyGraphs`).
     """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, backend: str = "auto",
                  cuda_graphs: bool | str = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
-                 dense_prefill_tokens: int | None = 256, compile: bool | str = False, kv_cache_dtype: str = "auto"):
+                 dense_prefill_tokens: int | None = 256, compile: bool | str = False, kv_cache_dtype: str = "auto",
+                 verify_tokens: int = 0):
         self.model, self.config = model, model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -224,6 +227,10 @@ class ModelRunner:
         self.use_graphs = cuda_graphs == "emulate" or on_gpu or self.compiled
         self.graph_sizes = sorted(graph_batch_sizes)
         self.decode_graphs = DecodeGraphs(self, self.graph_sizes, forward, emulate=not on_gpu)
+        self.verify_graphs = None
+        if verify_tokens and self.use_graphs:
+            self.verify_graphs = VerifyGraphs(self, self.graph_sizes, self.verify_forward, emulate=not on_gpu,
+                                              tokens=verify_tokens)
 
     @property
     def graphs(self) -> dict:
@@ -309,6 +316,37 @@ class ModelRunner:
         with always_fuse(self.fuse_decode):
             return self.graph_forward(index, small, n)
 
+    def verify_forward(self, index: torch.Tensor, small: torch.Tensor, n: int) -> torch.Tensor:
+        """Logits (n q, V) of ``n`` sequences of ``q = verify_graphs.tokens`` new tokens each over the verification
+        graphs' static buffers: the general paged-attention kernel (causal within each sequence's rows) over a
+        work list computed here on the device, so the graph holds it; the norms and SwiGLU fused on the Triton
+        path, as in the decode graphs."""
+        q = self.verify_graphs.tokens
+        ids, positions, slots, seq_lens, tables = DecodeGraphs.unpack(index, small, n, self.max_blocks_per_seq, q)
+        dev, group = ids.device, self.config.n_heads // self.config.n_kv_heads
+        per_tile = max(tile_rows(group, q) // group, 1)  # tokens of one sequence per kernel program
+        tiles_per_seq = -(-q // per_tile)
+        tile = torch.arange(n * tiles_per_seq, dtype=torch.int32, device=dev)
+        starts = torch.arange(0, n * q + 1, q, dtype=torch.int32, device=dev)  # (n + 1,)
+        batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=starts, seq_lens=seq_lens,
+                           block_tables=tables, block_size=self.block_size, caches=self.caches, fused=self.fused,
+                           max_query_len=q, backend="triton" if self.triton_path else "torch",
+                           tiles=(tile // tiles_per_seq, tile % tiles_per_seq * per_tile))
+        with always_fuse(self.triton_path):
+            return self.forward(ids[None], batch, None)
+
+    @torch.inference_mode()
+    def run_rows(self, iteration, block_manager, rows: np.ndarray) -> torch.Tensor:
+        """Logits (R, V) at ``rows``, indices into the iteration's new tokens laid back to back (a speculative
+        verification reads every drafted position, not only each slice's last); float32, or float64 for a
+        float64 model. Replays a verification graph where the iteration fits one (``verify_tokens``)."""
+        if self.verify_graphs is not None and self.verify_graphs.fits(iteration):
+            logits = self.verify_graphs.replay(iteration, block_manager, self.tables, rows)
+        else:
+            input_ids, batch, _ = self.prepare(iteration, block_manager)
+            logits = self.forward(input_ids, batch, torch.as_tensor(rows, dtype=torch.long).to(self.device))
+        return logits if logits.dtype == torch.float64 else logits.float()
+
     @torch.inference_mode()
     def run(self, iteration, block_manager, pending: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
         """Logits (R, V) of the slices with ``samples``, in order (R may be 0); float32, or float64 for a
@@ -335,8 +373,11 @@ class ModelRunner:
         ids[dst] = tokens[src]
 
     def capture(self) -> None:
-        """Capture the decode graph of every size in ``graph_batch_sizes`` now (otherwise each on first use)."""
+        """Capture the decode graph (and verification graph) of every size in ``graph_batch_sizes`` now
+        (otherwise each kind on first use)."""
         self.decode_graphs.capture_all()
+        if self.verify_graphs is not None:
+            self.verify_graphs.capture_all()
 
 
 def compile_decode(fn, mode: bool | str):

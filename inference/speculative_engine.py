@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from pipeloom.schedules.batching import IterationRecord
 from pipeloom.schedules.batching.request import Iteration, Slice
@@ -56,6 +57,7 @@ class SpeculativeEngine(LLMEngine):
                  ngram_min: int = 1, ngram_max: int = 3, **engine_options):
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"inference.num_speculative_tokens={num_speculative_tokens!r} must be an integer >= 1")
+        self.verify_tokens = 1 + num_speculative_tokens  # the runner graphs verification steps of this size
         # no overlapped steps: which drafts are proposed and kept depends on every token's value
         super().__init__(model, **{**engine_options, "overlap": False})
         self.k = num_speculative_tokens
@@ -188,18 +190,15 @@ class SpeculativeEngine(LLMEngine):
             at += sl.n_tokens + d
         ran = Iteration(iteration.index, tuple(slices), iteration.preempted, iteration.padded_tokens)
         try:
-            ids, batch, _ = self.runner.prepare(ran, self.block_manager)
             row_ids = []
             for i, sl in enumerate(slices):
                 if sl.samples:
                     first = starts[i] + (sl.n_tokens - 1 - len(drafts.get(i, ())))
                     row_ids.extend(range(first, starts[i] + sl.n_tokens))
-            rows = torch.tensor(row_ids, dtype=torch.long, device=self.device)
-            logits = self.runner.forward(ids, batch, rows)  # (R', V)
+            logits = self.runner.run_rows(ran, self.block_manager, np.array(row_ids, dtype=np.int64))  # (R', V)
         finally:
             for i, draft in drafts.items():
                 del iteration.slices[i].request.token_ids[-len(draft):]
-        logits = logits if logits.dtype == torch.float64 else logits.float()
         plain, spec, at = [], [], 0  # (sampled row, logits row) / (sampled row, slice index, first logits row)
         row = 0
         for i, sl in enumerate(iteration.slices):

@@ -177,6 +177,33 @@ def test_triton_fused_decode_gives_the_torch_paths_logits_and_tokens(device):
 # ---------------------------------------------------------------- torch paths and plumbing (this process)
 
 
+def test_triton_verification_graph_gives_the_torch_paths_tokens(device):
+    """Speculative decoding with its verification steps replayed from (emulated) graphs on the Triton path: the
+    paged-attention kernel over the graph's own work list, each sequence padded to 1 + k rows, the norms and
+    SwiGLU fused. Greedy tokens equal the plain torch backend's, and the verification graphs ran."""
+    from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
+
+    model = _llama(2, torch.float32).to(device)
+
+    def greedy(engine, prompts, max_tokens):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        done = {}
+        while engine.has_unfinished():
+            done.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+        return [done[f"r{i}"] for i in range(len(prompts))]
+
+    options = dict(block_size=4, num_blocks=24, max_num_seqs=2)
+    loop = [5, 9, 14, 3, 7, 5, 9, 14, 3, 7, 5, 9, 14]
+    seen = greedy(LLMEngine(model, attention="torch", **options), [loop], 12)[0]  # prompts that hold their
+    prompts = [loop + seen + loop, [200, 3, 77] + seen + loop[:8] + seen]  # continuation: prompt lookup drafts
+    engine = SpeculativeEngine(model, num_speculative_tokens=3, attention="triton", cuda_graphs="emulate", **options)
+    tokens = {"torch": greedy(LLMEngine(model, attention="torch", **options), prompts, 10),
+              "triton": greedy(engine, prompts, 10)}
+    assert tokens["triton"] == tokens["torch"] and len(tokens["torch"]) == 2
+    assert engine.runner.verify_graphs.graphs and engine.spec_stats.accepted > 0, engine.spec_stats
+
+
 def test_interpreter_runs_decode_fusion_tests(triton_child):
     """Without a GPU: the test_triton_* tests above in a child pytest under TRITON_INTERPRET=1; all must pass."""
     triton_child.run(__file__, "decode-fusion")

@@ -89,7 +89,8 @@ def test_spec_trained_quick_run_trains_both_models_and_decodes_exactly(tmp_path,
     runs = str(tmp_path / "runs")
     report = bench.main(["--quick", "--runs", runs, "--out", str(tmp_path / "report.json")])
     rows = report["rows"]
-    assert set(rows) == {"plain", "prompt lookup", "draft model"} and all(r["same_tokens"] for r in rows.values())
+    assert set(rows) == {"plain", "prompt lookup", "lookup, eager verification", "draft model"}
+    assert all(r["same_tokens"] for r in rows.values())
     assert rows["draft model"]["proposed"] > 0 and 0 <= rows["prompt lookup"]["acceptance"] <= 1
     assert report["target"]["steps"] == report["draft"]["steps"] == 30
     from pipeloom.data.corpus import in_validation

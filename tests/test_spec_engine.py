@@ -287,3 +287,27 @@ def test_cached_draft_drops_what_the_context_no_longer_holds(llama):
     assert again.token_ids == reference.propose(changed, 4, params, prompt_len=5).token_ids
     assert torch.allclose(again.probs, reference.propose(changed, 4, params, prompt_len=5).probs, atol=1e-9)
     assert cached.fed["0"] == changed + again.token_ids[:-1]
+
+
+def test_verification_graphs_give_the_eager_verifications_tokens(llama):
+    """Verification steps replayed from (emulated) graphs - every sequence padded to 1 + k query rows, the padding
+    writing to the scratch block, the sizes (1, 2, 4) padded too - give plain greedy's tokens and accept exactly
+    the drafts eager verification accepts, through preemptions (whose recomputing prefills run eagerly)."""
+    prompts, params = _prompts(), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    options = dict(policy="chunked-prefill", token_budget=32, block_size=4, num_blocks=14, max_num_seqs=4)
+    plain = _run(LLMEngine(llama, **options), prompts, params)
+    eager = SpeculativeEngine(llama, num_speculative_tokens=3, **options)
+    assert eager.runner.verify_graphs is None  # on CPU, cuda_graphs=True captures nothing
+    graphed = SpeculativeEngine(llama, num_speculative_tokens=3, cuda_graphs="emulate", **options)
+    graphs = graphed.runner.verify_graphs
+    replayed, replay = [], graphs.replay
+    graphs.replay = lambda iteration, *a: replayed.append(len(iteration.slices)) or replay(iteration, *a)
+    outputs = {"eager": _run(eager, prompts, params), "graphed": _run(graphed, prompts, params)}
+    for name, outs in outputs.items():
+        assert [o.token_ids for o in outs] == [o.token_ids for o in plain], name
+    assert (graphed.spec_stats.proposed, graphed.spec_stats.accepted) == (eager.spec_stats.proposed,
+                                                                            eager.spec_stats.accepted)
+    assert graphed.num_preemptions > 0 and graphed.spec_stats.accepted > 0
+    assert len(replayed) > 10 and {1, 3} <= set(replayed), replayed  # batch 3 replays the graph of 4
+    assert sorted(graphs.graphs) == [1, 2, 4] and graphs.tokens == 4
+    assert graphed.block_manager.num_free_blocks() == graphed.block_manager.num_blocks
