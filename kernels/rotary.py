@@ -136,9 +136,15 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
         stride_cb, cos.stride(-2),
         BACKWARD=backward, HAS_K=k is not None, HAS_POS=positions is not None,
         BLOCK_H=block_h, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-        num_warps=min(max((block_h + (block_hk if k is not None else 0)) * block_half // 256, 1), 8),
+        num_warps=rotary_warps(block_h + (block_hk if k is not None else 0), block_half),
     )
     return y if k is None else (y, yk)
+
+
+def rotary_warps(rows: int, block_half: int) -> int:
+    """Warps of one rotary program over ``rows`` heads (q's and k's together) of ``block_half`` pairs: one per 256
+    elements, a power of two (Triton refuses others: 16 query + 8 key heads of 64 would ask for 3), 1 to 8."""
+    return min(triton.next_power_of_2(max(rows * block_half // 256, 1)), 8)
 
 
 class RotaryFunction(torch.autograd.Function):
