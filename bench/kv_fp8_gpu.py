@@ -174,15 +174,21 @@ def sweep_rows(args, config, device, dtype) -> list[dict]:
     return rows
 
 
-def timed_request(engine, prompt: list[int], params) -> tuple:
-    """Warm ``engine`` up with a short request, then run ``prompt`` alone under ``params``: (its finished output,
-    wall seconds from adding it to its end, the engine's step records of that request)."""
+def timed_request(engine, prompt: list[int], params, on_warm=None) -> tuple:
+    """Warm ``engine`` up with a request of the same length (other tokens: nothing of it is in the prefix cache
+    afterwards, and every kernel and graph the timed request needs has run once), then run ``prompt`` alone under
+    ``params``: (its finished output, wall seconds from adding it to its end, the engine's step records of that
+    request). ``on_warm(engine)`` runs between the two (to reset counters)."""
     from pipeloom.inference import SamplingParams
 
-    engine.add_request("warm", prompt[:64], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    vocab = engine.config.vocab_size
+    warm = [(t + 1) % vocab for t in prompt]
+    engine.add_request("warm", warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
     first = len(engine.records)
+    if on_warm is not None:
+        on_warm(engine)
     engine.add_request("r", prompt, params)
     out = None
     start = time.perf_counter()

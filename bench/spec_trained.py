@@ -3,9 +3,9 @@
 never does (``bench/RESULTS.md``: a random 7B proposed 4-8 drafts in 128 tokens and accepted none). No trained
 checkpoint can be fetched here, so this bench trains its own: ``pipeloom-train`` (``launch.train.run``, in this
 process) trains a *target* and a smaller *draft* Llama on the Python standard library's sources (byte tokens),
-then the inference engine loads both run directories, as a user serving what they trained would, and decodes a
-piece of code with many repeated identifiers from a file of the corpus's validation split (never trained on)
-these ways, each greedy at batch 1:
+then the inference engine loads both run directories, as a user serving what they trained would, and decodes
+pieces of code with many repeated identifiers from ``--prompts`` files of the corpus's validation split (never
+trained on) these ways, each greedy at batch 1:
 
 * plain (``LLMEngine``);
 * prompt lookup (``SpeculativeEngine`` with its n-gram proposer, ``--k`` drafts per step, ``--ngram`` sizes), its
@@ -14,9 +14,10 @@ these ways, each greedy at batch 1:
   ragged forward per drafted position; what ``inference.speculative=draft inference.draft_model=RUN`` runs).
 
 Every speculative run must give exactly the plain run's tokens (greedy acceptance is exact); the table shows ms
-per token of wall time for the whole request (prefill included, the same in every row), the speed-up over plain,
-and acceptance (accepted / proposed drafts) with tokens per target step; ``step_ms_per_token`` in the report sums
-the engine's own decode-step durations instead::
+per token of wall time for the whole requests (prefill included, the same in every row; summed over the prompts,
+the median of ``--repeats``), the speed-up over plain, and acceptance (accepted / proposed drafts) with tokens per
+target forward; ``step_ms_per_token`` in the report sums the engine's own decode-step durations instead. Each
+engine is warmed up first by a request of the same length (other tokens: nothing is prefix-cached)::
 
     python bench/spec_trained.py --target 350m --draft 25m --steps 800   # a GPU: a few minutes of training
     python bench/spec_trained.py --quick                                 # CPU smoke run (tests use it)
@@ -77,12 +78,13 @@ def train(run_dir: str, size: str, steps: int, cache: str, *, compile: bool, max
     return {"size": size, "steps": len(losses), "final_loss": statistics.mean(tail) if tail else float("nan")}
 
 
-def held_out_code(min_bytes: int, val_fraction: float = 0.05) -> tuple[str, str]:
-    """(path, code): a stdlib source file of the *validation* split (``data.corpus.in_validation``: the training
-    run never saw it) with many repeated identifiers, from its first ``def`` on, at least ``min_bytes`` long."""
+def held_out_code(min_bytes: int, count: int = 1, val_fraction: float = 0.05) -> list[tuple[str, str]]:
+    """``count`` pieces of code (path, code), each from a stdlib source file of the *validation* split
+    (``data.corpus.in_validation``: the training run never saw it) from its first ``def`` on, at least ``min_bytes``
+    long; the files whose pieces repeat the most identifiers first."""
     from pipeloom.data.corpus import find_files, in_validation
 
-    best = None
+    found = []
     for f in find_files(None)[1]:
         content = open(f.path, "rb").read()
         if len(content) < 4 * min_bytes or not in_validation(content, val_fraction):
@@ -91,12 +93,11 @@ def held_out_code(min_bytes: int, val_fraction: float = 0.05) -> tuple[str, str]
         start = text.find("\ndef ") + 1 or text.find("\n    def ") + 1
         piece = text[start:start + 2 * min_bytes]
         words = piece.replace("(", " ").replace(")", " ").replace(".", " ").replace(",", " ").split()
-        repeats = len(words) - len(set(words))  # identifiers seen before within the piece
-        if best is None or repeats > best[0]:
-            best = (repeats, f.path, piece)
-    if best is None:
+        found.append((len(words) - len(set(words)), f.path, piece))  # identifiers seen before within the piece
+    if not found:
         raise FileNotFoundError(f"no validation-split stdlib file of at least {4 * min_bytes} bytes")
-    return best[1], best[2]
+    found.sort(key=lambda item: (-item[0], item[1]))
+    return [(path, piece) for _, path, piece in found[:count]]
 
 
 def _sibling(name: str):
@@ -114,6 +115,7 @@ def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, specula
     ``ngram``: the n-gram sizes of prompt lookup (when ``proposer`` is None); ``verify_graphs=False`` runs the
     verification steps eagerly (the decode graphs stay)."""
     from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
+    from pipeloom.inference.spec_decode import SpecStats
     from pipeloom.inference.spec_proposers import NgramProposer
 
     options = dict(policy="chunked-prefill", token_budget=max(256, len(prompt) + 8), max_num_seqs=1,
@@ -124,13 +126,17 @@ def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, specula
     if not verify_graphs:
         engine.runner.verify_graphs = None
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    out, seconds, records = _sibling("kv_fp8_gpu").timed_request(engine, prompt, params)
+    def reset(engine):  # acceptance of the timed request only
+        if speculative:
+            engine.spec_stats = SpecStats()
+
+    out, seconds, records = _sibling("kv_fp8_gpu").timed_request(engine, prompt, params, on_warm=reset)
     steps = [r.duration for r in records if r.num_prefill_tokens <= (1 + k if speculative else 0)]  # decode steps
     ids = out.outputs[0].token_ids
     # wall time of the whole request (prefill included, the same for every row): what a user waits for; the
     # engine's per-step durations beside it (an overlapped plain engine reports its steps differently)
     row = {"ms_per_token": 1e3 * seconds / len(ids), "step_ms_per_token": 1e3 * sum(steps) / max(len(ids) - 1, 1),
-           "decode_steps": len(steps), "token_ids": ids}
+           "decode_steps": len(steps), "token_ids": ids, "seconds": seconds}
     if speculative:
         stats = engine.spec_stats
         row.update(acceptance=stats.acceptance_rate, tokens_per_step=stats.tokens_per_step, proposed=stats.proposed,
@@ -139,6 +145,27 @@ def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, specula
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return row
+
+
+def summarise(found: list[dict], plain: list[dict], prompts: int) -> dict:
+    """One way of decoding over its runs (``prompts`` per repeat, in the order of ``plain``'s): ms per token of the
+    whole requests (the median over repeats of the wall time summed over the prompts), the speed-up over plain's
+    median, acceptance and tokens per target step over every timed request, and whether every run gave plain
+    greedy's tokens for its prompt."""
+    def walls(rows):
+        return [sum(r["seconds"] for r in rows[i : i + prompts]) for i in range(0, len(rows), prompts)]
+
+    tokens = sum(len(r["token_ids"]) for r in found[:prompts])  # per repeat
+    row = {"ms_per_token": 1e3 * statistics.median(walls(found)) / tokens,
+           "speedup": statistics.median(walls(plain)) / statistics.median(walls(found)),
+           "step_ms_per_token": statistics.median(r["step_ms_per_token"] for r in found),
+           "same_tokens": all(a["token_ids"] == b["token_ids"] for a, b in zip(found, plain))}
+    if "proposed" in found[0]:
+        proposed, accepted = sum(r["proposed"] for r in found), sum(r["accepted"] for r in found)
+        steps = sum(r["decode_steps"] for r in found)
+        row.update(acceptance=accepted / max(proposed, 1), proposed=proposed, accepted=accepted,
+                   tokens_per_step=sum(len(r["token_ids"]) - 1 for r in found) / max(steps, 1))
     return row
 
 
@@ -154,6 +181,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--ngram", default="1,3", help="prompt lookup's smallest and largest n-gram (tokens)")
     parser.add_argument("--tokens", type=int, default=256, help="greedy tokens decoded")
     parser.add_argument("--prompt-bytes", type=int, default=768, help="bytes of held-out code in the prompt")
+    parser.add_argument("--prompts", type=int, default=3, help="held-out files prompted, one request each")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every (way, prompt); the median is kept")
     parser.add_argument("--runs", default="runs/spec_trained", help="where the two training runs go (kept)")
     parser.add_argument("--retrain", action="store_true", help="train even where a checkpoint exists")
     parser.add_argument("--no-compile", action="store_true", help="train without torch.compile")
@@ -162,6 +191,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.target, args.draft, args.steps, args.tokens, args.prompt_bytes = "quick", "quick-draft", 30, 24, 160
+        args.prompts = min(args.prompts, 2)
         args.max_bytes, args.no_compile = min(args.max_bytes, 400_000), True
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = os.path.join(args.runs, "cache")
@@ -185,33 +215,38 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target, _, _ = load_model(os.path.join(args.runs, "target"), device=torch.device(device), dtype=dtype)
     draft, _, _ = load_model(os.path.join(args.runs, "draft"), device=torch.device(device), dtype=dtype)
-    path, code = held_out_code(args.prompt_bytes)
-    prompt = list(code.encode())[: args.prompt_bytes]
-    report["prompt_file"] = path
+    pieces = held_out_code(args.prompt_bytes, args.prompts)
+    report["prompt_files"] = [path for path, _ in pieces]
     graphs = not args.quick
-    plain = decode(target, prompt, args.tokens, args.k, graphs=graphs)
-    lookup = decode(target, prompt, args.tokens, args.k, speculative=True, graphs=graphs, ngram=ngram)
-    eager_verify = decode(target, prompt, args.tokens, args.k, speculative=True, graphs=graphs, ngram=ngram,
-                          verify_graphs=False)
-    drafted = decode(target, prompt, args.tokens, args.k, proposer=CachedDraftProposer(draft), speculative=True,
-                     graphs=graphs)
-    rows = {"plain": plain, "prompt lookup": lookup, "lookup, eager verification": eager_verify,
-            "draft model": drafted}
-    print(f"\n{device}, target {args.target} / draft {args.draft} trained here; prompt: {len(prompt)} bytes of "
-          f"{os.path.relpath(path, os.path.dirname(os.__file__))} (validation split: not trained on), {args.tokens} "
-          f"greedy tokens, k={args.k}, prompt lookup n-grams {ngram[0]}-{ngram[1]}")
+    ways = {"plain": dict(),
+            "prompt lookup": dict(speculative=True, ngram=ngram),
+            "lookup, eager verification": dict(speculative=True, ngram=ngram, verify_graphs=False),
+            "draft model": dict(speculative=True, draft=True)}
+    runs = {name: [] for name in ways}  # name -> one row per (repeat, prompt)
+    for _ in range(args.repeats):
+        for _, code in pieces:
+            prompt = list(code.encode())[: args.prompt_bytes]
+            for name, how in ways.items():
+                how = dict(how)
+                proposer = CachedDraftProposer(draft) if how.pop("draft", False) else None
+                runs[name].append(decode(target, prompt, args.tokens, args.k, proposer=proposer, graphs=graphs,
+                                         **how))
+    rows = {name: summarise(found, runs["plain"], len(pieces)) for name, found in runs.items()}
+    names = ", ".join(os.path.relpath(path, os.path.dirname(os.__file__)) for path, _ in pieces)
+    print(f"\n{device}, target {args.target} / draft {args.draft} trained here; prompts: {args.prompt_bytes} bytes of "
+          f"each of {names} (validation split: not trained on), {args.tokens} greedy tokens each, k={args.k}, "
+          f"prompt lookup n-grams {ngram[0]}-{ngram[1]}, {args.repeats} repeat(s)")
     print(f"{'decoding':27s} {'ms/token':>9s} {'vs plain':>9s} {'acceptance':>11s} {'tokens/step':>12s} "
           f"{'same tokens':>12s}")
     for name, row in rows.items():
-        row["speedup"] = plain["ms_per_token"] / row["ms_per_token"]
-        row["same_tokens"] = row["token_ids"] == plain["token_ids"]
         acc = f"{row['acceptance']:.3f}" if "acceptance" in row else "-"
         per = f"{row['tokens_per_step']:.2f}" if "tokens_per_step" in row else "1.00"
         print(f"{name:27s} {row['ms_per_token']:9.3f} {row['speedup']:8.2f}x {acc:>11s} {per:>12s} "
               f"{str(row['same_tokens']):>12s}")
-    print("continuation (plain):", repr(bytes(t % 256 for t in plain["token_ids"]).decode(errors="replace"))[:300])
-    report["rows"] = {name: {key: value for key, value in row.items() if key != "token_ids"}
-                      for name, row in rows.items()}
+    for (path, _), first in zip(pieces, runs["plain"]):
+        text = bytes(t % 256 for t in first["token_ids"]).decode(errors="replace")
+        print(f"continuation of {os.path.basename(path)} (plain):", repr(text)[:160])
+    report["rows"] = rows
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

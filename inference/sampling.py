@@ -102,6 +102,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing changing the logits before the argmax: no repetition, presence or frequency penalty
+        and no ``min_tokens`` (whose masking of EOS and stop tokens would). Such a row's token is the logits' argmax."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and self.min_tokens == 0)
+
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Checks that need the model: every stop token id inside the vocabulary. Returns ``self``."""
         if vocab_size is not None:

@@ -11,6 +11,11 @@ positions after their first difference (a rejected draft; the target's resampled
 blocks freed. So the cache is right whatever the caller does between steps; :meth:`commit` frees the slots of
 rejected drafts early, as the engine's contract asks, and :meth:`release` frees a request's blocks.
 
+The forwards that feed one token per request (all but a step's first) replay the runner's CUDA decode graphs on a
+GPU, as the engine's decode steps do; plain greedy requests (``SamplingParams.plain_greedy``) take the logits'
+argmax, one device read per forward for all of them, and return no distributions (greedy verification ignores
+them).
+
 Drafts are drawn exactly as :class:`~pipeloom.inference.spec_proposers.RecomputeDraftProposer` draws them (the
 request's own sampling distribution and generator; its logits from a cached forward instead of a full one), so the
 two propose the same tokens for greedy and for seeded requests. A request for which the cache has no free block
@@ -23,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from pipeloom.schedules.batching.request import Iteration, Slice
 
 from .host_inputs import INDEX, SMALL, RaggedInputs, ragged_layout
 from .sampling import Sampler
@@ -30,12 +36,21 @@ from .spec_decode import _race, sampling_probs
 from .spec_proposers import DraftModelProposer, DraftRequest, Proposal
 
 
+class _Fed:
+    """What the runner's decode graphs read of a request: its id and its token ids up to the one fed now."""
+
+    def __init__(self, request_id: str, fed: list[int], feed: list[int]):
+        self.id, self.token_ids = request_id, fed + feed
+
+
 class CachedDraftProposer(DraftModelProposer):
     """A draft model (a pipeloom ``Transformer``) proposing from its own paged KV cache of ``num_blocks`` blocks
-    (default: room for 8 sequences of the draft's ``max_seq_len``)."""
+    (default: room for 8 sequences of the draft's ``max_seq_len``). ``cuda_graphs``: its one-token forwards replay
+    decode graphs (on a GPU; "emulate" replays them uncaptured, for tests) of ``graph_batch_sizes``."""
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
-                 eos_token_id: int | None = None, backend: str = "auto"):
+                 eos_token_id: int | None = None, backend: str = "auto", cuda_graphs: bool | str = True,
+                 graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)):
         from .model_runner import ModelRunner
 
         per_seq = -(-model.config.max_seq_len // block_size)
@@ -43,7 +58,8 @@ class CachedDraftProposer(DraftModelProposer):
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks}: the draft's cache needs at least one block")
         self.model = model
-        self.runner = ModelRunner(model, num_blocks, block_size, backend=backend, cuda_graphs=False)
+        self.runner = ModelRunner(model, num_blocks, block_size, backend=backend, cuda_graphs=cuda_graphs,
+                                  graph_batch_sizes=graph_batch_sizes)
         self.block_size = block_size
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack of free block ids
         self.blocks: dict[str, list[int]] = {}  # request -> its blocks, in order
@@ -82,12 +98,20 @@ class CachedDraftProposer(DraftModelProposer):
         self._keep(request_id, 0)
         self.blocks.pop(request_id, None)
         self.fed.pop(request_id, None)
+        self.runner.forget(request_id)
 
     # ------------------------------------------------------------------ proposing
 
     def _forward(self, ids: list[str], feeds: list[list[int]]) -> torch.Tensor:
         """One ragged forward of the draft: ``feeds[s]`` appended to request ``ids[s]``'s cached tokens; the
         logits (S, V) of each request's last fed token."""
+        if self.runner.use_graphs and all(len(f) == 1 for f in feeds) and len(ids) <= self.runner.graph_sizes[-1]:
+            # a decode step of the draft: its graph, through the runner's own entry (the blocks are this cache's)
+            slices = tuple(Slice(_Fed(i, self.fed[i], f), len(self.fed[i]), 1, True, True) for i, f in zip(ids, feeds))
+            logits = self.runner.run(Iteration(0, slices), self)
+            for i, f in zip(ids, feeds):
+                self.fed[i].extend(f)
+            return logits
         firsts = np.array([len(self.fed[i]) for i in ids], dtype=INDEX)
         counts = np.array([len(f) for f in feeds], dtype=INDEX)
         table = np.zeros((len(ids), max(len(self.blocks[i]) for i in ids)), dtype=SMALL)  # (S, blocks held)
@@ -103,6 +127,11 @@ class CachedDraftProposer(DraftModelProposer):
         for i, f in zip(ids, feeds):
             self.fed[i].extend(f)
         return logits
+
+    @property
+    def tables(self) -> dict[str, list[int]]:
+        """Request id -> its blocks: what the runner's host block tables read of a block manager."""
+        return self.blocks
 
     @torch.no_grad()
     def propose_batch(self, requests: Sequence[DraftRequest], k: int) -> list[Proposal]:
@@ -125,8 +154,13 @@ class CachedDraftProposer(DraftModelProposer):
             ids = [r.request_id for r in live]
             feeds = [contexts[i][len(self.fed[i]):] if step == 0 else tokens[i][-1:] for i in ids]
             logits = self._forward(ids, feeds)  # (S, V)
+            argmax = [s for s, r in enumerate(live) if r.params.plain_greedy]
+            best = dict(zip(argmax, logits[argmax].argmax(dim=-1).tolist())) if argmax else {}
             for s, r in enumerate(live):
                 i = r.request_id
+                if s in best:
+                    tokens[i].append(best[s])
+                    continue
                 prompt, output = contexts[i][: r.prompt_len], contexts[i][r.prompt_len :]
                 q = sampling_probs(logits[s : s + 1], [r.params], prompt_ids=[prompt],
                                    output_ids=[output + tokens[i]], sampler=self.sampler)[0]  # (V,)

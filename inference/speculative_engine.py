@@ -225,6 +225,8 @@ class SpeculativeEngine(LLMEngine):
 
     def _accept(self, logits: torch.Tensor, spec, drafts, seqs) -> list[list[int]]:
         """rejection_sample over the extended rows: per row the accepted drafts and one more token."""
+        if all(seqs[s].params.plain_greedy for s, _, _ in spec):
+            return self._accept_greedy(logits, spec, drafts)
         k = max(len(drafts[i]) for _, i, _ in spec)
         V = logits.size(1)
         target = torch.zeros(len(spec), k + 1, V, dtype=logits.dtype, device=logits.device)  # (B, k+1, V)
@@ -240,7 +242,7 @@ class SpeculativeEngine(LLMEngine):
                 logits[first : first + n + 1], [seq.params] * (n + 1), prompt_ids=[seq.prompt_ids] * (n + 1),
                 output_ids=position_histories(seq.output_ids, draft), sampler=self.sampler)
             draft_ids[b, :n] = torch.tensor(draft, dtype=torch.long)
-            if q is not None:
+            if q is not None and i in self._draft_probs:  # a plain greedy row's draft comes without q (unused)
                 q[b, :n] = self._draft_probs[i].to(q)
             counts.append(n)
         result = rejection_sample(draft_ids, counts, target, q, greedy=[seqs[s].params.greedy for s, _, _ in spec],
@@ -249,6 +251,21 @@ class SpeculativeEngine(LLMEngine):
         for n, a in zip(counts, result.num_accepted.tolist()):
             self.spec_stats.add(n, a)
         return result.token_ids
+
+    def _accept_greedy(self, logits: torch.Tensor, spec, drafts) -> list[list[int]]:
+        """What ``rejection_sample`` gives greedy rows without penalties (their target distribution is one-hot at
+        the logits' argmax: a draft is kept while it equals the argmax at its position, then the argmax at the
+        first mismatch or the bonus position follows), with ONE device read and no per-row kernels."""
+        best = logits.argmax(dim=-1).tolist()  # (R',): the first maximum, as the one-hot distributions take it
+        out = []
+        for _, i, first in spec:
+            draft = drafts[i]
+            a = 0
+            while a < len(draft) and draft[a] == best[first + a]:
+                a += 1
+            self.spec_stats.add(len(draft), a)
+            out.append(draft[:a] + [best[first + a]])
+        return out
 
 
 __all__ = ["SPECULATIVE_METHODS", "SpeculativeEngine"]

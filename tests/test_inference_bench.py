@@ -95,7 +95,8 @@ def test_spec_trained_quick_run_trains_both_models_and_decodes_exactly(tmp_path,
     assert report["target"]["steps"] == report["draft"]["steps"] == 30
     from pipeloom.data.corpus import in_validation
 
-    assert in_validation(open(report["prompt_file"], "rb").read(), 0.05)  # a file the training split left out
+    assert len(report["prompt_files"]) == 2  # --quick prompts two files, each one the training split left out
+    assert all(in_validation(open(path, "rb").read(), 0.05) for path in report["prompt_files"])
     printed = capsys.readouterr().out
     assert "validation split: not trained on" in printed and "prompt lookup" in printed
     metrics = [os.path.join(runs, role, "metrics.jsonl") for role in ("target", "draft")]

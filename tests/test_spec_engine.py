@@ -230,12 +230,14 @@ def test_host_block_tables_follow_a_truncated_and_regrown_table():
     assert host.array[row, : len(bm.tables["a"])].tolist() == list(bm.tables["a"])
 
 
-def test_cached_draft_proposes_what_the_recomputing_draft_proposes(llama):
+@pytest.mark.parametrize("graphs", [False, "emulate"])
+def test_cached_draft_proposes_what_the_recomputing_draft_proposes(llama, graphs):
     """CachedDraftProposer (the draft's own paged KV cache, fed only what it has not seen) inside the engine with
     preemption: greedy tokens equal plain greedy's, and the same acceptance counts as the recomputing reference over
     the same draft (so the same drafts, step for step); seeded sampled requests give the reference's tokens too.
     Rejected drafts leave the cache (commit), finished requests free their blocks (release); a cache of one block
-    starves the requests of drafts but never of correctness."""
+    starves the requests of drafts but never of correctness. ``graphs="emulate"``: the draft's one-token forwards
+    replay its decode graphs (uncaptured on CPU), padded to the sizes (1, 2, 4, ...)."""
     from pipeloom.inference.spec_draft import CachedDraftProposer
     from pipeloom.inference.spec_proposers import RecomputeDraftProposer
 
@@ -244,7 +246,8 @@ def test_cached_draft_proposes_what_the_recomputing_draft_proposes(llama):
     plain = _run(LLMEngine(llama, **options), prompts, params)
     draft = _noisy_copy(llama, 0.2)
     runs = {}
-    for name, proposer in (("recompute", RecomputeDraftProposer(draft)), ("cached", CachedDraftProposer(draft))):
+    for name, proposer in (("recompute", RecomputeDraftProposer(draft)),
+                           ("cached", CachedDraftProposer(draft, cuda_graphs=graphs))):
         engine = SpeculativeEngine(llama, num_speculative_tokens=3, proposer=proposer, **options)
         runs[name] = (_run(engine, prompts, params), engine.spec_stats, engine.num_preemptions)
     cached = runs["cached"][0]
@@ -254,15 +257,18 @@ def test_cached_draft_proposes_what_the_recomputing_draft_proposes(llama):
     assert runs["cached"][1].accepted > 0 and runs["cached"][2] > 0  # drafts accepted, requests preempted
     proposer = engine.proposer
     assert not proposer.fed and not proposer.blocks and len(proposer.free) == proposer.runner.num_blocks
+    assert not proposer.runner.tables._row  # the host block-table rows are released too
+    assert bool(proposer.runner.graphs) == bool(graphs), sorted(proposer.runner.graphs)
 
     sampled = [dataclasses.replace(params, temperature=1.0, top_k=20, seed=i) for i in range(len(prompts))]
     outs = {}
-    for name, make in (("recompute", RecomputeDraftProposer), ("cached", CachedDraftProposer)):
+    for name, make in (("recompute", RecomputeDraftProposer),
+                       ("cached", lambda model: CachedDraftProposer(model, cuda_graphs=graphs))):
         engine = SpeculativeEngine(llama, num_speculative_tokens=3, proposer=make(draft), **options)
         outs[name] = [o.token_ids for o in _run(engine, prompts, sampled)]
     assert outs["cached"] == outs["recompute"]
 
-    starved = CachedDraftProposer(draft, num_blocks=1, block_size=4)
+    starved = CachedDraftProposer(draft, num_blocks=1, block_size=4, cuda_graphs=graphs)
     engine = SpeculativeEngine(llama, num_speculative_tokens=3, proposer=starved, **options)
     assert [o.token_ids for o in _run(engine, prompts, params)] == [o.token_ids for o in plain]
     assert starved.starved > 0
@@ -285,8 +291,13 @@ def test_cached_draft_drops_what_the_context_no_longer_holds(llama):
     changed = context + [first.token_ids[0], (first.token_ids[1] + 1) % 256]  # the second draft "rejected"
     again = cached.propose(changed, 4, params, prompt_len=5)
     assert again.token_ids == reference.propose(changed, 4, params, prompt_len=5).token_ids
-    assert torch.allclose(again.probs, reference.propose(changed, 4, params, prompt_len=5).probs, atol=1e-9)
+    assert again.probs is None  # plain greedy drafts are argmaxes, with no distribution to verify against
     assert cached.fed["0"] == changed + again.token_ids[:-1]
+    penalised = dataclasses.replace(params, repetition_penalty=1.2)  # greedy over processed logits: q kept
+    cached.release("0")
+    got, want = cached.propose(changed, 4, penalised, prompt_len=5), reference.propose(changed, 4, penalised,
+                                                                                       prompt_len=5)
+    assert got.token_ids == want.token_ids and torch.allclose(got.probs, want.probs, atol=1e-9)
 
 
 def test_verification_graphs_give_the_eager_verifications_tokens(llama):
@@ -311,3 +322,27 @@ def test_verification_graphs_give_the_eager_verifications_tokens(llama):
     assert len(replayed) > 10 and {1, 3} <= set(replayed), replayed  # batch 3 replays the graph of 4
     assert sorted(graphs.graphs) == [1, 2, 4] and graphs.tokens == 4
     assert graphed.block_manager.num_free_blocks() == graphed.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_fast_acceptance_equals_rejection_sampling(llama, monkeypatch, penalty):
+    """Plain greedy rows skip rejection_sample (one argmax read instead of per-row distributions): the same tokens
+    and the same acceptance counts as the general path, which rows with a repetition penalty still take (their
+    argmax is of the penalised logits) - both equal to the plain engine's greedy tokens."""
+    prompts = _prompts()
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=penalty)
+    options = dict(policy="chunked-prefill", token_budget=64, block_size=4, num_blocks=128)
+    plain = _run(LLMEngine(llama, **options), prompts, params)
+    fast = SpeculativeEngine(llama, num_speculative_tokens=4, **options)
+    taken = []
+    accept_greedy = fast._accept_greedy
+    fast._accept_greedy = lambda *a: taken.append(1) or accept_greedy(*a)
+    got_fast = _run(fast, prompts, params)
+    monkeypatch.setattr(SamplingParams, "plain_greedy", property(lambda self: False))
+    general = SpeculativeEngine(llama, num_speculative_tokens=4, **options)
+    got_general = _run(general, prompts, params)
+    assert [o.token_ids for o in got_fast] == [o.token_ids for o in got_general] == [o.token_ids for o in plain]
+    assert (fast.spec_stats.proposed, fast.spec_stats.accepted) == (general.spec_stats.proposed,
+                                                                    general.spec_stats.accepted)
+    assert fast.spec_stats.proposed > 0 and bool(taken) == (penalty == 1.0)
+    assert fast.spec_stats.accepted > 0 or penalty > 1  # a penalty steers away from the repeats lookup proposes
