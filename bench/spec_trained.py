@@ -262,8 +262,8 @@ def main(argv=None) -> dict:
     names = ", ".join(os.path.relpath(path, os.path.dirname(os.__file__)) for path, _ in pieces)
     how = "untrained (random weights)" if args.untrained else "trained here"
     print(f"\n{device}, {report['dtype']}, target {args.target} / draft {args.draft} {how}; prompts: "
-          f"{args.prompt_bytes} bytes of each of {names} (validation split: not trained on), {args.tokens} greedy tokens each, k={args.k}, "
-          f"prompt lookup n-grams {ngram[0]}-{ngram[1]}, {args.repeats} repeat(s)")
+          f"{args.prompt_bytes} bytes of each of {names} (validation split: not trained on), {args.tokens} greedy "
+          f"tokens each, k={args.k}, prompt lookup n-grams {ngram[0]}-{ngram[1]}, {args.repeats} repeat(s)")
     print(f"{'decoding':27s} {'ms/token':>9s} {'vs plain':>9s} {'acceptance':>11s} {'tokens/step':>12s} "
           f"{'same tokens as plain (first difference)':>40s}")
     for name, row in rows.items():
