@@ -135,7 +135,7 @@ def decode_paths(size: str, args, env, rows: list) -> None:
                 ratio = [f"{base[path, overlap] / ms:.2f}x unquantized"] if mode != "none" and (path, overlap) in base \
                     else []
                 rows.append((label, f"overlap {'on' if overlap else 'off'}", f"{ms:.3f} ms/token",
-                             f"floor {floor * 1e3:.3f} ms ({floor * 1e3 / ms:.0%})",
+                             f"floor {floor * 1e3:.4g} ms ({floor * 1e3 / ms:.0%})",
                              "; ".join(ratio + [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in extra.items()] + [f"setup {setup:.0f} s"])))
                 print(" | ".join(rows[-1]), flush=True)

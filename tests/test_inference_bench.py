@@ -69,7 +69,8 @@ def test_engine_speed_quantized_decode_rows(capsys):
         ["decode tiny graphs int4"] * 2 + ["decode tiny graphs int8+head"] * 2
     assert all(float(r[2].split()[0]) > 0 for r in rows)
     assert all("x unquantized" in r[4] for r in rows[2:]) and "x unquantized" not in rows[0][4]
-    floor = {r[0]: float(r[3].split()[1]) for r in rows}  # "floor X ms (...)": weight bytes / copy rate
+    floor = {r[0]: float(r[3].split()[1]) for r in rows}  # "floor X ms (...)": weight bytes / copy rate, four
+    # significant digits (three decimals once printed 0.003 for both rows below)
     assert floor["decode tiny graphs int8+head"] < floor["decode tiny graphs int8"]  # +head: the head in int8 too
     # the floor counts a quantized model's codes and scales: fewer bytes than its float weights
     from pipeloom.inference.quant import quantize_model
@@ -89,7 +90,8 @@ def test_spec_trained_quick_run_trains_both_models_and_decodes_exactly(tmp_path,
     runs = str(tmp_path / "runs")
     report = bench.main(["--quick", "--runs", runs, "--out", str(tmp_path / "report.json")])
     rows = report["rows"]
-    assert set(rows) == {"plain", "prompt lookup", "lookup, eager verification", "draft model"}
+    assert set(rows) == {"plain", "prompt lookup", "lookup, split-K verification", "lookup, eager verification",
+                         "draft model"}
     assert all(r["same_tokens"] for r in rows.values())
     assert rows["draft model"]["proposed"] > 0 and 0 <= rows["prompt lookup"]["acceptance"] <= 1
     assert report["target"]["steps"] == report["draft"]["steps"] == 30
