@@ -9,7 +9,8 @@ trained on) these ways, each greedy at batch 1:
 
 * plain (``LLMEngine``);
 * prompt lookup (``SpeculativeEngine`` with its n-gram proposer, ``--k`` drafts per step, ``--ngram`` sizes), its
-  verification steps replayed from CUDA graphs, and again with them run eagerly (what the graphs save);
+  verification steps replayed from CUDA graphs (attending with the paged-attention kernel's work list, and with
+  the split-K decode kernel over every row: ``verify_attention``), and again run eagerly (what the graphs save);
 * draft model (``SpeculativeEngine`` with ``CachedDraftProposer`` over the draft: its own paged KV cache, one
   ragged forward per drafted position; what ``inference.speculative=draft inference.draft_model=RUN`` runs).
 
@@ -127,10 +128,11 @@ def _sibling(name: str):
 
 
 def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, speculative: bool = False,
-           graphs: bool = True, ngram: tuple[int, int] = (1, 3), verify_graphs: bool = True) -> dict:
+           graphs: bool = True, ngram: tuple[int, int] = (1, 3), verify_graphs: bool = True,
+           verify_attention: str = "tiles") -> dict:
     """One engine, batch-1 greedy: a warm-up request, then ``prompt`` -> ``tokens`` new tokens, timed per step.
     ``ngram``: the n-gram sizes of prompt lookup (when ``proposer`` is None); ``verify_graphs=False`` runs the
-    verification steps eagerly (the decode graphs stay)."""
+    verification steps eagerly (the decode graphs stay); ``verify_attention``: how the graphed ones attend."""
     from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
     from pipeloom.inference.spec_decode import SpecStats
     from pipeloom.inference.spec_proposers import NgramProposer
@@ -138,8 +140,8 @@ def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, specula
     options = dict(policy="chunked-prefill", token_budget=max(256, len(prompt) + 8), max_num_seqs=1,
                    block_size=16, cuda_graphs=graphs and torch.cuda.is_available())
     proposer = NgramProposer(*ngram) if proposer is None else proposer
-    engine = (SpeculativeEngine(model, num_speculative_tokens=k, proposer=proposer, **options) if speculative
-              else LLMEngine(model, **options))
+    engine = (SpeculativeEngine(model, num_speculative_tokens=k, proposer=proposer, verify_attention=verify_attention,
+                                **options) if speculative else LLMEngine(model, **options))
     if not verify_graphs:
         engine.runner.verify_graphs = None
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
@@ -247,6 +249,7 @@ def main(argv=None) -> dict:
     graphs = not args.quick
     ways = {"plain": dict(),
             "prompt lookup": dict(speculative=True, ngram=ngram),
+            "lookup, split-K verification": dict(speculative=True, ngram=ngram, verify_attention="split"),
             "lookup, eager verification": dict(speculative=True, ngram=ngram, verify_graphs=False),
             "draft model": dict(speculative=True, draft=True)}
     runs = {name: [] for name in ways}  # name -> one row per (repeat, prompt)

@@ -64,6 +64,7 @@ class LLMEngine:
     """
 
     verify_tokens = 0  # query rows per sequence the runner's verification graphs take (a SpeculativeEngine's 1 + k)
+    verify_attention = "tiles"  # and how they attend (ModelRunner.verify_forward)
 
     def __init__(self, model: torch.nn.Module, *, tokenizer=None, eos_token_id: int | None = None,
                  policy: str = "chunked-prefill", token_budget: int | None = None, max_num_seqs: int | None = None,
@@ -85,7 +86,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.policy, self.block_manager)
         self.runner = ModelRunner(model, num_blocks, block_size, backend=attention, cuda_graphs=cuda_graphs,
                                   graph_batch_sizes=graph_sizes(self.policy.max_num_seqs), compile=compile,
-                                  kv_cache_dtype=kv_cache_dtype, verify_tokens=self.verify_tokens)
+                                  kv_cache_dtype=kv_cache_dtype, verify_tokens=self.verify_tokens,
+                                  verify_attention=self.verify_attention)
         shared = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=shared)
         self.records: list[IterationRecord] = []  # one per iteration run: composition and measured seconds

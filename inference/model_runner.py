@@ -40,6 +40,7 @@ from .decode_graphs import DecodeGraphs, VerifyGraphs
 from .host_inputs import INDEX, SMALL, BlockTables, RaggedInputs, Staging, query_tiles_np, ragged_inputs
 
 DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+VERIFY_ATTENTION = ("tiles", "split")  # how verification graphs attend (ModelRunner.verify_forward)
 CPU_KV_BYTES = 1 << 30  # on CPU, kv.gpu_memory_fraction is a share of this budget
 
 
@@ -186,13 +187,14 @@ class ModelRunner:
     uncaptured elsewhere). ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3 rows with a scale each,
     :mod:`pipeloom.kernels.kv_fp8`). ``verify_tokens`` (0: none): where the decode graphs are used, also graphs
     of verification steps of up to that many tokens per sequence (:meth:`run_rows`; speculative decoding's
-    last token and drafts, :class:`~pipeloom.inference.decode_graphs.VerifyGraphs`).
+    last token and drafts, :class:`~pipeloom.inference.decode_graphs.VerifyGraphs`); ``verify_attention``: how
+    they attend (:meth:`verify_forward`), "tiles" or "split".
     """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, *, backend: str = "auto",
                  cuda_graphs: bool | str = True, graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_SIZES,
                  dense_prefill_tokens: int | None = 256, compile: bool | str = False, kv_cache_dtype: str = "auto",
-                 verify_tokens: int = 0):
+                 verify_tokens: int = 0, verify_attention: str = "tiles"):
         self.model, self.config = model, model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -227,6 +229,9 @@ class ModelRunner:
         self.use_graphs = cuda_graphs == "emulate" or on_gpu or self.compiled
         self.graph_sizes = sorted(graph_batch_sizes)
         self.decode_graphs = DecodeGraphs(self, self.graph_sizes, forward, emulate=not on_gpu)
+        if verify_attention not in VERIFY_ATTENTION:
+            raise ValueError(f"verify_attention={verify_attention!r}; choose one of {VERIFY_ATTENTION}")
+        self.verify_attention = verify_attention
         self.verify_graphs = None
         if verify_tokens and self.use_graphs:
             self.verify_graphs = VerifyGraphs(self, self.graph_sizes, self.verify_forward, emulate=not on_gpu,
@@ -318,20 +323,35 @@ class ModelRunner:
 
     def verify_forward(self, index: torch.Tensor, small: torch.Tensor, n: int) -> torch.Tensor:
         """Logits (n q, V) of ``n`` sequences of ``q = verify_graphs.tokens`` new tokens each over the verification
-        graphs' static buffers: the general paged-attention kernel (causal within each sequence's rows) over a
-        work list computed here on the device, so the graph holds it; the norms and SwiGLU fused on the Triton
-        path, as in the decode graphs."""
+        graphs' static buffers; the norms and SwiGLU fused on the Triton path, as in the decode graphs. Attention,
+        by ``verify_attention``:
+
+        * "tiles": the general paged-attention kernel (causal within each sequence's rows) over a work list
+          computed here on the device, so the graph holds it: one program per (sequence's rows, KV head), each
+          over the whole context;
+        * "split": the split-K decode kernel over the ``n q`` rows as sequences of their own (row i of a
+          sequence sees its position + 1 keys, through its sequence's block table), every key written first
+          (``PagedBatch.prewrite``): the context split over many programs, as a decode step's is.
+        """
         q = self.verify_graphs.tokens
         ids, positions, slots, seq_lens, tables = DecodeGraphs.unpack(index, small, n, self.max_blocks_per_seq, q)
-        dev, group = ids.device, self.config.n_heads // self.config.n_kv_heads
-        per_tile = max(tile_rows(group, q) // group, 1)  # tokens of one sequence per kernel program
-        tiles_per_seq = -(-q // per_tile)
-        tile = torch.arange(n * tiles_per_seq, dtype=torch.int32, device=dev)
-        starts = torch.arange(0, n * q + 1, q, dtype=torch.int32, device=dev)  # (n + 1,)
-        batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=starts, seq_lens=seq_lens,
-                           block_tables=tables, block_size=self.block_size, caches=self.caches, fused=self.fused,
-                           max_query_len=q, backend="triton" if self.triton_path else "torch",
-                           tiles=(tile // tiles_per_seq, tile % tiles_per_seq * per_tile))
+        dev, backend = ids.device, "triton" if self.triton_path else "torch"
+        if self.verify_attention == "split":
+            row = torch.arange(1 - q, 1, dtype=torch.int32, device=dev)  # (q,): keys of row i less the last row's
+            batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=None,
+                               seq_lens=(seq_lens[:, None] + row).reshape(-1),
+                               block_tables=tables.repeat_interleave(q, dim=0), block_size=self.block_size,
+                               caches=self.caches, fused=self.fused, backend=backend, decode_splits=0, prewrite=True)
+        else:
+            group = self.config.n_heads // self.config.n_kv_heads
+            per_tile = max(tile_rows(group, q) // group, 1)  # tokens of one sequence per kernel program
+            tiles_per_seq = -(-q // per_tile)
+            tile = torch.arange(n * tiles_per_seq, dtype=torch.int32, device=dev)
+            starts = torch.arange(0, n * q + 1, q, dtype=torch.int32, device=dev)  # (n + 1,)
+            batch = PagedBatch(positions=positions, slot_mapping=slots, query_start=starts, seq_lens=seq_lens,
+                               block_tables=tables, block_size=self.block_size, caches=self.caches, fused=self.fused,
+                               max_query_len=q, backend=backend,
+                               tiles=(tile // tiles_per_seq, tile % tiles_per_seq * per_tile))
         with always_fuse(self.triton_path):
             return self.forward(ids[None], batch, None)
 
@@ -391,5 +411,5 @@ def compile_decode(fn, mode: bool | str):
     return torch.compile(fn, fullgraph=True, dynamic=True, mode=mode)
 
 
-__all__ = ["DEFAULT_GRAPH_SIZES", "ModelRunner", "compile_decode", "fuse_gate_up", "fuse_qkv", "kv_bytes_per_block",
-           "num_blocks_for_budget", "share_rope_tables"]
+__all__ = ["DEFAULT_GRAPH_SIZES", "VERIFY_ATTENTION", "ModelRunner", "compile_decode", "fuse_gate_up", "fuse_qkv",
+           "kv_bytes_per_block", "num_blocks_for_budget", "share_rope_tables"]

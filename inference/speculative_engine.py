@@ -49,15 +49,17 @@ class SpeculativeEngine(LLMEngine):
     """An LLMEngine that verifies ``num_speculative_tokens`` proposed tokens per decode (module docstring).
 
     ``proposer``: a :class:`~pipeloom.inference.spec_proposers.Proposer` (default: prompt lookup with n-grams of
-    ``ngram_min`` to ``ngram_max`` tokens). Other keyword arguments are the LLMEngine's. ``spec_stats`` counts
-    proposed and accepted tokens.
+    ``ngram_min`` to ``ngram_max`` tokens). ``verify_attention``: how the verification graphs attend, "tiles" or
+    "split" (:meth:`~pipeloom.inference.model_runner.ModelRunner.verify_forward`). Other keyword arguments are the
+    LLMEngine's. ``spec_stats`` counts proposed and accepted tokens.
     """
 
     def __init__(self, model: torch.nn.Module, *, num_speculative_tokens: int = 4, proposer: Proposer | None = None,
-                 ngram_min: int = 1, ngram_max: int = 3, **engine_options):
+                 ngram_min: int = 1, ngram_max: int = 3, verify_attention: str = "tiles", **engine_options):
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"inference.num_speculative_tokens={num_speculative_tokens!r} must be an integer >= 1")
         self.verify_tokens = 1 + num_speculative_tokens  # the runner graphs verification steps of this size
+        self.verify_attention = verify_attention
         # no overlapped steps: which drafts are proposed and kept depends on every token's value
         super().__init__(model, **{**engine_options, "overlap": False})
         self.k = num_speculative_tokens

@@ -58,6 +58,9 @@ class PagedBatch:
     # the runner, so each is one GEMM (quantized linears: one quantized layer over their stacked rows instead)
     decode_splits: int | None = None  # a decode batch (ONE new token per sequence): attention and the cache
     # write run as the split-K decode kernel (kernels/paged_decode.py) with this many splits; None: the general path
+    prewrite: bool = False  # a decode batch whose rows include several new tokens of one sequence (a speculative
+    # verification's drafts as rows of their own, each with its own seq_len): every row's key and value is written
+    # before any row attends (rows read the earlier rows' keys from the cache), so q and k come in rotated
     rope: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # (cos table, sin table, cos rows, sin rows)
     # at ``positions``: gathered once per batch by :meth:`rope_rows`, for every layer holding the same tables
 
@@ -104,6 +107,10 @@ class PagedBatch:
         if self.decode_splits is not None:  # one op: the cache write and flash-decoding (a custom op when compiled)
             from pipeloom.kernels.paged_decode import paged_decode
 
+            if self.prewrite:  # the kernel stores each row's key again (the same values): no row reads a stale slot
+                if rope is not None:
+                    raise ValueError("a prewrite decode batch writes rotated keys first: rotate q and k before attend")
+                write_kv(k_cache, v_cache, k, v, self.slot_mapping)
             cos, sin = rope or (None, None)  # positions = seq_lens - 1: the kernel reads the rows itself
             return paged_decode(q, k, v, k_cache, v_cache, self.slot_mapping, self.seq_lens, self.block_tables,
                                 self.decode_splits, backend=self.backend, cos=cos, sin=sin)

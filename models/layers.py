@@ -185,7 +185,7 @@ class Attention(nn.Module):
                 cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
                 rotate = fused_rotary if kernels.worth_fusing(q) else apply_rotary
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            elif paged.decode_splits is not None and kernels.worth_fusing(q):
+            elif paged.decode_splits is not None and not paged.prewrite and kernels.worth_fusing(q):
                 rope = (self.rope_cos, self.rope_sin)  # a fused decode step: the decode kernel rotates q and k
             elif kernels.worth_fusing(q):  # one launch for q and k, each token's table row read at its position
                 q, k = fused_rotary_qk(q, k, self.rope_cos, self.rope_sin, paged.positions)

@@ -177,10 +177,12 @@ def test_triton_fused_decode_gives_the_torch_paths_logits_and_tokens(device):
 # ---------------------------------------------------------------- torch paths and plumbing (this process)
 
 
-def test_triton_verification_graph_gives_the_torch_paths_tokens(device):
+@pytest.mark.parametrize("attention", ["tiles", "split"])
+def test_triton_verification_graph_gives_the_torch_paths_tokens(device, attention):
     """Speculative decoding with its verification steps replayed from (emulated) graphs on the Triton path: the
     paged-attention kernel over the graph's own work list, each sequence padded to 1 + k rows, the norms and
-    SwiGLU fused. Greedy tokens equal the plain torch backend's, and the verification graphs ran."""
+    SwiGLU fused ("tiles"), or the split-K decode kernel over every row with the keys written first ("split").
+    Greedy tokens equal the plain torch backend's, and the verification graphs ran."""
     from pipeloom.inference import LLMEngine, SamplingParams, SpeculativeEngine
 
     model = _llama(2, torch.float32).to(device)
@@ -197,7 +199,8 @@ def test_triton_verification_graph_gives_the_torch_paths_tokens(device):
     loop = [5, 9, 14, 3, 7, 5, 9, 14, 3, 7, 5, 9, 14]
     seen = greedy(LLMEngine(model, attention="torch", **options), [loop], 12)[0]  # prompts that hold their
     prompts = [loop + seen + loop, [200, 3, 77] + seen + loop[:8] + seen]  # continuation: prompt lookup drafts
-    engine = SpeculativeEngine(model, num_speculative_tokens=3, attention="triton", cuda_graphs="emulate", **options)
+    engine = SpeculativeEngine(model, num_speculative_tokens=3, attention="triton", cuda_graphs="emulate",
+                               verify_attention=attention, **options)
     tokens = {"torch": greedy(LLMEngine(model, attention="torch", **options), prompts, 10),
               "triton": greedy(engine, prompts, 10)}
     assert tokens["triton"] == tokens["torch"] and len(tokens["torch"]) == 2

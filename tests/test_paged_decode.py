@@ -73,6 +73,42 @@ def test_triton_paged_decode_matches_the_reference(device, heads, kv_heads, head
     torch.testing.assert_close(v_cache.double().cpu(), ref_v)
 
 
+def test_triton_prewritten_rows_of_one_sequence_attend_to_each_other(device):
+    """A speculative verification as a decode batch (``PagedBatch.prewrite``, ModelRunner's "split" verification):
+    three new tokens of ONE sequence as rows of their own, listed last position first, each row seeing its position
+    + 1 keys through the same block table. Every key is written before the kernel runs, so whatever order its
+    programs run in, the outputs equal the causal paged attention of the three tokens. Without the prewrite, the
+    interpreter (programs in grid order) runs the last row first and reads the earlier rows' slots unwritten."""
+    from pipeloom.kernels import interpreted
+    from pipeloom.models.kv import PagedBatch
+
+    heads, kv_heads, hd, bs, cached = 4, 2, 16, 8, 37
+    g = torch.Generator().manual_seed(3)
+    table = torch.randperm(12, generator=g)[:6].int()  # 6 blocks of 8: room for 48 positions
+    positions = torch.tensor([cached + 2, cached + 1, cached])  # rows: last position first
+    slots = table.long()[positions // bs] * bs + positions % bs
+    k_cache, v_cache = (torch.randn(12, bs, kv_heads, hd, generator=g) for _ in range(2))
+    q = torch.randn(3, heads, hd, generator=g)
+    k, v = (torch.randn(3, kv_heads, hd, generator=g) for _ in range(2))
+    order = [2, 1, 0]  # rows by position
+    want_k, want_v = k_cache.double().clone(), v_cache.double().clone()
+    for row, slot in enumerate(slots.tolist()):
+        want_k[slot // bs, slot % bs], want_v[slot // bs, slot % bs] = k[row].double(), v[row].double()
+    want = paged_attention_torch(q[order].double(), want_k, want_v, [3], [cached + 3], table[None])[order]
+    outs = {}
+    for prewrite in (True, False):
+        module = torch.nn.Module()
+        caches = {module: (k_cache.clone().to(device), v_cache.clone().to(device))}
+        batch = PagedBatch(positions=positions.to(device), slot_mapping=slots.to(device), query_start=None,
+                           seq_lens=(positions + 1).int().to(device), block_tables=table.repeat(3, 1).to(device),
+                           block_size=bs, caches=caches, backend="triton", decode_splits=2, prewrite=prewrite)
+        outs[prewrite] = batch.attend(module, q.to(device), k.to(device), v.to(device)).double().cpu()
+        torch.testing.assert_close(caches[module][0].double().cpu(), want_k)  # every new key written
+    torch.testing.assert_close(outs[True], want, atol=2e-5, rtol=2e-5)
+    if interpreted():
+        assert not torch.allclose(outs[False], want, atol=1e-3), "the order the interpreter runs should show the race"
+
+
 @pytest.mark.parametrize("splits", [2, 16])  # 16: more splits than 64-key steps, so some are empty
 def test_triton_paged_decode_bfloat16_and_empty_splits(device, splits):
     args = _case([3, 64, 129], 8, 2, 64, 16, torch.bfloat16, device, seed=splits)

@@ -300,16 +300,20 @@ def test_cached_draft_drops_what_the_context_no_longer_holds(llama):
     assert got.token_ids == want.token_ids and torch.allclose(got.probs, want.probs, atol=1e-9)
 
 
-def test_verification_graphs_give_the_eager_verifications_tokens(llama):
+@pytest.mark.parametrize("attention", ["tiles", "split"])
+def test_verification_graphs_give_the_eager_verifications_tokens(llama, attention):
     """Verification steps replayed from (emulated) graphs - every sequence padded to 1 + k query rows, the padding
     writing to the scratch block, the sizes (1, 2, 4) padded too - give plain greedy's tokens and accept exactly
-    the drafts eager verification accepts, through preemptions (whose recomputing prefills run eagerly)."""
+    the drafts eager verification accepts, through preemptions (whose recomputing prefills run eagerly). Both
+    attentions: the paged-attention work list ("tiles") and every row as a decode of its own ("split")."""
     prompts, params = _prompts(), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     options = dict(policy="chunked-prefill", token_budget=32, block_size=4, num_blocks=14, max_num_seqs=4)
     plain = _run(LLMEngine(llama, **options), prompts, params)
     eager = SpeculativeEngine(llama, num_speculative_tokens=3, **options)
     assert eager.runner.verify_graphs is None  # on CPU, cuda_graphs=True captures nothing
-    graphed = SpeculativeEngine(llama, num_speculative_tokens=3, cuda_graphs="emulate", **options)
+    graphed = SpeculativeEngine(llama, num_speculative_tokens=3, cuda_graphs="emulate", verify_attention=attention,
+                                **options)
+    assert graphed.runner.verify_attention == attention
     graphs = graphed.runner.verify_graphs
     replayed, replay = [], graphs.replay
     graphs.replay = lambda iteration, *a: replayed.append(len(iteration.slices)) or replay(iteration, *a)
