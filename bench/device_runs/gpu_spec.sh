@@ -5,7 +5,9 @@
 # History: 08:45 UTC trained both models, then failed in decoding (the rotary kernel asked Triton for 3 warps; fixed
 # with kernels.rotary.rotary_warps). 08:51 UTC ran (one prompt, one repeat) with a part 2 timing the launcher's -headm
 # float8 layout; its plain rows paid SDPA's first call in the timed request (warm-up prompt too short), so the
-# warm-up is now a request of the same length, and the rows are medians over repeats of three prompts.
+# warm-up is now a request of the same length, and the rows are medians over repeats of three prompts. 09:06 UTC: the
+# run recorded in RESULTS (sixth session). Since then the table has a split-K verification row and each row's graph
+# replay time (the step's device time alone): the next run of this script measures them.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 mkdir -p /tmp/p && ln -sfn $PWD /tmp/p/pipeloom && export PYTHONPATH=/tmp/p:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
