@@ -121,9 +121,9 @@ class DecodeGraphs:
         if not self.graphs:
             self.capture_all()
         rows = tables.rows([r.id for r in requests], block_manager)
-        bs, m, mb = block_manager.block_size, self.n_max, self.max_blocks
+        bs, m = block_manager.block_size, self.n_max
         index_host, small_host = self._host()
-        index_np, small_np = index_host.numpy(), small_host.numpy()
+        index_np = index_host.numpy()
         index_np[:b], missing = decode_ids(requests, firsts.tolist())
         index_np[m : m + b] = firsts
         block = tables.array[rows, firsts // bs].astype(INDEX)
@@ -131,19 +131,27 @@ class DecodeGraphs:
         index_np[b:n] = 0
         index_np[m + b : m + n] = 0
         index_np[2 * m + b : 2 * m + n] = self.scratch_slot
-        small_np[:b] = (firsts + 1).astype(SMALL)
-        small_np[b:n] = 1
-        table_np = small_np[m : m + n * mb].reshape(n, mb)
-        table_np[:b] = tables.array[rows]
-        table_np[b:n] = self.runner.scratch_block
-        used = m + n * mb
-        self.index.copy_(index_host, non_blocking=True)
-        self.small[:used].copy_(small_host[:used], non_blocking=True)
-        self._record()
+        self._upload(index_host, small_host, n, firsts + 1, tables.array[rows])
         if missing:
             fill_missing(self.index, missing)
         self.graphs[n].replay()
         return self.logits[n][:b]
+
+    def _upload(self, index_host: torch.Tensor, small_host: torch.Tensor, n: int, seq_lens: np.ndarray,
+                tables: np.ndarray) -> None:
+        """Fill the small mirror for batch size ``n``: the b real sequences' lengths (b,) and block tables (b, W),
+        the padding sequences' ``tokens`` and the scratch block; then ONE copy per mirror to the static buffers."""
+        b, t, mb = len(seq_lens), self.n_max, self.max_blocks
+        small_np = small_host.numpy()
+        small_np[:b] = seq_lens.astype(SMALL)
+        small_np[b:n] = self.tokens
+        table_np = small_np[t : t + n * mb].reshape(n, mb)
+        table_np[:b] = tables
+        table_np[b:n] = self.runner.scratch_block
+        used = t + n * mb
+        self.index.copy_(index_host, non_blocking=True)
+        self.small[:used].copy_(small_host[:used], non_blocking=True)
+        self._record()
 
     def _host(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pinned host mirrors to fill now (the other pair may still be copying: wait for its event)."""
@@ -187,9 +195,9 @@ class VerifyGraphs(DecodeGraphs):
         if not self.graphs:
             self.capture_all()
         table_rows = tables.rows([r.id for r in requests], block_manager)
-        bs, m, mb, t = block_manager.block_size, self.n_max * q, self.max_blocks, self.n_max
+        bs, m = block_manager.block_size, self.n_max * q
         index_host, small_host = self._host()
-        index_np, small_np = index_host.numpy(), small_host.numpy()
+        index_np = index_host.numpy()
         ids = np.zeros((b, q), dtype=INDEX)
         for s, (request, first, count) in enumerate(zip(requests, firsts.tolist(), counts.tolist())):
             span = request.token_ids[first : first + count]
@@ -206,15 +214,7 @@ class VerifyGraphs(DecodeGraphs):
         index_np[m : m + b * q] = positions.reshape(-1)
         index_np[2 * m : 2 * m + n * q] = self.scratch_slot
         index_np[2 * m : 2 * m + b * q] = np.where(real, slots, self.scratch_slot).reshape(-1)
-        small_np[:b] = (firsts + q).astype(SMALL)  # the kernel places row i at seq_len - q + i
-        small_np[b:n] = q
-        table_np = small_np[t : t + n * mb].reshape(n, mb)
-        table_np[:b] = tables.array[table_rows]
-        table_np[b:n] = self.runner.scratch_block
-        used = t + n * mb
-        self.index.copy_(index_host, non_blocking=True)
-        self.small[:used].copy_(small_host[:used], non_blocking=True)
-        self._record()
+        self._upload(index_host, small_host, n, firsts + q, tables.array[table_rows])  # row i at seq_len - q + i
         starts = np.concatenate([[0], np.cumsum(counts)])
         seq = np.searchsorted(starts, rows, side="right") - 1
         picked = torch.from_numpy(seq * q + (rows - starts[seq])).to(self.runner.device, non_blocking=True)
