@@ -12,7 +12,9 @@ blocks freed. So the cache is right whatever the caller does between steps; :met
 rejected drafts early, as the engine's contract asks, and :meth:`release` frees a request's blocks.
 
 The forwards that feed one token per request (all but a step's first) replay the runner's CUDA decode graphs on a
-GPU, as the engine's decode steps do; plain greedy requests (``SamplingParams.plain_greedy``) take the logits'
+GPU, as the engine's decode steps do, and a step's first forward, which feeds one or two tokens once the prompt is
+in (the target's token, after the last draft when every draft was accepted), replays a verification graph of two
+rows per request; plain greedy requests (``SamplingParams.plain_greedy``) take the logits'
 argmax, one device read per forward for all of them, and return no distributions (greedy verification ignores
 them).
 
@@ -59,7 +61,7 @@ class CachedDraftProposer(DraftModelProposer):
             raise ValueError(f"num_blocks={num_blocks}: the draft's cache needs at least one block")
         self.model = model
         self.runner = ModelRunner(model, num_blocks, block_size, backend=backend, cuda_graphs=cuda_graphs,
-                                  graph_batch_sizes=graph_batch_sizes)
+                                  graph_batch_sizes=graph_batch_sizes, verify_tokens=2)
         self.block_size = block_size
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack of free block ids
         self.blocks: dict[str, list[int]] = {}  # request -> its blocks, in order
@@ -105,13 +107,19 @@ class CachedDraftProposer(DraftModelProposer):
     def _forward(self, ids: list[str], feeds: list[list[int]]) -> torch.Tensor:
         """One ragged forward of the draft: ``feeds[s]`` appended to request ``ids[s]``'s cached tokens; the
         logits (S, V) of each request's last fed token."""
-        if self.runner.use_graphs and all(len(f) == 1 for f in feeds) and len(ids) <= self.runner.graph_sizes[-1]:
-            # a decode step of the draft: its graph, through the runner's own entry (the blocks are this cache's)
-            slices = tuple(Slice(_Fed(i, self.fed[i], f), len(self.fed[i]), 1, True, True) for i, f in zip(ids, feeds))
-            logits = self.runner.run(Iteration(0, slices), self)
-            for i, f in zip(ids, feeds):
-                self.fed[i].extend(f)
-            return logits
+        runner = self.runner
+        if runner.use_graphs and len(ids) <= runner.graph_sizes[-1]:  # a graph of the runner (the blocks are ours)
+            iteration = Iteration(0, tuple(Slice(_Fed(i, self.fed[i], f), len(self.fed[i]), len(f), True,
+                                                 len(f) == 1) for i, f in zip(ids, feeds)))
+            logits = None
+            if all(len(f) == 1 for f in feeds):  # a decode step of the draft
+                logits = runner.run(iteration, self)
+            elif runner.verify_graphs is not None and runner.verify_graphs.fits(iteration):
+                logits = runner.run_rows(iteration, self, np.cumsum([len(f) for f in feeds]) - 1)
+            if logits is not None:
+                for i, f in zip(ids, feeds):
+                    self.fed[i].extend(f)
+                return logits
         firsts = np.array([len(self.fed[i]) for i in ids], dtype=INDEX)
         counts = np.array([len(f) for f in feeds], dtype=INDEX)
         table = np.zeros((len(ids), max(len(self.blocks[i]) for i in ids)), dtype=SMALL)  # (S, blocks held)

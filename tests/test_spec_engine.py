@@ -237,7 +237,8 @@ def test_cached_draft_proposes_what_the_recomputing_draft_proposes(llama, graphs
     the same draft (so the same drafts, step for step); seeded sampled requests give the reference's tokens too.
     Rejected drafts leave the cache (commit), finished requests free their blocks (release); a cache of one block
     starves the requests of drafts but never of correctness. ``graphs="emulate"``: the draft's one-token forwards
-    replay its decode graphs (uncaptured on CPU), padded to the sizes (1, 2, 4, ...)."""
+    replay its decode graphs and its two-token ones its verification graphs (uncaptured on CPU), padded to the sizes
+    (1, 2, 4, ...)."""
     from pipeloom.inference.spec_draft import CachedDraftProposer
     from pipeloom.inference.spec_proposers import RecomputeDraftProposer
 
@@ -259,6 +260,8 @@ def test_cached_draft_proposes_what_the_recomputing_draft_proposes(llama, graphs
     assert not proposer.fed and not proposer.blocks and len(proposer.free) == proposer.runner.num_blocks
     assert not proposer.runner.tables._row  # the host block-table rows are released too
     assert bool(proposer.runner.graphs) == bool(graphs), sorted(proposer.runner.graphs)
+    if graphs:  # a step's first forward after all drafts were accepted feeds two tokens: the two-row graphs
+        assert proposer.runner.verify_graphs.graphs, "no two-token feed replayed a verification graph"
 
     sampled = [dataclasses.replace(params, temperature=1.0, top_k=20, seed=i) for i in range(len(prompts))]
     outs = {}
