@@ -14,9 +14,10 @@ rejected drafts early, as the engine's contract asks, and :meth:`release` frees 
 The forwards that feed one token per request (all but a step's first) replay the runner's CUDA decode graphs on a
 GPU, as the engine's decode steps do, and a step's first forward, which feeds one or two tokens once the prompt is
 in (the target's token, after the last draft when every draft was accepted), replays a verification graph of two
-rows per request; plain greedy requests (``SamplingParams.plain_greedy``) take the logits'
-argmax, one device read per forward for all of them, and return no distributions (greedy verification ignores
-them).
+rows per request. Plain greedy requests (``SamplingParams.plain_greedy``) take the logits' argmax and return no
+distributions (greedy verification ignores them); when every request is one and the graphs are in use, the k
+forwards chain on the device (each argmax feeds the next graph's token ids there) and the drafts are read once at
+the end; otherwise one device read per forward serves all of them.
 
 Drafts are drawn exactly as :class:`~pipeloom.inference.spec_proposers.RecomputeDraftProposer` draws them (the
 request's own sampling distribution and generator; its logits from a cached forward instead of a full one), so the
@@ -158,6 +159,11 @@ class CachedDraftProposer(DraftModelProposer):
                 self.starved += 1
         tokens = {r.request_id: [] for r in requests}
         probs = {r.request_id: [] for r in requests}
+        runner = self.runner
+        if (live and all(r.params.plain_greedy for r in live) and runner.use_graphs
+                and len(live) <= runner.graph_sizes[-1]):
+            self._draft_on_device(live, contexts, tokens, k)
+            live = []
         for step in range(k if live else 0):
             ids = [r.request_id for r in live]
             feeds = [contexts[i][len(self.fed[i]):] if step == 0 else tokens[i][-1:] for i in ids]
@@ -181,3 +187,25 @@ class CachedDraftProposer(DraftModelProposer):
                 probs[i].append(q)
         return [Proposal(tokens[r.request_id], torch.stack(probs[r.request_id]) if probs[r.request_id] else None)
                 for r in requests]
+
+    def _draft_on_device(self, live: list[DraftRequest], contexts: dict[str, list[int]], tokens: dict[str, list[int]],
+                         k: int) -> None:
+        """k greedy drafts of plain greedy requests with ONE device read: each forward's argmax stays on the device
+        and feeds the next decode graph's token ids there (the runner's pending tokens, as the engine's overlapped
+        steps do); the cache's record of fed tokens holds placeholders until the drafts are read at the end."""
+        ids = [r.request_id for r in live]
+        row_of = {i: s for s, i in enumerate(ids)}
+        best = self._forward(ids, [contexts[i][len(self.fed[i]):] for i in ids]).argmax(dim=-1)  # (S,) device
+        drafted = [best]
+        for _ in range(k - 1):
+            slices = tuple(Slice(_Fed(i, self.fed[i], []), len(self.fed[i]), 1, True, True) for i in ids)
+            logits = self.runner.run(Iteration(0, slices), self, pending=(best, row_of))  # (S, V)
+            for i in ids:
+                self.fed[i].append(-1)  # the draft just fed: its value is on the device
+            best = logits.argmax(dim=-1)
+            drafted.append(best)
+        values = torch.stack(drafted, dim=1).tolist()  # (S, k): the one read
+        for i, row in zip(ids, values):
+            tokens[i].extend(row)
+            if k > 1:
+                self.fed[i][-(k - 1):] = row[: k - 1]

@@ -296,6 +296,9 @@ def test_cached_draft_drops_what_the_context_no_longer_holds(llama):
     assert again.token_ids == reference.propose(changed, 4, params, prompt_len=5).token_ids
     assert again.probs is None  # plain greedy drafts are argmaxes, with no distribution to verify against
     assert cached.fed["0"] == changed + again.token_ids[:-1]
+    chained = CachedDraftProposer(draft, block_size=4, cuda_graphs="emulate")  # drafts chained on the device
+    assert chained.propose(changed, 4, params, prompt_len=5).token_ids == again.token_ids
+    assert chained.fed["0"] == changed + again.token_ids[:-1]  # no placeholder left in the record
     penalised = dataclasses.replace(params, repetition_penalty=1.2)  # greedy over processed logits: q kept
     cached.release("0")
     got, want = cached.propose(changed, 4, penalised, prompt_len=5), reference.propose(changed, 4, penalised,
