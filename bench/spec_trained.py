@@ -166,9 +166,8 @@ def decode(model, prompt: list[int], tokens: int, k: int, proposer=None, specula
                    accepted=stats.accepted, stats=str(stats))
     # the device time of one step alone: the batch-1 graph this engine replayed (decode, or verification), replayed
     # again back to back (the step's host work excluded); the request is over, so the slots it rewrites are free
-    runner = engine.runner
-    graphs = runner.verify_graphs if speculative and runner.verify_graphs is not None else runner.decode_graphs
-    if torch.cuda.is_available() and 1 in graphs.graphs:
+    graphs = engine.runner.verify_graphs if speculative else engine.runner.decode_graphs  # None: eager verification
+    if torch.cuda.is_available() and graphs is not None and 1 in graphs.graphs:
         row["graph_ms"] = replay_ms(graphs.graphs[1])
     del engine
     gc.collect()
