@@ -52,6 +52,7 @@ class InferenceSection:
     speculative: str = "none"  # speculative decoding, verified exactly: none | ngram (prompt lookup) | draft (a model)
     num_speculative_tokens: int = 4  # guesses per decode step and sequence (speculative=ngram|draft)
     draft_model: Optional[str] = None  # speculative=draft: a config name, pipeloom-train run or Hugging Face folder
+    verify_attention: str = "tiles"  # verification graphs' attention: tiles (paged-attention kernel) | split (split-K)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from .engine import LLMEngine
+from .model_runner import VERIFY_ATTENTION
 from .sampling import SamplingParams
 from .sequence import RequestOutput
 from .speculative_engine import SPECULATIVE_METHODS, SpeculativeEngine
@@ -162,6 +163,8 @@ class LLM:
     (``draft_model`` guesses them: a config name, a pipeloom-train run or checkpoint directory, a Hugging Face
     folder or a module, loaded like ``model`` and run from its own paged KV cache,
     :class:`~pipeloom.inference.spec_draft.CachedDraftProposer`; its vocabulary must be the target's).
+    ``verify_attention``: how the verification steps' CUDA graphs attend, "tiles" or "split"
+    (:meth:`~pipeloom.inference.model_runner.ModelRunner.verify_forward`).
     """
 
     def __init__(self, model: str | torch.nn.Module, *, tokenizer=None, dtype: str = "auto", device: str = "auto",
@@ -171,7 +174,8 @@ class LLM:
                  cuda_graphs: bool = True, compile: bool | str = False, overlap: bool | str = "auto",
                  eos_token_id: int | None = None, quantization: str = "none", quant_group_size: int = 128,
                  quant_head: bool = False, kv_cache_dtype: str = "auto", speculative: str = "none",
-                 num_speculative_tokens: int = 4, draft_model: str | torch.nn.Module | None = None):
+                 num_speculative_tokens: int = 4, draft_model: str | torch.nn.Module | None = None,
+                 verify_attention: str = "tiles"):
         if isinstance(model, torch.nn.Module):  # a module keeps its own device and dtype unless asked otherwise
             param = next(model.parameters())
             device = str(param.device) if device == "auto" else device
@@ -180,6 +184,9 @@ class LLM:
         check_quantization(quantization, quant_group_size)  # before loading: a bad value costs nothing
         if speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"inference.speculative={speculative!r}; choose one of {', '.join(SPECULATIVE_METHODS)}")
+        if verify_attention not in VERIFY_ATTENTION:
+            raise ValueError(f"inference.verify_attention={verify_attention!r}; choose one of "
+                             f"{', '.join(VERIFY_ATTENTION)}")
         if (speculative == "draft") != (draft_model is not None):
             raise ValueError("inference.speculative='draft' needs inference.draft_model (a config name, pipeloom-train "
                              "run or Hugging Face folder), and inference.draft_model needs speculative='draft'; got "
@@ -187,7 +194,8 @@ class LLM:
         self.model, self.tokenizer, eos = load_model(model, device=dev, dtype=dt, seed=seed, tokenizer=tokenizer)
         self.model = apply_quantization(self.model, quantization, quant_group_size, quant_head)
         eos = eos if eos_token_id is None else eos_token_id  # an explicit id wins, 0 included
-        spec = {} if speculative == "none" else {"num_speculative_tokens": num_speculative_tokens}
+        spec = {} if speculative == "none" else {"num_speculative_tokens": num_speculative_tokens,
+                                                 "verify_attention": verify_attention}
         if speculative == "draft":
             from .spec_draft import CachedDraftProposer
 

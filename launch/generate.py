@@ -86,7 +86,8 @@ def build_llm(cfg: DictConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     single = dict(cuda_graphs=inf.cuda_graphs, quantization=inf.quantization, quant_group_size=inf.quant_group_size,
                   quant_head=inf.quant_head, kv_cache_dtype=inf.kv_cache_dtype, speculative=inf.speculative,
-                  num_speculative_tokens=inf.num_speculative_tokens, draft_model=inf.draft_model)
+                  num_speculative_tokens=inf.num_speculative_tokens, draft_model=inf.draft_model,
+                  verify_attention=inf.verify_attention)
     if par.pp * par.tp == 1 and world == 1:
         return LLM(model=cfg.model, **single, **options)
     for key, off in (("quantization", "none"), ("kv_cache_dtype", "auto"), ("speculative", "none")):

@@ -152,7 +152,7 @@ def test_bad_quantization_values_are_named():
 
 def test_generate_config_selects_quantization_fp8_kv_and_speculation(tmp_path):
     from pipeloom.configs.generate import register
-    from pipeloom.launch.generate import run
+    from pipeloom.launch.generate import build_llm, run
 
     register()
     # model set after composing: pipeloom-train's ``model`` config group, in this process's ConfigStore once its
@@ -168,8 +168,9 @@ def test_generate_config_selects_quantization_fp8_kv_and_speculation(tmp_path):
         drafted = compose(config_name="generate", overrides=[
             "prompts=[[1,2,3,4,5]]", "sampling.max_tokens=5", "sampling.temperature=0", "sampling.ignore_eos=true",
             "inference.speculative=draft", "inference.draft_model=llama-tiny", "kv.num_blocks=32", "device=cpu",
-            "progress=false"])
+            "progress=false", "inference.verify_attention=split"])
     cfg.model = bad.model = drafted.model = "llama-tiny"
+    assert build_llm(drafted).engine.runner.verify_attention == "split"  # the key reaches the runner
     records = run(cfg)
     assert len(records[0]["token_ids"]) == 5
     assert len(run(drafted)[0]["token_ids"]) == 5  # inference.draft_model reaches the engine's draft proposer

@@ -202,6 +202,10 @@ def test_llm_and_generate_config_select_speculation():
         LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="draft", draft_model=other)
     with pytest.raises(ValueError, match="num_speculative_tokens=0"):
         LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="inference.verify_attention='flash'"):
+        LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="ngram", verify_attention="flash")
+    split = LLM(model="llama-tiny", device="cpu", num_blocks=16, speculative="ngram", verify_attention="split")
+    assert split.engine.runner.verify_attention == "split"
 
 
 def test_host_block_tables_follow_a_truncated_and_regrown_table():
