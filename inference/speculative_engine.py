@@ -11,11 +11,13 @@ Per iteration (the batching policy schedules exactly what it would without specu
    the pool cannot extend gets no drafts;
 2. the slice becomes ``1 + d`` tokens (its last token, then the drafts) and the whole iteration - prefill
    chunks, plain decodes and extended decodes - runs as ONE ragged forward through the model runner, with the
-   logits of every extended slice's positions;
+   logits of every extended slice's positions (on a GPU, an iteration whose slices bring at most ``1 + k``
+   tokens each replays a verification CUDA graph: :class:`~pipeloom.inference.decode_graphs.VerifyGraphs`);
 3. :func:`~pipeloom.inference.spec_decode.rejection_sample` keeps a prefix of each request's drafts and adds
    one token (the resampled first rejection or the bonus token), so the output is distributed exactly as the
    target's own sampling (Leviathan et al., arXiv 2211.17192); greedy requests get exactly the target's greedy
-   tokens. Rows without drafts are sampled by the engine's own sampler, as without speculation;
+   tokens (plain greedy ones by one argmax read, without building distributions). Rows without drafts are
+   sampled by the engine's own sampler, as without speculation;
 4. the tokens go through the detokenizer one at a time (a stop token or string ends the request there); the
    block table is truncated to the tokens whose keys and values are now valid (the rejected drafts' slots are
    released; blocks crossing the boundary go back to the pool) and the full blocks are keyed for the prefix
