@@ -59,15 +59,16 @@ def rotate_new_tokens(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, 
 def paged_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
                        block_tables: torch.Tensor, cos: torch.Tensor | None = None,
-                       sin: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference, vectorised over sequences (no host reads): rotate q/k when given tables, write k/v, gather
-    each sequence's blocks, mask positions past its length, softmax in float32 (float64 stays). q (B, Hq, hd) ->
-    (B, Hq, hd)."""
+                       sin: torch.Tensor | None = None, store: bool = True) -> torch.Tensor:
+    """The reference, vectorised over sequences (no host reads): rotate q/k when given tables, write k/v (unless
+    ``store`` is False: the caller wrote them), gather each sequence's blocks, mask positions past its length,
+    softmax in float32 (float64 stays). q (B, Hq, hd) -> (B, Hq, hd)."""
     if cos is not None:
         q, k = rotate_new_tokens(q, k, seq_lens, cos, sin)
     n_kv = k_cache.size(2)
-    write_rows(k_cache, k, slot_mapping, "key")
-    write_rows(v_cache, v, slot_mapping, "value")
+    if store:
+        write_rows(k_cache, k, slot_mapping, "key")
+        write_rows(v_cache, v, slot_mapping, "value")
     b, n_heads, hd = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     blocks = block_tables.long()  # (B, W)
@@ -89,7 +90,7 @@ def _decode_split_kernel(
     stride_bt, stride_on, stride_oh, stride_rope,
     N_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr,
+    PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, ROTARY: tl.constexpr, STORE: tl.constexpr,
 ):
     # Program (sequence s, kv head, split): the GROUP query heads of `kvh` over one share of s's keys.
     s = tl.program_id(0)
@@ -135,7 +136,7 @@ def _decode_split_kernel(
         q_pow = f16_range(tl.max(tl.abs(q.to(tl.float32)), 1))  # (BLOCK_G,)
         q16 = (q.to(tl.float32) * (1.0 / q_pow)[:, None]).to(tl.float16)  # (BLOCK_G, BLOCK_D), |q16| < 2
         q_mult = q_pow * scale
-    if (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
+    if STORE and (lo <= last) & (last < hi):  # this program covers the new token: store it into the cache
         slot = tl.load(SLOTS + s).to(tl.int64)
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         k_dst = K + block * stride_kb + offset * stride_ks + kvh * stride_kh + dims
@@ -248,10 +249,11 @@ def num_sms(device: torch.device) -> int:
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
                         block_tables: torch.Tensor, splits: int = 0, cos: torch.Tensor | None = None,
-                        sin: torch.Tensor | None = None, *, block_n: int | None = None,
+                        sin: torch.Tensor | None = None, store: bool = True, *, block_n: int | None = None,
                         num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """The Triton path: (B, Hq, hd) output; writes k/v (B, Hkv, hd) at ``slot_mapping`` (B,), rotated first by the
-    tables ``cos``, ``sin`` (P, hd) when given. ``splits`` 0: :func:`decode_splits` of the batch size and the
+    tables ``cos``, ``sin`` (P, hd) when given; ``store=False`` leaves the cache alone (the caller wrote the new
+    keys and values: a verification's rows read each other's). ``splits`` 0: :func:`decode_splits` of the batch size and the
     longest sequence the block tables can hold. ``block_n`` (keys per iteration, a power of two >= 16),
     ``num_warps``, ``num_stages``: the split kernel's tiling, None for the defaults (64 keys up to head size 128,
     else 32; Triton's 4 warps, 3 stages); bench/kv_fp8_gpu.py --parts sweep times alternatives."""
@@ -289,7 +291,7 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         cos.stride(0) if rotary else 0,
         N_HEADS=n_heads, GROUP=group, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits, PER_BLOCK=per_block(block_size, block_n, k_cache),
-        UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache), ROTARY=rotary, **tiling,
+        UPCAST=q.device.type == "cpu", FP8=is_fp8(k_cache), ROTARY=rotary, STORE=store, **tiling,
     )
     if splits > 1:
         _decode_merge_kernel[(b, n_heads)](part_o, part_ml, out, out.stride(0), out.stride(1), N_HEADS=n_heads,
@@ -301,38 +303,41 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 def _paged_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, splits: int, backend: str, cos: torch.Tensor | None,
-                     sin: torch.Tensor | None) -> torch.Tensor:
-    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin)
+                     sin: torch.Tensor | None, store: bool) -> torch.Tensor:
+    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin, store)
 
 
 @_paged_decode_op.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin):
+def _(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin, store):
     return torch.empty_like(q)
 
 
 def _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos=None,
-         sin=None) -> torch.Tensor:
+         sin=None, store=True) -> torch.Tensor:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend={backend!r}; choose 'auto', 'torch' or 'triton'")
     if (cos is None) != (sin is None):
         raise ValueError("paged_decode needs both rotary tables cos and sin, or neither")
     if backend == "triton" or (backend == "auto" and use_triton(q)):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return paged_decode_triton(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, cos, sin)
-    return paged_decode_torch(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, cos, sin)
+        return paged_decode_triton(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, cos, sin,
+                                   store)
+    return paged_decode_torch(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, cos, sin, store)
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, splits: int = 0,
                  backend: str = "auto", cos: torch.Tensor | None = None,
-                 sin: torch.Tensor | None = None) -> torch.Tensor:
+                 sin: torch.Tensor | None = None, store: bool = True) -> torch.Tensor:
     """Write the new ``k``, ``v`` (B, Hkv, hd) at ``slot_mapping`` and return the attention (B, Hq, hd) of
     ``q`` (B, Hq, hd) over each sequence's ``seq_lens[s]`` cached tokens; with rotary tables ``cos``, ``sin``
-    (P, hd), q and k are first rotated at the new token's position ``seq_lens[s] - 1``. ``splits``: of each
+    (P, hd), q and k are first rotated at the new token's position ``seq_lens[s] - 1``. ``store=False``: the
+    caller has written ``k`` and ``v`` into the cache already (rows of one sequence that read each other's keys,
+    ``PagedBatch.prewrite``), and the call leaves the cache alone. ``splits``: of each
     sequence's keys (Triton path), 0 to choose by batch size when the kernel runs (so a compiled graph holds no
     constant that changes with the batch size). Traced by ``torch.compile`` as the custom op
     ``pipeloom::paged_decode``; eager calls skip the dispatcher."""
     if torch.compiler.is_compiling():
         return _paged_decode_op(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend,
-                                cos, sin)
-    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin)
+                                cos, sin, store)
+    return _run(q, k, v, k_cache, v_cache, slot_mapping, seq_lens, block_tables, splits, backend, cos, sin, store)

@@ -107,13 +107,13 @@ class PagedBatch:
         if self.decode_splits is not None:  # one op: the cache write and flash-decoding (a custom op when compiled)
             from pipeloom.kernels.paged_decode import paged_decode
 
-            if self.prewrite:  # the kernel stores each row's key again (the same values): no row reads a stale slot
+            if self.prewrite:  # every key in place before any row reads; the kernel then stores nothing
                 if rope is not None:
                     raise ValueError("a prewrite decode batch writes rotated keys first: rotate q and k before attend")
                 write_kv(k_cache, v_cache, k, v, self.slot_mapping)
             cos, sin = rope or (None, None)  # positions = seq_lens - 1: the kernel reads the rows itself
             return paged_decode(q, k, v, k_cache, v_cache, self.slot_mapping, self.seq_lens, self.block_tables,
-                                self.decode_splits, backend=self.backend, cos=cos, sin=sin)
+                                self.decode_splits, backend=self.backend, cos=cos, sin=sin, store=not self.prewrite)
         if rope is not None:
             raise ValueError("PagedBatch.attend rotates q and k itself only in a decode batch (decode_splits set); "
                              "rotate them before attend otherwise")

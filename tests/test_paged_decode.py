@@ -73,6 +73,24 @@ def test_triton_paged_decode_matches_the_reference(device, heads, kv_heads, head
     torch.testing.assert_close(v_cache.double().cpu(), ref_v)
 
 
+def test_triton_paged_decode_without_store_reads_what_the_caller_wrote(device):
+    """``store=False`` (a prewrite batch): the kernel leaves the cache alone - new keys and values it was not given
+    in the cache do not land there - and attends to what the caller wrote, as the reference does."""
+    args = _case(LENGTHS, 8, 2, 32, 8, torch.float32, device, seed=5)
+    q, k, v, k_cache, v_cache, slots, lens, tables = args
+    ref, ref_k, ref_v = _loop_reference(*[a.cpu() for a in args])
+    k_cache.copy_(ref_k.to(k_cache))  # the caller's writes
+    v_cache.copy_(ref_v.to(v_cache))
+    written = k_cache.clone(), v_cache.clone()
+    paged_decode_triton(q, 3 * k, 3 * v, k_cache, v_cache, slots, lens, tables, splits=4, store=False)
+    assert torch.equal(k_cache, written[0]) and torch.equal(v_cache, written[1])
+    out = paged_decode_triton(q, k, v, k_cache, v_cache, slots, lens, tables, splits=4, store=False)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(paged_decode_torch(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                                  k_cache.double().cpu(), v_cache.double().cpu(), slots.cpu(),
+                                                  lens.cpu(), tables.cpu(), store=False), ref)
+
+
 def test_triton_prewritten_rows_of_one_sequence_attend_to_each_other(device):
     """A speculative verification as a decode batch (``PagedBatch.prewrite``, ModelRunner's "split" verification):
     three new tokens of ONE sequence as rows of their own, listed last position first, each row seeing its position
