@@ -253,8 +253,8 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
                         num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """The Triton path: (B, Hq, hd) output; writes k/v (B, Hkv, hd) at ``slot_mapping`` (B,), rotated first by the
     tables ``cos``, ``sin`` (P, hd) when given; ``store=False`` leaves the cache alone (the caller wrote the new
-    keys and values: a verification's rows read each other's). ``splits`` 0: :func:`decode_splits` of the batch size and the
-    longest sequence the block tables can hold. ``block_n`` (keys per iteration, a power of two >= 16),
+    keys and values: a verification's rows read each other's). ``splits`` 0: :func:`decode_splits` of the batch
+    size and the longest sequence the block tables can hold. ``block_n`` (keys per iteration, a power of two >= 16),
     ``num_warps``, ``num_stages``: the split kernel's tiling, None for the defaults (64 keys up to head size 128,
     else 32; Triton's 4 warps, 3 stages); bench/kv_fp8_gpu.py --parts sweep times alternatives."""
     b, n_heads, hd = q.shape
