@@ -78,15 +78,26 @@ class NgramProposer(Proposer):
         self.min_n, self.max_n = min_n, max_n
 
     def find(self, context: Sequence[int], k: int) -> list[int]:
-        """The proposed tokens (at most k) for ``context``; [] when no n-gram of the sizes recurs."""
+        """The proposed tokens (at most k) for ``context``; [] when no n-gram of the sizes recurs.
+
+        One pass over the context finds where the last token recurred earlier (the ends of the 1-gram matches);
+        each longer n keeps the ends whose window also matches one token further back, so the search costs one
+        comparison of the context plus a few of the (usually few) candidates, not one per n-gram size."""
         ctx = np.asarray(context, dtype=np.int64)
-        if k <= 0:
+        if k <= 0 or len(ctx) < 2:
             return []
+        ends = np.flatnonzero(ctx[:-1] == ctx[-1])  # window ends e <= T - 2 matching the last token
+        found = {}  # n -> ends of the earlier occurrences of the last n tokens
+        for n in range(1, min(self.max_n, len(ctx) - 1) + 1):
+            if n > 1:
+                ends = ends[ends >= n - 1]
+                ends = ends[ctx[ends - (n - 1)] == ctx[-n]]
+            if not ends.size:
+                break
+            found[n] = ends
         for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)  # (T - n, n): every earlier window
-            hits = np.flatnonzero((windows == ctx[-n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[0]) + n  # the earliest match
+            if n in found:
+                start = int(found[n][0]) + 1  # the earliest match of the longest n-gram
                 return ctx[start : start + k].tolist()
         return []
 

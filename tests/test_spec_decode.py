@@ -265,6 +265,26 @@ def test_prompt_lookup_proposals(context, min_n, max_n, k, expected):
     assert NgramProposer(min_n, max_n).find(context, k) == expected
 
 
+def test_prompt_lookup_equals_the_definition_on_random_contexts():
+    """``find`` (one pass for the last token's earlier occurrences, then filters per longer n) against the definition
+    written out: for n from max_n down, the earliest earlier window equal to the last n tokens - 3,000 random
+    contexts over small vocabularies, where windows overlap and repeat."""
+    def definition(ctx, min_n, max_n, k):
+        for n in range(min(max_n, len(ctx) - 1), min_n - 1, -1):
+            for j in range(len(ctx) - n):  # windows ctx[j:j+n] that end before the last token
+                if ctx[j : j + n] == ctx[-n:]:
+                    return ctx[j + n : j + n + k] if k > 0 else []
+        return []
+
+    g = torch.Generator().manual_seed(11)
+    for _ in range(3000):
+        vocab, length, min_n, k = (int(torch.randint(lo, hi, (), generator=g))
+                                   for lo, hi in ((2, 7), (1, 40), (1, 4), (0, 9)))
+        max_n = min_n + int(torch.randint(0, 5, (), generator=g))
+        ctx = torch.randint(0, vocab, (length,), generator=g).tolist()
+        assert NgramProposer(min_n, max_n).find(ctx, k) == definition(ctx, min_n, max_n, k), (ctx, min_n, max_n, k)
+
+
 class Bigram(nn.Module):
     """A target whose next token is a fixed function of the current one: logits (1, T, V) from a table."""
 
