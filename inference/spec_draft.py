@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from pipeloom.schedules.batching.request import Iteration, Slice
 
-from .host_inputs import INDEX, SMALL, RaggedInputs, ragged_layout
 from .sampling import Sampler
 from .spec_decode import _race, sampling_probs
 from .spec_proposers import DraftModelProposer, DraftRequest, Proposal
@@ -107,32 +106,16 @@ class CachedDraftProposer(DraftModelProposer):
 
     def _forward(self, ids: list[str], feeds: list[list[int]]) -> torch.Tensor:
         """One ragged forward of the draft: ``feeds[s]`` appended to request ``ids[s]``'s cached tokens; the
-        logits (S, V) of each request's last fed token."""
-        runner = self.runner
-        if runner.use_graphs and len(ids) <= runner.graph_sizes[-1]:  # a graph of the runner (the blocks are ours)
-            iteration = Iteration(0, tuple(Slice(_Fed(i, self.fed[i], f), len(self.fed[i]), len(f), True,
-                                                 len(f) == 1) for i, f in zip(ids, feeds)))
-            logits = None
-            if all(len(f) == 1 for f in feeds):  # a decode step of the draft
-                logits = runner.run(iteration, self)
-            elif runner.verify_graphs is not None and runner.verify_graphs.fits(iteration):
-                logits = runner.run_rows(iteration, self, np.cumsum([len(f) for f in feeds]) - 1)
-            if logits is not None:
-                for i, f in zip(ids, feeds):
-                    self.fed[i].extend(f)
-                return logits
-        firsts = np.array([len(self.fed[i]) for i in ids], dtype=INDEX)
-        counts = np.array([len(f) for f in feeds], dtype=INDEX)
-        table = np.zeros((len(ids), max(len(self.blocks[i]) for i in ids)), dtype=SMALL)  # (S, blocks held)
-        for s, i in enumerate(ids):
-            table[s, : len(self.blocks[i])] = self.blocks[i]
-        starts, positions, slots, seq_lens, tables = ragged_layout(firsts, counts, table, np.arange(len(ids)),
-                                                                   self.block_size)
-        host = RaggedInputs(ids=np.fromiter((t for f in feeds for t in f), dtype=INDEX, count=int(starts[-1])),
-                            positions=positions, slots=slots, query_start=starts.astype(SMALL),
-                            seq_lens=seq_lens.astype(SMALL), tables=tables, rows=starts[1:] - 1, missing=[])
-        input_ids, batch, rows = self.runner.tensors(host)
-        logits = self.runner.forward(input_ids, batch, rows)  # (S, V)
+        logits (S, V) of each request's last fed token. It runs through the runner's own entries, this cache being
+        their block manager: one token each replays a decode graph (:meth:`ModelRunner.run`), up to two a
+        verification graph, more an eager ragged forward (:meth:`ModelRunner.run_rows`)."""
+        lens = [len(f) for f in feeds]
+        iteration = Iteration(0, tuple(Slice(_Fed(i, self.fed[i], f), len(self.fed[i]), n, True, n == 1)
+                                       for i, f, n in zip(ids, feeds, lens)))
+        if all(n == 1 for n in lens):
+            logits = self.runner.run(iteration, self)
+        else:
+            logits = self.runner.run_rows(iteration, self, np.cumsum(lens) - 1)
         for i, f in zip(ids, feeds):
             self.fed[i].extend(f)
         return logits
