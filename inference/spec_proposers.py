@@ -87,19 +87,15 @@ class NgramProposer(Proposer):
         if k <= 0 or len(ctx) < 2:
             return []
         ends = np.flatnonzero(ctx[:-1] == ctx[-1])  # window ends e <= T - 2 matching the last token
-        found = {}  # n -> ends of the earlier occurrences of the last n tokens
+        longest, first = 0, -1  # the longest n that recurs, and its earliest window end
         for n in range(1, min(self.max_n, len(ctx) - 1) + 1):
             if n > 1:
                 ends = ends[ends >= n - 1]
                 ends = ends[ctx[ends - (n - 1)] == ctx[-n]]
-            if not ends.size:
+            if not ends.size:  # no n-gram recurs, so no longer one does
                 break
-            found[n] = ends
-        for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
-            if n in found:
-                start = int(found[n][0]) + 1  # the earliest match of the longest n-gram
-                return ctx[start : start + k].tolist()
-        return []
+            longest, first = n, int(ends[0])
+        return ctx[first + 1 : first + 1 + k].tolist() if longest >= self.min_n else []
 
     def propose_batch(self, requests: Sequence[DraftRequest], k: int) -> list[Proposal]:
         return [Proposal(self.find(r.token_ids, k), None) for r in requests]
