@@ -24,7 +24,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from .engine import LLMEngine
-from .model_runner import VERIFY_ATTENTION
+from .model_runner import check_verify_attention
 from .sampling import SamplingParams
 from .sequence import RequestOutput
 from .speculative_engine import SPECULATIVE_METHODS, SpeculativeEngine
@@ -184,9 +184,7 @@ class LLM:
         check_quantization(quantization, quant_group_size)  # before loading: a bad value costs nothing
         if speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"inference.speculative={speculative!r}; choose one of {', '.join(SPECULATIVE_METHODS)}")
-        if verify_attention not in VERIFY_ATTENTION:
-            raise ValueError(f"inference.verify_attention={verify_attention!r}; choose one of "
-                             f"{', '.join(VERIFY_ATTENTION)}")
+        check_verify_attention(verify_attention, "inference.verify_attention")  # before loading, as above
         if (speculative == "draft") != (draft_model is not None):
             raise ValueError("inference.speculative='draft' needs inference.draft_model (a config name, pipeloom-train "
                              "run or Hugging Face folder), and inference.draft_model needs speculative='draft'; got "

@@ -229,8 +229,7 @@ class ModelRunner:
         self.use_graphs = cuda_graphs == "emulate" or on_gpu or self.compiled
         self.graph_sizes = sorted(graph_batch_sizes)
         self.decode_graphs = DecodeGraphs(self, self.graph_sizes, forward, emulate=not on_gpu)
-        if verify_attention not in VERIFY_ATTENTION:
-            raise ValueError(f"verify_attention={verify_attention!r}; choose one of {VERIFY_ATTENTION}")
+        check_verify_attention(verify_attention)
         self.verify_attention = verify_attention
         self.verify_graphs = None
         if verify_tokens and self.use_graphs:
@@ -400,6 +399,12 @@ class ModelRunner:
             self.verify_graphs.capture_all()
 
 
+def check_verify_attention(value: str, key: str = "verify_attention") -> None:
+    """A ValueError naming ``key`` unless ``value`` is one of :data:`VERIFY_ATTENTION`."""
+    if value not in VERIFY_ATTENTION:
+        raise ValueError(f"{key}={value!r}; choose one of {', '.join(VERIFY_ATTENTION)}")
+
+
 def compile_decode(fn, mode: bool | str):
     """``torch.compile(fn)`` for the decode forward: one graph (``fullgraph=True``), the batch dimension dynamic
     (one compilation serves every graph size; batch 1 is specialised), no Inductor CUDA graphs (the runner
@@ -411,5 +416,5 @@ def compile_decode(fn, mode: bool | str):
     return torch.compile(fn, fullgraph=True, dynamic=True, mode=mode)
 
 
-__all__ = ["DEFAULT_GRAPH_SIZES", "VERIFY_ATTENTION", "ModelRunner", "compile_decode", "fuse_gate_up", "fuse_qkv",
-           "kv_bytes_per_block", "num_blocks_for_budget", "share_rope_tables"]
+__all__ = ["DEFAULT_GRAPH_SIZES", "VERIFY_ATTENTION", "ModelRunner", "check_verify_attention", "compile_decode",
+           "fuse_gate_up", "fuse_qkv", "kv_bytes_per_block", "num_blocks_for_budget", "share_rope_tables"]
