@@ -50,16 +50,22 @@ SIZES = {"quick": (2, 64, 4, 2, 8, 128), "quick-draft": (1, 32, 2, 1, 8, 128),
          "25m": (6, 512, 8, 4, 32, 512), "100m": (12, 768, 12, 4, 32, 512), "350m": (24, 1024, 16, 8, 32, 512)}
 
 
+def model_fields(size: str) -> dict:
+    """The ``llama-1b`` config fields of the Llama of ``SIZES[size]`` (what training and ``--untrained`` build)."""
+    layers, dim, heads, kv_heads, _, seq = SIZES[size]
+    return dict(n_layers=layers, dim=dim, n_heads=heads, n_kv_heads=kv_heads, ffn_hidden=dim * 8 // 3 // 64 * 64 or 64,
+                max_seq_len=max(seq, 2048))
+
+
 def train_overrides(size: str, steps: int, cache: str, *, compile: bool, max_bytes: int, lr: float = 1e-3
                     ) -> list[str]:
     """The ``pipeloom-train`` overrides of one model: a Llama of ``SIZES[size]`` on the stdlib corpus, byte tokens."""
-    layers, dim, heads, kv_heads, batch, seq = SIZES[size]
-    return ["model.name=llama-1b", f"model.n_layers={layers}", f"model.dim={dim}", f"model.n_heads={heads}",
-            f"model.n_kv_heads={kv_heads}", f"model.ffn_hidden={dim * 8 // 3 // 64 * 64 or 64}",
-            f"model.max_seq_len={max(seq, 2048)}", f"data.seq_len={seq}", f"data.batch_size={batch}",
-            f"data.cache_dir={cache}", f"data.max_bytes={max_bytes}", f"train.steps={steps}",
-            f"train.compile={str(compile).lower()}", f"optimizer.lr={lr}", f"optimizer.min_lr={lr / 10}",
-            f"optimizer.warmup_steps={max(1, steps // 20)}", "train.eval_every=0", "train.eval_batches=2",
+    *_, batch, seq = SIZES[size]
+    return ["model.name=llama-1b", *(f"model.{key}={value}" for key, value in model_fields(size).items()),
+            f"data.seq_len={seq}", f"data.batch_size={batch}", f"data.cache_dir={cache}", f"data.max_bytes={max_bytes}",
+            f"train.steps={steps}", f"train.compile={str(compile).lower()}", f"optimizer.lr={lr}",
+            f"optimizer.min_lr={lr / 10}", f"optimizer.warmup_steps={max(1, steps // 20)}", "train.eval_every=0",
+            "train.eval_batches=2",
             "train.timeline=false", "checkpoint.save_final=true", "logger.kind=jsonl", "schedule.microbatches=1"]
 
 
@@ -88,11 +94,8 @@ def untrained(size: str, device: torch.device, dtype: torch.dtype, seed: int) ->
     exactness of speculative decoding in a dtype without training anything (its drafts are mostly rejected)."""
     from pipeloom.models import Transformer, get_model_config
 
-    layers, dim, heads, kv_heads, _, seq = SIZES[size]
     torch.manual_seed(seed)
-    config = get_model_config("llama-1b", n_layers=layers, dim=dim, n_heads=heads, n_kv_heads=kv_heads,
-                              ffn_hidden=dim * 8 // 3 // 64 * 64 or 64, max_seq_len=max(seq, 2048), vocab_size=256)
-    return Transformer(config).to(device, dtype).eval()
+    return Transformer(get_model_config("llama-1b", **model_fields(size), vocab_size=256)).to(device, dtype).eval()
 
 
 def first_difference(got: list[int], want: list[int]) -> int:
